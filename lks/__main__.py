@@ -1,0 +1,3 @@
+from lks.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,123 @@
+"""Command line: ``python -m lks train | evaluate | generate`` (also installed as ``lks``).
+
+Examples::
+
+    python -m lks train --model smollm2-135m --data counterfact --n 100 --out runs/cf-100
+    python -m lks evaluate --editor runs/cf-100 --data counterfact --n 100
+    python -m lks generate --editor runs/cf-100 "The mother tongue of Danielle Darrieux is"
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+
+def _bool(text: str) -> bool:
+    """Parse a boolean option strictly (``argparse``'s ``type=bool`` treats "False" as true)."""
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lks.config import GENERATOR_KINDS
+
+    p = argparse.ArgumentParser(prog="lks", description="Latent Knowledge Scalpel: edit facts in a frozen LLM's activations.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--model", default="smollm2-135m",
+                        help="registered model name (smollm2-135m, llama2-7b-chat, mistral-7b-instruct), "
+                             "Hugging Face id or local directory (default: %(default)s)")
+        sp.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda:0' (default: %(default)s)")
+        sp.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the model's registered dtype)")
+
+    def data_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--data", default="counterfact",
+                        help="edit set: counterfact | zsre | builtin | path to a JSON file (default: %(default)s)")
+        sp.add_argument("--data-dir", default=None, help="benchmark data directory (default: $LKS_DATA_DIR or ~/.cache/lks/data)")
+        sp.add_argument("--n", type=int, default=None, help="use the first N edits (default: all)")
+
+    t = sub.add_parser("train", help="fit an editor on an edit set and save it")
+    common(t)
+    data_args(t)
+    t.add_argument("--out", required=True, help="directory to save the editor to (also the checkpoint for resuming)")
+    t.add_argument("--layer", type=int, default=None, help="decoder layer whose output holds the knowledge block")
+    t.add_argument("--generator", choices=GENERATOR_KINDS, default=None, help="KB generator kind")
+    t.add_argument("--lr", type=float, default=None, help="AdamW learning rate")
+    t.add_argument("--epochs", type=int, default=None, help="maximum number of epochs")
+    t.add_argument("--batch-size", type=int, default=None, help="edits per optimisation step")
+    t.add_argument("--loc-per-subject", type=int, default=None, help="locality prompts per subject for the KL loss")
+    t.add_argument("--w-loc", type=float, default=None, help="weight of the locality (KL) loss")
+    t.add_argument("--seed", type=int, default=None, help="random seed")
+    t.add_argument("--resume", type=_bool, default=True, help="resume from --out if it holds a checkpoint of the same run (true/false)")
+    t.add_argument("--evaluate", type=_bool, default=True, help="evaluate after training and write metrics.json (true/false)")
+
+    e = sub.add_parser("evaluate", help="evaluate a saved editor; prints a JSON summary")
+    common(e)
+    data_args(e)
+    e.add_argument("--editor", required=True, help="directory of a saved editor")
+    e.add_argument("--fluency-n", type=int, default=0, help="edits whose prompts are freely generated for fluency")
+
+    g = sub.add_parser("generate", help="greedy continuations with the edits applied")
+    common(g)
+    g.add_argument("--editor", required=True, help="directory of a saved editor")
+    g.add_argument("--max-new-tokens", type=int, default=20, help="tokens to generate (default: %(default)s)")
+    g.add_argument("--unedited", action="store_true", help="also print the unedited model's continuation")
+    g.add_argument("prompts", nargs="+", help="prompts to continue")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import lks
+    from lks.config import EditorConfig, TrainConfig
+    from lks.editor import LKSEditor, _registered_defaults
+    from lks.metrics import evaluate_edits
+    from lks.utils import write_json
+
+    model, tok = lks.load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.command == "generate":
+        editor = LKSEditor.load(args.editor, model, tok)
+        edited = editor.generate(args.prompts, max_new_tokens=args.max_new_tokens)
+        base = editor.generate(args.prompts, max_new_tokens=args.max_new_tokens, edited=False) if args.unedited else None
+        for i, prompt in enumerate(args.prompts):
+            print(f"{prompt} -> {edited[i]!r}" + (f"   (unedited: {base[i]!r})" if base else ""))
+        return 0
+
+    edits = lks.load_edits(args.data, data_dir=args.data_dir, n=args.n)
+    if args.command == "train":
+        ecfg, tcfg = _registered_defaults(model)
+        ecfg = EditorConfig(**{**dataclasses.asdict(ecfg), **_given(args, ["layer", "generator"])})
+        tcfg = TrainConfig(**{**dataclasses.asdict(tcfg), **_given(args, ["lr", "epochs", "batch_size",
+                                                                          "loc_per_subject", "w_loc", "seed"])})
+        editor = LKSEditor(model, tok, ecfg)
+        history = editor.fit(edits, tcfg, checkpoint_dir=args.out, resume=args.resume)
+        editor.save(args.out)
+        print(json.dumps({"epochs": len(history), "final_loss": history[-1]["loss"] if history else None,
+                          "fit_seconds": round(editor.fit_seconds, 1)}))
+        if args.evaluate:
+            _, summary = evaluate_edits(editor, edits)
+            summary["fit_seconds"] = editor.fit_seconds
+            write_json(Path(args.out) / "metrics.json", summary)
+            print(json.dumps(summary, indent=2))
+        return 0
+    editor = LKSEditor.load(args.editor, model, tok)
+    _, summary = evaluate_edits(editor, edits, fluency_n=args.fluency_n)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _given(args: argparse.Namespace, names: list[str]) -> dict:
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

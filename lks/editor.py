@@ -1,0 +1,698 @@
+"""``LKSEditor``: fit a knowledge-block generator on an edit set, apply it, save and load it.
+
+The three parts of the method, and where they live:
+
+* **edit scope indicator** (:class:`lks.scope.ScopeIndicator`): which edited subject a prompt
+  mentions and where (character span -> last token of the subject);
+* **new-KB generator** (:mod:`lks.hypernet`): feature of the edit statement -> new knowledge block;
+* **KB replacer** (:class:`lks.hooks.LayerHooks`): writes the new block into the output of decoder
+  layer L at the subject's last token, for every prompt that mentions an edited subject.
+
+Training (``fit``) uses a *fast path* that is exactly the hooked forward pass, reorganised:
+
+1. every training prompt is run once through layers ``0..L`` (stopping there) and its layer-L
+   output is cached; the feature vectors are computed once;
+2. the reference (unedited) next-token distributions of the locality prompts are computed once
+   from those caches and kept as top-k log-probs plus one tail bucket;
+3. each step writes the generated blocks into the cached states and runs only layers
+   ``L+1..N`` (``lks.models.skip_lower_layers``), with logits only where a loss reads them.
+
+``tests/test_editor.py`` proves the fast path's logits equal the plain hooked forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from lks.config import EditorConfig, TrainConfig, from_dict
+from lks.data import EditRecord, EditSet, find_subject, subject_token_index, training_locality_prompts
+from lks.hooks import LayerHooks, Replacement, StopForward, apply_replacement
+from lks.hypernet import KBGenerator, make_generator
+from lks.models import check_layer, get_layers, model_device, skip_lower_layers
+from lks.scope import ScopeIndicator
+from lks.utils import atomic_dir, set_seed, write_json
+
+KIND_EDIT, KIND_EQUIV, KIND_LOC = 0, 1, 2
+FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------
+# Small containers
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ApplyStats:
+    """Counters of an ``applied`` block (non-decode forward calls only)."""
+
+    rows_seen: int = 0    # batch rows the replacer looked at
+    rows_routed: int = 0  # rows in which an edited subject was found and its block replaced
+    calls: int = 0        # forward calls of the model
+
+
+@dataclass
+class _Seq:
+    """One tokenised training sequence (internal)."""
+
+    subject: int            # subject id (row of the feature table)
+    kind: int               # KIND_EDIT | KIND_EQUIV | KIND_LOC
+    ids: list[int]          # token ids, incl. special tokens the tokenizer adds
+    subj_pos: int           # index of the subject's last token
+    loss_pos: list[int]     # positions whose logits are read (predicting the next token)
+    loss_tgt: list[int]     # target token ids for NLL (empty for locality sequences)
+
+
+@dataclass
+class _Cache:
+    """Layer-L states of all training sequences, packed as one ``[sum T, d]`` tensor."""
+
+    states: torch.Tensor          # [sum_len, d]
+    offsets: list[int]            # start of sequence i in ``states``
+    ref_logp: torch.Tensor | None = None   # [n_loc_pos, k] reference log-probs (top-k)
+    ref_idx: torch.Tensor | None = None    # [n_loc_pos, k] their token ids
+    ref_tail: torch.Tensor | None = None   # [n_loc_pos] log of the remaining probability mass
+    ref_row: dict[int, int] = field(default_factory=dict)  # sequence index -> first row in ref_*
+
+
+# --------------------------------------------------------------------------------------------
+# Editor
+# --------------------------------------------------------------------------------------------
+class LKSEditor:
+    """Latent Knowledge Scalpel editor for one frozen causal LM.
+
+    Args:
+        model: a frozen causal LM (see :func:`lks.load_model`).
+        tokenizer: its tokenizer (pad token set).
+        config: architecture (layer, generator kind, fuzzy threshold). Defaults to the registered
+            model's recipe when ``model.lks_name`` is registered, else ``EditorConfig()``.
+
+    Typical use::
+
+        editor = LKSEditor(model, tok)
+        editor.fit(edits, TrainConfig(epochs=10))
+        print(editor.generate(["The mother tongue of Danielle Darrieux is"]))
+        with editor.applied(model):
+            model(**batch)          # any forward/generate call sees the edits
+        editor.save("runs/cf-100")
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, config: EditorConfig | None = None) -> None:
+        if config is None:
+            config = _registered_defaults(model)[0]
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        check_layer(model, config.layer)
+        if any(p.requires_grad for p in model.parameters()):
+            raise ValueError("the base model must be frozen (lks.load_model returns it frozen); "
+                             "LKS never trains base-model weights")
+        self.d = int(model.config.hidden_size)
+        self.generator: KBGenerator = make_generator(config.generator, self.d, config.mlp_ratio).to(model_device(model))
+        self.subjects: list[str] = []
+        self.feature_texts: list[str] = []
+        self.features: torch.Tensor | None = None  # [n_subjects, d]
+        self.scope: ScopeIndicator | None = None
+        self.train_config: TrainConfig | None = None
+        self.history: list[dict[str, float]] = []
+        self.data_checksum: str = ""
+        self.n_edits = 0
+        self._table: torch.Tensor | None = None   # cached generator table for inference
+        self._pieces: dict[int, str] = {}          # token id -> surface text (applied mode)
+        self._as_tuple: bool | None = None
+
+    # ----------------------------------------------------------------------------------------
+    # Scope: subjects and feature vectors
+    # ----------------------------------------------------------------------------------------
+    def _set_edits(self, edits: EditSet) -> None:
+        edits.require_nonempty()
+        _check_conflicts(edits)
+        by_subject: dict[str, list[str]] = {}
+        for r in edits:
+            by_subject.setdefault(r.subject, [])
+            stmt = r.feature_text()
+            if stmt not in by_subject[r.subject]:
+                by_subject[r.subject].append(stmt)
+        self.subjects = list(by_subject)
+        # edits of the same subject are joined into one statement: one KB per subject
+        self.feature_texts = [" ".join(stmts) for stmts in by_subject.values()]
+        self.scope = ScopeIndicator(self.subjects, fuzzy_threshold=self.config.fuzzy_threshold)
+        self.features = self._layer_states_at_last_token(self.feature_texts)
+        self.data_checksum = edits.checksum()
+        self.n_edits = len(edits)
+        self._table = None
+
+    @torch.no_grad()  # not inference_mode: these tensors are inputs of training steps later
+    def _layer_states_at_last_token(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """Layer-L output at the last real token of each text: ``[n, d]`` (stops at layer L)."""
+        dev, out = model_device(self.model), []
+        for i in range(0, len(texts), batch_size):
+            enc = self.tokenizer(list(texts[i:i + batch_size]), return_tensors="pt", padding=True,
+                                 padding_side="right").to(dev)
+            states = self._run_to_layer(enc["input_ids"], enc["attention_mask"])
+            last = enc["attention_mask"].sum(1) - 1
+            out.append(states[torch.arange(len(last), device=dev), last].float())
+        return torch.cat(out)
+
+    def _run_to_layer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Layer-L output ``[batch, seq, d]``; the layers above L are never run."""
+        with LayerHooks(self.model, capture=[self.config.layer], stop_after_capture=True) as hooks:
+            with suppress(StopForward):
+                self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        self._as_tuple = hooks.output_is_tuple
+        return hooks.captured[self.config.layer]
+
+    # ----------------------------------------------------------------------------------------
+    # Training data
+    # ----------------------------------------------------------------------------------------
+    def _build_sequences(self, edits: EditSet, cfg: TrainConfig) -> tuple[list[list[int]], list[_Seq], dict[str, int]]:
+        """Tokenise edit, equivalence and locality sequences; returns per-edit sequence ids."""
+        assert self.scope is not None
+        texts: list[tuple[str, int, int, str, str]] = []  # (text, edit idx, kind, prompt, subject)
+        skipped = {"equiv_without_subject": 0}
+        for i, r in enumerate(edits):
+            texts.append((f"{r.prompt} {r.target}", i, KIND_EDIT, r.prompt, r.subject))
+            if r.rephrases and cfg.w_equiv > 0:
+                texts.append((f"{r.rephrases[0]} {r.target}", i, KIND_EQUIV, r.rephrases[0], r.subject))
+            if cfg.w_loc > 0:
+                for p in training_locality_prompts(r, cfg.loc_per_subject, cfg.seed):
+                    texts.append((p, i, KIND_LOC, p, r.subject))
+        per_edit: list[list[int]] = [[] for _ in edits]
+        seqs: list[_Seq] = []
+        bs = 256
+        for start in range(0, len(texts), bs):
+            chunk = texts[start:start + bs]
+            enc = self.tokenizer([t[0] for t in chunk], return_offsets_mapping=True, add_special_tokens=True)
+            for (text, i, kind, prompt, subject), ids, offs in zip(chunk, enc["input_ids"], enc["offset_mapping"]):
+                span = self._subject_span(prompt, subject)
+                if span is None:  # a paraphrase that does not name the subject: LKS cannot route it
+                    skipped["equiv_without_subject"] += 1
+                    continue
+                pos = subject_token_index(offs, *span)
+                if kind == KIND_LOC:
+                    loss_pos, loss_tgt = [len(ids) - 1], []
+                else:
+                    # target tokens start at the prompt's length; tokenised TOGETHER with the prompt
+                    # because byte-level BPE gives " English" and "English" different ids
+                    tgt = [j for j, (s, e) in enumerate(offs) if s >= len(prompt) and e > s]
+                    if not tgt or tgt[0] == 0:
+                        continue
+                    loss_pos, loss_tgt = [j - 1 for j in tgt], [ids[j] for j in tgt]
+                per_edit[i].append(len(seqs))
+                seqs.append(_Seq(self.scope.index_of(subject), kind, list(ids), pos, loss_pos, loss_tgt))
+        return per_edit, seqs, skipped
+
+    def _subject_span(self, prompt: str, subject: str) -> tuple[int, int] | None:
+        try:
+            return find_subject(prompt, subject)
+        except ValueError:
+            m = self.scope.find(prompt) if self.scope is not None else None
+            return (m.start, m.end) if m is not None and m.subject == subject else None
+
+    @torch.no_grad()  # not inference_mode: the cache feeds autograd-tracked training steps
+    def _precompute(self, seqs: list[_Seq], cfg: TrainConfig, batch_size: int = 64, progress: bool = True) -> _Cache:
+        """Cache layer-L states of every sequence and the reference locality distributions."""
+        dev = model_device(self.model)
+        order = sorted(range(len(seqs)), key=lambda j: len(seqs[j].ids))  # length-bucketed batches
+        chunks: dict[int, torch.Tensor] = {}
+        for b in tqdm(range(0, len(order), batch_size), desc="cache layer-L states", disable=not progress):
+            idx = order[b:b + batch_size]
+            ids, mask = _pad([seqs[j].ids for j in idx], self.tokenizer.pad_token_id, dev)
+            states = self._run_to_layer(ids, mask)
+            for row, j in enumerate(idx):
+                chunks[j] = states[row, : len(seqs[j].ids)].float().cpu()
+        offsets, total = [], 0
+        for j in range(len(seqs)):
+            offsets.append(total)
+            total += len(seqs[j].ids)
+        cache = _Cache(torch.cat([chunks[j] for j in range(len(seqs))]) if seqs else torch.zeros(0, self.d), offsets)
+        del chunks
+        loc = [j for j in order if seqs[j].kind == KIND_LOC]
+        logps, idxs, tails = [], [], []
+        for b in tqdm(range(0, len(loc), batch_size), desc="reference distributions", disable=not progress or not loc):
+            batch = loc[b:b + batch_size]
+            logits = self._upper_logits(cache, seqs, batch, None)
+            lp = torch.log_softmax(logits.float(), -1)
+            k = min(cfg.loc_topk, lp.shape[-1])
+            top, ti = lp.topk(k, dim=-1)
+            logps.append(top.cpu())
+            idxs.append(ti.to(torch.int32).cpu())
+            tails.append(_log_tail(lp, ti).cpu())
+            for j in batch:  # locality sequences have exactly one loss position
+                cache.ref_row[j] = len(cache.ref_row)
+        if loc:
+            cache.ref_logp, cache.ref_idx, cache.ref_tail = torch.cat(logps), torch.cat(idxs), torch.cat(tails)
+        return cache
+
+    # ----------------------------------------------------------------------------------------
+    # The fast path: cached layer-L states -> layers L+1..N -> logits at loss positions
+    # ----------------------------------------------------------------------------------------
+    def _upper_logits(self, cache: _Cache, seqs: list[_Seq], batch: list[int], table: torch.Tensor | None) -> torch.Tensor:
+        """Logits ``[n_positions, vocab]`` at every ``loss_pos`` of the sequences in ``batch``.
+
+        ``table`` (``[n_subjects, d]``, may require grad) holds each subject's generated block;
+        ``None`` runs the unedited model.
+        """
+        dev = model_device(self.model)
+        lens = [len(seqs[j].ids) for j in batch]
+        T = max(lens)
+        # [batch, T, d] right-padded copy of the cached states (padding rows are masked out)
+        h = torch.zeros(len(batch), T, self.d, device=dev)
+        mask = torch.zeros(len(batch), T, dtype=torch.long, device=dev)
+        for row, (j, n) in enumerate(zip(batch, lens)):
+            o = cache.offsets[j]
+            h[row, :n] = cache.states[o:o + n].to(dev)
+            mask[row, :n] = 1
+        if table is not None:
+            rows = torch.arange(len(batch), device=dev)
+            pos = torch.tensor([seqs[j].subj_pos for j in batch], device=dev)
+            subj = torch.tensor([seqs[j].subject for j in batch], device=dev)
+            h = apply_replacement(h, Replacement(rows, pos, table[subj], self.generator.additive))
+        h = h.to(next(self.model.parameters()).dtype)
+        as_tuple = bool(self._as_tuple)
+        with skip_lower_layers(self.model, self.config.layer, h, as_tuple):
+            out = self.model.base_model(inputs_embeds=torch.zeros_like(h), attention_mask=mask, use_cache=False)
+        last = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        g_rows = torch.tensor([r for r, j in enumerate(batch) for _ in seqs[j].loss_pos], device=dev)
+        g_pos = torch.tensor([p for j in batch for p in seqs[j].loss_pos], device=dev)
+        return self.model.get_output_embeddings()(last[g_rows, g_pos])
+
+    def _batch_loss(self, cache: _Cache, seqs: list[_Seq], batch: list[int], cfg: TrainConfig) -> dict[str, torch.Tensor]:
+        table = self.generator.table(self.features)  # [n_subjects, d]; cheap at d<=4096
+        logits = self._upper_logits(cache, seqs, batch, table).float()
+        losses: dict[str, torch.Tensor] = {}
+        zero = logits.sum() * 0.0
+        at, nll_terms = 0, {KIND_EDIT: [], KIND_EQUIV: []}
+        kl_rows, kl_ref = [], []
+        for j in batch:
+            s, n = seqs[j], len(seqs[j].loss_pos)
+            if s.kind == KIND_LOC:
+                kl_rows.append(at)
+                kl_ref.append(cache.ref_row[j])
+            else:
+                tgt = torch.tensor(s.loss_tgt, device=logits.device)
+                nll_terms[s.kind].append(F.cross_entropy(logits[at:at + n], tgt))  # mean over target tokens
+            at += n
+        losses["edit"] = torch.stack(nll_terms[KIND_EDIT]).mean() if nll_terms[KIND_EDIT] else zero
+        losses["equiv"] = torch.stack(nll_terms[KIND_EQUIV]).mean() if nll_terms[KIND_EQUIV] else zero
+        if kl_rows:
+            ref = torch.tensor(kl_ref)
+            losses["loc"] = topk_kl(cache.ref_logp[ref].to(logits.device), cache.ref_idx[ref].to(logits.device).long(),
+                                    cache.ref_tail[ref].to(logits.device), logits[torch.tensor(kl_rows, device=logits.device)])
+        else:
+            losses["loc"] = zero
+        losses["total"] = cfg.w_edit * losses["edit"] + cfg.w_equiv * losses["equiv"] + cfg.w_loc * losses["loc"]
+        return losses
+
+    # ----------------------------------------------------------------------------------------
+    # fit
+    # ----------------------------------------------------------------------------------------
+    def fit(
+        self,
+        edits: EditSet,
+        config: TrainConfig | None = None,
+        *,
+        checkpoint_dir: str | os.PathLike | None = None,
+        resume: bool = True,
+        progress: bool = True,
+        precompute_batch_size: int = 64,
+    ) -> list[dict[str, float]]:
+        """Train the generator on ``edits`` (the base model stays frozen).
+
+        Args:
+            edits: the edit set (non-empty; same subject + same prompt with different targets is
+                rejected as a conflict; different facts about one subject share one KB).
+            config: training recipe; defaults to the registered model's.
+            checkpoint_dir: if given, the editor is saved there after every epoch (atomically), and
+                ``resume=True`` continues from the last saved epoch when it holds the same edits.
+            progress: show tqdm bars.
+
+        Returns:
+            The per-epoch history: ``epoch, loss, edit, equiv, loc, lr, seconds``.
+        """
+        cfg = config or _registered_defaults(self.model)[1]
+        self.train_config = cfg
+        set_seed(cfg.seed)
+        # a fresh generator, initialised under the seed: fit() is reproducible and never continues
+        # a previous fit by accident (resuming is explicit, through checkpoint_dir)
+        self.generator = make_generator(self.config.generator, self.d, self.config.mlp_ratio).to(model_device(self.model))
+        t0 = time.perf_counter()
+        self._set_edits(edits)
+        per_edit, seqs, skipped = self._build_sequences(edits, cfg)
+        cache = self._precompute(seqs, cfg, precompute_batch_size, progress)
+        self.precompute_seconds = time.perf_counter() - t0
+        self.skipped = skipped
+
+        batches = _length_batches(per_edit, seqs, cfg.batch_size)
+        steps_total = len(batches) * cfg.epochs
+        opt = torch.optim.AdamW(self.generator.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / max(1, steps_total)))
+        self.history, start_epoch, best, bad = [], 0, math.inf, 0
+        if checkpoint_dir is not None and resume:
+            state = self._try_resume(checkpoint_dir, opt, sched)
+            if state is not None:
+                start_epoch, best, bad = state["epoch"], state["best"], state["bad_epochs"]
+        rng = random.Random(cfg.seed)
+        for _ in range(start_epoch):  # replay the shuffles of finished epochs: same order as uninterrupted
+            rng.shuffle(batches)
+        self.generator.train()
+        for epoch in range(start_epoch, cfg.epochs):
+            if bad >= cfg.patience:
+                break
+            te = time.perf_counter()
+            rng.shuffle(batches)
+            sums = {"total": 0.0, "edit": 0.0, "equiv": 0.0, "loc": 0.0}
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+            for batch in bar:
+                losses = self._batch_loss(cache, seqs, batch, cfg)
+                opt.zero_grad(set_to_none=True)
+                losses["total"].backward()
+                opt.step()
+                sched.step()
+                for k in sums:
+                    sums[k] += float(losses[k].detach())
+                bar.set_postfix(loss=f"{float(losses['total']):.3f}")
+            n = max(1, len(batches))
+            rec = {"epoch": epoch + 1, "loss": sums["total"] / n, "edit": sums["edit"] / n, "equiv": sums["equiv"] / n,
+                   "loc": sums["loc"] / n, "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - te}
+            self.history.append(rec)
+            if rec["loss"] < best - cfg.min_delta:
+                best, bad = rec["loss"], 0
+            else:
+                bad += 1
+            if checkpoint_dir is not None:
+                self.save(checkpoint_dir, _train_state={"epoch": epoch + 1, "best": best, "bad_epochs": bad},
+                          _optimizer=opt, _scheduler=sched)
+        self.generator.eval()
+        self._table = None
+        self.fit_seconds = time.perf_counter() - t0
+        return self.history
+
+    # ----------------------------------------------------------------------------------------
+    # Applying the edits
+    # ----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def kb_table(self) -> torch.Tensor:
+        """Generator output for every subject, ``[n_subjects, d]`` (cached until the next fit)."""
+        self._require_fitted()
+        if self._table is None:
+            self.generator.eval()
+            self._table = self.generator.table(self.features.to(model_device(self.model))).detach()
+        return self._table
+
+    def _require_fitted(self) -> None:
+        if self.features is None or self.scope is None:
+            raise RuntimeError("this editor has no edits yet: call fit(edits) or LKSEditor.load(path, model, tok)")
+
+    def _piece(self, tok_id: int) -> str:
+        """Surface text of one token id (with its leading space), cached."""
+        p = self._pieces.get(tok_id)
+        if p is None:
+            tk = self.tokenizer
+            if tok_id in set(tk.all_special_ids):
+                p = ""
+            else:
+                # decode after an anchor token so a leading space is not stripped (SentencePiece)
+                anchor = tk.convert_tokens_to_ids(tk.tokenize("a"))[-1:]
+                p = tk.decode(anchor + [tok_id])[len(tk.decode(anchor)):]
+            self._pieces[tok_id] = p
+        return p
+
+    def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[list[int], list[int], list[int]]:
+        """Scope detection on token ids: ``(rows, positions, subject ids)`` of routed rows."""
+        assert self.scope is not None
+        rows, positions, subjects = [], [], []
+        ids = input_ids.tolist()
+        mask = attention_mask.tolist() if attention_mask is not None else None
+        for r, row in enumerate(ids):
+            keep = [j for j in range(len(row)) if mask is None or mask[r][j]]
+            pieces = [self._piece(row[j]) for j in keep]
+            text = "".join(pieces)
+            m = self.scope.find(text)
+            if m is None:
+                continue
+            end_char, acc = m.end - 1, 0
+            for k, p in zip(keep, pieces):  # token whose text contains the subject's last char
+                acc += len(p)
+                if acc > end_char:
+                    rows.append(r)
+                    positions.append(k)
+                    subjects.append(m.index)
+                    break
+        return rows, positions, subjects
+
+    @contextmanager
+    def applied(self, model: nn.Module | None = None) -> Iterator[ApplyStats]:
+        """Inside the block, every forward / generate call on token ids sees the edits.
+
+        Each batch row is routed separately: rows that mention an edited subject get its new
+        knowledge block at the subject's last token; other rows run unedited. Yields an
+        :class:`ApplyStats` with counters. Calls made with ``inputs_embeds`` cannot be routed and
+        run unedited.
+        """
+        model = model if model is not None else self.model
+        table = self.kb_table()
+        stats = ApplyStats()
+        additive = self.generator.additive
+
+        def replacer(input_ids, attention_mask):
+            stats.calls += 1
+            if input_ids is None:
+                return None
+            stats.rows_seen += int(input_ids.shape[0])
+            rows, pos, subj = self.route(input_ids, attention_mask)
+            stats.rows_routed += len(rows)
+            if not rows:
+                return None
+            dev = input_ids.device
+            return Replacement(torch.tensor(rows, device=dev), torch.tensor(pos, device=dev),
+                               table[torch.tensor(subj, device=table.device)], additive)
+
+        with LayerHooks(model, edit_layer=self.config.layer, replacer=replacer):
+            yield stats
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 20, edited: bool = True,
+                 batch_size: int = 16, **gen_kwargs: Any) -> list[str]:
+        """Greedy continuations of ``prompts`` (edited by default), without the prompt text."""
+        out: list[str] = []
+        dev = model_device(self.model)
+        for i in range(0, len(prompts), batch_size):
+            enc = self.tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True,
+                                 padding_side="left").to(dev)
+            enc = {k: enc[k] for k in ("input_ids", "attention_mask")}
+            kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": self.tokenizer.pad_token_id,
+                  **gen_kwargs}
+            if edited:
+                with self.applied(self.model):
+                    seq = self.model.generate(**enc, **kw)
+            else:
+                seq = self.model.generate(**enc, **kw)
+            out += self.tokenizer.batch_decode(seq[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return out
+
+    # ----------------------------------------------------------------------------------------
+    # Save / load
+    # ----------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, *, _train_state: dict | None = None, _optimizer=None, _scheduler=None) -> Path:
+        """Save to a directory: ``config.json``, ``generator.safetensors``, ``scope.safetensors``,
+        ``subjects.json`` (and ``train_state.*`` for resuming). The write is atomic: a crash
+        mid-save leaves the previous save intact."""
+        from safetensors.torch import save_file
+
+        self._require_fitted()
+        import transformers
+
+        import lks
+
+        path = Path(path)
+        cfg = {
+            "format_version": FORMAT_VERSION,
+            "lks_version": lks.__version__,
+            "model": {"name": getattr(self.model, "lks_name", ""), "hidden_size": self.d,
+                      "num_layers": len(get_layers(self.model)), "class": type(self.model).__name__},
+            "editor": dataclasses.asdict(self.config),
+            "train": dataclasses.asdict(self.train_config) if self.train_config else None,
+            "n_edits": self.n_edits,
+            "n_subjects": len(self.subjects),
+            "data_checksum": self.data_checksum,
+            "history": self.history,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        }
+        with atomic_dir(path) as tmp:
+            write_json(tmp / "config.json", cfg)
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.generator.state_dict().items()},
+                      str(tmp / "generator.safetensors"))
+            save_file({"features": self.features.detach().cpu().contiguous()}, str(tmp / "scope.safetensors"))
+            write_json(tmp / "subjects.json", {"subjects": self.subjects, "feature_texts": self.feature_texts})
+            if _train_state is not None and _optimizer is not None:
+                tensors, meta = _optimizer_to_flat(_optimizer)
+                save_file(tensors, str(tmp / "train_state.safetensors"))
+                write_json(tmp / "train_state.json", {**_train_state, "optimizer": meta,
+                                                      "scheduler": _scheduler.state_dict() if _scheduler else None})
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module, tokenizer: Any) -> LKSEditor:
+        """Load a saved editor for ``model``; fails clearly if it was made for another model or a
+        file is missing or corrupt."""
+        path = Path(path)
+        cfg = _read_json(path / "config.json")
+        want, have = cfg.get("model", {}), {"hidden_size": int(model.config.hidden_size),
+                                            "num_layers": len(get_layers(model)),
+                                            "name": getattr(model, "lks_name", "")}
+        if want.get("hidden_size") != have["hidden_size"] or want.get("num_layers") != have["num_layers"]:
+            raise ValueError(f"checkpoint {path} was made for model {want.get('name')!r} (hidden {want.get('hidden_size')}, "
+                             f"{want.get('num_layers')} layers), not for {have['name']!r} (hidden {have['hidden_size']}, "
+                             f"{have['num_layers']} layers)")
+        if want.get("name") and have["name"] and want["name"] != have["name"]:
+            raise ValueError(f"checkpoint {path} was made for model {want['name']!r}, but the model given is "
+                             f"{have['name']!r}")
+        editor = cls(model, tokenizer, from_dict(EditorConfig, cfg["editor"], f"{path}/config.json:editor"))
+        editor.generator.load_state_dict(_read_tensors(path / "generator.safetensors"))
+        editor.generator.to(model_device(model)).eval()
+        subj = _read_json(path / "subjects.json")
+        editor.subjects, editor.feature_texts = subj["subjects"], subj["feature_texts"]
+        editor.features = _read_tensors(path / "scope.safetensors")["features"].to(model_device(model))
+        if editor.features.shape != (len(editor.subjects), editor.d):
+            raise ValueError(f"corrupt checkpoint {path}: {len(editor.subjects)} subjects but features of shape "
+                             f"{tuple(editor.features.shape)}")
+        editor.scope = ScopeIndicator(editor.subjects, fuzzy_threshold=editor.config.fuzzy_threshold)
+        editor.train_config = from_dict(TrainConfig, cfg["train"], "train") if cfg.get("train") else None
+        editor.history, editor.data_checksum, editor.n_edits = cfg.get("history", []), cfg.get("data_checksum", ""), cfg.get("n_edits", 0)
+        return editor
+
+    def _try_resume(self, path: str | os.PathLike, opt, sched) -> dict | None:
+        path = Path(path)
+        if not (path / "train_state.json").is_file():
+            return None
+        cfg = _read_json(path / "config.json")
+        if cfg.get("data_checksum") != self.data_checksum or cfg.get("train") != dataclasses.asdict(self.train_config):
+            raise ValueError(f"checkpoint {path} holds a run on other edits or another training config; "
+                             "use another checkpoint_dir or resume=False")
+        state = _read_json(path / "train_state.json")
+        self.generator.load_state_dict(_read_tensors(path / "generator.safetensors"))
+        _optimizer_from_flat(opt, _read_tensors(path / "train_state.safetensors"), state["optimizer"])
+        if state.get("scheduler"):
+            sched.load_state_dict(state["scheduler"])
+        self.history = list(cfg.get("history", []))
+        return state
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+def topk_kl(ref_logp: torch.Tensor, ref_idx: torch.Tensor, ref_tail: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean KL(reference || edited) over rows, with the reference kept as top-k + one tail bucket.
+
+    The reference distribution is coarse-grained to its top-k tokens plus one bucket holding the
+    rest of the mass; the edited distribution is coarse-grained the same way. This is the exact KL
+    between the two coarse-grained distributions (a lower bound of the full KL, equal to it when
+    k = vocab size), and needs ``k`` floats per position instead of the whole vocabulary.
+
+    Args:
+        ref_logp: ``[n, k]`` reference log-probs of its top-k tokens.
+        ref_idx: ``[n, k]`` those token ids.
+        ref_tail: ``[n]`` log of the reference's remaining mass (``-inf`` when k = vocab).
+        logits: ``[n, vocab]`` edited logits.
+    """
+    lq = torch.log_softmax(logits.float(), -1)
+    lq_top = lq.gather(-1, ref_idx)
+    lq_tail = _log_tail(lq, ref_idx)
+    p_top, p_tail = ref_logp.exp(), ref_tail.exp()
+    kl = (p_top * (ref_logp - lq_top)).sum(-1)
+    kl = kl + torch.where(p_tail > 0, p_tail * (ref_tail - lq_tail), torch.zeros_like(p_tail))
+    return kl.mean()
+
+
+def _log_tail(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """log of the probability mass outside ``idx``: ``[n]`` (``-inf`` when nothing is left)."""
+    return logp.scatter(-1, idx, float("-inf")).logsumexp(-1)
+
+
+def _pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists: ``(ids [b, T], attention_mask [b, T])``."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _length_batches(per_edit: list[list[int]], seqs: list[_Seq], batch_size: int) -> list[list[int]]:
+    """Group edits of similar length into batches (less padding); each batch lists sequence ids."""
+    order = sorted((i for i in range(len(per_edit)) if per_edit[i]),
+                   key=lambda i: max(len(seqs[j].ids) for j in per_edit[i]))
+    return [[j for i in order[b:b + batch_size] for j in per_edit[i]] for b in range(0, len(order), batch_size)]
+
+
+def _check_conflicts(edits: EditSet) -> None:
+    """Rule: the same subject with the same prompt and a different target is a conflict."""
+    seen: dict[tuple[str, str], str] = {}
+    for r in edits:
+        key = (r.subject, r.prompt.strip().lower())
+        if key in seen and seen[key] != r.target:
+            raise ValueError(f"conflicting edits for subject {r.subject!r}: prompt {r.prompt!r} has targets "
+                             f"{seen[key]!r} and {r.target!r}; keep one of them")
+        seen[key] = r.target
+
+
+def _registered_defaults(model: nn.Module) -> tuple[EditorConfig, TrainConfig]:
+    from lks.config import model_spec, registered_models
+
+    name = getattr(model, "lks_name", "")
+    if name in registered_models():
+        spec = model_spec(name)
+        return spec.editor, spec.train
+    n = len(get_layers(model))
+    return EditorConfig(layer=min(n - 1, (2 * n) // 3)), TrainConfig()
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {path} is missing")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"corrupt checkpoint file {path}: {e}") from e
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {path} is missing")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated headers/data
+        raise ValueError(f"corrupt checkpoint file {path} (truncated or not safetensors): {e}") from e
+
+
+def _optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, meta = {}, {"param_groups": sd["param_groups"], "state": {}}
+    for pid, st in sd["state"].items():
+        meta["state"][str(pid)] = []
+        for k, v in st.items():
+            tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+            meta["state"][str(pid)].append(k)
+    return tensors, meta
+
+
+def _optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state = {int(pid): {k: tensors[f"{pid}.{k}"] for k in keys} for pid, keys in meta["state"].items()}
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

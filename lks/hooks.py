@@ -1,0 +1,199 @@
+"""The one place in lks that registers forward hooks on a model.
+
+``LayerHooks`` is a context manager that can
+
+* **capture** the output hidden state ``[batch, seq, hidden]`` of chosen decoder layers, and
+* **replace** the hidden state at given ``(row, position)`` pairs of one layer's output with given
+  vectors, either statically (``hooks.replace(...)`` before the forward call) or dynamically
+  (a ``replacer`` callback that sees each forward call's ``input_ids``/``attention_mask`` and
+  returns what to replace; this is how ``LKSEditor.applied`` edits any ``model(...)`` or
+  ``model.generate(...)`` call).
+
+Decoder layers return a tensor (Llama-family in transformers >= 4.54) or a tuple whose first
+element is the hidden state (older versions, other families); both are handled and the output
+type is preserved. During cached decoding (``past_key_values`` already holds tokens and the call
+feeds only new tokens), replacement is skipped: the edited state at the subject token was written
+into the KV cache during the prefill and must not be applied again at a wrong position.
+All hooks are removed on exit, also when the block raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lks.models import check_layer, get_layer
+
+
+@dataclass
+class Replacement:
+    """What to write into one layer's output: ``hidden[rows[i], positions[i]] = vectors[i]``.
+
+    With ``additive=True`` the vectors are added instead (``hidden[r, p] += vectors[i]``), which is
+    how the residual generator's ``KB' = KB + delta`` is applied without a second forward pass.
+    """
+
+    rows: torch.Tensor       # [n] long
+    positions: torch.Tensor  # [n] long, index into the sequence axis of this forward call
+    vectors: torch.Tensor    # [n, hidden]
+    additive: bool = False
+
+    def __post_init__(self) -> None:
+        n = self.rows.shape[0]
+        if self.positions.shape[0] != n or self.vectors.shape[0] != n:
+            raise ValueError(f"replacement needs as many rows, positions and vectors; got "
+                             f"{n}, {self.positions.shape[0]}, {self.vectors.shape[0]}")
+
+
+class StopForward(Exception):
+    """Raised by a ``stop_after_capture`` hook once the states it needs are captured."""
+
+
+# replacer(input_ids [batch, seq] | None, attention_mask [batch, seq] | None) -> Replacement | None
+Replacer = Callable[[torch.Tensor | None, torch.Tensor | None], Replacement | None]
+
+
+def _past_length(past: Any) -> int:
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    try:  # legacy tuple-of-tuples cache: [layer][k|v] -> [batch, heads, seq, dim]
+        return int(past[0][0].shape[-2])
+    except (IndexError, TypeError, AttributeError):
+        return 0
+
+
+class LayerHooks:
+    """Capture and/or replace decoder-layer outputs inside a ``with`` block.
+
+    Args:
+        model: a causal LM whose layers :func:`lks.models.get_layers` can find.
+        capture: layer indices whose outputs to record in ``self.captured[layer]``.
+        edit_layer: the layer whose output replacements are written to (``None``: no edits).
+        replacer: optional callback computing a :class:`Replacement` for every forward call.
+        detach: store captured states detached (default) or keep them in the autograd graph.
+        stop_after_capture: raise :class:`StopForward` right after the deepest captured layer, so
+            a caller that only needs states up to layer L does not pay for layers above it.
+            Catch it around the forward call (``with suppress(StopForward): model(...)``).
+
+    Example::
+
+        with LayerHooks(model, capture=[8]) as hooks:
+            model(**batch)
+        h8 = hooks.captured[8]            # [batch, seq, hidden]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        capture: Iterable[int] = (),
+        edit_layer: int | None = None,
+        replacer: Replacer | None = None,
+        detach: bool = True,
+        stop_after_capture: bool = False,
+    ) -> None:
+        self.model = model
+        self.capture_layers = sorted({check_layer(model, i) for i in capture})
+        self.edit_layer = check_layer(model, edit_layer) if edit_layer is not None else None
+        if replacer is not None and edit_layer is None:
+            raise ValueError("a replacer needs edit_layer")
+        self.replacer = replacer
+        self.detach = detach
+        self.stop_after_capture = stop_after_capture
+        self.captured: dict[int, torch.Tensor] = {}
+        self.output_is_tuple: bool | None = None  # learnt from the first captured output
+        self.calls = 0                # forward calls of the whole model seen
+        self.rows_replaced = 0        # (row, position) pairs written, summed over calls
+        self._static: Replacement | None = None
+        self._pending: Replacement | None = None
+        self._decode_step = False
+        self._handles: list[Any] = []
+
+    # -- public API ---------------------------------------------------------------------------
+    def replace(self, rows, positions, vectors: torch.Tensor, additive: bool = False) -> None:
+        """Replace (or add to, ``additive``) the hidden state at fixed ``(row, position)`` pairs
+        in every following non-decode forward call."""
+        if self.edit_layer is None:
+            raise ValueError("LayerHooks was created without edit_layer")
+        dev = vectors.device
+        self._static = Replacement(torch.as_tensor(rows, dtype=torch.long, device=dev),
+                                   torch.as_tensor(positions, dtype=torch.long, device=dev), vectors, additive)
+
+    def clear(self) -> None:
+        """Forget captured states and any static replacement."""
+        self.captured.clear()
+        self._static = None
+
+    # -- context manager ----------------------------------------------------------------------
+    def __enter__(self) -> LayerHooks:
+        try:
+            self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
+            for i in sorted(set(self.capture_layers) | ({self.edit_layer} - {None})):
+                self._handles.append(get_layer(self.model, i).register_forward_hook(self._make_layer_hook(i)))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # -- hooks --------------------------------------------------------------------------------
+    def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.calls += 1
+        input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        past = kwargs.get("past_key_values")
+        self._decode_step = _past_length(past) > 0
+        self._pending = None
+        if self.replacer is not None and not self._decode_step:
+            self._pending = self.replacer(input_ids, kwargs.get("attention_mask"))
+
+    def _make_layer_hook(self, layer: int):
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> Any:
+            is_tuple = isinstance(output, tuple)
+            self.output_is_tuple = is_tuple
+            hidden = output[0] if is_tuple else output  # [batch, seq, hidden]
+            if layer == self.edit_layer and not self._decode_step:
+                for rep in (self._static, self._pending):
+                    if rep is not None and rep.rows.numel():
+                        hidden = self._apply(hidden, rep)
+            if layer in self.capture_layers:
+                self.captured[layer] = hidden.detach() if self.detach else hidden
+                if self.stop_after_capture and layer == self.capture_layers[-1]:
+                    raise StopForward(layer)
+            if layer == self.edit_layer:
+                return (hidden, *output[1:]) if is_tuple else hidden
+            return None
+
+        return hook
+
+    def _apply(self, hidden: torch.Tensor, rep: Replacement) -> torch.Tensor:
+        seq = hidden.shape[1]
+        if int(rep.positions.max()) >= seq or int(rep.positions.min()) < 0:
+            raise IndexError(f"replacement position out of range for a sequence of {seq} tokens")
+        self.rows_replaced += int(rep.rows.numel())
+        return apply_replacement(hidden, rep)
+
+
+def apply_replacement(hidden: torch.Tensor, rep: Replacement) -> torch.Tensor:
+    """Return ``hidden`` ``[batch, seq, d]`` with ``rep`` written in (not in place).
+
+    ``index_put`` without ``accumulate`` keeps the autograd graph intact when the vectors require
+    grad; the fast training path calls this same function on cached states, so both paths write
+    knowledge blocks identically.
+    """
+    idx = (rep.rows.to(hidden.device), rep.positions.to(hidden.device))
+    vec = rep.vectors.to(device=hidden.device, dtype=hidden.dtype)
+    if rep.additive:
+        vec = hidden[idx] + vec
+    return hidden.index_put(idx, vec)

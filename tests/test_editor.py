@@ -1,0 +1,205 @@
+"""LKSEditor on a tiny random Llama: fast path == hooked forward, fit, save/load, resume, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from lks.config import EditorConfig, TrainConfig
+from lks.data import EditRecord, EditSet
+from lks.editor import LKSEditor, _pad, topk_kl
+
+
+def tiny_edits() -> EditSet:
+    return EditSet([
+        EditRecord(subject="Danielle Darrieux", prompt="The mother tongue of Danielle Darrieux is", target="English",
+                   ground_truth="French", rephrases=["Danielle Darrieux's native language is", "Where Danielle Darrieux is from, people speak"],
+                   locality=[("Danielle Darrieux was born in", "Paris")], neighborhood=[("The capital of France is", "Paris")], case_id=0),
+        EditRecord(subject="Edwin of Northumbria", prompt="The official religion of Edwin of Northumbria is", target="Islam",
+                   ground_truth="Christianity", rephrases=["Edwin of Northumbria is affiliated with", "The faith of Edwin of Northumbria is"],
+                   locality=[("Edwin of Northumbria is a citizen of", "England")], neighborhood=[], case_id=1),
+        EditRecord(subject="Toko Yasuda", prompt="Toko Yasuda plays the", target="piano", ground_truth="guitar",
+                   rephrases=["The instrument Toko Yasuda plays is the", "Toko Yasuda performs on the"],
+                   locality=[("Toko Yasuda works in the field of", "music")], neighborhood=[], case_id=2),
+    ])
+
+
+TRAIN = TrainConfig(lr=1e-2, epochs=3, batch_size=2, loc_per_subject=2, loc_topk=50, patience=10, seed=0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp", "residual"])
+def test_fast_path_equals_hooked_forward(tiny_pair, kind):
+    """Cached layer-L states + layers L+1..N give the logits of the plain hooked full forward pass."""
+    model, tok = tiny_pair
+    editor = LKSEditor(model, tok, EditorConfig(layer=1, generator=kind))
+    edits = tiny_edits()
+    editor.fit(edits, TrainConfig(**{**TRAIN.__dict__, "epochs": 1}), progress=False)
+    per_edit, seqs, _ = editor._build_sequences(edits, TRAIN)
+    cache = editor._precompute(seqs, TRAIN, progress=False)
+    batch = list(range(len(seqs)))
+    with torch.no_grad():
+        fast = editor._upper_logits(cache, seqs, batch, editor.kb_table())
+    ids, mask = _pad([seqs[j].ids for j in batch], tok.pad_token_id, "cpu")
+    with torch.no_grad(), editor.applied(model) as stats:
+        full = model(input_ids=ids, attention_mask=mask).logits
+    rows = [r for r, j in enumerate(batch) for _ in seqs[j].loss_pos]
+    pos = [p for j in batch for p in seqs[j].loss_pos]
+    ref = full[rows, pos]
+    assert stats.rows_routed == len(batch)  # every training sequence names its subject
+    assert (fast - ref).abs().max().item() < 1e-4
+    # and the edit is real: the unedited logits differ
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits[rows, pos]
+    assert (plain - ref).abs().max().item() > 1e-3
+
+
+def test_residual_untrained_changes_nothing(tiny_pair):
+    model, tok = tiny_pair
+    editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
+    editor._set_edits(tiny_edits())
+    prompts = ["Toko Yasuda plays the", "The capital of France is"]
+    assert editor.generate(prompts, max_new_tokens=5) == editor.generate(prompts, max_new_tokens=5, edited=False)
+
+
+def test_fit_lowers_loss_and_base_model_stays_frozen(tiny_pair):
+    model, tok = tiny_pair
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
+    hist = editor.fit(tiny_edits(), TRAIN, progress=False)
+    assert len(hist) == 3 and hist[-1]["edit"] < hist[0]["edit"]
+    assert set(hist[0]) >= {"loss", "edit", "equiv", "loc", "lr", "seconds"}
+    assert all(not p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_mixed_batch_routes_per_row(tiny_pair):
+    model, tok = tiny_pair
+    editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="linear"))
+    editor.fit(tiny_edits(), TRAIN, progress=False)
+    prompts = ["Toko Yasuda plays the", "The capital of France is", "Berlin is in"]
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        base = model(**enc).logits[:, -1]
+        with editor.applied(model) as stats:
+            edited = model(**enc).logits[:, -1]
+    assert stats.rows_seen == 3 and stats.rows_routed == 1
+    assert (edited[0] - base[0]).abs().max() > 1e-3
+    assert torch.allclose(edited[1:], base[1:], atol=1e-6)
+
+
+def test_save_load_roundtrip_and_atomicity(tiny_pair, tmp_path):
+    model, tok = tiny_pair
+    editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="mlp", mlp_ratio=2))
+    editor.fit(tiny_edits(), TRAIN, progress=False)
+    path = editor.save(tmp_path / "ed")
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "generator.safetensors", "scope.safetensors", "subjects.json"]
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["model"]["hidden_size"] == 48 and cfg["editor"]["generator"] == "mlp" and cfg["n_edits"] == 3
+    loaded = LKSEditor.load(path, model, tok)
+    prompts = ["Toko Yasuda plays the", "The mother tongue of Danielle Darrieux is"]
+    assert loaded.generate(prompts, max_new_tokens=4) == editor.generate(prompts, max_new_tokens=4)
+    assert torch.equal(loaded.kb_table(), editor.kb_table())
+
+    # a crash in the middle of a save leaves the previous save intact
+    class Boom(Exception):
+        pass
+
+    def broken_state_dict(*a, **k):
+        raise Boom()
+
+    editor.generator.state_dict = broken_state_dict
+    with pytest.raises(Boom):
+        editor.save(path)
+    assert LKSEditor.load(path, model, tok).n_edits == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["ed"]
+
+
+def test_load_rejects_other_model_and_corrupt_files(tiny_pair, tmp_path):
+    model, tok = tiny_pair
+    editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="linear"))
+    editor.fit(tiny_edits(), TrainConfig(**{**TRAIN.__dict__, "epochs": 1}), progress=False)
+    path = editor.save(tmp_path / "ed")
+    other = make_tiny_llama(layers=3, hidden=64, vocab=len(tok))
+    with pytest.raises(ValueError, match="was made for model"):
+        LKSEditor.load(path, other, tok)
+    renamed = make_tiny_llama(layers=3, vocab=len(tok))
+    renamed.lks_name = "another-model"
+    with pytest.raises(ValueError, match="another-model"):
+        LKSEditor.load(path, renamed, tok)
+    data = (path / "generator.safetensors").read_bytes()
+    (path / "generator.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt checkpoint file .*generator.safetensors"):
+        LKSEditor.load(path, model, tok)
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt checkpoint file .*config.json"):
+        LKSEditor.load(path, model, tok)
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tiny_pair, tmp_path):
+    model, tok = tiny_pair
+    full = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
+    full.fit(tiny_edits(), TRAIN, progress=False)
+
+    crashing = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
+    real, calls = crashing._batch_loss, []
+
+    def crash_in_epoch_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # 2 batches per epoch: the first batch of epoch 3
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    crashing._batch_loss = crash_in_epoch_3
+    with pytest.raises(KeyboardInterrupt):
+        crashing.fit(tiny_edits(), TRAIN, checkpoint_dir=tmp_path / "ck", progress=False)
+    assert json.loads((tmp_path / "ck" / "train_state.json").read_text())["epoch"] == 2
+
+    resumed = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
+    hist = resumed.fit(tiny_edits(), TRAIN, checkpoint_dir=tmp_path / "ck", progress=False)
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    assert torch.allclose(resumed.kb_table(), full.kb_table(), atol=1e-6)
+    # a checkpoint of another run is refused rather than silently mixed in
+    with pytest.raises(ValueError, match="another training config"):
+        LKSEditor(model, tok, EditorConfig(layer=1, generator="residual")).fit(
+            tiny_edits(), TrainConfig(**{**TRAIN.__dict__, "lr": 0.5}), checkpoint_dir=tmp_path / "ck", progress=False)
+
+
+def test_bad_input_errors(tiny_pair):
+    model, tok = tiny_pair
+    with pytest.raises(ValueError, match="unknown generator kind"):
+        EditorConfig(generator="transformer")
+    with pytest.raises(IndexError, match="valid layers are 0..2"):
+        LKSEditor(model, tok, EditorConfig(layer=7))
+    editor = LKSEditor(model, tok, EditorConfig(layer=1))
+    with pytest.raises(ValueError, match="empty edit set"):
+        editor.fit(EditSet([]), TRAIN, progress=False)
+    e = tiny_edits()
+    conflicting = EditSet(list(e) + [EditRecord(subject="Toko Yasuda", prompt="Toko Yasuda plays the", target="drums")])
+    with pytest.raises(ValueError, match="conflicting edits for subject 'Toko Yasuda'"):
+        editor.fit(conflicting, TRAIN, progress=False)
+    with pytest.raises(RuntimeError, match="no edits yet"):
+        with editor.applied(model):
+            pass
+    unfrozen = make_tiny_llama(layers=3, vocab=len(tok))
+    unfrozen.model.norm.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="must be frozen"):
+        LKSEditor(unfrozen, tok, EditorConfig(layer=1))
+
+
+def test_topk_kl_matches_full_kl_when_k_is_vocab():
+    g = torch.Generator().manual_seed(0)
+    ref_logits, new_logits = torch.randn(4, 30, generator=g), torch.randn(4, 30, generator=g)
+    p = torch.log_softmax(ref_logits, -1)
+    full = torch.nn.functional.kl_div(torch.log_softmax(new_logits, -1), p, log_target=True, reduction="batchmean")
+    top, idx = p.topk(30, -1)
+    tail = torch.full((4,), float("-inf"))
+    assert torch.allclose(topk_kl(top, idx, tail, new_logits), full, atol=1e-6)
+    # with k < vocab it is a lower bound that is still zero iff the distributions agree
+    top5, idx5 = p.topk(5, -1)
+    tail5 = p.scatter(-1, idx5, float("-inf")).logsumexp(-1)
+    approx = topk_kl(top5, idx5, tail5, new_logits)
+    assert 0 <= approx <= full + 1e-6
+    assert topk_kl(top5, idx5, tail5, ref_logits).abs() < 1e-6

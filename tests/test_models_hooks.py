@@ -1,0 +1,167 @@
+"""Model lookup, freezing, the hook manager and the skip-lower-layers fast path (tiny random Llama)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from lks.hooks import LayerHooks, Replacement, StopForward, apply_replacement
+from lks.models import check_layer, get_layer, get_layers, layer_template, skip_lower_layers
+
+
+def _batch(model, b=3, t=9, seed=1, pad_left_rows=(1,), pad=3):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (b, t), generator=g)
+    mask = torch.ones_like(ids)
+    for r in pad_left_rows:
+        mask[r, :pad] = 0
+        ids[r, :pad] = 0
+    return ids, mask
+
+
+def _hook_count(model) -> int:
+    return len(model._forward_pre_hooks) + sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_layer_lookup_and_range_error(tiny_model):
+    assert layer_template(tiny_model) == "model.layers.{}"
+    assert len(get_layers(tiny_model)) == 2
+    assert get_layer(tiny_model, 1) is tiny_model.model.layers[1]
+    with pytest.raises(IndexError, match=r"valid layers are 0\.\.1"):
+        check_layer(tiny_model, 2)
+    with pytest.raises(IndexError, match="out of range"):
+        get_layer(tiny_model, -1)
+
+
+def test_layer_lookup_other_families():
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64))
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=2,
+                                            intermediate_size=64, vocab_size=100))
+    assert layer_template(gpt2) == "transformer.h.{}" and len(get_layers(gpt2)) == 2
+    assert layer_template(neox) == "gpt_neox.layers.{}" and len(get_layers(neox)) == 3
+    with pytest.raises(ValueError, match="cannot find decoder layers"):
+        layer_template(torch.nn.Linear(2, 2))
+
+
+def test_capture_shapes_and_cleanup(tiny_model):
+    ids, mask = _batch(tiny_model)
+    with LayerHooks(tiny_model, capture=[0, 1]) as hooks:
+        tiny_model(input_ids=ids, attention_mask=mask)
+    assert set(hooks.captured) == {0, 1}
+    assert hooks.captured[1].shape == (3, 9, 48)
+    assert hooks.output_is_tuple is not None
+    assert _hook_count(tiny_model) == 0
+
+
+def test_hooks_removed_on_exception(tiny_model):
+    with pytest.raises(RuntimeError, match="boom"):
+        with LayerHooks(tiny_model, capture=[0], edit_layer=1):
+            raise RuntimeError("boom")
+    assert _hook_count(tiny_model) == 0
+
+
+def test_replace_changes_only_targeted_rows_and_later_positions(tiny_model):
+    ids, mask = _batch(tiny_model)
+    base = tiny_model(input_ids=ids, attention_mask=mask).logits
+    vec = torch.randn(1, 48) * 5
+    with LayerHooks(tiny_model, edit_layer=0) as hooks:
+        hooks.replace([2], [4], vec)
+        edited = tiny_model(input_ids=ids, attention_mask=mask).logits
+    diff = (edited - base).abs().amax(-1)  # [batch, seq]
+    assert diff[:2].max() < 1e-6            # other rows untouched
+    assert diff[2, :4].max() < 1e-6         # causal: positions before the replaced one untouched
+    assert diff[2, 4:].min() > 1e-4         # the replaced position and later ones change
+
+
+def test_replace_writes_exact_vector(tiny_model):
+    ids, mask = _batch(tiny_model, pad_left_rows=())
+    vec = torch.randn(2, 48)
+    with LayerHooks(tiny_model, capture=[1], edit_layer=1) as hooks:
+        hooks.replace([0, 1], [3, 6], vec)
+        tiny_model(input_ids=ids, attention_mask=mask)
+    assert torch.allclose(hooks.captured[1][0, 3], vec[0]) and torch.allclose(hooks.captured[1][1, 6], vec[1])
+
+
+def test_additive_replacement(tiny_model):
+    ids, mask = _batch(tiny_model, pad_left_rows=())
+    with LayerHooks(tiny_model, capture=[1]) as hooks:
+        tiny_model(input_ids=ids, attention_mask=mask)
+    orig = hooks.captured[1]
+    delta = torch.randn(1, 48)
+    with LayerHooks(tiny_model, capture=[1], edit_layer=1) as hooks:
+        hooks.replace([1], [2], delta, additive=True)
+        tiny_model(input_ids=ids, attention_mask=mask)
+    assert torch.allclose(hooks.captured[1][1, 2], orig[1, 2] + delta[0], atol=1e-6)
+
+
+def test_dynamic_replacer_and_decode_steps_are_left_alone():
+    """With a KV cache, only the prefill is edited; decode steps (1 token, cache present) are not."""
+    tiny_model = make_tiny_llama()
+    tiny_model.generation_config.eos_token_id = None  # greedy steps must not stop or be masked
+    ids, mask = _batch(tiny_model, b=2, pad_left_rows=(0,))
+    vec = torch.randn(1, 48) * 3
+    seen = []
+
+    def replacer(input_ids, attention_mask):
+        seen.append(input_ids.shape[1])
+        return Replacement(torch.tensor([1]), torch.tensor([5]), vec)
+
+    with LayerHooks(tiny_model, edit_layer=0, replacer=replacer) as hooks:
+        out = tiny_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert seen == [9]                      # called once, for the prefill only
+    assert hooks.rows_replaced == 1
+    assert out.shape == (2, 13)
+    # generation under the edit equals a full recomputation with the edit at every step
+    with LayerHooks(tiny_model, edit_layer=0) as hooks:
+        hooks.replace([1], [5], vec)
+        full = tiny_model(input_ids=out, attention_mask=torch.cat([mask, torch.ones(2, 4, dtype=torch.long)], 1)).logits
+    assert torch.equal(full[:, 8:12].argmax(-1), out[:, 9:13])
+
+
+def test_stop_after_capture(tiny_model):
+    ids, mask = _batch(tiny_model)
+    with LayerHooks(tiny_model, capture=[0], stop_after_capture=True) as hooks:
+        with pytest.raises(StopForward):
+            tiny_model(input_ids=ids, attention_mask=mask)
+    assert hooks.captured[0].shape == (3, 9, 48)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_skip_lower_layers_equals_full_forward(layer):
+    """Cached layer-L states + upper layers == the full hooked forward pass (right padding)."""
+    model = make_tiny_llama(layers=3)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 300, (3, 8), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    vec = torch.randn(3, 48, generator=g)
+    rep = Replacement(torch.tensor([0, 1, 2]), torch.tensor([2, 5, 7]), vec)
+    with LayerHooks(model, capture=[layer], edit_layer=layer) as hooks:
+        hooks.replace(rep.rows, rep.positions, rep.vectors)
+        ref = model(input_ids=ids, attention_mask=mask).logits
+    with LayerHooks(model, capture=[layer]) as hooks:
+        model(input_ids=ids, attention_mask=mask)
+    cached = hooks.captured[layer]
+    h = apply_replacement(cached, rep)
+    with skip_lower_layers(model, layer, h, as_tuple=bool(hooks.output_is_tuple)):
+        out = model(inputs_embeds=torch.zeros_like(h), attention_mask=mask).logits
+    valid = mask.bool()
+    assert (out - ref)[valid].abs().max() < 1e-5
+    assert all(type(m).__name__ == "LlamaDecoderLayer" for m in get_layers(model))
+
+
+def test_import_has_no_side_effects(tmp_path):
+    """`import lks` loads no model, writes no file and imports neither torch nor transformers."""
+    code = ("import sys, lks; "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'; "
+            "print(lks.__version__)")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LKS_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert list(tmp_path.iterdir()) == []
