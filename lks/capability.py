@@ -69,18 +69,23 @@ GSM8K_UNTIL = ("Question:", "\n\n", "</s>", "<|im_end|>")
 # ---------------------------------------------------------------------------------------------
 
 def _fallback_root(data_dir: str | os.PathLike | None) -> Path:
-    """Same resolution order as ``lks.data``: explicit argument > $LKS_DATA_DIR > ~/.cache/lks/data."""
-    if data_dir is not None:
-        return Path(data_dir)
-    env = os.environ.get("LKS_DATA_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "lks" / "data"
+    """The data directory: explicit argument > $LKS_DATA_DIR > ~/.cache/lks/data (``lks.data.data_dir``)."""
+    try:
+        from lks.data import data_dir as resolve
+    except ImportError:  # lks.data absent: same order, reimplemented
+        if data_dir is not None:
+            return Path(data_dir).expanduser()
+        env = os.environ.get("LKS_DATA_DIR")
+        return Path(env).expanduser() if env else Path.home() / ".cache" / "lks" / "data"
+    return Path(resolve(data_dir))
 
 
 def _data_path(relpath: str, data_dir: str | os.PathLike | None) -> Path | None:
     """Local path of a benchmark file, or ``None`` when it is not there.
 
-    ``lks.data.data_file`` (checksum-verifying) is preferred; it is imported lazily so this module
-    works on its own. Only "missing" is turned into ``None``: a checksum mismatch still raises.
+    ``lks.data.data_file`` is preferred: it verifies the file against its pinned SHA-256 (and may
+    fetch a missing file that has a public URL). It is imported lazily so this module also works
+    without it. Only "missing" is turned into ``None``: a checksum mismatch still raises.
     """
     try:
         from lks.data import data_file
@@ -402,7 +407,7 @@ def _group_requests(tok, requests: Sequence[tuple[str, str]], max_length: int) -
 
     Multiple-choice questions with one-token answers (" A".." D") share one input, so MMLU needs
     one forward pass per question instead of four. Inputs longer than ``max_length`` lose tokens
-    on the left (the distant context), never the continuation.
+    on the left: the distant context first, the continuation only if it alone is that long.
     """
     groups: dict[tuple[int, ...], list] = defaultdict(list)
     for i, (context, continuation) in enumerate(requests):
@@ -771,11 +776,13 @@ def task_wikitext2(ctx: TaskContext) -> list[dict[str, Any]]:
                      desc="wikitext2")
     boot = _bootstrap_mean_nll(res.window_nll, res.window_tokens, ctx.seed)
     n_bytes, n_words = len(text.encode("utf-8")), len(text.split())
-    tokens_per = res.n_tokens / max(n_words, 1), res.n_tokens / max(n_bytes, 1)
+    # Word and byte metrics rescale the same total NLL, so the token/word and token/byte ratios
+    # are treated as fixed and each bootstrap draw of the per-token NLL maps to all three metrics.
+    per_word, per_byte = res.n_tokens / max(n_words, 1), res.n_tokens / max(n_bytes, 1)
     return [
         _metric_row("token_perplexity", _transformed_stats(res.mean_nll, boot, np.exp, res.n_tokens)),
-        _metric_row("word_perplexity", _transformed_stats(res.mean_nll, boot, lambda m: np.exp(m * tokens_per[0]), n_words)),
-        _metric_row("bits_per_byte", _transformed_stats(res.mean_nll, boot, lambda m: m * tokens_per[1] / math.log(2), n_bytes)),
+        _metric_row("word_perplexity", _transformed_stats(res.mean_nll, boot, lambda m: np.exp(m * per_word), n_words)),
+        _metric_row("bits_per_byte", _transformed_stats(res.mean_nll, boot, lambda m: m * per_byte / math.log(2), n_bytes)),
     ]
 
 
@@ -868,7 +875,8 @@ def evaluate_capability(model, tokenizer, tasks: Sequence[str] = TASKS, *,
         data_dir: benchmark data directory (default ``$LKS_DATA_DIR`` or ``~/.cache/lks/data``).
         limit: items per task (an int for all tasks or ``{task: n}``): a deterministic random sample
             drawn with ``seed`` (:func:`subset_indices`); for ``wikitext2`` the first ``n`` articles;
-            for ``mmlu`` the number of questions over all subjects. ``None`` = full sets.
+            for ``mmlu`` the number of questions over all subjects. ``None`` (or a task missing
+            from the dict) = the full set.
         seed: seeds the subsets, few-shot sampling (SST-2/RTE with ``num_fewshot``) and bootstrap.
         batch_size: sequences per forward pass.
         num_fewshot: ``{task: k}`` overriding :data:`DEFAULT_FEWSHOT`.

@@ -33,7 +33,11 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, NamedTuple, overload
+from typing import TYPE_CHECKING, Any, NamedTuple, overload
+
+if TYPE_CHECKING:  # torch/transformers are imported lazily: loading edit data needs neither
+    import torch
+    from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +115,8 @@ def subject_token_index(offsets: Sequence[Sequence[int]] | Any, start: int, end:
     return last
 
 
-def subject_positions(tokenizer, texts: Sequence[str], subjects: Sequence[str], padding_side: str = "right"):
+def subject_positions(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], subjects: Sequence[str],
+                      padding_side: str = "right") -> tuple[BatchEncoding, torch.Tensor]:
     """Encode a batch and locate each subject's last token in the encoding actually returned.
 
     Positions come from the offsets of this very padded batch, so left padding shifts them
@@ -512,6 +517,8 @@ def builtin_edits() -> EditSet:
 # --------------------------------------------------------------------------------------------
 
 class DataFileInfo(NamedTuple):
+    """A pinned data file: its hash, a direct public URL (if any) and human directions to it."""
+
     sha256: str
     url: str | None  # public direct download, or None when only a manual route exists
     source: str  # where a person gets it

@@ -202,7 +202,10 @@ class LKSEditor:
                     continue
                 pos = subject_token_index(offs, *span)
                 if kind == KIND_LOC:
-                    loss_pos, loss_tgt = [len(ids) - 1], []
+                    # KL at the next-token position only, or at every position from the subject's
+                    # last token on (all the predictions the edited block can influence)
+                    first = len(ids) - 1 if cfg.loc_positions == "last" else pos
+                    loss_pos, loss_tgt = list(range(first, len(ids))), []
                 else:
                     # target tokens start at the prompt's length; tokenised TOGETHER with the prompt
                     # because byte-level BPE gives " English" and "English" different ids
@@ -240,7 +243,7 @@ class LKSEditor:
         cache = _Cache(torch.cat([chunks[j] for j in range(len(seqs))]) if seqs else torch.zeros(0, self.d), offsets)
         del chunks
         loc = [j for j in order if seqs[j].kind == KIND_LOC]
-        logps, idxs, tails = [], [], []
+        logps, idxs, tails, n_ref = [], [], [], 0
         for b in tqdm(range(0, len(loc), batch_size), desc="reference distributions", disable=not progress or not loc):
             batch = loc[b:b + batch_size]
             logits = self._upper_logits(cache, seqs, batch, None)
@@ -250,8 +253,9 @@ class LKSEditor:
             logps.append(top.cpu())
             idxs.append(ti.to(torch.int32).cpu())
             tails.append(_log_tail(lp, ti).cpu())
-            for j in batch:  # locality sequences have exactly one loss position
-                cache.ref_row[j] = len(cache.ref_row)
+            for j in batch:  # rows of sequence j: ref_row[j] .. ref_row[j] + len(loss_pos) - 1
+                cache.ref_row[j] = n_ref
+                n_ref += len(seqs[j].loss_pos)
         if loc:
             cache.ref_logp, cache.ref_idx, cache.ref_tail = torch.cat(logps), torch.cat(idxs), torch.cat(tails)
         return cache
@@ -299,8 +303,8 @@ class LKSEditor:
         for j in batch:
             s, n = seqs[j], len(seqs[j].loss_pos)
             if s.kind == KIND_LOC:
-                kl_rows.append(at)
-                kl_ref.append(cache.ref_row[j])
+                kl_rows.extend(range(at, at + n))
+                kl_ref.extend(range(cache.ref_row[j], cache.ref_row[j] + n))
             else:
                 tgt = torch.tensor(s.loss_tgt, device=logits.device)
                 nll_terms[s.kind].append(F.cross_entropy(logits[at:at + n], tgt))  # mean over target tokens

@@ -44,6 +44,18 @@ def tok() -> CharTokenizer:
     return CharTokenizer()
 
 
+@pytest.fixture
+def fx(monkeypatch) -> Path:
+    """The fixture data directory. Its files are not the pinned originals, so lks.data's checksum
+    check is bypassed by resolving paths directly (the real resolution is tested on shared data)."""
+    def plain(relpath, data_dir):
+        path = Path(data_dir) / relpath
+        return path if path.is_file() else None
+
+    monkeypatch.setattr(cap, "_data_path", plain)
+    return FIXTURES
+
+
 def _direct_logprobs(model, ids: list[int]) -> torch.Tensor:
     """log p(ids[t] | ids[:t]) for t >= 1, from one unbatched, unpadded forward pass."""
     with torch.no_grad():
@@ -53,21 +65,21 @@ def _direct_logprobs(model, ids: list[int]) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------- loaders
 
-def test_load_gsm8k_fixture():
-    docs = cap.load_gsm8k(FIXTURES)
+def test_load_gsm8k_fixture(fx):
+    docs = cap.load_gsm8k(fx)
     assert len(docs) == 4
     assert docs[0]["target"] == "5" and docs[3]["target"] == "1,500"
     assert docs[1]["answer"].endswith("#### 8") and docs[1]["question"].startswith("A pen costs $2")
 
 
-def test_load_sst2_fixture_keeps_quotes_and_labels():
-    docs = cap.load_sst2(FIXTURES)
+def test_load_sst2_fixture_keeps_quotes_and_labels(fx):
+    docs = cap.load_sst2(fx)
     assert [d["label"] for d in docs] == [1, 0, 1, 0, 1, 0]
     assert docs[2]["sentence"] == 'a "wonderful" film . '
 
 
-def test_load_rte_jsonl_and_parquet_agree(tmp_path):
-    docs = cap.load_rte(FIXTURES)
+def test_load_rte_jsonl_and_parquet_agree(fx, tmp_path):
+    docs = cap.load_rte(fx)
     assert [d["label"] for d in docs] == [1, 0, 0, 1]  # 0 = entailment
     (tmp_path / "rte").mkdir()
     pd.DataFrame({"sentence1": [d["premise"] for d in docs], "sentence2": [d["hypothesis"] for d in docs],
@@ -75,16 +87,16 @@ def test_load_rte_jsonl_and_parquet_agree(tmp_path):
     assert cap.load_rte(tmp_path) == docs
 
 
-def test_load_wikitext2_and_document_split():
-    text = cap.load_wikitext2(FIXTURES)
+def test_load_wikitext2_and_document_split(fx):
+    text = cap.load_wikitext2(fx)
     docs = cap.split_wikitext_documents(text)
     assert "".join(docs) == text
     assert len(docs) == 3  # "= = History = =" is a section, not an article
     assert docs[0].startswith(" \n = Alpha = ") and "History" in docs[0] and docs[2].lstrip().startswith("= Gamma")
 
 
-def test_load_mmlu_fixture():
-    test, dev = cap.load_mmlu(FIXTURES, "test"), cap.load_mmlu(FIXTURES, "dev")
+def test_load_mmlu_fixture(fx):
+    test, dev = cap.load_mmlu(fx, "test"), cap.load_mmlu(fx, "dev")
     assert len(test) == 5 and len(dev) == 4
     assert [d["subject"] for d in test] == ["alpha_topic"] * 3 + ["beta"] * 2
     assert test[0]["choices"] == ["4", "5", "6", "NA"]  # "NA" stays a string
@@ -92,11 +104,28 @@ def test_load_mmlu_fixture():
     assert [d["answer"] for d in test] == [0, 1, 3, 0, 2]
 
 
-def test_missing_file_error_names_online_path(tmp_path):
+def test_missing_file_error_names_online_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("LKS_OFFLINE", "1")  # lks.data would otherwise try known download URLs
     with pytest.raises(FileNotFoundError, match="online=True"):
         cap.load_sst2(tmp_path)
     with pytest.raises(FileNotFoundError, match="online=True"):
         cap.load_mmlu(tmp_path)
+
+
+def test_loaders_resolve_and_verify_shared_data(data_root):
+    assert len(cap.load_sst2(data_root)) == 872 and len(cap.load_rte(data_root)) == 277
+    gsm = cap.load_gsm8k(data_root)
+    assert len(gsm) == 1319 and gsm[0]["target"] == "18"
+    dev = cap.load_mmlu(data_root, "dev")
+    assert len(dev) == 285 and len({d["subject"] for d in dev}) == 57
+
+
+def test_corrupt_known_file_is_an_error_not_missing(tmp_path):
+    pytest.importorskip("lks.data")
+    (tmp_path / "sst2").mkdir()
+    (tmp_path / "sst2" / "dev.tsv").write_text("sentence\tlabel\nnot the real file\t1\n")
+    with pytest.raises(ValueError, match="checksum"):
+        cap.load_sst2(tmp_path)
 
 
 # --------------------------------------------------------------------------------------------- prompts, labels, answers
@@ -259,9 +288,14 @@ def _run(model, tok, **kw):
     return cap.evaluate_capability(model, tok, data_dir=FIXTURES, progress=False, **kw)
 
 
-def test_evaluate_capability_all_tasks_with_editor_counters(tiny_model, tok):
+@pytest.fixture
+def run(fx):
+    return _run
+
+
+def test_evaluate_capability_all_tasks_with_editor_counters(run, tiny_model, tok):
     editor = FakeEditor(tok)
-    df = _run(tiny_model, tok, editor=editor, batch_size=4)
+    df = run(tiny_model, tok, editor=editor, batch_size=4)
     assert editor.entered == 1
     assert list(df.columns) == cap.COLUMNS
     get = df.set_index(["task", "metric"])
@@ -283,11 +317,11 @@ def test_evaluate_capability_all_tasks_with_editor_counters(tiny_model, tok):
     assert (df.loc[df["task"].isin(cap.TASKS), "seconds"] > 0).all()
 
 
-def test_without_editor_counters_are_missing(tiny_model, tok):
-    df = _run(tiny_model, tok, tasks=("rte",))
+def test_without_editor_counters_are_missing(run, tiny_model, tok):
+    df = run(tiny_model, tok, tasks=("rte",))
     assert df["rows_seen"].isna().all() and df["routed"].isna().all()
     with pytest.raises(ValueError, match="unknown task"):
-        _run(tiny_model, tok, tasks=("nope",))
+        run(tiny_model, tok, tasks=("nope",))
 
 
 def test_subset_indices_deterministic_random_sample():
@@ -300,9 +334,9 @@ def test_subset_indices_deterministic_random_sample():
     assert np.array_equal(cap.subset_indices(5, None, 0, "x"), np.arange(5))
 
 
-def test_limited_runs_are_reproducible(tiny_model, tok):
+def test_limited_runs_are_reproducible(run, tiny_model, tok):
     kw = {"tasks": ("sst2", "mmlu", "wikitext2"), "limit": {"sst2": 3, "mmlu": 2, "wikitext2": 1}, "seed": 3}
-    a, b = _run(tiny_model, tok, **kw), _run(tiny_model, tok, **kw)
+    a, b = run(tiny_model, tok, **kw), run(tiny_model, tok, **kw)
     pd.testing.assert_frame_equal(a.drop(columns="seconds"), b.drop(columns="seconds"))
     get = a.set_index(["task", "metric"])
     assert get.loc[("sst2", "acc"), "n"] == 3 and get.loc[("mmlu", "acc"), "n"] == 2
