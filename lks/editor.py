@@ -387,7 +387,7 @@ class LKSEditor:
                 sched.step()
                 for k in sums:
                     sums[k] += float(losses[k].detach())
-                bar.set_postfix(loss=f"{float(losses['total']):.3f}")
+                bar.set_postfix(loss=f"{float(losses['total'].detach()):.3f}")
             n = max(1, len(batches))
             rec = {"epoch": epoch + 1, "loss": sums["total"] / n, "edit": sums["edit"] / n, "equiv": sums["equiv"] / n,
                    "loc": sums["loc"] / n, "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - te}
