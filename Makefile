@@ -41,8 +41,8 @@ notebooks: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
-	$(BIN)/python -m pytest -q -p no:cacheprovider --nbval --nbval-sanitize-with tests/sanitize.cfg \
-		--nbval-current-env $(NOTEBOOKS)
+	test -z "$(NOTEBOOKS)" || $(BIN)/python -m pytest -q -p no:cacheprovider --nbval \
+		--nbval-sanitize-with tests/sanitize.cfg --nbval-current-env $(NOTEBOOKS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -58,6 +58,7 @@ class TrainConfig:
     loc_per_subject: int = 4       # same-subject locality prompts per subject used by the KL loss
     loc_topk: int = 256            # the KL keeps the original's top-k log-probs plus one tail bucket
     loc_positions: str = "after_subject"  # KL at "last" prompt position or at every position "after_subject"
+    precision: str = "float32"     # "float32" or "bfloat16" (autocast of the upper-layer pass; fast on AMX/GPU)
     patience: int = 3              # early stopping: epochs without a lower training loss
     min_delta: float = 1e-4        # improvement that counts for early stopping
     seed: int = 0                  # seeds generator init and batch order
@@ -67,6 +68,8 @@ class TrainConfig:
             raise ValueError(f"need lr > 0, epochs >= 1, batch_size >= 1; got {self.lr}, {self.epochs}, {self.batch_size}")
         if self.loc_per_subject < 0 or self.loc_topk < 1:
             raise ValueError("loc_per_subject must be >= 0 and loc_topk >= 1")
+        if self.precision not in ("float32", "bfloat16"):
+            raise ValueError(f"precision must be 'float32' or 'bfloat16', got {self.precision!r}")
         if self.loc_positions not in ("last", "after_subject"):
             raise ValueError(f"loc_positions must be 'last' or 'after_subject', got {self.loc_positions!r}")
 

