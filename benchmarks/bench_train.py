@@ -3,7 +3,8 @@
 Usage::
 
     python benchmarks/bench_train.py [--data-dir DIR] [--n 32] [--steps 4] [--batch-size 16]
-                                     [--loc-per-subject 4] [--threads 1] [--roofline] [--bf16]
+                                     [--loc-per-subject 4] [--threads 1] [--per-example]
+                                     [--roofline] [--bf16] [--no-vectorised]
 
 Both paths train the same generator (same initial weights) on the same CounterFact edits, with the
 same ``TrainConfig`` (default: the registered recipe of ``smollm2-135m``) and the same batches, for
@@ -24,6 +25,12 @@ two paths are interleaved (fast, naive, fast, naive, ...) so machine drift hits 
   fast path: edit/equivalence NLL of the target tokens tokenised together with the prompt (mean
   per sequence, then over sequences), locality KL(orig || edited) at the positions set by
   ``cfg.loc_positions``, averaged over all those positions.
+
+Two more paths are timed in the same interleaved loop: **fast-v** (default on; ``--no-vectorised``
+skips it) is the fast path with two changes proposed for lks and implemented here only: one
+vectorised cross-entropy instead of one per sequence, and the batch run in up to 3 length
+buckets instead of one block padded to the longest sequence (see ``vectorised_batch_loss``).
+**naive-1** (``--per-example``) is the naive loop with one forward pass per sequence.
 
 Before timing, the losses of both paths are compared on the first batch (with a random, non-zero
 generator so the edit actually changes the logits): the naive loss with the top-k + tail KL must
@@ -217,15 +224,50 @@ class NaiveLoop:
 # --------------------------------------------------------------------------------------------
 # A proposed variant of the fast path's loss (NOT in lks): the NLL terms vectorised
 # --------------------------------------------------------------------------------------------
-def vectorised_batch_loss(editor: LKSEditor, cache, seqs, batch: list[int], cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """``LKSEditor._batch_loss`` with ONE cross-entropy over all target rows instead of one per sequence.
+def length_buckets(lens: list[int], k: int) -> list[int]:
+    """Split points of sorted lengths into <= k buckets minimising padded tokens (exact DP)."""
+    n = len(lens)
+    best = {(0, 0): (0, [])}  # (start, buckets used) -> (padded tokens, split points)
+    for used in range(k):
+        for (start, u), (cost, cuts) in list(best.items()):
+            if u != used or start == n:
+                continue
+            for end in range(start + 1, n + 1):
+                c = cost + lens[end - 1] * (end - start)
+                key = (end, used + 1)
+                if key not in best or c < best[key][0]:
+                    best[key] = (c, cuts + [end])
+    return min((v for (e, _), v in best.items() if e == n), key=lambda v: v[0])[1]
 
-    ``_batch_loss`` slices ``logits[at:at + n]`` once per edit/equivalence sequence; the backward of
-    every slice materialises a zero ``[rows, vocab]`` gradient and adds it up, so its cost grows as
-    (sequences x rows x vocab). Here the per-sequence means come from one ``index_add``; same losses.
+
+def padded_tokens(seqs, batch: list[int], buckets: int = 1) -> int:
+    lens = sorted(len(seqs[j].ids) for j in batch)
+    cuts, start, total = length_buckets(lens, buckets), 0, 0
+    for end in cuts:
+        total += lens[end - 1] * (end - start)
+        start = end
+    return total
+
+
+def vectorised_batch_loss(editor: LKSEditor, cache, seqs, batch: list[int], cfg: TrainConfig,
+                          buckets: int = 3) -> dict[str, torch.Tensor]:
+    """``LKSEditor._batch_loss`` reorganised (same losses), two changes proposed for lks:
+
+    1. ONE cross-entropy over all target rows instead of one per sequence: ``_batch_loss`` slices
+       ``logits[at:at + n]`` once per edit/equivalence sequence, and the backward of every slice
+       materialises a zero ``[rows, vocab]`` gradient and adds it up, so its cost grows as
+       (sequences x rows x vocab). Here the per-sequence means come from one ``index_add``.
+    2. the batch's sequences (edit, rephrase and locality prompts of very different lengths) run
+       through the upper layers in up to ``buckets`` length buckets instead of one block padded
+       to the longest sequence. The losses are means, so the order of rows does not matter.
     """
     table = editor.generator.table(editor.features)
-    logits = editor._upper_logits(cache, seqs, batch, table).float()
+    batch = sorted(batch, key=lambda j: len(seqs[j].ids))
+    cuts, start, parts = length_buckets([len(seqs[j].ids) for j in batch], buckets), 0, []
+    for end in cuts:
+        parts.append(editor._upper_logits(cache, seqs, batch[start:end], table))
+        start = end
+    logits = torch.cat(parts).float()
     dev = logits.device
     at, rows, tgt, seg, kinds, kl_rows, kl_ref = 0, [], [], [], [], [], []
     for j in batch:
@@ -291,18 +333,24 @@ def rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
+def clock() -> Callable[[], float]:
+    """CPU time of this process with one thread (robust to other load), else wall clock."""
+    return time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
 def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype, reps: int = 7) -> float:
-    """FLOP/s of ``[m, k] @ [k, n]``, median of ``reps`` timings (each >= ~50 ms of work)."""
+    """FLOP/s of ``[m, k] @ [k, n]``, median of ``reps`` timings (each ~5 GFLOP of work)."""
+    now = clock()
     a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     flops = 2 * m * k * n
     inner = max(1, int(5e9 / flops))  # ~5 GFLOP per timing
     a @ b
     ts = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = now()
         for _ in range(inner):
             a @ b
-        ts.append((time.perf_counter() - t0) / inner)
+        ts.append((now() - t0) / inner)
     return flops / statistics.median(ts)
 
 
@@ -427,6 +475,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nFLOPs of one step on that batch (FlopCounterMode, forward + backward): fast {f_fast / 1e9:,.1f} GFLOP, "
           f"naive {f_naive / 1e9:,.1f} GFLOP, ratio {f_naive / f_fast:.1f}x (the speed-up a purely FLOP-bound "
           f"implementation would show)")
+    real = sum(len(seqs[j].ids) for j in b0)
+    print(f"  tokens through layers L+1..N in the fast step: {real} real, {padded_tokens(seqs, b0)} padded "
+          f"(one block, as lks does), {padded_tokens(seqs, b0, 3)} padded in 3 length buckets (fast-v)")
+    f_fast_v = None
+    if editor_v is not None:
+        f_fast_v, _ = count_flops(lambda: vectorised_batch_loss(editor_v, cache, seqs, b0, cfg))
+        editor_v.generator.zero_grad(set_to_none=True)
+        print(f"  fast-v: {f_fast_v / 1e9:,.1f} GFLOP (naive / fast-v FLOP ratio {f_naive / f_fast_v:.1f}x)")
 
     # --- timed steps, interleaved -------------------------------------------------------------
     steps_total = len(batches) * cfg.epochs
@@ -460,14 +516,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\ntraining throughput, {args.steps} timed steps per path (batch {cfg.batch_size} edits), "
           f"{torch.get_num_threads()} thread(s):")
     print(f"  {'path':8s} {'s/step wall (median)':>21s} {'s/step CPU (median)':>20s} "
-          f"{'edit-samples/s wall':>20s} {'edit-samples/s CPU':>19s} {'fast speed-up wall | CPU':>25s}")
+          f"{'edit-samples/s wall':>20s} {'edit-samples/s CPU':>19s} {'fast / this path: wall | CPU':>29s}")
     fsw, fsc = res["fast"][2], res["fast"][3]
     for name, (w, c, sw, sc) in res.items():
-        print(f"  {name:8s} {w:21.3f} {c:20.3f} {sw:20.2f} {sc:19.2f} {fsw / sw:13.1f}x | {fsc / sc:.1f}x")
+        print(f"  {name:8s} {w:21.3f} {c:20.3f} {sw:20.2f} {sc:19.2f} {fsw / sw:17.2f}x | {fsc / sc:.2f}x")
     nsw, nsc = res["naive"][2], res["naive"][3]
     r_wall, r_cpu = fsw / nsw, fsc / nsc
     print(f"  speed-up fast / naive (batched): {r_wall:.1f}x wall, {r_cpu:.1f}x CPU  (target >= 15x: "
           f"{'met' if min(r_wall, r_cpu) >= 15 else 'NOT met'}; FLOP ratio {f_naive / f_fast:.1f}x)")
+    for a, b in (("fast-v", "naive"), ("fast", "naive-1"), ("fast-v", "naive-1")):
+        if a in res and b in res:
+            print(f"  speed-up {a} / {b}: {res[a][2] / res[b][2]:.1f}x wall, {res[a][3] / res[b][3]:.1f}x CPU")
     # amortised: fast = precompute + epochs * N / rate; naive = epochs * N / rate
     N, E = len(edits), cfg.epochs
     am_w = (E * N / nsw) / (pre_wall + E * N / fsw)
@@ -479,15 +538,39 @@ def main(argv: list[str] | None = None) -> None:
 
     # --- roofline ------------------------------------------------------------------------------
     if args.roofline:
-        roofline(editor, cache, seqs, b0, cfg, args, f_fast)
+        roofline("fast", editor, editor._batch_loss, cache, seqs, b0, cfg, args, f_fast, 1)
+        if editor_v is not None:
+            roofline("fast-v", editor_v, lambda *a: vectorised_batch_loss(editor_v, *a), cache, seqs, b0, cfg, args,
+                     f_fast_v, 3)
     print(f"\ntotal benchmark time {time.perf_counter() - t_start:.1f} s "
           f"(load average {os.getloadavg()[0]:.2f} at end)")
 
 
 @contextmanager
-def bf16_context(editor: LKSEditor, cfg: TrainConfig):
+def attention(model, impl: str | None):
+    """Temporarily switch the attention implementation ("eager", "sdpa"); ``None`` keeps it."""
+    old = model.config._attn_implementation
+    if impl is None or impl == old:
+        yield
+        return
+    model.set_attn_implementation(impl)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(old)
+
+
+@contextmanager
+def bf16_context(editor: LKSEditor, cfg: TrainConfig, attn: str | None = None):
     """bfloat16 for the fast path's upper pass: through ``TrainConfig.precision`` when lks has it
-    (its own autocast block would otherwise switch an outer autocast off), else an outer autocast."""
+    (its own autocast block would otherwise switch an outer autocast off), else an outer autocast.
+    ``attn`` optionally switches the attention implementation (CPU SDPA is slow in bfloat16)."""
+    with attention(editor.model, attn), _bf16(editor, cfg):
+        yield
+
+
+@contextmanager
+def _bf16(editor: LKSEditor, cfg: TrainConfig):
     if any(f.name == "precision" for f in dataclasses.fields(TrainConfig)):
         old = editor.train_config
         editor.train_config = dataclasses.replace(cfg, precision="bfloat16")
@@ -500,30 +583,33 @@ def bf16_context(editor: LKSEditor, cfg: TrainConfig):
             yield
 
 
-def roofline(editor: LKSEditor, cache, seqs, batch, cfg, args, flops: int) -> None:
-    """Achieved FLOP/s of one fast step vs plain matmuls of the shapes it is made of."""
+def roofline(label: str, editor: LKSEditor, loss_fn, cache, seqs, batch, cfg, args, flops: int, buckets: int) -> None:
+    """Achieved FLOP/s of one step of ``loss_fn`` vs plain matmuls of the shapes it is made of."""
     d, V = editor.d, editor.model.config.vocab_size
     inter = editor.model.config.intermediate_size
-    tokens = len(batch) * max(len(seqs[j].ids) for j in batch)  # padded [batch, T] of the upper layers
+    tokens = padded_tokens(seqs, batch, buckets)  # padded tokens through the upper layers
     n_pos = sum(len(seqs[j].loss_pos) for j in batch)
     head = 4 * n_pos * d * V  # lm head: forward + input-gradient (its weight is frozen)
-    print(f"\nroofline of one fast step (first batch: {len(batch)} sequences, {tokens} padded tokens through "
-          f"layers L+1..N, {n_pos} logit rows), {torch.get_num_threads()} thread(s):")
+    now = clock()
+    print(f"\nroofline of one {label} step (first batch: {len(batch)} sequences, {tokens} padded tokens through "
+          f"layers L+1..N, {n_pos} logit rows), {torch.get_num_threads()} thread(s), times by "
+          f"{'CPU time' if now is time.process_time else 'wall clock'}:")
     print(f"  FLOPs (FlopCounterMode, fwd+bwd): {flops / 1e9:.2f} GFLOP, of which lm head {head / 1e9:.2f} "
           f"(analytic 4*rows*d*V)")
     modes = [("float32", torch.float32, nullcontext)]
     if args.bf16:
         modes.append(("bf16 autocast", torch.bfloat16, lambda: bf16_context(editor, cfg)))
+        modes.append(("bf16 autocast, eager attention", torch.bfloat16, lambda: bf16_context(editor, cfg, "eager")))
     gen = editor.generator
     for name, dtype, ctx in modes:
         ts = []
         with ctx():
             for _ in range(args.roofline_reps + 1):
                 gen.zero_grad(set_to_none=True)
-                t0 = time.perf_counter()
-                loss = editor._batch_loss(cache, seqs, batch, cfg)["total"]
+                t0 = now()
+                loss = loss_fn(cache, seqs, batch, cfg)["total"]
                 loss.backward()
-                ts.append(time.perf_counter() - t0)
+                ts.append(now() - t0)
         t_step = statistics.median(ts[1:])
         r_mlp = matmul_rate(tokens, d, inter, dtype)
         r_head = matmul_rate(n_pos, d, V, dtype)

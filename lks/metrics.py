@@ -54,6 +54,8 @@ def teacher_forced(model, tokenizer, prompts: Sequence[str], targets: Sequence[s
         Per pair: ``acc`` (fraction of target tokens that are the argmax), ``logprob`` (sum of
         target-token log-probs), ``pred`` (argmax ids at the target positions), ``n`` (target tokens).
     """
+    if not prompts:
+        return []
     dev = model_device(model)
     texts = [f"{p} {t}" for p, t in zip(prompts, targets)]
     enc = tokenizer(texts, return_offsets_mapping=True)

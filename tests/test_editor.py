@@ -203,3 +203,22 @@ def test_topk_kl_matches_full_kl_when_k_is_vocab():
     approx = topk_kl(top5, idx5, tail5, new_logits)
     assert 0 <= approx <= full + 1e-6
     assert topk_kl(top5, idx5, tail5, ref_logits).abs() < 1e-6
+
+
+def test_metrics_label_seen_vs_heldout_and_handle_missing_kinds(tiny_pair):
+    """zsRE-like sets (one paraphrase, no neighbourhood) evaluate, and say generality is 'seen'."""
+    from lks.metrics import evaluate_edits, fluency, harmonic_mean
+
+    model, tok = tiny_pair
+    editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
+    one = EditSet([EditRecord(subject=r.subject, prompt=r.prompt, target=r.target, ground_truth=r.ground_truth,
+                              rephrases=r.rephrases[:1], locality=r.locality) for r in tiny_edits()])
+    editor.fit(one, TRAIN, progress=False)
+    df, s = evaluate_edits(editor, one)
+    assert s["generality_split"] == "seen" and s["generality_n"] == 0
+    assert s["generality"] == s["generality_seen"] and "specificity" in s
+    assert len(df) == 3 and 0 <= s["reliability"] <= 1
+    _, s2 = evaluate_edits(editor, tiny_edits())
+    assert s2["generality_split"] == "held-out" and s2["generality_n"] == 3
+    assert fluency("a b a b a b") < fluency("the cat sat on a warm mat today")
+    assert harmonic_mean([1.0, 0.5]) == pytest.approx(2 / 3)

@@ -1,0 +1,199 @@
+"""Benchmark of memory: peak RSS of ``LKSEditor.fit``, size of the saved editor, size of the caches.
+
+Usage::
+
+    python benchmarks/bench_memory.py [--data-dir DIR] [--n 1000] [--epochs 1] [--threads 1]
+    python benchmarks/bench_memory.py --n 100,1000          # several sizes, one subprocess each
+    python benchmarks/bench_memory.py --n 10000             # the full run (long on CPU)
+
+Every N runs in its own subprocess, so peaks do not mix: load the embedded model, load the first N
+CounterFact edits, ``fit`` them (the registered recipe, ``--epochs`` epochs, default 1), save the
+editor to a temporary directory. Reported per N:
+
+* peak RSS of the subprocess (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, the kernel's high-water
+  mark) and the RSS after loading the model (psutil when installed, else ``/proc/self/statm``), so
+  the peak attributable to the edits is the difference;
+* the fast path's caches, captured from ``LKSEditor._precompute``'s return value: the layer-L states
+  of every training sequence (``[sum of lengths, d]`` float32) and the top-k locality references
+  (log-probs float32, token ids int32, tail float32);
+* the saved editor's size on disk (``editor.save``).
+
+Bytes per edit are printed so larger N can be projected linearly; projections are labelled
+``[PROJECTED]``, measured numbers are not. The target for 10,000 edits is a peak <= 8 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # runnable from a checkout without installing
+
+MODEL = "smollm2-135m"
+GIB, MIB = 1024**3, 1024**2
+
+
+def rss_now() -> tuple[int, str]:
+    """Current resident set size in bytes and the source of the number."""
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss, "psutil"
+    except ImportError:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE"), "/proc/self/statm"
+
+
+def peak_rss() -> int:
+    """High-water RSS of this process in bytes (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def child(n: int, args: argparse.Namespace) -> dict:
+    """One measurement, run in a fresh process."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import lks
+    from lks.config import model_spec
+    from lks.editor import LKSEditor
+
+    out: dict = {"n": n, "threads": torch.get_num_threads()}
+    out["rss_start"], out["rss_source"] = rss_now()
+    model, tok = lks.load_model(MODEL, device="cpu")
+    out["rss_model"], _ = rss_now()
+    out["peak_model"] = peak_rss()
+    edits = lks.load_edits("counterfact", data_dir=args.data_dir, n=n)
+    spec = model_spec(MODEL)
+    cfg = dataclasses.replace(spec.train, epochs=args.epochs)
+    editor = LKSEditor(model, tok, spec.editor)
+    real_precompute, seen = editor._precompute, {}
+
+    def capture(*a, **kw):  # record the cache fit() builds (sizes only)
+        cache = real_precompute(*a, **kw)
+        seen["states"] = cache.states.numel() * cache.states.element_size()
+        seen["tokens"] = int(cache.states.shape[0])
+        seen["ref"] = sum(t.numel() * t.element_size() for t in (cache.ref_logp, cache.ref_idx, cache.ref_tail)
+                          if t is not None)
+        seen["ref_rows"] = 0 if cache.ref_logp is None else int(cache.ref_logp.shape[0])
+        seen["sequences"] = len(cache.offsets)
+        seen["rss_after_precompute"], _ = rss_now()
+        seen["peak_after_precompute"] = peak_rss()
+        return cache
+
+    editor._precompute = capture
+    t0 = time.perf_counter()
+    editor.fit(edits, cfg, progress=False)
+    out["fit_s"] = time.perf_counter() - t0
+    out["precompute_s"] = getattr(editor, "precompute_seconds", float("nan"))
+    out["peak_fit"] = peak_rss()
+    out["rss_after_fit"], _ = rss_now()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = editor.save(Path(tmp) / "editor")
+        out["saved"] = dir_size(path)
+        out["saved_files"] = {p.name: p.stat().st_size for p in sorted(path.iterdir())}
+    out.update(seen)
+    out["n_edits"] = len(edits)
+    out["n_subjects"] = len(editor.subjects)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    default_dir = os.environ.get("LKS_DATA_DIR", str(REPO.parent / "shared" / "data"))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data-dir", default=default_dir)
+    ap.add_argument("--n", default="1000", help="numbers of edits, comma-separated (one subprocess each)")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    ap.add_argument("--project", type=int, default=10_000, help="N to project to from bytes per edit")
+    ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child is not None:
+        print("RESULT " + json.dumps(child(args.child, args)), flush=True)
+        return
+
+    t_start = time.perf_counter()
+    print(f"model {MODEL} (float32, CPU); {args.threads} torch thread(s) (--threads; default 1 because the machine "
+          f"is shared); fit with the registered recipe, epochs={args.epochs}; load average {os.getloadavg()[0]:.2f} "
+          f"on {os.cpu_count()} CPUs")
+    results = []
+    for n in [int(x) for x in args.n.split(",")]:
+        cmd = [sys.executable, __file__, "--child", str(n), "--data-dir", args.data_dir, "--epochs", str(args.epochs),
+               "--threads", str(args.threads)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
+            raise SystemExit(f"child for N={n} failed (exit {proc.returncode})")
+        r = json.loads(line[len("RESULT "):])
+        r["wall_s"] = time.perf_counter() - t0
+        results.append(r)
+        print(f"  N={n}: done in {r['wall_s']:.0f} s (fit {r['fit_s']:.0f} s, of which precompute "
+              f"{r['precompute_s']:.0f} s)")
+
+    src = results[0]["rss_source"]
+    print(f"\nmeasured (peak = ru_maxrss of the subprocess; current RSS via {src}):")
+    print(f"  {'N':>6s} {'subjects':>8s} {'seqs':>6s} {'RSS model':>10s} {'peak precomp':>13s} {'peak fit':>10s} "
+          f"{'peak-model':>11s} {'L-states':>10s} {'top-k refs':>11s} {'saved':>9s} {'fit s':>7s}")
+    for r in results:
+        print(f"  {r['n_edits']:6d} {r['n_subjects']:8d} {r['sequences']:6d} {r['rss_model'] / MIB:8.0f} M "
+              f"{r['peak_after_precompute'] / MIB:11.0f} M "
+              f"{r['peak_fit'] / MIB:8.0f} M {(r['peak_fit'] - r['rss_model']) / MIB:9.0f} M "
+              f"{r['states'] / MIB:8.1f} M {r['ref'] / MIB:9.1f} M {r['saved'] / MIB:7.2f} M {r['fit_s']:7.0f}")
+    print("\nper edit (measured at each N):")
+    for r in results:
+        n = r["n_edits"]
+        fixed = sum(v for k, v in r["saved_files"].items() if k.startswith(("generator", "config")))
+        print(f"  N={n:6d}: L-states {r['states'] / n / 1024:7.1f} KiB ({r['tokens'] / n:.1f} tokens/edit), top-k refs "
+              f"{r['ref'] / n / 1024:6.1f} KiB ({r['ref_rows'] / n:.1f} positions/edit), saved editor beyond the "
+              f"generator {(r['saved'] - fixed) / n / 1024:5.2f} KiB, peak above the model "
+              f"{(r['peak_fit'] - r['rss_model']) / n / 1024:7.1f} KiB")
+        print("           saved files: " + ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in r["saved_files"].items()))
+
+    # projections for a larger N. The peak is (model) + (caches, linear in N) + (one training step's
+    # transient, set by the batch size, not by N), so a slope between two sizes only means something
+    # when both are well above the batch size; the cache-based projection adds the per-edit caches
+    # twice (``_precompute`` holds per-sequence chunks and their concatenation at the same time).
+    big = max(results, key=lambda r: r["n_edits"])
+    P, n = args.project, big["n_edits"]
+    if P > n:
+        per_cache = (big["states"] + big["ref"]) / n
+        peak_c = big["peak_fit"] + (2 * big["states"] / n + big["ref"] / n) * (P - n)
+        print(f"\n[PROJECTED] N={P} (not measured), linear from the measured N={n}:")
+        files = big["saved_files"]
+        fixed = sum(v for k, v in files.items() if k.startswith(("generator", "config")))
+        saved_p = fixed + (big["saved"] - fixed) / n * P  # features + subject texts grow with N
+        print(f"  [PROJECTED] caches: L-states {big['states'] / n * P / GIB:.2f} GiB + top-k refs "
+              f"{big['ref'] / n * P / GIB:.2f} GiB = {per_cache * P / GIB:.2f} GiB; saved editor "
+              f"{saved_p / MIB:.1f} MiB ({fixed / MIB:.2f} MiB generator + config, the rest per subject)")
+        print(f"  [PROJECTED] peak RSS, cache-based (peak at N={n} + (2 x L-states + refs) per extra edit): "
+              f"{peak_c / GIB:.2f} GiB (target <= 8 GiB: {'within' if peak_c <= 8 * GIB else 'ABOVE'})")
+        if len(results) >= 2:
+            small = sorted(results, key=lambda r: r["n_edits"])[-2]
+            slope = (big["peak_fit"] - small["peak_fit"]) / (big["n_edits"] - small["n_edits"])
+            peak_s = big["peak_fit"] + slope * (P - n)
+            print(f"  [PROJECTED] peak RSS, slope between N={small['n_edits']} and N={n} ({slope / 1024:.1f} KiB/edit): "
+                  f"{peak_s / GIB:.2f} GiB (target <= 8 GiB: {'within' if peak_s <= 8 * GIB else 'ABOVE'}; "
+                  f"meaningful only when both N are well above the batch size)")
+    else:
+        print(f"\nN={n} measured directly: peak {big['peak_fit'] / GIB:.2f} GiB (target <= 8 GiB: "
+              f"{'met' if big['peak_fit'] <= 8 * GIB else 'NOT met'})")
+    print(f"\ntotal benchmark time {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
