@@ -51,4 +51,4 @@ lint: setup
 	$(BIN)/ruff check lks tests benchmarks
 
 bench: setup
-	$(BIN)/python -m lks.bench all
+	for b in scope train inference memory; do $(BIN)/python benchmarks/bench_$$b.py || exit 1; done

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--loc-per-subject", type=int, default=None, help="locality prompts per subject for the KL loss")
     t.add_argument("--w-loc", type=float, default=None, help="weight of the locality (KL) loss")
     t.add_argument("--seed", type=int, default=None, help="random seed")
+    t.add_argument("--on-conflict", choices=("error", "first"), default="error",
+                   help="same subject + prompt with two targets: fail (error) or keep the first (default: %(default)s)")
     t.add_argument("--resume", type=_bool, default=True, help="resume from --out if it holds a checkpoint of the same run (true/false)")
     t.add_argument("--evaluate", type=_bool, default=True, help="evaluate after training and write metrics.json (true/false)")
 
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         tcfg = TrainConfig(**{**dataclasses.asdict(tcfg), **_given(args, ["lr", "epochs", "batch_size",
                                                                           "loc_per_subject", "w_loc", "seed"])})
         editor = LKSEditor(model, tok, ecfg)
-        history = editor.fit(edits, tcfg, checkpoint_dir=args.out, resume=args.resume)
+        history = editor.fit(edits, tcfg, checkpoint_dir=args.out, resume=args.resume, on_conflict=args.on_conflict)
         editor.save(args.out)
         print(json.dumps({"epochs": len(history), "final_loss": history[-1]["loss"] if history else None,
                           "fit_seconds": round(editor.fit_seconds, 1)}))

@@ -1,0 +1,335 @@
+"""The four notebooks, their papermill parameter files and what their committed default run wrote.
+
+Fast (no model is loaded): these read ``notebooks/*.ipynb``, ``params/<profile>/*.yaml``,
+``results/*.json`` and ``figures/``. nbval (see the Makefile) re-executes the notebooks; this file
+checks what nbval cannot: that parameter files only name parameters a notebook defines (papermill
+merely warns about unknown names), that each notebook has exactly one literal-only parameters cell,
+and that the results of the stored run are sane and agree with the outputs stored in the notebook.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+NB_DIR, PARAMS_DIR, RESULTS_DIR = REPO / "notebooks", REPO / "params", REPO / "results"
+STEMS = ["01_latent_replacement_study", "02_hypernetwork_training", "03_scaling_to_10000_edits", "04_general_capability"]
+PROFILES = ["paper-llama2", "paper-mistral", "cpu-full-smollm2"]
+PARAM_FILES = sorted(PARAMS_DIR.glob("*/*.yaml"))
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def read_nb(stem: str) -> dict:
+    return json.loads((NB_DIR / f"{stem}.ipynb").read_text(encoding="utf-8"))
+
+
+def source(cell: dict) -> str:
+    src = cell.get("source", "")
+    return "".join(src) if isinstance(src, list) else src
+
+
+def tagged(nb: dict, tag: str) -> list[dict]:
+    return [c for c in nb["cells"] if tag in c.get("metadata", {}).get("tags", [])]
+
+
+def parameters(stem: str) -> dict:
+    """Name -> literal value of the notebook's parameters cell (fails on anything but literal assignments)."""
+    cells = tagged(read_nb(stem), "parameters")
+    assert len(cells) == 1, f"{stem}: {len(cells)} cells tagged 'parameters', expected exactly one"
+    tree = ast.parse(source(cells[0]))
+    out = {}
+    for node in tree.body:
+        assert isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name), \
+            f"{stem}: the parameters cell may only hold `name = literal` lines, found {ast.dump(node)[:80]}"
+        name = node.targets[0].id
+        assert name not in out, f"{stem}: parameter {name!r} assigned twice"
+        try:
+            out[name] = ast.literal_eval(node.value)
+        except ValueError as e:
+            raise AssertionError(f"{stem}: parameter {name!r} is not a literal ({ast.unparse(node.value)})") from e
+    return out
+
+
+def stdout_of(cell: dict) -> str:
+    return "".join("".join(o.get("text", "")) for o in cell.get("outputs", [])
+                   if o.get("output_type") == "stream" and o.get("name") == "stdout")
+
+
+def last_code_cell(nb: dict) -> dict:
+    return [c for c in nb["cells"] if c["cell_type"] == "code"][-1]
+
+
+def results(stem: str) -> dict:
+    path = RESULTS_DIR / f"{stem}.json"
+    assert path.is_file(), f"{path} is missing: run the notebooks (make notebooks) and commit results/"
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def fmt(x) -> str:
+    """The notebooks' number formatting (``fmt`` in their setup cell)."""
+    if x is None or isinstance(x, bool):
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else f"{x:.3f}"
+    return str(x)
+
+
+def in_unit(x, what: str) -> None:
+    assert x is not None and not math.isnan(x) and -1e-9 <= x <= 1 + 1e-9, f"{what} = {x!r} is not in [0, 1]"
+
+
+def compatible(default, value) -> bool:
+    """Can a parameter file's value replace this notebook default? (None defaults accept anything.)"""
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and (isinstance(default, float) or isinstance(value, int))
+    if isinstance(default, str) and isinstance(value, list):  # e.g. datasets: "auto" or a list
+        return True
+    return isinstance(value, type(default))
+
+
+# --------------------------------------------------------------------------------------------
+# (a) parameter files name only parameters the notebook defines; (b) one literal parameters cell
+# --------------------------------------------------------------------------------------------
+def test_the_four_notebooks_are_there():
+    assert sorted(p.stem for p in NB_DIR.glob("0*.ipynb")) == STEMS
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_exactly_one_literal_parameters_cell_with_comments(stem):
+    nb = read_nb(stem)
+    params = parameters(stem)  # asserts: exactly one cell, literal assignments only
+    assert {"model_name", "device", "seed", "data_dir", "figure_dir", "results_dir"} <= set(params)
+    assert params["data_dir"] is None and params["figure_dir"] == "../figures" and params["results_dir"] == "../results"
+    cell = tagged(nb, "parameters")[0]
+    for line in source(cell).splitlines():
+        if line.strip():
+            assert "#" in line, f"{stem}: parameter line without a one-line comment: {line!r}"
+    assert not tagged(nb, "injected-parameters"), f"{stem}: committed with papermill-injected parameters (not a default run)"
+    # the cell right after the parameters turns them into validated objects and prints them
+    code_cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    follow = code_cells[code_cells.index(cell) + 1]
+    assert "raise ValueError" in source(follow) and stdout_of(follow).strip()
+    if stem != "01_latent_replacement_study":
+        assert "EditorConfig(" in source(follow) and "TrainConfig(" in source(follow)
+
+
+@pytest.mark.parametrize("path", PARAM_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_parameter_file_names_only_defined_parameters(path):
+    assert path.stem in STEMS, f"{path}: no notebook {path.stem}.ipynb"
+    values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert isinstance(values, dict) and values, f"{path}: expected a non-empty mapping"
+    defined = parameters(path.stem)
+    unknown = sorted(set(values) - set(defined))
+    assert not unknown, f"{path}: {unknown} are not parameters of {path.stem} (defined: {sorted(defined)})"
+    for k, v in values.items():
+        assert compatible(defined[k], v), f"{path}: {k}={v!r} ({type(v).__name__}) cannot replace default {defined[k]!r}"
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_profile_covers_every_notebook(profile):
+    assert sorted(p.stem for p in (PARAMS_DIR / profile).glob("*.yaml")) == STEMS
+
+
+@pytest.mark.parametrize("profile,model", [("paper-llama2", "llama2-7b-chat"), ("paper-mistral", "mistral-7b-instruct")])
+def test_paper_profiles_use_the_paper_setting(profile, model):
+    load = lambda stem: yaml.safe_load((PARAMS_DIR / profile / f"{stem}.yaml").read_text())
+    for stem in STEMS:
+        p = load(stem)
+        assert p["model_name"] == model and p["device"] == "cuda"
+    for stem in STEMS[1:]:
+        p = load(stem)
+        assert (p["layer"], p["generator"], p["lr"], p["epochs"]) == (16, "linear", 1e-4, 20), stem
+    assert load(STEMS[1])["n_edits"] == 10000 and load(STEMS[3])["n_edits"] == 10000
+    assert max(load(STEMS[2])["n_edits_list"]) == 10000
+    assert load(STEMS[3])["limit"] is None  # full benchmark sets
+
+
+def test_cpu_full_profile_is_the_embedded_model_at_10000_edits():
+    load = lambda stem: yaml.safe_load((PARAMS_DIR / "cpu-full-smollm2" / f"{stem}.yaml").read_text())
+    assert all(load(s)["model_name"] == "smollm2-135m" and load(s)["device"] == "cpu" for s in STEMS)
+    assert load(STEMS[1])["n_edits"] == load(STEMS[3])["n_edits"] == max(load(STEMS[2])["n_edits_list"]) == 10000
+
+
+# --------------------------------------------------------------------------------------------
+# stored outputs: a complete, clean default run
+# --------------------------------------------------------------------------------------------
+TIMING = re.compile(r"\b\d+\.\d+ ?(?:s|ms)\b")
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_stored_outputs_are_a_complete_clean_run(stem):
+    nb = read_nb(stem)
+    for i, cell in enumerate(c for c in nb["cells"] if c["cell_type"] == "code"):
+        src = source(cell)
+        assert cell.get("execution_count") is not None, f"{stem}: code cell {i} was not executed"
+        for out in cell.get("outputs", []):
+            assert out["output_type"] != "error", f"{stem}: code cell {i} stored an error"
+            text = "".join(out.get("text", "")) + "".join(out.get("data", {}).get("text/plain", ""))
+            assert "tensor(" not in text and " object at 0x" not in text, f"{stem}: raw repr in cell {i}: {text[:200]}"
+            if TIMING.search(text):
+                assert src.startswith("# NBVAL_IGNORE_OUTPUT"), f"{stem}: cell {i} prints a timing but is not ignored by nbval"
+        if "NBVAL_IGNORE_OUTPUT" in src:
+            assert src.startswith("# NBVAL_IGNORE_OUTPUT"), f"{stem}: the nbval marker must be the first line (cell {i})"
+        if re.search(r"lks\.plotting\.plot_\w+\(", src):
+            assert src.rstrip().endswith(("plt.show()", ";")) or "plt.show()" in src, f"{stem}: plotting cell {i} without plt.show()"
+
+
+# --------------------------------------------------------------------------------------------
+# (c) results of the committed default run: sane, and consistent with the stored outputs; (d) figures
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stem", STEMS)
+def test_results_file_records_the_default_run_and_its_figures(stem):
+    res = results(stem)
+    assert res["notebook"] == stem
+    defaults = parameters(stem)
+    assert res["parameters"] == defaults, "results/ were not written by a default run of the committed notebook"
+    for fig in res["figures"]:
+        assert fig.startswith(f"figures/{stem[:2]}_") and fig.endswith(".png"), fig
+        assert (REPO / fig).is_file() and (REPO / fig).with_suffix(".svg").is_file(), f"{fig} (png + svg) missing"
+        assert (REPO / fig).stat().st_size > 1000
+
+
+def stored_final_output(stem: str) -> str:
+    return stdout_of(last_code_cell(read_nb(stem)))
+
+
+def test_01_swap_study_results():
+    res, text = results(STEMS[0]), stored_final_output(STEMS[0])
+    p = res["parameters"]
+    assert 0 < res["n_pairs"] <= p["max_pairs"] and 0 < res["n_known_facts"] <= res["n_candidates"]
+    curves = [res[k] for k in ("swap_success_by_layer", "same_subject_success_by_layer", "random_success_by_layer")]
+    assert all(len(c) == len(res["layers"]) for c in curves)
+    for c in curves:
+        for x in c:
+            in_unit(x, "success")
+    swap = res["swap_success_by_layer"]
+    assert res["best_layer"] == res["layers"][swap.index(max(swap))]
+    assert res["swap_success_best"] == pytest.approx(max(swap))
+    # the claim and its controls: a real swap beats both controls at its best layer
+    assert res["same_subject_success_best"] < res["swap_success_best"]
+    assert res["random_success_best"] < res["swap_success_best"]
+    assert res["same_subject_kept_a_best"] > res["swap_kept_a_best"]
+    assert res["swap_success_last_layer"] <= res["swap_success_best"]
+    assert res["example"]["p_b_swapped"] > res["example"]["p_b_base"]
+    assert len(res["figures"]) == 2
+    for key in ("n_known_facts", "n_pairs", "best_layer", "swap_success_best", "same_subject_success_best",
+                "random_success_best", "swap_success_last_layer"):
+        assert f"{key} = {fmt(res[key])}\n" in text, f"stored output disagrees with results for {key}"
+
+
+def test_02_training_results():
+    res, text = results(STEMS[1]), stored_final_output(STEMS[1])
+    p = res["parameters"]
+    assert res["n_edits"] <= p["n_edits"] and res["generality_split"] in ("held-out", "seen")
+    summaries = [res, *res["generators"].values(), *res["layers"].values()]
+    for s in summaries:
+        for key in ("reliability", "reliability_base", "generality", "generality_seen", "locality", "score"):
+            in_unit(s[key], key)
+        assert s["generality_split"] in ("held-out", "seen")
+    assert res["reliability"] > res["reliability_base"]  # the edits take
+    assert res["reliability"] >= 0.5
+    assert list(res["generators"]) == p["compare_generators"]
+    assert sorted(int(k) for k in res["layers"]) == sorted(set(p["compare_layers"]) | {p["layer"]})
+    # the main editor appears in both comparisons with the same numbers
+    assert res["generators"][p["generator"]]["reliability"] == res["reliability"]
+    assert res["layers"][str(p["layer"])]["locality"] == res["locality"]
+    losses = [h["loss"] for h in res["history"]]
+    assert 1 <= len(losses) <= p["epochs"] and losses[-1] < losses[0]
+    for key in ("n_edits", "reliability", "reliability_base", "generality", "generality_split", "generality_seen",
+                "locality", "specificity", "score"):
+        assert f"{key} = {fmt(res[key])}\n" in text, f"stored output disagrees with results for {key}"
+    assert len(res["figures"]) == 3
+
+
+def test_03_scaling_results():
+    res, text = results(STEMS[2]), stored_final_output(STEMS[2])
+    p = res["parameters"]
+    rows = res["rows"]
+    assert rows, "no scaling rows"
+    assert {r["dataset"] for r in rows} == set(res["datasets"])
+    for ds in res["datasets"]:
+        ns = [r["n_edits"] for r in rows if r["dataset"] == ds]
+        assert ns == sorted(ns) and set(ns) <= set(p["n_edits_list"]), f"{ds}: N = {ns}"
+    for r in rows:
+        for key in ("reliability", "reliability_base", "generality", "generality_seen", "locality", "score"):
+            in_unit(r[key], f"{r['dataset']} N={r['n_edits']} {key}")
+        assert r["generality_split"] in ("held-out", "seen")
+        assert r["reliability"] >= r["reliability_base"]
+        assert r["size_bytes"] > 0 and r["fit_seconds"] > 0 and r["forward_ms"] > 0 and r["forward_ms_edited"] > 0
+        assert r["steps"] == r["epochs_run"] * -(-r["n_edits"] // p["batch_size"])
+        if p["fluency_n"]:
+            assert r["fluency"] > 0 and r["fluency_base"] > 0
+        line = (f"{r['dataset']} N={r['n_edits']}: reliability = {fmt(r['reliability'])}, generality [{r['generality_split']}] = "
+                f"{fmt(r['generality'])}, locality = {fmt(r['locality'])}, fluency = {fmt(r['fluency'])}\n")
+        assert line in text, f"stored output disagrees with results: {line!r}"
+    assert any(r["reliability"] > r["reliability_base"] for r in rows)
+    assert len(res["figures"]) == 1
+
+
+def test_04_capability_results():
+    res, text = results(STEMS[3]), stored_final_output(STEMS[3])
+    p = res["parameters"]
+    assert sorted(res["tasks_run"] + res["tasks_skipped"]) == sorted(p["tasks"])
+    in_unit(res["general_false_positive_rate"], "general false-positive rate")
+    assert res["general_prompts_seen"] > 0
+    if res["general_prompts_routed"] == 0:  # unrouted prompts must be untouched, exactly
+        assert res["general_top1_agreement"] == 1.0 and res["general_max_logprob_diff"] == 0.0
+    routed = {r["task"]: r for r in res["routing"]}
+    assert set(routed) == set(res["tasks_run"])
+    for row in res["comparison"]:
+        assert row["task"] in res["tasks_run"]
+        if row["metric"] in ("acc", "exact_match", "strict_match", "acc_macro"):
+            in_unit(row["before"], f"{row['task']} {row['metric']}")
+            in_unit(row["after"], f"{row['task']} {row['metric']}")
+        if row["metric"].endswith("perplexity"):
+            assert row["before"] >= 1 and row["after"] >= 1
+        if routed[row["task"]]["routed"] == 0:  # no routed row: the score cannot have changed at all
+            assert row["diff"] == 0, f"{row['task']} {row['metric']} changed although no row was routed"
+        line = (f"{row['task']} {row['metric']}: before = {fmt(row['before'])}, after = {fmt(row['after'])}, "
+                f"diff = {fmt(row['diff'])}\n")
+        assert line in text, f"stored output disagrees with results: {line!r}"
+    if res["tasks_run"]:
+        assert res["benchmark_rows_seen"] > 0
+        in_unit(res["benchmark_false_positive_rate"], "benchmark false-positive rate")
+        assert res["benchmark_rows_routed"] == sum(r["routed"] for r in res["routing"])
+        assert len(res["figures"]) >= 1
+    for key in ("benchmark_rows_seen", "benchmark_rows_routed", "general_false_positive_rate", "general_top1_agreement"):
+        assert f"{key} = {fmt(res[key])}\n" in text, f"stored output disagrees with results for {key}"
+
+
+# --------------------------------------------------------------------------------------------
+# the nbval sanitiser: removes what is volatile, keeps what must be compared
+# --------------------------------------------------------------------------------------------
+def sanitize(text: str) -> str:
+    cfg = (REPO / "tests" / "sanitize.cfg").read_text(encoding="utf-8")
+    patterns = re.findall(r"^regex: (.*)$\n^replace: (.*)$", cfg, flags=re.MULTILINE)  # nbval's own parser
+    assert len(patterns) >= 5
+    for regex, replace in patterns:
+        text = re.sub(regex, replace, text)
+    return text
+
+
+def test_sanitizer_hides_volatile_text_but_not_results():
+    assert sanitize("data directory /work/shared/data (found)") == sanitize("data directory /home/ci/data (found)")
+    assert sanitize("<Foo object at 0x7f3a2b1c9d10>") == sanitize("<Foo object at 0x7f00aa11bb22>")
+    assert sanitize("fit: 16 edits in 14.4 s") == sanitize("fit: 16 edits in 9.0 s")
+    assert sanitize("written 2025-11-25 18:22:01") == sanitize("written 2024-01-02 03:04:05")
+    assert sanitize("reliability = 0.927") == sanitize("reliability = 0.9271")
+    assert sanitize("reliability = 0.927") != sanitize("reliability = 0.500")
+    assert sanitize("generality [held-out] 0.500") != sanitize("generality [seen] 0.500")
+    assert sanitize("16 pairs from 5 relation templates") != sanitize("26 pairs from 10 relation templates")
