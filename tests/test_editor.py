@@ -180,8 +180,9 @@ def test_bad_input_errors(tiny_pair):
     conflicting = EditSet(list(e) + [EditRecord(subject="Toko Yasuda", prompt="Toko Yasuda plays the", target="drums")])
     with pytest.raises(ValueError, match="conflicting edits for subject 'Toko Yasuda'"):
         editor.fit(conflicting, TRAIN, progress=False)
-    editor.fit(conflicting, TrainConfig(**{**TRAIN.__dict__, "epochs": 1}), progress=False, on_conflict="first")
-    assert editor.dropped == [3] and editor.n_edits == 3
+    other = LKSEditor(model, tok, EditorConfig(layer=1))
+    other.fit(conflicting, TrainConfig(**{**TRAIN.__dict__, "epochs": 1}), progress=False, on_conflict="first")
+    assert other.dropped == [3] and other.n_edits == 3
     with pytest.raises(RuntimeError, match="no edits yet"):
         with editor.applied(model):
             pass
