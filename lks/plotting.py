@@ -22,7 +22,8 @@ def save_figure(fig: Figure, path: str | Path | None) -> None:
     path = Path(path).with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150, bbox_inches="tight", metadata={"Software": None})
-    fig.savefig(path.with_suffix(".svg"), bbox_inches="tight", metadata={"Date": None})
+    with plt.rc_context({"svg.hashsalt": "lks"}):  # stable element ids: re-runs give identical SVGs
+        fig.savefig(path.with_suffix(".svg"), bbox_inches="tight", metadata={"Date": None})
 
 
 def plot_swap_success(*, summary: pd.DataFrame, path: str | Path | None = None, title: str = "") -> tuple[Figure, Axes]:
