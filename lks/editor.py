@@ -318,8 +318,7 @@ class LKSEditor:
                 seq_kind.append(s.kind)
             at += n
         dev = logits.device
-        for name, kind in (("edit", KIND_EDIT), ("equiv", KIND_EQUIV)):
-            losses[name] = zero
+        losses["edit"] = losses["equiv"] = zero
         if nll_rows:
             tok_nll = F.cross_entropy(logits[torch.tensor(nll_rows, device=dev)], torch.tensor(nll_tgt, device=dev),
                                       reduction="none")

@@ -68,6 +68,10 @@ def last_code_cell(nb: dict) -> dict:
     return [c for c in nb["cells"] if c["cell_type"] == "code"][-1]
 
 
+def load_params(profile: str, stem: str) -> dict:
+    return yaml.safe_load((PARAMS_DIR / profile / f"{stem}.yaml").read_text(encoding="utf-8"))
+
+
 def results(stem: str) -> dict:
     path = RESULTS_DIR / f"{stem}.json"
     assert path.is_file(), f"{path} is missing: run the notebooks (make notebooks) and commit results/"
@@ -147,7 +151,9 @@ def test_every_profile_covers_every_notebook(profile):
 
 @pytest.mark.parametrize("profile,model", [("paper-llama2", "llama2-7b-chat"), ("paper-mistral", "mistral-7b-instruct")])
 def test_paper_profiles_use_the_paper_setting(profile, model):
-    load = lambda stem: yaml.safe_load((PARAMS_DIR / profile / f"{stem}.yaml").read_text())
+    def load(stem):
+        return load_params(profile, stem)
+
     for stem in STEMS:
         p = load(stem)
         assert p["model_name"] == model and p["device"] == "cuda"
@@ -160,7 +166,9 @@ def test_paper_profiles_use_the_paper_setting(profile, model):
 
 
 def test_cpu_full_profile_is_the_embedded_model_at_10000_edits():
-    load = lambda stem: yaml.safe_load((PARAMS_DIR / "cpu-full-smollm2" / f"{stem}.yaml").read_text())
+    def load(stem):
+        return load_params("cpu-full-smollm2", stem)
+
     assert all(load(s)["model_name"] == "smollm2-135m" and load(s)["device"] == "cpu" for s in STEMS)
     assert load(STEMS[1])["n_edits"] == load(STEMS[3])["n_edits"] == max(load(STEMS[2])["n_edits_list"]) == 10000
 
