@@ -5,7 +5,8 @@
 #   make test        set up, then run the unit/integration tests and nbval over the notebooks
 #
 # Variables: PYTHON (interpreter used to create .venv), LKS_DATA_DIR (benchmark data directory),
-# TORCH_SPEC (torch requirement installed before the package; a CPU build on CPU machines).
+# TORCH_SPEC (torch requirement installed before the package; a CPU build on CPU machines),
+# PROFILE (a folder of params/: paper-llama2, paper-mistral, cpu-full-smollm2; one yaml per notebook).
 
 PYTHON     ?= python3
 VENV       ?= .venv
@@ -13,7 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.lks-installed
 NOTEBOOKS  := $(sort $(wildcard notebooks/0*.ipynb))
-PARAMS     ?=
+PROFILE    ?=
 export PATH := $(abspath $(BIN)):$(PATH)
 export PYTHONUNBUFFERED := 1
 
@@ -36,7 +37,8 @@ notebooks: setup
 	mkdir -p figures results
 	cd notebooks && for nb in $(notdir $(NOTEBOOKS)); do \
 		echo "== $$nb"; \
-		$(abspath $(BIN))/papermill --cwd . -k python3 $(PARAMS) $$nb $$nb || exit 1; \
+		params=""; if [ -n "$(PROFILE)" ]; then params="-f ../params/$(PROFILE)/$${nb%.ipynb}.yaml"; fi; \
+		$(abspath $(BIN))/papermill --cwd . -k python3 $$params $$nb $$nb || exit 1; \
 	done
 
 test: setup
