@@ -107,6 +107,7 @@ def child(n: int, args: argparse.Namespace) -> dict:
         seen["ref"] = sum(t.numel() * t.element_size() for t in (cache.ref_logp, cache.ref_idx, cache.ref_tail)
                           if t is not None)
         seen["ref_rows"] = 0 if cache.ref_logp is None else int(cache.ref_logp.shape[0])
+        seen["kv"] = 0 if cache.kv is None else cache.kv.numel() * cache.kv.element_size()  # prefix keys/values
         seen["sequences"] = len(cache.offsets)
         seen["rss_after_precompute"], _ = rss_now()
         seen["peak_after_precompute"] = peak_rss()
@@ -114,8 +115,11 @@ def child(n: int, args: argparse.Namespace) -> dict:
 
     editor._precompute = capture
     t0 = time.perf_counter()
-    editor.fit(edits, cfg, progress=False)
+    # --keep DIR: the editor is checkpointed there every epoch (an interrupted run resumes) and kept
+    editor.fit(edits, cfg, progress=False, checkpoint_dir=Path(args.keep) / f"cf-{n}" if args.keep else None)
     out["fit_s"] = time.perf_counter() - t0
+    out["epoch_s"] = [round(h["seconds"], 1) for h in editor.history]
+    out["precision_used"] = editor.precision_used
     out["precompute_s"] = getattr(editor, "precompute_seconds", float("nan"))
     out["peak_fit"] = peak_rss()
     out["rss_after_fit"], _ = rss_now()
@@ -135,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data-dir", default=default_dir)
     ap.add_argument("--n", default="1000", help="numbers of edits, comma-separated (one subprocess each)")
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--keep", default=None, help="checkpoint and keep the editors under this directory")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     ap.add_argument("--project", type=int, default=10_000, help="N to project to from bytes per edit")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
@@ -150,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for n in [int(x) for x in args.n.split(",")]:
         cmd = [sys.executable, __file__, "--child", str(n), "--data-dir", args.data_dir, "--epochs", str(args.epochs),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads)] + (["--keep", args.keep] if args.keep else [])
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -161,17 +166,19 @@ def main(argv: list[str] | None = None) -> None:
         r["wall_s"] = time.perf_counter() - t0
         results.append(r)
         print(f"  N={n}: done in {r['wall_s']:.0f} s (fit {r['fit_s']:.0f} s, of which precompute "
-              f"{r['precompute_s']:.0f} s); {r['dropped_conflicts']} conflicting CounterFact records skipped")
+              f"{r['precompute_s']:.0f} s; epochs {r['epoch_s']} s; precision {r['precision_used']}); "
+              f"{r['dropped_conflicts']} conflicting CounterFact records skipped")
 
     src = results[0]["rss_source"]
     print(f"\nmeasured (peak = ru_maxrss of the subprocess; current RSS via {src}):")
     print(f"  {'N':>6s} {'subjects':>8s} {'seqs':>6s} {'RSS model':>10s} {'peak precomp':>13s} {'peak fit':>10s} "
-          f"{'peak-model':>11s} {'L-states':>10s} {'top-k refs':>11s} {'saved':>9s} {'fit s':>7s}")
+          f"{'peak-model':>11s} {'L-states':>10s} {'top-k refs':>11s} {'prefix K/V':>11s} {'saved':>9s} {'fit s':>7s}")
     for r in results:
         print(f"  {r['n_edits']:6d} {r['n_subjects']:8d} {r['sequences']:6d} {r['rss_model'] / MIB:8.0f} M "
               f"{r['peak_after_precompute'] / MIB:11.0f} M "
               f"{r['peak_fit'] / MIB:8.0f} M {(r['peak_fit'] - r['rss_model']) / MIB:9.0f} M "
-              f"{r['states'] / MIB:8.1f} M {r['ref'] / MIB:9.1f} M {r['saved'] / MIB:7.2f} M {r['fit_s']:7.0f}")
+              f"{r['states'] / MIB:8.1f} M {r['ref'] / MIB:9.1f} M {r['kv'] / MIB:9.1f} M {r['saved'] / MIB:7.2f} M "
+              f"{r['fit_s']:7.0f}")
     print("\nper edit (measured at each N):")
     for r in results:
         n = r["n_edits"]
@@ -185,20 +192,20 @@ def main(argv: list[str] | None = None) -> None:
     # projections for a larger N. The peak is (model) + (caches, linear in N) + (one training step's
     # transient, set by the batch size, not by N), so a slope between two sizes only means something
     # when both are well above the batch size; the cache-based projection adds the per-edit caches
-    # twice (``_precompute`` holds per-sequence chunks and their concatenation at the same time).
+    # once (``_precompute`` fills one preallocated tensor).
     big = max(results, key=lambda r: r["n_edits"])
     P, n = args.project, big["n_edits"]
     if P > n:
-        per_cache = (big["states"] + big["ref"]) / n
-        peak_c = big["peak_fit"] + (2 * big["states"] / n + big["ref"] / n) * (P - n)
+        per_cache = (big["states"] + big["ref"] + big["kv"]) / n
+        peak_c = big["peak_fit"] + per_cache * (P - n)
         print(f"\n[PROJECTED] N={P} (not measured), linear from the measured N={n}:")
         files = big["saved_files"]
         fixed = sum(v for k, v in files.items() if k.startswith(("generator", "config")))
         saved_p = fixed + (big["saved"] - fixed) / n * P  # features + subject texts grow with N
         print(f"  [PROJECTED] caches: L-states {big['states'] / n * P / GIB:.2f} GiB + top-k refs "
-              f"{big['ref'] / n * P / GIB:.2f} GiB = {per_cache * P / GIB:.2f} GiB; saved editor "
+              f"{big['ref'] / n * P / GIB:.2f} GiB + prefix K/V {big['kv'] / n * P / GIB:.2f} GiB = {per_cache * P / GIB:.2f} GiB; saved editor "
               f"{saved_p / MIB:.1f} MiB ({fixed / MIB:.2f} MiB generator + config, the rest per subject)")
-        print(f"  [PROJECTED] peak RSS, cache-based (peak at N={n} + (2 x L-states + refs) per extra edit): "
+        print(f"  [PROJECTED] peak RSS, cache-based (peak at N={n} + (L-states + refs + prefix K/V) per extra edit): "
               f"{peak_c / GIB:.2f} GiB (target <= 8 GiB: {'within' if peak_c <= 8 * GIB else 'ABOVE'})")
         if len(results) >= 2:
             small = sorted(results, key=lambda r: r["n_edits"])[-2]

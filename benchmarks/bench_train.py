@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/bench_train.py [--data-dir DIR] [--n 32] [--steps 4] [--batch-size 16]
                                      [--loc-per-subject 4] [--threads 1] [--per-example]
-                                     [--roofline] [--bf16] [--no-vectorised]
+                                     [--roofline] [--no-bf16]
 
 Both paths train the same generator (same initial weights) on the same CounterFact edits, with the
 same ``TrainConfig`` (default: the registered recipe of ``smollm2-135m``) and the same batches, for
@@ -26,18 +26,18 @@ two paths are interleaved (fast, naive, fast, naive, ...) so machine drift hits 
   per sequence, then over sequences), locality KL(orig || edited) at the positions set by
   ``cfg.loc_positions``, averaged over all those positions.
 
-Two more paths are timed in the same interleaved loop: **fast-v** (default on; ``--no-vectorised``
-skips it) is the fast path with two changes proposed for lks and implemented here only: one
-vectorised cross-entropy instead of one per sequence, and the batch run in up to 3 length
-buckets instead of one block padded to the longest sequence (see ``vectorised_batch_loss``).
-**naive-1** (``--per-example``) is the naive loop with one forward pass per sequence.
+Two more paths are timed in the same interleaved loop: **fast-bf16** (default on; ``--no-bf16``
+skips it) is the fast path with ``TrainConfig.precision="bfloat16"`` (upper layers held in
+bfloat16 for the whole fit, eager attention; run on its own copy of the model so the float32
+paths are untouched); the **fast** path is always float32. **naive-1** (``--per-example``) is the
+naive loop with one forward pass per sequence.
 
 Before timing, the losses of both paths are compared on the first batch (with a random, non-zero
 generator so the edit actually changes the logits): the naive loss with the top-k + tail KL must
 equal the fast loss (implementation check), and the naive full-vocabulary KL shows what the top-k
 approximation costs. FLOPs of one step of each path are counted with ``FlopCounterMode``.
 ``--roofline`` compares the fast step's achieved FLOP/s with ``torch.matmul`` of representative
-shapes measured in the same run; ``--bf16`` repeats that under ``torch.autocast("cpu", bfloat16)``.
+shapes measured in the same run (for fast-bf16: bfloat16 matmuls).
 
 Timings are given as wall clock (``time.perf_counter``) and as this process's CPU time
 (``time.process_time``); with one thread, CPU time is close to what an idle machine would show.
@@ -54,11 +54,10 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +66,15 @@ sys.path.insert(0, str(REPO))  # runnable from a checkout without installing
 import lks  # noqa: E402
 from lks.config import TrainConfig, model_spec  # noqa: E402
 from lks.data import EditRecord, subject_positions, training_locality_prompts  # noqa: E402
-from lks.editor import KIND_EDIT, KIND_EQUIV, KIND_LOC, LKSEditor, _length_batches, _log_tail, topk_kl  # noqa: E402
+from lks.editor import (  # noqa: E402
+    KIND_LOC,
+    LENGTH_BUCKETS,
+    LKSEditor,
+    _length_batches,
+    _log_tail,
+    length_buckets,
+    topk_kl,
+)
 from lks.hooks import LayerHooks  # noqa: E402
 from lks.hypernet import KBGenerator, make_generator  # noqa: E402
 
@@ -194,7 +201,7 @@ class NaiveLoop:
                                      for r in recs if r.rephrases], table, row, add)
         refs, eds = [], []
         if cfg.w_loc > 0:
-            prompts = [training_locality_prompts(r, cfg.loc_per_subject, cfg.seed) for r in recs]
+            prompts = [training_locality_prompts(r, cfg.loc_per_subject, cfg.seed, cfg.loc_templates) for r in recs]
             for k in range(cfg.loc_per_subject):  # one edited + one unedited full pass per slot
                 out = self._loc_rows([(p[k], p[k], r.subject) for p, r in zip(prompts, recs, strict=True)
                                       if len(p) > k], table, row, add)
@@ -221,83 +228,15 @@ class NaiveLoop:
         return losses
 
 
-# --------------------------------------------------------------------------------------------
-# A proposed variant of the fast path's loss (NOT in lks): the NLL terms vectorised
-# --------------------------------------------------------------------------------------------
-def length_buckets(lens: list[int], k: int) -> list[int]:
-    """Split points of sorted lengths into <= k buckets minimising padded tokens (exact DP)."""
-    n = len(lens)
-    best = {(0, 0): (0, [])}  # (start, buckets used) -> (padded tokens, split points)
-    for used in range(k):
-        for (start, u), (cost, cuts) in list(best.items()):
-            if u != used or start == n:
-                continue
-            for end in range(start + 1, n + 1):
-                c = cost + lens[end - 1] * (end - start)
-                key = (end, used + 1)
-                if key not in best or c < best[key][0]:
-                    best[key] = (c, cuts + [end])
-    return min((v for (e, _), v in best.items() if e == n), key=lambda v: v[0])[1]
-
-
-def padded_tokens(seqs, batch: list[int], buckets: int = 1) -> int:
-    lens = sorted(len(seqs[j].ids) for j in batch)
+def padded_tokens(seqs, batch: list[int], buckets: int = 1, suffix_only: bool = False) -> int:
+    """Tokens that ``batch`` sends through the upper layers when run in ``buckets`` length buckets
+    (``suffix_only``: with the prefix cache, from the subject's last token on)."""
+    lens = sorted(len(seqs[j].ids) - (seqs[j].subj_pos if suffix_only else 0) for j in batch)
     cuts, start, total = length_buckets(lens, buckets), 0, 0
     for end in cuts:
         total += lens[end - 1] * (end - start)
         start = end
     return total
-
-
-def vectorised_batch_loss(editor: LKSEditor, cache, seqs, batch: list[int], cfg: TrainConfig,
-                          buckets: int = 3) -> dict[str, torch.Tensor]:
-    """``LKSEditor._batch_loss`` reorganised (same losses), two changes proposed for lks:
-
-    1. ONE cross-entropy over all target rows instead of one per sequence: ``_batch_loss`` slices
-       ``logits[at:at + n]`` once per edit/equivalence sequence, and the backward of every slice
-       materialises a zero ``[rows, vocab]`` gradient and adds it up, so its cost grows as
-       (sequences x rows x vocab). Here the per-sequence means come from one ``index_add``.
-    2. the batch's sequences (edit, rephrase and locality prompts of very different lengths) run
-       through the upper layers in up to ``buckets`` length buckets instead of one block padded
-       to the longest sequence. The losses are means, so the order of rows does not matter.
-    """
-    table = editor.generator.table(editor.features)
-    batch = sorted(batch, key=lambda j: len(seqs[j].ids))
-    cuts, start, parts = length_buckets([len(seqs[j].ids) for j in batch], buckets), 0, []
-    for end in cuts:
-        parts.append(editor._upper_logits(cache, seqs, batch[start:end], table))
-        start = end
-    logits = torch.cat(parts).float()
-    dev = logits.device
-    at, rows, tgt, seg, kinds, kl_rows, kl_ref = 0, [], [], [], [], [], []
-    for j in batch:
-        s, n = seqs[j], len(seqs[j].loss_pos)
-        if s.kind == KIND_LOC:
-            kl_rows += range(at, at + n)
-            kl_ref += range(cache.ref_row[j], cache.ref_row[j] + n)
-        else:
-            rows += range(at, at + n)
-            tgt += s.loss_tgt
-            seg += [len(kinds)] * n
-            kinds.append(s.kind)
-        at += n
-    zero = logits.sum() * 0.0
-    losses = {"edit": zero, "equiv": zero, "loc": zero}
-    if rows:
-        ce = F.cross_entropy(logits[torch.tensor(rows, device=dev)], torch.tensor(tgt, device=dev), reduction="none")
-        seg_t = torch.tensor(seg, device=dev)
-        per_seq = torch.zeros(len(kinds), device=dev).index_add(0, seg_t, ce)
-        per_seq = per_seq / torch.bincount(seg_t, minlength=len(kinds)).to(per_seq.dtype)
-        kinds_t = torch.tensor(kinds, device=dev)
-        for name, kind in (("edit", KIND_EDIT), ("equiv", KIND_EQUIV)):
-            if (kinds_t == kind).any():
-                losses[name] = per_seq[kinds_t == kind].mean()
-    if kl_rows:
-        ref = torch.tensor(kl_ref)
-        losses["loc"] = topk_kl(cache.ref_logp[ref].to(dev), cache.ref_idx[ref].to(dev).long(),
-                                cache.ref_tail[ref].to(dev), logits[torch.tensor(kl_rows, device=dev)])
-    losses["total"] = cfg.w_edit * losses["edit"] + cfg.w_equiv * losses["equiv"] + cfg.w_loc * losses["loc"]
-    return losses
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,10 +310,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="std of the random generator weights for the loss check and the timed runs")
     ap.add_argument("--per-example", action="store_true",
                     help="also time a naive loop with one forward pass per sequence (batch size 1)")
-    ap.add_argument("--no-vectorised", action="store_true",
-                    help="skip the 'fast-v' path (fast path with the proposed vectorised NLL, not in lks)")
+    ap.add_argument("--no-bf16", action="store_true",
+                    help="skip the bfloat16 variants of the fast path (TrainConfig.precision='bfloat16')")
+    ap.add_argument("--no-prefix-cache", action="store_true",
+                    help="skip the prefix-cache variants of the fast path (TrainConfig.prefix_cache=True)")
     ap.add_argument("--roofline", action="store_true", help="compare the fast step's FLOP/s with plain matmuls")
-    ap.add_argument("--bf16", action="store_true", help="with --roofline: also under autocast(cpu, bfloat16)")
     ap.add_argument("--roofline-reps", type=int, default=5)
     args = ap.parse_args(argv)
     if args.steps < 1:
@@ -384,7 +324,13 @@ def main(argv: list[str] | None = None) -> None:
 
     model, tok = lks.load_model(MODEL, device="cpu")
     edits = lks.load_edits("counterfact", data_dir=args.data_dir, n=args.n)
-    cfg = dataclasses.replace(spec.train, batch_size=args.batch_size, loc_per_subject=args.loc_per_subject)
+    cfg = dataclasses.replace(spec.train, batch_size=args.batch_size, loc_per_subject=args.loc_per_subject,
+                              precision="float32")  # the fast path is the float32 one; fast-bf16 below
+    with ExitStack() as stack:
+        run(args, spec, model, tok, edits, cfg, stack, t_start)
+
+
+def run(args, spec, model, tok, edits, cfg: TrainConfig, stack: ExitStack, t_start: float) -> None:
     L = spec.editor.layer
     print(f"model {MODEL} (layer L={L} of {len(lks.get_layers(model))}, d={model.config.hidden_size}, "
           f"vocab {model.config.vocab_size}, float32, CPU); torch {torch.__version__}, "
@@ -451,15 +397,36 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  total: naive top-k KL vs naive full-vocabulary KL (the top-k approximation): rel. diff {d_topk:.2e}"
           f" (locality KL {float(nl['loc_topk']):.6f} vs {float(nl['loc_full']):.6f})")
     print(f"  total: fast vs naive full-vocabulary KL (both effects): rel. diff {d_all:.2e}")
-    editor_v = None
-    if not args.no_vectorised:
-        editor_v = copy.copy(editor)  # shares model, features and config; own generator and optimiser
-        editor_v.generator = make_generator(spec.editor.generator, editor.d, spec.editor.mlp_ratio)
-        editor_v.generator.load_state_dict(init_state)
+    # variants of the fast path (same initial generator, same batches): precision x prefix cache.
+    # TrainConfig.precision="bfloat16" runs on its own copy of the model: LKSEditor._upper_pass holds
+    # the upper layers in bfloat16 for a whole fit, which would change the float32 paths' model
+    variants: dict[str, tuple[LKSEditor, object, TrainConfig]] = {}
+    model_b = None
+    for name, precision, pc in (("fast-pc", "float32", True), ("fast-bf16", "bfloat16", False),
+                                ("fast-bf16-pc", "bfloat16", True)):
+        if (precision == "bfloat16" and args.no_bf16) or (pc and args.no_prefix_cache):
+            continue
+        cfg_v = dataclasses.replace(cfg, precision=precision, prefix_cache=pc)
+        ed = copy.copy(editor)  # shares features and config; own generator and cache (and model when bf16)
+        if precision == "bfloat16":
+            model_b = model_b if model_b is not None else copy.deepcopy(model)
+            ed.model = model_b
+        ed.train_config = cfg_v
+        ed.generator = make_generator(spec.editor.generator, editor.d, spec.editor.mlp_ratio)
+        ed.generator.load_state_dict(init_state)
+        t0 = time.perf_counter()
+        cache_v = ed._precompute(seqs, cfg_v, 64, progress=False)
+        extra = "" if cache_v.kv is None else (f", prefix keys/values {cache_v.kv.numel() * cache_v.kv.element_size() / 2**20:.1f} MiB "
+                                               f"for {cache_v.kv.shape[0]} prefix tokens")
+        print(f"  {name} precompute: {time.perf_counter() - t0:.2f} s wall{extra}")
+        if precision == "bfloat16":
+            stack.enter_context(ed._upper_pass(cfg_v))
         with torch.no_grad():
-            vl = vectorised_batch_loss(editor_v, cache, seqs, b0, cfg)
-        print(f"  total: fast-v (proposed vectorised NLL + length buckets, not in lks) vs fast: rel. diff "
-              f"{rel(float(vl['total']), float(fl['total'])):.2e}")
+            vl = ed._batch_loss(cache_v, seqs, b0, cfg_v)
+        print(f"  total: {name} (precision {precision}, prefix_cache {pc}) vs fast: rel. diff "
+              f"{rel(float(vl['total']), float(fl['total'])):.2e} (edit {float(vl['edit']):.6f}, "
+              f"equiv {float(vl['equiv']):.6f}, loc {float(vl['loc']):.6f})")
+        variants[name] = (ed, cache_v, cfg_v)
     if "naive-1" in naives:
         with torch.no_grad():
             n1 = naives["naive-1"][0].loss(naives["naive-1"][1], e0, kl="full")
@@ -477,25 +444,27 @@ def main(argv: list[str] | None = None) -> None:
           f"implementation would show)")
     real = sum(len(seqs[j].ids) for j in b0)
     print(f"  tokens through layers L+1..N in the fast step: {real} real, {padded_tokens(seqs, b0)} padded "
-          f"(one block, as lks does), {padded_tokens(seqs, b0, 3)} padded in 3 length buckets (fast-v)")
-    f_fast_v = None
-    if editor_v is not None:
-        f_fast_v, _ = count_flops(lambda: vectorised_batch_loss(editor_v, cache, seqs, b0, cfg))
-        editor_v.generator.zero_grad(set_to_none=True)
-        print(f"  fast-v: {f_fast_v / 1e9:,.1f} GFLOP (naive / fast-v FLOP ratio {f_naive / f_fast_v:.1f}x)")
+          f"in one padded block, {padded_tokens(seqs, b0, LENGTH_BUCKETS)} padded in {LENGTH_BUCKETS} length "
+          f"buckets (as lks runs them)")
+    f_var = {}
+    for name, (ed, cache_v, cfg_v) in variants.items():
+        f_var[name], _ = count_flops(lambda ed=ed, c=cache_v, cf=cfg_v: ed._batch_loss(c, seqs, b0, cf))
+        ed.generator.zero_grad(set_to_none=True)
+        print(f"  {name}: {f_var[name] / 1e9:,.1f} GFLOP (naive / {name} FLOP ratio {f_naive / f_var[name]:.1f}x)")
 
     # --- timed steps, interleaved -------------------------------------------------------------
     steps_total = len(batches) * cfg.epochs
     paths: dict[str, tuple[Callable, tuple]] = {
         "fast": (lambda b, recs: editor._batch_loss(cache, seqs, b, cfg), make_opt(editor.generator, cfg, steps_total))}
-    if editor_v is not None:
-        paths["fast-v"] = (lambda b, recs: vectorised_batch_loss(editor_v, cache, seqs, b, cfg),
-                           make_opt(editor_v.generator, cfg, steps_total))
+    for name, (ed, cache_v, cfg_v) in variants.items():
+        paths[name] = (lambda b, recs, ed=ed, c=cache_v, cf=cfg_v: ed._batch_loss(c, seqs, b, cf),
+                       make_opt(ed.generator, cfg, steps_total))
     for name, (loop, gen) in naives.items():
         paths[name] = (lambda b, recs, loop=loop, gen=gen: loop.loss(gen, recs), make_opt(gen, cfg, steps_total))
     editor.generator.train()
     rec: dict[str, list[tuple[float, float, int]]] = {name: [] for name in paths}
-    print("\ntimed steps (interleaved; 'fast-v' = fast path with the proposed vectorised NLL + length buckets [not in lks]; "
+    print("\ntimed steps (interleaved; fast = float32, no prefix cache; '-bf16' = TrainConfig.precision='bfloat16', "
+          "'-pc' = TrainConfig.prefix_cache=True; "
           "'naive-1' = naive with one forward pass per sequence):")
     for i in range(args.warmup + args.steps):
         b, recs = batches[i % len(batches)], [edits[k] for k in edit_batches[i % len(batches)]]
@@ -524,7 +493,8 @@ def main(argv: list[str] | None = None) -> None:
     r_wall, r_cpu = fsw / nsw, fsc / nsc
     print(f"  speed-up fast / naive (batched): {r_wall:.1f}x wall, {r_cpu:.1f}x CPU  (target >= 15x: "
           f"{'met' if min(r_wall, r_cpu) >= 15 else 'NOT met'}; FLOP ratio {f_naive / f_fast:.1f}x)")
-    for a, b in (("fast-v", "naive"), ("fast", "naive-1"), ("fast-v", "naive-1")):
+    for a, b in [(v, "naive") for v in variants] + [(v, "fast") for v in variants] + \
+            [(v, "naive-1") for v in ("fast", *variants)]:
         if a in res and b in res:
             print(f"  speed-up {a} / {b}: {res[a][2] / res[b][2]:.1f}x wall, {res[a][3] / res[b][3]:.1f}x CPU")
     # amortised: fast = precompute + epochs * N / rate; naive = epochs * N / rate
@@ -538,56 +508,19 @@ def main(argv: list[str] | None = None) -> None:
 
     # --- roofline ------------------------------------------------------------------------------
     if args.roofline:
-        roofline("fast", editor, editor._batch_loss, cache, seqs, b0, cfg, args, f_fast, 1)
-        if editor_v is not None:
-            roofline("fast-v", editor_v, lambda *a: vectorised_batch_loss(editor_v, *a), cache, seqs, b0, cfg, args,
-                     f_fast_v, 3)
+        roofline("fast", editor, editor._batch_loss, cache, seqs, b0, cfg, args, f_fast, torch.float32)
+        for name, (ed, cache_v, cfg_v) in variants.items():
+            roofline(name, ed, ed._batch_loss, cache_v, seqs, b0, cfg_v, args, f_var[name],
+                     torch.bfloat16 if cfg_v.precision == "bfloat16" else torch.float32)
     print(f"\ntotal benchmark time {time.perf_counter() - t_start:.1f} s "
           f"(load average {os.getloadavg()[0]:.2f} at end)")
 
 
-@contextmanager
-def attention(model, impl: str | None):
-    """Temporarily switch the attention implementation ("eager", "sdpa"); ``None`` keeps it."""
-    old = model.config._attn_implementation
-    if impl is None or impl == old:
-        yield
-        return
-    model.set_attn_implementation(impl)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(old)
-
-
-@contextmanager
-def bf16_context(editor: LKSEditor, cfg: TrainConfig, attn: str | None = None):
-    """bfloat16 for the fast path's upper pass: through ``TrainConfig.precision`` when lks has it
-    (its own autocast block would otherwise switch an outer autocast off), else an outer autocast.
-    ``attn`` optionally switches the attention implementation (CPU SDPA is slow in bfloat16)."""
-    with attention(editor.model, attn), _bf16(editor, cfg):
-        yield
-
-
-@contextmanager
-def _bf16(editor: LKSEditor, cfg: TrainConfig):
-    if any(f.name == "precision" for f in dataclasses.fields(TrainConfig)):
-        old = editor.train_config
-        editor.train_config = dataclasses.replace(cfg, precision="bfloat16")
-        try:
-            yield
-        finally:
-            editor.train_config = old
-    else:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            yield
-
-
-def roofline(label: str, editor: LKSEditor, loss_fn, cache, seqs, batch, cfg, args, flops: int, buckets: int) -> None:
+def roofline(label: str, editor: LKSEditor, loss_fn, cache, seqs, batch, cfg, args, flops: int, dtype) -> None:
     """Achieved FLOP/s of one step of ``loss_fn`` vs plain matmuls of the shapes it is made of."""
     d, V = editor.d, editor.model.config.vocab_size
     inter = editor.model.config.intermediate_size
-    tokens = padded_tokens(seqs, batch, buckets)  # padded tokens through the upper layers
+    tokens = padded_tokens(seqs, batch, LENGTH_BUCKETS, cache.kv is not None)  # through the upper layers, as lks runs them
     n_pos = sum(len(seqs[j].loss_pos) for j in batch)
     head = 4 * n_pos * d * V  # lm head: forward + input-gradient (its weight is frozen)
     now = clock()
@@ -596,32 +529,26 @@ def roofline(label: str, editor: LKSEditor, loss_fn, cache, seqs, batch, cfg, ar
           f"{'CPU time' if now is time.process_time else 'wall clock'}:")
     print(f"  FLOPs (FlopCounterMode, fwd+bwd): {flops / 1e9:.2f} GFLOP, of which lm head {head / 1e9:.2f} "
           f"(analytic 4*rows*d*V)")
-    modes = [("float32", torch.float32, nullcontext)]
-    if args.bf16:
-        modes.append(("bf16 autocast", torch.bfloat16, lambda: bf16_context(editor, cfg)))
-        modes.append(("bf16 autocast, eager attention", torch.bfloat16, lambda: bf16_context(editor, cfg, "eager")))
-    gen = editor.generator
-    for name, dtype, ctx in modes:
-        ts = []
-        with ctx():
-            for _ in range(args.roofline_reps + 1):
-                gen.zero_grad(set_to_none=True)
-                t0 = now()
-                loss = loss_fn(cache, seqs, batch, cfg)["total"]
-                loss.backward()
-                ts.append(now() - t0)
-        t_step = statistics.median(ts[1:])
-        r_mlp = matmul_rate(tokens, d, inter, dtype)
-        r_head = matmul_rate(n_pos, d, V, dtype)
-        bound = (flops - head) / r_mlp + head / r_head  # time if every FLOP ran at its matmul's rate
-        print(f"  [{name}] step (fwd+bwd, median of {args.roofline_reps}): {t_step * 1e3:.1f} ms -> "
-              f"{flops / t_step / 1e9:.1f} GFLOP/s achieved; loss {float(loss.detach()):.6f}")
-        print(f"  [{name}] matmul [{tokens}, {d}] x [{d}, {inter}]: {r_mlp / 1e9:.1f} GFLOP/s; "
-              f"lm-head [{n_pos}, {d}] x [{d}, {V}]: {r_head / 1e9:.1f} GFLOP/s")
-        frac = bound / t_step
-        print(f"  [{name}] fraction of the matmul roofline (matmul-rate time / measured time): {frac:.0%} "
-              f"(target >= 60%: {'met' if frac >= 0.6 else 'NOT met'}); vs the [tokens, d] x [d, "
-              f"{inter}] rate alone: {flops / t_step / r_mlp:.0%}")
+    gen, name = editor.generator, str(dtype).replace("torch.", "")
+    ts = []
+    for _ in range(args.roofline_reps + 1):
+        gen.zero_grad(set_to_none=True)
+        t0 = now()
+        loss = loss_fn(cache, seqs, batch, cfg)["total"]
+        loss.backward()
+        ts.append(now() - t0)
+    t_step = statistics.median(ts[1:])
+    r_mlp = matmul_rate(tokens, d, inter, dtype)
+    r_head = matmul_rate(n_pos, d, V, dtype)
+    bound = (flops - head) / r_mlp + head / r_head  # time if every FLOP ran at its matmul's rate
+    print(f"  [{name}] step (fwd+bwd, median of {args.roofline_reps}): {t_step * 1e3:.1f} ms -> "
+          f"{flops / t_step / 1e9:.1f} GFLOP/s achieved; loss {float(loss.detach()):.6f}")
+    print(f"  [{name}] matmul [{tokens}, {d}] x [{d}, {inter}]: {r_mlp / 1e9:.1f} GFLOP/s; "
+          f"lm-head [{n_pos}, {d}] x [{d}, {V}]: {r_head / 1e9:.1f} GFLOP/s")
+    frac = bound / t_step
+    print(f"  [{name}] fraction of the matmul roofline (matmul-rate time / measured time): {frac:.0%} "
+          f"(target >= 60%: {'met' if frac >= 0.6 else 'NOT met'}); vs the [tokens, d] x [d, "
+          f"{inter}] rate alone: {flops / t_step / r_mlp:.0%}")
     gen.zero_grad(set_to_none=True)
 
 

@@ -1,10 +1,11 @@
-"""Command line: ``python -m lks train | evaluate | generate`` (also installed as ``lks``).
+"""Command line: ``python -m lks train | evaluate | generate | capability`` (also installed as ``lks``).
 
 Examples::
 
     python -m lks train --model smollm2-135m --data counterfact --n 100 --out runs/cf-100
     python -m lks evaluate --editor runs/cf-100 --data counterfact --n 100
     python -m lks generate --editor runs/cf-100 "The mother tongue of Danielle Darrieux is"
+    python -m lks capability --editor runs/cf-100 --limit sst2=200,rte=277,mmlu=150,wikitext2=3,gsm8k=20
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=None, help="edits per optimisation step")
     t.add_argument("--loc-per-subject", type=int, default=None, help="locality prompts per subject for the KL loss")
     t.add_argument("--w-loc", type=float, default=None, help="weight of the locality (KL) loss")
+    t.add_argument("--loc-templates", choices=("builtin", "harvested", "both"), default=None,
+                   help="relations of the training locality prompts")
+    t.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default=None,
+                   help="precision of the frozen model's passes during fit")
+    t.add_argument("--prefix-cache", type=_bool, default=None,
+                   help="cache keys/values of the tokens before the subject (true/false)")
     t.add_argument("--seed", type=int, default=None, help="random seed")
     t.add_argument("--on-conflict", choices=("error", "first"), default="error",
                    help="same subject + prompt with two targets: fail (error) or keep the first (default: %(default)s)")
@@ -74,7 +81,69 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=20, help="tokens to generate (default: %(default)s)")
     g.add_argument("--unedited", action="store_true", help="also print the unedited model's continuation")
     g.add_argument("prompts", nargs="+", help="prompts to continue")
+
+    c = sub.add_parser("capability", help="general-capability tasks (GSM8K, SST-2, RTE, WikiText-2, MMLU), "
+                                          "unedited and, with --editor, edited; prints before/after with 95%% CIs")
+    common(c)
+    c.add_argument("--editor", default=None, help="directory of a saved editor (omit: unedited model only)")
+    c.add_argument("--tasks", default=",".join(("gsm8k", "sst2", "rte", "wikitext2", "mmlu")),
+                   help="comma-separated tasks, run in this order (default: %(default)s)")
+    c.add_argument("--limit", default=None,
+                   help="items per task: N for every task, or task=N,task=N (wikitext2: articles; default: full sets)")
+    c.add_argument("--num-fewshot", default=None, help="few-shot exemplars, task=k,task=k (default: the harness's)")
+    c.add_argument("--task-options", default=None, help='per-task options as JSON, e.g. \'{"gsm8k": {"max_new_tokens": 128}}\'')
+    c.add_argument("--data-dir", default=None, help="benchmark data directory (default: $LKS_DATA_DIR or ~/.cache/lks/data)")
+    c.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: %(default)s)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the subsets and few-shot sampling (default: %(default)s)")
+    c.add_argument("--out", default=None, help="write the tidy results (and the comparison) as CSV files with this prefix")
     return p
+
+
+def _task_ints(text: str | None, what: str) -> int | dict[str, int] | None:
+    """``"200"`` -> 200; ``"sst2=200,rte=50"`` -> ``{"sst2": 200, "rte": 50}``."""
+    if text is None:
+        return None
+    try:
+        if "=" not in text:
+            return int(text)
+        return {k.strip(): int(v) for k, v in (item.split("=", 1) for item in text.split(",") if item.strip())}
+    except ValueError:
+        raise SystemExit(f"--{what}: expected N or task=N,task=N, got {text!r}") from None
+
+
+def _capability(args: argparse.Namespace, model, tok) -> int:
+    import time
+
+    import pandas as pd
+
+    from lks.capability import compare_capability, evaluate_capability
+    from lks.editor import LKSEditor
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    kw = dict(tasks=tasks, data_dir=args.data_dir, limit=_task_ints(args.limit, "limit"), seed=args.seed,
+              batch_size=args.batch_size, num_fewshot=_task_ints(args.num_fewshot, "num-fewshot"),
+              task_options=json.loads(args.task_options) if args.task_options else None)
+    t0 = time.perf_counter()
+    before = evaluate_capability(model, tok, **kw)
+    print(f"unedited: {time.perf_counter() - t0:.1f} s")
+    cols = ["task", "metric", "value", "ci_low", "ci_high", "n", "seconds"]
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(before[cols].to_string(index=False))
+        frames = {"unedited": before}
+        if args.editor:
+            editor = LKSEditor.load(args.editor, model, tok)
+            t0 = time.perf_counter()
+            after = evaluate_capability(model, tok, editor=editor, **kw)
+            print(f"\nwith {editor.n_edits} edits ({args.editor}): {time.perf_counter() - t0:.1f} s")
+            print(after[cols + ["routed", "rows_seen"]].to_string(index=False))
+            comp = compare_capability(before, after)
+            print("\nafter - before:")
+            print(comp[comp.task.isin(tasks)].to_string(index=False))
+            frames.update(edited=after, comparison=comp)
+    if args.out:
+        for name, df in frames.items():
+            df.to_csv(f"{args.out}{name}.csv", index=False)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,12 +163,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{prompt} -> {edited[i]!r}" + (f"   (unedited: {base[i]!r})" if base else ""))
         return 0
 
+    if args.command == "capability":
+        return _capability(args, model, tok)
     edits = lks.load_edits(args.data, data_dir=args.data_dir, n=args.n)
     if args.command == "train":
         ecfg, tcfg = _registered_defaults(model)
         ecfg = EditorConfig(**{**dataclasses.asdict(ecfg), **_given(args, ["layer", "generator"])})
         tcfg = TrainConfig(**{**dataclasses.asdict(tcfg), **_given(args, ["lr", "epochs", "batch_size",
-                                                                          "loc_per_subject", "w_loc", "seed"])})
+                                                                          "loc_per_subject", "w_loc", "seed",
+                                                                          "loc_templates", "precision", "prefix_cache"])})
         editor = LKSEditor(model, tok, ecfg)
         history = editor.fit(edits, tcfg, checkpoint_dir=args.out, resume=args.resume, on_conflict=args.on_conflict)
         editor.save(args.out)

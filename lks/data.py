@@ -690,17 +690,58 @@ LOCALITY_TEMPLATES: tuple[str, ...] = (
 )
 
 
-def training_locality_prompts(record: EditRecord, k: int, seed: int = 0) -> list[str]:
+LOCALITY_TEMPLATE_SETS = ("builtin", "harvested", "both")
+
+
+def harvest_locality_templates(edits: Iterable[EditRecord], min_count: int = 5) -> dict[str, int]:
+    """Relation templates of the edits' own locality prompts (subject replaced by ``{}``) that occur
+    at least ``min_count`` times, with their counts, most frequent first.
+
+    The shipped set (``lks/assets/locality_templates.json``, used by ``TrainConfig.loc_templates``)
+    was harvested from records 5,000-9,999 of the LKS CounterFact and zsRE files, so the records the
+    notebooks evaluate (the first N <= 1,000) did not contribute; see ``harvested_locality_templates``.
+    """
+    counts: dict[str, int] = {}
+    for r in edits:
+        for p, _ in r.locality:
+            if r.subject and p.count(r.subject) == 1:
+                t = p.replace(r.subject, "{}")
+                counts[t] = counts.get(t, 0) + 1
+    return dict(sorted(((t, c) for t, c in counts.items() if c >= min_count), key=lambda tc: (-tc[1], tc[0])))
+
+
+def harvested_locality_templates() -> tuple[str, ...]:
+    """The shipped harvested locality templates (see :func:`harvest_locality_templates`)."""
+    from importlib import resources
+
+    text = resources.files("lks").joinpath("assets/locality_templates.json").read_text(encoding="utf-8")
+    return tuple(json.loads(text)["templates"])
+
+
+def locality_templates(which: str = "builtin") -> tuple[str, ...]:
+    """Templates for training locality prompts: ``"builtin"`` (:data:`LOCALITY_TEMPLATES`, generic
+    relations), ``"harvested"`` (relations of the data sets' own locality prompts) or ``"both"``."""
+    if which not in LOCALITY_TEMPLATE_SETS:
+        raise ValueError(f"unknown locality template set {which!r}; choose one of {list(LOCALITY_TEMPLATE_SETS)}")
+    out = LOCALITY_TEMPLATES if which != "harvested" else ()
+    if which != "builtin":
+        out = out + tuple(t for t in harvested_locality_templates() if t not in out)
+    return out
+
+
+def training_locality_prompts(record: EditRecord, k: int, seed: int = 0, templates: str = "builtin") -> list[str]:
     """``k`` locality templates filled with ``record.subject`` for training (fewer if not enough remain).
 
     Deterministic per ``(record.subject, seed)``; any prompt equal (case-insensitively, stripped) to
-    the record's prompt, a rephrase, or an evaluation locality/neighbourhood prompt is excluded.
+    the record's prompt, a rephrase, or an evaluation locality/neighbourhood prompt is excluded, so
+    training never sees a prompt that evaluation scores (with ``templates="harvested"`` the same
+    RELATION may be trained for other subjects; the closing notes and README say so beside numbers).
     """
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     seen = {t.strip().casefold() for t in (record.prompt, *record.rephrases,
                                            *(p for p, _ in record.locality), *(p for p, _ in record.neighborhood))}
-    cands = [t.replace("{}", record.subject) for t in LOCALITY_TEMPLATES]
+    cands = [t.replace("{}", record.subject) for t in locality_templates(templates)]
     cands = [c for c in cands if c.strip().casefold() not in seen]
     # a str seed is hashed with SHA-512 by random.Random, so this is stable across processes
     random.Random(f"{seed}\x00{record.subject}").shuffle(cands)

@@ -28,7 +28,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,9 +43,18 @@ from lks.config import EditorConfig, TrainConfig, from_dict
 from lks.data import EditSet, find_subject, subject_token_index, training_locality_prompts
 from lks.hooks import LayerHooks, Replacement, StopForward, apply_replacement
 from lks.hypernet import KBGenerator, make_generator
-from lks.models import check_layer, get_layers, model_device, skip_lower_layers
+from lks.models import (
+    check_layer,
+    get_layers,
+    lower_layers_dtype,
+    make_past,
+    model_device,
+    past_key_value,
+    skip_lower_layers,
+    upper_layers_dtype,
+)
 from lks.scope import ScopeIndicator
-from lks.utils import atomic_dir, set_seed, write_json
+from lks.utils import atomic_dir, release_memory, resolve_precision, set_seed, write_json
 
 KIND_EDIT, KIND_EQUIV, KIND_LOC = 0, 1, 2
 FORMAT_VERSION = 1
@@ -85,6 +94,11 @@ class _Cache:
     ref_idx: torch.Tensor | None = None    # [n_loc_pos, k] their token ids
     ref_tail: torch.Tensor | None = None   # [n_loc_pos] log of the remaining probability mass
     ref_row: dict[int, int] = field(default_factory=dict)  # sequence index -> first row in ref_*
+    # TrainConfig.prefix_cache: keys/values of layers L+1..N at the tokens before each subject's last
+    # token (an edit cannot change them: attention is causal), [sum of prefix lengths, n_upper, 2,
+    # kv_heads, head_dim], sequence i's rows from kv_offsets[i]; training then runs only the suffix
+    kv: torch.Tensor | None = None
+    kv_offsets: list[int] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,6 +146,8 @@ class LKSEditor:
         self._table: torch.Tensor | None = None   # cached generator table for inference
         self._pieces: dict[int, str] = {}          # token id -> surface text (applied mode)
         self._as_tuple: bool | None = None
+        self._lm_weight: torch.Tensor | None = None  # bfloat16 copy of the output embedding during fit
+        self.precision_used = ""                     # TrainConfig.precision as resolved by the last fit
 
     # ----------------------------------------------------------------------------------------
     # Scope: subjects and feature vectors
@@ -168,9 +184,14 @@ class LKSEditor:
 
     def _run_to_layer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Layer-L output ``[batch, seq, d]``; the layers above L are never run."""
+        inputs: dict[str, torch.Tensor] = {"input_ids": input_ids}
+        dtype = next(get_layers(self.model)[0].parameters()).dtype
+        emb = self.model.get_input_embeddings()
+        if emb.weight.dtype != dtype:  # inside _lower_pass: bfloat16 layers, float32 (tied) embeddings
+            inputs = {"inputs_embeds": emb(input_ids).to(dtype)}
         with LayerHooks(self.model, capture=[self.config.layer], stop_after_capture=True) as hooks:
             with suppress(StopForward):
-                self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                self.model(**inputs, attention_mask=attention_mask, use_cache=False)
         self._as_tuple = hooks.output_is_tuple
         return hooks.captured[self.config.layer]
 
@@ -187,7 +208,7 @@ class LKSEditor:
             if r.rephrases and cfg.w_equiv > 0:
                 texts.append((f"{r.rephrases[0]} {r.target}", i, KIND_EQUIV, r.rephrases[0], r.subject))
             if cfg.w_loc > 0:
-                for p in training_locality_prompts(r, cfg.loc_per_subject, cfg.seed):
+                for p in training_locality_prompts(r, cfg.loc_per_subject, cfg.seed, cfg.loc_templates):
                     texts.append((p, i, KIND_LOC, p, r.subject))
         per_edit: list[list[int]] = [[] for _ in edits]
         seqs: list[_Seq] = []
@@ -229,33 +250,64 @@ class LKSEditor:
         """Cache layer-L states of every sequence and the reference locality distributions."""
         dev = model_device(self.model)
         order = sorted(range(len(seqs)), key=lambda j: len(seqs[j].ids))  # length-bucketed batches
-        chunks: dict[int, torch.Tensor] = {}
-        for b in tqdm(range(0, len(order), batch_size), desc="cache layer-L states", disable=not progress):
-            idx = order[b:b + batch_size]
-            ids, mask = _pad([seqs[j].ids for j in idx], self.tokenizer.pad_token_id, dev)
-            states = self._run_to_layer(ids, mask)
-            for row, j in enumerate(idx):
-                chunks[j] = states[row, : len(seqs[j].ids)].float().cpu()
         offsets, total = [], 0
-        for j in range(len(seqs)):
+        for s in seqs:
             offsets.append(total)
-            total += len(seqs[j].ids)
-        cache = _Cache(torch.cat([chunks[j] for j in range(len(seqs))]) if seqs else torch.zeros(0, self.d), offsets)
-        del chunks
-        loc = [j for j in order if seqs[j].kind == KIND_LOC]
+            total += len(s.ids)
+        # filled in place: one [sum T, d] tensor, never a second copy (10,000 edits: 1.4 GB float32)
+        # stored in the lower pass's dtype (bfloat16 halves the largest cache; the values are bf16 anyway)
+        cache = _Cache(torch.zeros(total, self.d, dtype=torch.bfloat16 if self._bf16_swap(cfg) else torch.float32), offsets)
+        with self._lower_pass(cfg):
+            for b in tqdm(range(0, len(order), batch_size), desc="cache layer-L states", disable=not progress):
+                idx = order[b:b + batch_size]
+                ids, mask = _pad([seqs[j].ids for j in idx], self.tokenizer.pad_token_id, dev)
+                states = self._run_to_layer(ids, mask)
+                for row, j in enumerate(idx):
+                    n = len(seqs[j].ids)
+                    cache.states[offsets[j]:offsets[j] + n] = states[row, :n].cpu()
+                if (b // batch_size) % TRIM_EVERY == TRIM_EVERY - 1:
+                    release_memory(collect=False)  # see lks.utils.release_memory
+        # one pass through layers L+1..N (no edit): reference distributions of the locality
+        # sequences and, with prefix_cache, the keys/values of every sequence's prefix
+        loc = {j for j in order if seqs[j].kind == KIND_LOC}
+        # (no upper layers when L is the last layer: nothing to cache)
+        prefix_cache = cfg.prefix_cache and self.config.layer + 1 < len(get_layers(self.model))
+        todo = order if prefix_cache else [j for j in order if j in loc]
+        kv_offsets, total = [], 0
+        for s in seqs:
+            kv_offsets.append(total)
+            total += s.subj_pos
+
+        def put_kv(j: int, kv: torch.Tensor) -> None:  # into one preallocated tensor, in sequence order
+            if cache.kv is None:
+                cache.kv, cache.kv_offsets = torch.empty(total, *kv.shape[1:], dtype=kv.dtype), kv_offsets
+            cache.kv[kv_offsets[j]:kv_offsets[j] + len(kv)] = kv
         logps, idxs, tails, n_ref = [], [], [], 0
-        for b in tqdm(range(0, len(loc), batch_size), desc="reference distributions", disable=not progress or not loc):
-            batch = loc[b:b + batch_size]
-            logits = self._upper_logits(cache, seqs, batch, None)
-            lp = torch.log_softmax(logits.float(), -1)
-            k = min(cfg.loc_topk, lp.shape[-1])
-            top, ti = lp.topk(k, dim=-1)
-            logps.append(top.cpu())
-            idxs.append(ti.to(torch.int32).cpu())
-            tails.append(_log_tail(lp, ti).cpu())
-            for j in batch:  # rows of sequence j: ref_row[j] .. ref_row[j] + len(loss_pos) - 1
-                cache.ref_row[j] = n_ref
-                n_ref += len(seqs[j].loss_pos)
+        with self._upper_pass(cfg):  # the same precision as the training steps: KL 0 for an unchanged block
+            for b in tqdm(range(0, len(todo), batch_size), desc="upper-layer pass (references"
+                          + (", prefix keys/values)" if prefix_cache else ")"), disable=not progress or not todo):
+                batch = todo[b:b + batch_size]
+                hidden = self._upper_hidden(cache, seqs, batch, None, kv_out=put_kv if prefix_cache else None)
+                if (b // batch_size) % TRIM_EVERY == TRIM_EVERY - 1:
+                    release_memory(collect=False)
+                at, rows, lbatch = 0, [], []
+                for j in batch:
+                    n = len(seqs[j].loss_pos)
+                    if j in loc:
+                        rows.extend(range(at, at + n))
+                        lbatch.append(j)
+                    at += n
+                if not rows:
+                    continue
+                lp = torch.log_softmax(self._logits(hidden[torch.tensor(rows, device=hidden.device)]), -1)
+                k = min(cfg.loc_topk, lp.shape[-1])
+                top, ti = lp.topk(k, dim=-1)
+                logps.append(top.cpu())
+                idxs.append(ti.to(torch.int32).cpu())
+                tails.append(_log_tail(lp, ti).cpu())
+                for j in lbatch:  # rows of sequence j: ref_row[j] .. ref_row[j] + len(loss_pos) - 1
+                    cache.ref_row[j] = n_ref
+                    n_ref += len(seqs[j].loss_pos)
         if loc:
             cache.ref_logp, cache.ref_idx, cache.ref_tail = torch.cat(logps), torch.cat(idxs), torch.cat(tails)
         return cache
@@ -264,46 +316,145 @@ class LKSEditor:
     # The fast path: cached layer-L states -> layers L+1..N -> logits at loss positions
     # ----------------------------------------------------------------------------------------
     def _upper_logits(self, cache: _Cache, seqs: list[_Seq], batch: list[int], table: torch.Tensor | None) -> torch.Tensor:
-        """Logits ``[n_positions, vocab]`` at every ``loss_pos`` of the sequences in ``batch``.
+        """Logits ``[n_positions, vocab]`` (float32) at every ``loss_pos`` of the sequences in ``batch``.
 
         ``table`` (``[n_subjects, d]``, may require grad) holds each subject's generated block;
         ``None`` runs the unedited model.
         """
+        return self._logits(self._upper_hidden(cache, seqs, batch, table))
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Output layer on final hidden rows ``[n, d]`` -> float32 logits ``[n, vocab]``."""
+        head = self.model.get_output_embeddings()
+        weight = self._lm_weight if self._lm_weight is not None else head.weight
+        return F.linear(hidden.to(weight.dtype), weight, getattr(head, "bias", None)).float()
+
+    def _upper_hidden(self, cache: _Cache, seqs: list[_Seq], batch: list[int], table: torch.Tensor | None,
+                      kv_out: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Final hidden states ``[n_positions, d]`` at every ``loss_pos`` of the sequences in ``batch``.
+
+        Layers L+1..N run on the cached layer-L states. When the cache holds prefix keys/values
+        (``TrainConfig.prefix_cache``), only each sequence's suffix - from the subject's last token
+        on - runs, attending to the cached prefix. ``kv_out`` (precompute) receives
+        ``(sequence, its prefix keys/values)`` from a full pass instead.
+        """
         dev = model_device(self.model)
-        lens = [len(seqs[j].ids) for j in batch]
-        T = max(lens)
+        layers = get_layers(self.model)
+        L = self.config.layer
+        use_prefix = cache.kv is not None and kv_out is None
+        starts = [seqs[j].subj_pos if use_prefix else 0 for j in batch]
+        lens = [len(seqs[j].ids) - s0 for j, s0 in zip(batch, starts)]
+        T, P = max(lens), max(starts)
         # [batch, T, d] right-padded copy of the cached states (padding rows are masked out)
         h = torch.zeros(len(batch), T, self.d, device=dev)
-        mask = torch.zeros(len(batch), T, dtype=torch.long, device=dev)
-        for row, (j, n) in enumerate(zip(batch, lens)):
-            o = cache.offsets[j]
+        mask = torch.zeros(len(batch), P + T, dtype=torch.long, device=dev)
+        for row, (j, s0, n) in enumerate(zip(batch, starts, lens)):
+            o = cache.offsets[j] + s0
             h[row, :n] = cache.states[o:o + n].to(dev)
-            mask[row, :n] = 1
+            mask[row, P - s0:P + n] = 1  # prefix left-padded to P, suffix right-padded to T
         if table is not None:
             rows = torch.arange(len(batch), device=dev)
-            pos = torch.tensor([seqs[j].subj_pos for j in batch], device=dev)
+            pos = torch.tensor([seqs[j].subj_pos - s0 for j, s0 in zip(batch, starts)], device=dev)
             subj = torch.tensor([seqs[j].subject for j in batch], device=dev)
-            h = apply_replacement(h, Replacement(rows, pos, table[subj], self.generator.additive))
-        h = h.to(next(self.model.parameters()).dtype)
-        as_tuple = bool(self._as_tuple)
-        # bfloat16 autocast (TrainConfig.precision) for the upper pass; reference distributions
-        # and training steps use the same precision, so the KL is exactly 0 for an unchanged block
-        bf16 = self.train_config is not None and self.train_config.precision == "bfloat16"
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            with skip_lower_layers(self.model, self.config.layer, h, as_tuple):
-                out = self.model.base_model(inputs_embeds=torch.zeros_like(h), attention_mask=mask, use_cache=False)
-            last = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-            g_rows = torch.tensor([r for r, j in enumerate(batch) for _ in seqs[j].loss_pos], device=dev)
-            g_pos = torch.tensor([p for j in batch for p in seqs[j].loss_pos], device=dev)
-            return self.model.get_output_embeddings()(last[g_rows, g_pos]).float()
+            h = apply_replacement(h, Replacement(rows, pos, table[subj], self.generator.additive))  # [batch, d]
+        # the upper layers' own dtype: bfloat16 inside _upper_pass when TrainConfig.precision asks
+        dtype = next(layers[L + 1].parameters()).dtype if L + 1 < len(layers) else next(self.model.parameters()).dtype
+        h = h.to(dtype)
+        kwargs: dict[str, Any] = {"use_cache": kv_out is not None}
+        if use_prefix:
+            kwargs.update(self._prefix_inputs(cache, batch, starts, P, T, dtype, dev))
+        with skip_lower_layers(self.model, L, h, bool(self._as_tuple)):
+            out = self.model.base_model(inputs_embeds=torch.zeros_like(h), attention_mask=mask, **kwargs)
+        last = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        if kv_out is not None:
+            kv = [past_key_value(out.past_key_values, i) for i in range(L + 1, len(layers))]
+            for row, j in enumerate(batch):
+                p = seqs[j].subj_pos  # [p, n_upper, 2, kv_heads, head_dim]
+                kv_out(j, torch.stack([torch.stack([k[row, :, :p], v[row, :, :p]]) for k, v in kv])
+                       .permute(3, 0, 1, 2, 4).cpu())
+        g_rows = torch.tensor([r for r, j in enumerate(batch) for _ in seqs[j].loss_pos], device=dev)
+        g_pos = torch.tensor([p - s0 for j, s0 in zip(batch, starts) for p in seqs[j].loss_pos], device=dev)
+        return last[g_rows, g_pos]
+
+    def _prefix_inputs(self, cache: _Cache, batch: list[int], starts: list[int], P: int, T: int,
+                       dtype: torch.dtype, dev: torch.device) -> dict[str, Any]:
+        """Model kwargs that make a suffix-only pass attend to the cached prefix keys/values."""
+        assert cache.kv is not None
+        _, n_upper, _, n_kv, hd = cache.kv.shape
+        kv = torch.zeros(len(batch), P, n_upper, 2, n_kv, hd, dtype=dtype)
+        for row, (j, p) in enumerate(zip(batch, starts)):
+            o = cache.kv_offsets[j]
+            kv[row, P - p:] = cache.kv[o:o + p]
+        kv = kv.to(dev).permute(2, 3, 0, 4, 1, 5)  # [n_upper, 2, batch, kv_heads, P, head_dim]
+        dummy = torch.zeros(len(batch), n_kv, P, hd, dtype=dtype, device=dev)  # layers 0..L never read it
+        n_lower = self.config.layer + 1
+        past = make_past([(dummy, dummy)] * n_lower + [(kv[i, 0], kv[i, 1]) for i in range(n_upper)])
+        starts_t = torch.tensor(starts, device=dev)
+        return {"past_key_values": past, "use_cache": True,
+                "position_ids": starts_t[:, None] + torch.arange(T, device=dev)[None, :],  # true positions
+                "cache_position": torch.arange(P, P + T, device=dev)}                      # slots after the prefix
+
+    def _bf16_swap(self, cfg: TrainConfig) -> torch.dtype | None:
+        """bfloat16 when the fit's precision asks for it and the model is float32 (a model loaded in
+        bfloat16 or float16 already runs in half precision and is left as it is)."""
+        want = resolve_precision(cfg.precision, model_device(self.model))
+        model_dtype = next(self.model.parameters()).dtype
+        self.precision_used = want if model_dtype == torch.float32 else str(model_dtype).replace("torch.", "")
+        return torch.bfloat16 if want == "bfloat16" and model_dtype == torch.float32 else None
+
+    @contextmanager
+    def _lower_pass(self, cfg: TrainConfig) -> Iterator[None]:
+        """Precision of the one-time layer-L pass of :meth:`_precompute` (``TrainConfig.precision``):
+        in bfloat16 the cached states carry bfloat16 rounding, like the upper pass. The feature
+        vectors are always computed in the model's own dtype (they are used at inference too)."""
+        if self._bf16_swap(cfg) is None:
+            yield
+            return
+        with lower_layers_dtype(self.model, self.config.layer, torch.bfloat16, attn_implementation="eager"):
+            yield
+
+    @contextmanager
+    def _upper_pass(self, cfg: TrainConfig) -> Iterator[None]:
+        """Precision of the fast path's upper pass for one fit (``TrainConfig.precision``).
+
+        ``"bfloat16"`` on a float32 model: layers L+1..N and the final norm hold bfloat16 weights
+        inside the block (:func:`lks.models.upper_layers_dtype`, originals restored on exit), eager
+        attention, and a bfloat16 copy of the output embedding for the logits (it may be tied to
+        the input embedding, which the block must not change). Losses stay in float32.
+        """
+        if self._bf16_swap(cfg) is None:
+            yield
+            return
+        head = self.model.get_output_embeddings()
+        self._lm_weight = head.weight.detach().to(torch.bfloat16)
+        try:
+            with upper_layers_dtype(self.model, self.config.layer, torch.bfloat16, attn_implementation="eager"):
+                yield
+        finally:
+            self._lm_weight = None
 
     def _batch_loss(self, cache: _Cache, seqs: list[_Seq], batch: list[int], cfg: TrainConfig) -> dict[str, torch.Tensor]:
-        table = self.generator.table(self.features)  # [n_subjects, d]; cheap at d<=4096
-        logits = self._upper_logits(cache, seqs, batch, table).float()
+        # generated blocks of this batch's subjects only: the whole table would cost a d x d
+        # product per subject per step (at 10,000 subjects more than the rest of the step)
+        subjects = sorted({seqs[j].subject for j in batch})
+        feats = self.features[torch.tensor(subjects, device=self.features.device)]
+        table = _RowsOf(self.generator.table(feats.to(model_device(self.model))), subjects)
+        # the batch's sequences (edit, rephrase, locality prompts of different lengths) run through
+        # the upper layers in up to LENGTH_BUCKETS blocks, each padded only to its own longest
+        # sequence; the losses are means, so the order of the rows does not matter
+        def run_len(j: int) -> int:  # tokens sequence j sends through the upper layers
+            return len(seqs[j].ids) - (seqs[j].subj_pos if cache.kv is not None else 0)
+
+        batch = sorted(batch, key=lambda j: (run_len(j), seqs[j].subj_pos))
+        parts, start = [], 0
+        for end in length_buckets([run_len(j) for j in batch], LENGTH_BUCKETS):
+            parts.append(self._upper_hidden(cache, seqs, batch[start:end], table))
+            start = end
+        hidden = torch.cat(parts)
         losses: dict[str, torch.Tensor] = {}
-        zero = logits.sum() * 0.0
-        # one cross-entropy over every target row, then per-sequence means via index_add: a
-        # per-sequence F.cross_entropy would write a zero [rows, vocab] gradient per slice
+        zero = hidden.sum() * 0.0
+        # logits computed separately for the NLL rows and the KL rows: indexing one [rows, vocab]
+        # tensor twice would cost two vocabulary-sized zero-filled gradients per step
         at, kl_rows, kl_ref = 0, [], []
         nll_rows, nll_tgt, nll_seq, seq_kind = [], [], [], []
         for j in batch:
@@ -317,11 +468,11 @@ class LKSEditor:
                 nll_seq.extend([len(seq_kind)] * n)
                 seq_kind.append(s.kind)
             at += n
-        dev = logits.device
+        dev = hidden.device
         losses["edit"] = losses["equiv"] = zero
         if nll_rows:
-            tok_nll = F.cross_entropy(logits[torch.tensor(nll_rows, device=dev)], torch.tensor(nll_tgt, device=dev),
-                                      reduction="none")
+            logits = self._logits(hidden[torch.tensor(nll_rows, device=dev)])
+            tok_nll = F.cross_entropy(logits, torch.tensor(nll_tgt, device=dev), reduction="none")
             seq_idx = torch.tensor(nll_seq, device=dev)
             per_seq = torch.zeros(len(seq_kind), device=dev).index_add(0, seq_idx, tok_nll)
             per_seq = per_seq / torch.bincount(seq_idx, minlength=len(seq_kind)).clamp_min(1)  # mean over tokens
@@ -332,8 +483,8 @@ class LKSEditor:
                     losses[name] = per_seq[sel].mean()
         if kl_rows:
             ref = torch.tensor(kl_ref)
-            losses["loc"] = topk_kl(cache.ref_logp[ref].to(logits.device), cache.ref_idx[ref].to(logits.device).long(),
-                                    cache.ref_tail[ref].to(logits.device), logits[torch.tensor(kl_rows, device=logits.device)])
+            losses["loc"] = topk_kl(cache.ref_logp[ref].to(dev), cache.ref_idx[ref].to(dev).long(),
+                                    cache.ref_tail[ref].to(dev), self._logits(hidden[torch.tensor(kl_rows, device=dev)]))
         else:
             losses["loc"] = zero
         losses["total"] = cfg.w_edit * losses["edit"] + cfg.w_equiv * losses["equiv"] + cfg.w_loc * losses["loc"]
@@ -384,6 +535,7 @@ class LKSEditor:
         self._set_edits(edits)
         per_edit, seqs, skipped = self._build_sequences(edits, cfg)
         cache = self._precompute(seqs, cfg, precompute_batch_size, progress)
+        release_memory()  # the precompute's transient tensors: return them to the OS before training
         self.precompute_seconds = time.perf_counter() - t0
         self.skipped = skipped
 
@@ -400,6 +552,17 @@ class LKSEditor:
         for _ in range(start_epoch):  # replay the shuffles of finished epochs: same order as uninterrupted
             rng.shuffle(batches)
         self.generator.train()
+        with self._upper_pass(cfg):
+            self._train_epochs(cache, seqs, batches, cfg, opt, sched, rng, start_epoch, best, bad, checkpoint_dir, progress)
+        self.generator.eval()
+        self._table = None
+        self.fit_seconds = time.perf_counter() - t0
+        return self.history
+
+    def _train_epochs(self, cache: _Cache, seqs: list[_Seq], batches: list[list[int]], cfg: TrainConfig, opt, sched,
+                      rng: random.Random, start_epoch: int, best: float, bad: int,
+                      checkpoint_dir: str | os.PathLike | None, progress: bool) -> None:
+        """The epoch loop of :meth:`fit` (appends to ``self.history``, checkpoints every epoch)."""
         for epoch in range(start_epoch, cfg.epochs):
             if bad >= cfg.patience:
                 break
@@ -427,10 +590,6 @@ class LKSEditor:
             if checkpoint_dir is not None:
                 self.save(checkpoint_dir, _train_state={"epoch": epoch + 1, "best": best, "bad_epochs": bad},
                           _optimizer=opt, _scheduler=sched)
-        self.generator.eval()
-        self._table = None
-        self.fit_seconds = time.perf_counter() - t0
-        return self.history
 
     # ----------------------------------------------------------------------------------------
     # Applying the edits
@@ -474,18 +633,34 @@ class LKSEditor:
             keep = [j for j in range(len(row)) if mask is None or mask[r][j]]
             pieces = [self._piece(row[j]) for j in keep]
             text = "".join(pieces)
+            split_chars = "\ufffd" in text  # a character split across byte-level tokens ("é" = 2 tokens)
+            if split_chars:
+                text = self.tokenizer.decode([row[j] for j in keep], skip_special_tokens=True)
             m = self.scope.find(text)
             if m is None:
                 continue
-            end_char, acc = m.end - 1, 0
-            for k, p in zip(keep, pieces):  # token whose text contains the subject's last char
-                acc += len(p)
-                if acc > end_char:
-                    rows.append(r)
-                    positions.append(k)
-                    subjects.append(m.index)
-                    break
+            pos = self._token_at_char(row, keep, pieces, m.end - 1, split_chars)
+            if pos is not None:
+                rows.append(r)
+                positions.append(pos)
+                subjects.append(m.index)
         return rows, positions, subjects
+
+    def _token_at_char(self, row: list[int], keep: list[int], pieces: list[str], char: int, split_chars: bool) -> int | None:
+        """Position of the token whose text contains character ``char`` of the row's text."""
+        if not split_chars:
+            acc = 0
+            for k, p in zip(keep, pieces):
+                acc += len(p)
+                if acc > char:
+                    return k
+            return None
+        # rare (non-ASCII subjects on byte-level tokenizers): decode growing prefixes of the row,
+        # a dangling partial character (U+FFFD at the end) does not count yet
+        for n, k in enumerate(keep, start=1):
+            if len(self.tokenizer.decode([row[j] for j in keep[:n]], skip_special_tokens=True).rstrip("\ufffd")) > char:
+                return k
+        return None
 
     @contextmanager
     def applied(self, model: nn.Module | None = None) -> Iterator[ApplyStats]:
@@ -563,6 +738,7 @@ class LKSEditor:
             "n_subjects": len(self.subjects),
             "data_checksum": self.data_checksum,
             "history": self.history,
+            "precision_used": self.precision_used,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         }
         with atomic_dir(path) as tmp:
@@ -642,9 +818,12 @@ def topk_kl(ref_logp: torch.Tensor, ref_idx: torch.Tensor, ref_tail: torch.Tenso
         ref_tail: ``[n]`` log of the reference's remaining mass (``-inf`` when k = vocab).
         logits: ``[n, vocab]`` edited logits.
     """
-    lq = torch.log_softmax(logits.float(), -1)
-    lq_top = lq.gather(-1, ref_idx)
-    lq_tail = _log_tail(lq, ref_idx)
+    logits = logits.float()
+    # no [n, vocab] log-softmax: one logsumexp over the vocabulary, the rest on [n, k]. The edited
+    # tail is log(1 - top-k mass), via expm1 (accurate until the tail falls below ~1e-6, where its
+    # KL term is negligible), floored at 1e-12 so that a vanishing tail stays finite
+    lq_top = logits.gather(-1, ref_idx) - logits.logsumexp(-1, keepdim=True)
+    lq_tail = torch.log((-torch.expm1(lq_top.logsumexp(-1))).clamp_min(1e-12))
     p_top, p_tail = ref_logp.exp(), ref_tail.exp()
     kl = (p_top * (ref_logp - lq_top)).sum(-1)
     kl = kl + torch.where(p_tail > 0, p_tail * (ref_tail - lq_tail), torch.zeros_like(p_tail))
@@ -665,6 +844,46 @@ def _pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torc
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
     return ids.to(device), mask.to(device)
+
+
+class _RowsOf:
+    """Generated blocks of some subjects, indexable by global subject id like the full table."""
+
+    def __init__(self, rows: torch.Tensor, subjects: list[int]) -> None:
+        self.rows = rows
+        self.where = {s: i for i, s in enumerate(subjects)}
+
+    def __getitem__(self, subj: torch.Tensor) -> torch.Tensor:
+        return self.rows[torch.tensor([self.where[int(s)] for s in subj.tolist()], device=self.rows.device)]
+
+
+TRIM_EVERY = 4      # precompute batches between two heap trims (lks.utils.release_memory)
+LENGTH_BUCKETS = 3  # blocks per training step (see _batch_loss); 3 left ~4% padding in bench_train
+
+
+def length_buckets(lens: Sequence[int], k: int) -> list[int]:
+    """End indices of at most ``k`` contiguous buckets of the SORTED ``lens`` that minimise the
+    padded token count (sum over buckets of size x longest length); exact dynamic programme."""
+    n = len(lens)
+    if n == 0:
+        return []
+    # cost[u][e]: least padded tokens of lens[:e] in u buckets; cut[u][e]: start of the last bucket
+    inf = float("inf")
+    cost = [[inf] * (n + 1) for _ in range(k + 1)]
+    cut = [[0] * (n + 1) for _ in range(k + 1)]
+    cost[0][0] = 0
+    for u in range(1, k + 1):
+        for e in range(1, n + 1):
+            for b in range(u - 1, e):
+                c = cost[u - 1][b] + lens[e - 1] * (e - b)
+                if c < cost[u][e]:
+                    cost[u][e], cut[u][e] = c, b
+    u = min(range(1, k + 1), key=lambda v: (cost[v][n], v))
+    ends, e = [], n
+    while e > 0:
+        ends.append(e)
+        e, u = cut[u][e], u - 1
+    return ends[::-1]
 
 
 def _length_batches(per_edit: list[list[int]], seqs: list[_Seq], batch_size: int) -> list[list[int]]:

@@ -226,3 +226,83 @@ def skip_lower_layers(model: nn.Module, layer: int, hidden: torch.Tensor, as_tup
     finally:
         for i, mod in enumerate(saved):
             layers[i] = mod
+
+
+def get_final_norm(model: nn.Module) -> nn.Module | None:
+    """The norm applied after the last decoder layer (``model.norm`` for Llama/Mistral), if any."""
+    base = getattr(model, "base_model", model)
+    for name in ("norm", "final_layernorm", "ln_f", "final_layer_norm"):
+        mod = getattr(base, name, None)
+        if isinstance(mod, nn.Module):
+            return mod
+    return None
+
+
+@contextmanager
+def layers_dtype(model: nn.Module, layers: range, dtype: torch.dtype, *, final_norm: bool = False,
+                 attn_implementation: str | None = None) -> Iterator[None]:
+    """Inside the block, the decoder ``layers`` (and the final norm if asked) hold ``dtype`` weights.
+
+    The training path runs the frozen model in two parts (layers 0..L once per prompt, layers
+    L+1..N every step); holding each part in bfloat16 for the length of a fit replaces autocast,
+    which re-casts frozen weights on every call (it caches casts only of weights that require
+    grad). The original tensors are kept and put back on exit, so the model leaves the block
+    bit-identical. ``attn_implementation`` (e.g. ``"eager"``: CPU SDPA is slow in bfloat16) is
+    switched for the block too. Embeddings are never touched (they may be tied to the output
+    layer): callers cast the input embeddings and use their own copy of the output embedding.
+    """
+    all_layers = get_layers(model)
+    if len(layers) and (layers[0] < 0 or layers[-1] >= len(all_layers)):
+        raise ValueError(f"layers {layers} out of range for a model with {len(all_layers)} decoder layers")
+    mods = [all_layers[i] for i in layers]
+    norm = get_final_norm(model) if final_norm else None
+    if norm is not None:
+        mods.append(norm)
+    saved: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+    old_attn = getattr(model.config, "_attn_implementation", None)
+    switch = attn_implementation is not None and old_attn is not None and attn_implementation != old_attn
+    try:
+        for mod in mods:
+            for p in mod.parameters():
+                if id(p) not in saved and p.dtype != dtype and p.is_floating_point():
+                    saved[id(p)] = (p, p.data)
+                    p.data = p.data.to(dtype)
+        if switch:
+            model.set_attn_implementation(attn_implementation)
+        yield
+    finally:
+        for p, data in saved.values():
+            p.data = data
+        if switch:
+            model.set_attn_implementation(old_attn)
+
+
+def upper_layers_dtype(model: nn.Module, layer: int, dtype: torch.dtype,
+                       attn_implementation: str | None = None):
+    """:func:`layers_dtype` for layers ``layer+1..N`` and the final norm (the training steps' part)."""
+    check_layer(model, layer)
+    return layers_dtype(model, range(layer + 1, len(get_layers(model))), dtype, final_norm=True,
+                        attn_implementation=attn_implementation)
+
+
+def lower_layers_dtype(model: nn.Module, layer: int, dtype: torch.dtype,
+                       attn_implementation: str | None = None):
+    """:func:`layers_dtype` for layers ``0..layer`` (the part the layer-L cache runs once)."""
+    check_layer(model, layer)
+    return layers_dtype(model, range(layer + 1), dtype, attn_implementation=attn_implementation)
+
+
+def past_key_value(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values ``[batch, kv_heads, seq, head_dim]`` that a transformers cache holds for ``layer``
+    (``Cache.layers[i]`` since 4.56, ``key_cache[i]`` / ``value_cache[i]`` before)."""
+    if hasattr(cache, "layers"):
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache.key_cache[layer], cache.value_cache[layer]
+
+
+def make_past(kv: list[tuple[torch.Tensor, torch.Tensor]]):
+    """A transformers ``DynamicCache`` holding ``kv[i] = (keys, values)`` for every decoder layer ``i``."""
+    from transformers import DynamicCache
+
+    return DynamicCache.from_legacy_cache(tuple(kv)) if hasattr(DynamicCache, "from_legacy_cache") \
+        else DynamicCache(ddp_cache_data=kv)

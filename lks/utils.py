@@ -102,3 +102,51 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``TrainConfig.precision`` to ``"float32"`` or ``"bfloat16"``.
+
+    ``"auto"`` picks bfloat16 where the hardware computes it natively - a CUDA GPU with bf16
+    support, or a CPU with AMX or AVX-512-BF16 (measured ~1.9x faster training steps on such a
+    CPU) - and float32 elsewhere (emulated bfloat16 would be slower than float32).
+    """
+    if precision in ("float32", "bfloat16"):
+        return precision
+    if precision != "auto":
+        raise ValueError(f"precision must be 'float32', 'bfloat16' or 'auto', got {precision!r}")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    if dev.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        native = any(bool(getattr(cpu, name, lambda: False)())
+                     for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+        return "bfloat16" if native else "float32"
+    return "float32"
+
+
+def release_memory(collect: bool = True) -> None:
+    """Give freed heap memory back to the operating system (glibc ``malloc_trim``; a no-op elsewhere).
+
+    The precompute of a large fit runs batches of growing length (they are sorted by length), so
+    each batch's short-lived tensors are a little larger than the holes the previous ones left,
+    and glibc's heap keeps growing although little of it is live. Measured at 1,000 CounterFact
+    edits (caches 0.35 GiB): without trims the precompute peaked at 2.69 GiB RSS (2.55 GiB after
+    it, 1.31 GiB after one trim); with a trim every 4 batches it peaks at 1.82 GiB, same speed.
+    ``collect`` also runs the cyclic garbage collector first.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+    import sys
+
+    if collect:
+        gc.collect()
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+        pass

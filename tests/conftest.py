@@ -82,3 +82,26 @@ def tiny_pair():
     tok = make_tiny_tokenizer()
     model = make_tiny_llama(layers=3, vocab=len(tok))
     return model, tok
+
+
+def prepared_editor(model, tok, edits, cfg, editor_cfg, std: float = 0.0):
+    """An editor with its training cache built as ``fit`` builds it (no training step taken).
+
+    ``std`` > 0 sets the generator's weights to N(0, std^2) (seeded), so the edit changes the
+    logits (the residual generator's own init is zero). Returns ``(editor, per_edit, seqs, cache)``.
+    """
+    import torch
+
+    from lks.editor import LKSEditor
+
+    editor = LKSEditor(model, tok, editor_cfg)
+    editor.train_config = cfg
+    editor._set_edits(edits)
+    per_edit, seqs, _ = editor._build_sequences(edits, cfg)
+    cache = editor._precompute(seqs, cfg, progress=False)
+    if std > 0:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in editor.generator.parameters():
+                p.normal_(0, std)
+    return editor, per_edit, seqs, cache

@@ -499,3 +499,21 @@ def test_real_lks_and_mend_files(data_root):
     assert all(len(r.neighborhood) == 1 for r in joined if r.case_id in shared)
     assert all(len(r.rephrases) == 1 and not r.neighborhood for r in joined if r.case_id not in shared)
     assert D.load_edits("zsre", data_dir=data_root, n=5) == zs.head(5)
+
+
+def test_harvested_locality_templates_exclude_evaluation_prompts():
+    recs = [EditRecord(subject=s, prompt=f"{s} plays", target="x", locality=[(f"The birthplace of {s} is", "y")])
+            for s in ("Ada Lovelace", "Alan Turing", "Grace Hopper")]
+    assert D.harvest_locality_templates(recs, min_count=3) == {"The birthplace of {} is": 3}
+    assert D.harvest_locality_templates(recs, min_count=4) == {}
+    shipped = D.harvested_locality_templates()
+    assert len(shipped) >= 50 and all(t.count("{}") == 1 for t in shipped)
+    both = D.locality_templates("both")
+    assert set(D.LOCALITY_TEMPLATES) <= set(both) and set(shipped) <= set(both) and len(set(both)) == len(both)
+    r = EditRecord(subject="Ada Lovelace", prompt="Ada Lovelace plays", target="x",
+                   locality=[("The birthplace of Ada Lovelace is", "London")])
+    every = D.training_locality_prompts(r, 10_000, templates="harvested")
+    assert "The birthplace of Ada Lovelace is" in [t.replace("{}", "Ada Lovelace") for t in shipped]
+    assert "the birthplace of ada lovelace is" not in {p.casefold() for p in every}  # evaluation prompt held out
+    with pytest.raises(ValueError, match="locality template set"):
+        D.locality_templates("nope")

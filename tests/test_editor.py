@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, prepared_editor
 
 from lks.config import EditorConfig, TrainConfig
 from lks.data import EditRecord, EditSet
@@ -30,15 +31,20 @@ def tiny_edits() -> EditSet:
 TRAIN = TrainConfig(lr=1e-2, epochs=3, batch_size=2, loc_per_subject=2, loc_topk=50, patience=10, seed=0)
 
 
+@pytest.mark.parametrize("prefix_cache", [False, True])
 @pytest.mark.parametrize("kind", ["linear", "mlp", "residual"])
-def test_fast_path_equals_hooked_forward(tiny_pair, kind):
-    """Cached layer-L states + layers L+1..N give the logits of the plain hooked full forward pass."""
+def test_fast_path_equals_hooked_forward(tiny_pair, kind, prefix_cache):
+    """Cached layer-L states + layers L+1..N (with or without the cached prefix keys/values) give
+    the logits of the plain hooked full forward pass."""
     model, tok = tiny_pair
     editor = LKSEditor(model, tok, EditorConfig(layer=1, generator=kind))
     edits = tiny_edits()
-    editor.fit(edits, TrainConfig(**{**TRAIN.__dict__, "epochs": 1}), progress=False)
-    per_edit, seqs, _ = editor._build_sequences(edits, TRAIN)
-    cache = editor._precompute(seqs, TRAIN, progress=False)
+    cfg = TrainConfig(**{**TRAIN.__dict__, "epochs": 1, "prefix_cache": prefix_cache})
+    editor.fit(edits, cfg, progress=False)
+    per_edit, seqs, _ = editor._build_sequences(edits, cfg)
+    cache = editor._precompute(seqs, cfg, progress=False)
+    assert (cache.kv is not None) == prefix_cache
+    assert not prefix_cache or sum(s.subj_pos for s in seqs) > 0  # some sequences really have a prefix
     batch = list(range(len(seqs)))
     with torch.no_grad():
         fast = editor._upper_logits(cache, seqs, batch, editor.kb_table())
@@ -225,3 +231,75 @@ def test_metrics_label_seen_vs_heldout_and_handle_missing_kinds(tiny_pair):
     assert s2["generality_split"] == "held-out" and s2["generality_n"] == 3
     assert fluency("a b a b a b") < fluency("the cat sat on a warm mat today")
     assert harmonic_mean([1.0, 0.5]) == pytest.approx(2 / 3)
+
+
+def test_bfloat16_fit_restores_the_model_exactly(tiny_pair):
+    """precision="bfloat16" holds the upper layers in bf16 during fit only; the model leaves bit-identical."""
+    model, tok = tiny_pair
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    attn = model.config._attn_implementation
+    editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
+    hist = editor.fit(tiny_edits(), TrainConfig(**{**TRAIN.__dict__, "precision": "bfloat16"}), progress=False)
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    assert model.config._attn_implementation == attn
+    assert editor._lm_weight is None
+    assert hist[-1]["edit"] < hist[0]["edit"]
+    # zero-init residual: the first step's locality KL is ~0 (references in the same precision)
+    assert hist[0]["loc"] < 0.05
+
+
+def test_upper_layers_dtype_restores_on_error(tiny_pair):
+    from lks.models import get_layers, upper_layers_dtype
+
+    model, _ = tiny_pair
+    w = get_layers(model)[1].mlp.up_proj.weight
+    ptr, ref = w.data_ptr(), w.detach().clone()
+    with pytest.raises(RuntimeError, match="boom"), upper_layers_dtype(model, 0, torch.bfloat16):
+        assert w.dtype == torch.bfloat16 and get_layers(model)[0].mlp.up_proj.weight.dtype == torch.float32
+        raise RuntimeError("boom")
+    assert w.data_ptr() == ptr and w.dtype == torch.float32 and torch.equal(w, ref)
+
+
+def test_prefix_cache_gives_the_same_losses_and_gradients(tiny_pair):
+    model, tok = tiny_pair
+    edits = tiny_edits()
+    out = {}
+    for pc in (False, True):
+        cfg = TrainConfig(**{**TRAIN.__dict__, "prefix_cache": pc})
+        editor, _, seqs, cache = prepared_editor(model, tok, edits, cfg, EditorConfig(layer=1, generator="linear"), 0.3)
+        losses = editor._batch_loss(cache, seqs, list(range(len(seqs))), cfg)
+        losses["total"].backward()
+        out[pc] = ({k: float(v.detach()) for k, v in losses.items()}, [p.grad.clone() for p in editor.generator.parameters()])
+    assert out[False][0]["loc"] > 1e-4
+    for k, v in out[False][0].items():
+        assert out[True][0][k] == pytest.approx(v, rel=1e-4, abs=1e-6)
+    for a, b in zip(out[False][1], out[True][1], strict=True):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_route_finds_non_ascii_subjects_split_across_byte_tokens(tiny_pair):
+    """"é" is two byte-level tokens for the tiny tokenizer: each decodes to U+FFFD on its own."""
+    model, tok = tiny_pair
+    editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
+    edits = EditSet([EditRecord(subject="Zoë Café", prompt="Zoë Café plays the", target="piano", case_id=0),
+                     EditRecord(subject="Toko Yasuda", prompt="Toko Yasuda plays the", target="harp", case_id=1)])
+    editor._set_edits(edits)
+    prompts = ["The friend of Zoë Café plays the", "Toko Yasuda plays the", "Nobody here"]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    assert any("\ufffd" in editor._piece(int(t)) for t in tok("é")["input_ids"])  # really split
+    rows, pos, subj = editor.route(enc["input_ids"], enc["attention_mask"])
+    assert rows == [0, 1] and [editor.subjects[i] for i in subj] == ["Zoë Café", "Toko Yasuda"]
+    ids = enc["input_ids"][0].tolist()
+    mask = enc["attention_mask"][0].tolist()
+    real = [t for t, m in zip(ids, mask) if m]
+    # the routed token is the last one of the subject: the prefix up to it decodes to "... Zoë Café"
+    upto = [t for j, (t, m) in enumerate(zip(ids, mask)) if m and j <= pos[0]]
+    assert tok.decode(upto).endswith("Zoë Café") and len(upto) < len(real)
+
+
+def test_prefix_cache_at_the_last_layer_is_a_no_op(tiny_pair):
+    model, tok = tiny_pair
+    editor = LKSEditor(model, tok, EditorConfig(layer=2, generator="residual"))  # 3 layers: nothing above
+    hist = editor.fit(tiny_edits(), TrainConfig(**{**TRAIN.__dict__, "epochs": 1, "prefix_cache": True}), progress=False)
+    assert len(hist) == 1 and math.isfinite(hist[0]["loss"])

@@ -1,0 +1,47 @@
+"""The command line on the tiny model: train -> saved editor -> capability before/after (no downloads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import lks
+from lks import capability as cap
+from lks import cli
+
+FIXTURES = Path(__file__).parent / "fixtures" / "capability"
+
+
+@pytest.fixture
+def tiny_cli(monkeypatch, tiny_pair):
+    monkeypatch.setattr(lks, "load_model", lambda *a, **k: tiny_pair)
+    # the capability fixtures are not the pinned originals: resolve their paths directly
+    monkeypatch.setattr(cap, "_data_path", lambda rel, d: (Path(d) / rel) if (Path(d) / rel).is_file() else None)
+    return tiny_pair
+
+
+def test_task_ints():
+    assert cli._task_ints(None, "limit") is None
+    assert cli._task_ints("7", "limit") == 7
+    assert cli._task_ints("sst2=3, rte=2", "limit") == {"sst2": 3, "rte": 2}
+    with pytest.raises(SystemExit, match="--limit"):
+        cli._task_ints("sst2=x", "limit")
+
+
+def test_train_then_capability(tiny_cli, tmp_path, capsys):
+    out = tmp_path / "ed"
+    assert cli.main(["train", "--data", "builtin", "--n", "4", "--layer", "1", "--epochs", "1", "--out", str(out),
+                     "--loc-templates", "harvested", "--precision", "float32", "--prefix-cache", "true",
+                     "--evaluate", "false"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["train"]["loc_templates"] == "harvested" and cfg["train"]["prefix_cache"] is True
+    capsys.readouterr()
+    assert cli.main(["capability", "--editor", str(out), "--tasks", "sst2,wikitext2", "--limit", "sst2=4,wikitext2=1",
+                     "--task-options", '{"wikitext2": {"max_length": 64, "stride": 32}}',
+                     "--data-dir", str(FIXTURES), "--out", str(tmp_path / "cap-")]) == 0
+    text = capsys.readouterr().out
+    assert "unedited:" in text and "with 4 edits" in text and "after - before" in text
+    for name in ("unedited", "edited", "comparison"):
+        assert (tmp_path / f"cap-{name}.csv").is_file()
