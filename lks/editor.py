@@ -28,7 +28,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,10 +250,7 @@ class LKSEditor:
         """Cache layer-L states of every sequence and the reference locality distributions."""
         dev = model_device(self.model)
         order = sorted(range(len(seqs)), key=lambda j: len(seqs[j].ids))  # length-bucketed batches
-        offsets, total = [], 0
-        for s in seqs:
-            offsets.append(total)
-            total += len(s.ids)
+        offsets, total = _starts(len(s.ids) for s in seqs)
         # filled in place: one [sum T, d] tensor, never a second copy (10,000 edits: 1.4 GB float32)
         # stored in the lower pass's dtype (bfloat16 halves the largest cache; the values are bf16 anyway)
         cache = _Cache(torch.zeros(total, self.d, dtype=torch.bfloat16 if self._bf16_swap(cfg) else torch.float32), offsets)
@@ -273,10 +270,7 @@ class LKSEditor:
         # (no upper layers when L is the last layer: nothing to cache)
         prefix_cache = cfg.prefix_cache and self.config.layer + 1 < len(get_layers(self.model))
         todo = order if prefix_cache else [j for j in order if j in loc]
-        kv_offsets, total = [], 0
-        for s in seqs:
-            kv_offsets.append(total)
-            total += s.subj_pos
+        kv_offsets, total = _starts(s.subj_pos for s in seqs)
 
         def put_kv(j: int, kv: torch.Tensor) -> None:  # into one preallocated tensor, in sequence order
             if cache.kv is None:
@@ -855,6 +849,15 @@ class _RowsOf:
 
     def __getitem__(self, subj: torch.Tensor) -> torch.Tensor:
         return self.rows[torch.tensor([self.where[int(s)] for s in subj.tolist()], device=self.rows.device)]
+
+
+def _starts(lengths: Iterable[int]) -> tuple[list[int], int]:
+    """Start offsets of consecutive blocks of the given lengths in one packed tensor, and the total."""
+    starts, total = [], 0
+    for n in lengths:
+        starts.append(total)
+        total += n
+    return starts, total
 
 
 TRIM_EVERY = 4      # precompute batches between two heap trims (lks.utils.release_memory)

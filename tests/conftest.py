@@ -105,3 +105,19 @@ def prepared_editor(model, tok, edits, cfg, editor_cfg, std: float = 0.0):
             for p in editor.generator.parameters():
                 p.normal_(0, std)
     return editor, per_edit, seqs, cache
+
+
+CAPABILITY_FIXTURES = Path(__file__).parent / "fixtures" / "capability"
+
+
+@pytest.fixture(scope="session")
+def capability_dir(tmp_path_factory) -> Path:
+    """The capability fixtures laid out as a data directory. The WikiText-2 fixture is stored under
+    another name (a 215-byte hand-written text; the repository never tracks a file named like the
+    real data set) and gets its data-directory name here."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("capability-data")
+    shutil.copytree(CAPABILITY_FIXTURES, root, dirs_exist_ok=True)
+    (root / "wikitext2" / "wiki_test_fixture.txt").rename(root / "wikitext2" / "wiki.test.raw")
+    return root

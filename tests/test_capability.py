@@ -16,8 +16,6 @@ import torch
 
 from lks import capability as cap
 
-FIXTURES = Path(__file__).parent / "fixtures" / "capability"
-
 
 class CharTokenizer:
     """One token per ASCII character (id = ord + 3), BOS = 1 prepended by default, like SmolLM2's."""
@@ -45,7 +43,7 @@ def tok() -> CharTokenizer:
 
 
 @pytest.fixture
-def fx(monkeypatch) -> Path:
+def fx(monkeypatch, capability_dir) -> Path:
     """The fixture data directory. Its files are not the pinned originals, so lks.data's checksum
     check is bypassed by resolving paths directly (the real resolution is tested on shared data)."""
     def plain(relpath, data_dir):
@@ -53,7 +51,7 @@ def fx(monkeypatch) -> Path:
         return path if path.is_file() else None
 
     monkeypatch.setattr(cap, "_data_path", plain)
-    return FIXTURES
+    return capability_dir
 
 
 def _direct_logprobs(model, ids: list[int]) -> torch.Tensor:
@@ -282,15 +280,15 @@ class FakeEditor:
 OPTS = {"gsm8k": {"max_new_tokens": 4}, "wikitext2": {"max_length": 64, "stride": 32}}
 
 
-def _run(model, tok, **kw):
+def _run(model, tok, data_dir, **kw):
     kw.setdefault("task_options", OPTS)
     kw.setdefault("num_fewshot", {"gsm8k": 1, "mmlu": 1})
-    return cap.evaluate_capability(model, tok, data_dir=FIXTURES, progress=False, **kw)
+    return cap.evaluate_capability(model, tok, data_dir=data_dir, progress=False, **kw)
 
 
 @pytest.fixture
 def run(fx):
-    return _run
+    return lambda model, tok, **kw: _run(model, tok, fx, **kw)
 
 
 def test_evaluate_capability_all_tasks_with_editor_counters(run, tiny_model, tok):

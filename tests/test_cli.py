@@ -11,8 +11,6 @@ import lks
 from lks import capability as cap
 from lks import cli
 
-FIXTURES = Path(__file__).parent / "fixtures" / "capability"
-
 
 @pytest.fixture
 def tiny_cli(monkeypatch, tiny_pair):
@@ -30,7 +28,7 @@ def test_task_ints():
         cli._task_ints("sst2=x", "limit")
 
 
-def test_train_then_capability(tiny_cli, tmp_path, capsys):
+def test_train_then_capability(tiny_cli, tmp_path, capsys, capability_dir):
     out = tmp_path / "ed"
     assert cli.main(["train", "--data", "builtin", "--n", "4", "--layer", "1", "--epochs", "1", "--out", str(out),
                      "--loc-templates", "harvested", "--precision", "float32", "--prefix-cache", "true",
@@ -40,7 +38,7 @@ def test_train_then_capability(tiny_cli, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["capability", "--editor", str(out), "--tasks", "sst2,wikitext2", "--limit", "sst2=4,wikitext2=1",
                      "--task-options", '{"wikitext2": {"max_length": 64, "stride": 32}}',
-                     "--data-dir", str(FIXTURES), "--out", str(tmp_path / "cap-")]) == 0
+                     "--data-dir", str(capability_dir), "--out", str(tmp_path / "cap-")]) == 0
     text = capsys.readouterr().out
     assert "unedited:" in text and "with 4 edits" in text and "after - before" in text
     for name in ("unedited", "edited", "comparison"):
