@@ -79,6 +79,16 @@ def first_without_conflicts(edits, n: int):
     return EditSet(keep, name=f"counterfact-{n}"), dropped
 
 
+def run_child(cmd: list[str], what: str) -> dict:
+    """Run a benchmark subprocess and return the JSON of its ``RESULT`` line (exit with its output if it fails)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
+        raise SystemExit(f"child for {what} failed (exit {proc.returncode})")
+    return json.loads(line[len("RESULT "):])
+
+
 def child(n: int, args: argparse.Namespace) -> dict:
     """One measurement, run in a fresh process."""
     import torch
@@ -98,6 +108,8 @@ def child(n: int, args: argparse.Namespace) -> dict:
     spec = model_spec(MODEL)
     cfg = dataclasses.replace(spec.train, epochs=args.epochs)
     editor = LKSEditor(model, tok, spec.editor)
+    editor.quantize_shapes = args.quantize == "on"  # forced either way (the library default pads only in bf16 on CPU)
+    out["quantize"] = args.quantize
     real_precompute, seen = editor._precompute, {}
 
     def capture(*a, **kw):  # record the cache fit() builds (sizes only)
@@ -142,6 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--keep", default=None, help="checkpoint and keep the editors under this directory")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     ap.add_argument("--project", type=int, default=10_000, help="N to project to from bytes per edit")
+    ap.add_argument("--quantize", choices=("on", "off", "both"), default="on",
+                    help="pad the fast path's shapes (lks.editor.SHAPE_QUANTA; 'on' is the library default); "
+                         "'both' fits each N twice, off then on, and prints the epoch-time ratio")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child is not None:
@@ -153,22 +168,25 @@ def main(argv: list[str] | None = None) -> None:
           f"is shared); fit with the registered recipe, epochs={args.epochs}; load average {os.getloadavg()[0]:.2f} "
           f"on {os.cpu_count()} CPUs")
     results = []
-    for n in [int(x) for x in args.n.split(",")]:
+    runs = [(int(x), q) for x in args.n.split(",") for q in (("off", "on") if args.quantize == "both" else (args.quantize,))]
+    for n, q in runs:
         cmd = [sys.executable, __file__, "--child", str(n), "--data-dir", args.data_dir, "--epochs", str(args.epochs),
-               "--threads", str(args.threads)] + (["--keep", args.keep] if args.keep else [])
+               "--threads", str(args.threads), "--quantize", q] + (["--keep", args.keep] if args.keep else [])
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
-            raise SystemExit(f"child for N={n} failed (exit {proc.returncode})")
-        r = json.loads(line[len("RESULT "):])
+        r = run_child(cmd, f"N={n}")
         r["wall_s"] = time.perf_counter() - t0
         results.append(r)
         print(f"  N={n}: done in {r['wall_s']:.0f} s (fit {r['fit_s']:.0f} s, of which precompute "
-              f"{r['precompute_s']:.0f} s; epochs {r['epoch_s']} s; precision {r['precision_used']}); "
+              f"{r['precompute_s']:.0f} s; epochs {r['epoch_s']} s; precision {r['precision_used']}; shapes quantised: "
+              f"{q}); "
               f"{r['dropped_conflicts']} conflicting CounterFact records skipped")
 
+    if args.quantize == "both":
+        print("\nshape quantisation (same N, same edits, one subprocess each; epoch 1 builds new oneDNN primitives):")
+        for off, on in zip(results[::2], results[1::2]):
+            e_off, e_on = sum(off["epoch_s"]), sum(on["epoch_s"])
+            print(f"  N={on['n_edits']}: epochs off {off['epoch_s']} s, on {on['epoch_s']} s; total {e_off:.0f} s -> "
+                  f"{e_on:.0f} s ({e_off / e_on:.2f}x); precompute {off['precompute_s']:.0f} s -> {on['precompute_s']:.0f} s")
     src = results[0]["rss_source"]
     print(f"\nmeasured (peak = ru_maxrss of the subprocess; current RSS via {src}):")
     print(f"  {'N':>6s} {'subjects':>8s} {'seqs':>6s} {'RSS model':>10s} {'peak precomp':>13s} {'peak fit':>10s} "
@@ -193,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     # transient, set by the batch size, not by N), so a slope between two sizes only means something
     # when both are well above the batch size; the cache-based projection adds the per-edit caches
     # once (``_precompute`` fills one preallocated tensor).
-    big = max(results, key=lambda r: r["n_edits"])
+    big = [r for r in results if r["n_edits"] == max(x["n_edits"] for x in results)][-1]  # with "both": quantised
     P, n = args.project, big["n_edits"]
     if P > n:
         per_cache = (big["states"] + big["ref"] + big["kv"]) / n
@@ -207,8 +225,10 @@ def main(argv: list[str] | None = None) -> None:
               f"{saved_p / MIB:.1f} MiB ({fixed / MIB:.2f} MiB generator + config, the rest per subject)")
         print(f"  [PROJECTED] peak RSS, cache-based (peak at N={n} + (L-states + refs + prefix K/V) per extra edit): "
               f"{peak_c / GIB:.2f} GiB (target <= 8 GiB: {'within' if peak_c <= 8 * GIB else 'ABOVE'})")
-        if len(results) >= 2:
-            small = sorted(results, key=lambda r: r["n_edits"])[-2]
+        sizes = {r["n_edits"]: r for r in results}  # one result per size (the last: quantised, with "both")
+        if len(sizes) >= 2:
+            big = sizes[max(sizes)]
+            small = sizes[sorted(sizes)[-2]]
             slope = (big["peak_fit"] - small["peak_fit"]) / (big["n_edits"] - small["n_edits"])
             peak_s = big["peak_fit"] + slope * (P - n)
             print(f"  [PROJECTED] peak RSS, slope between N={small['n_edits']} and N={n} ({slope / 1024:.1f} KiB/edit): "

@@ -148,6 +148,9 @@ class LKSEditor:
         self._as_tuple: bool | None = None
         self._lm_weight: torch.Tensor | None = None  # bfloat16 copy of the output embedding during fit
         self.precision_used = ""                     # TrainConfig.precision as resolved by the last fit
+        # pad the fast path's shapes to SHAPE_QUANTA: None (default) where it pays, i.e. bfloat16 on
+        # CPU (oneDNN's per-shape kernels); in float32 the padding only costs (~15% slower steps)
+        self.quantize_shapes: bool | None = None
 
     # ----------------------------------------------------------------------------------------
     # Scope: subjects and feature vectors
@@ -321,7 +324,17 @@ class LKSEditor:
         """Output layer on final hidden rows ``[n, d]`` -> float32 logits ``[n, vocab]``."""
         head = self.model.get_output_embeddings()
         weight = self._lm_weight if self._lm_weight is not None else head.weight
-        return F.linear(hidden.to(weight.dtype), weight, getattr(head, "bias", None)).float()
+        n = hidden.shape[0]
+        pad = (-n) % SHAPE_QUANTA[3] if self._quantize(weight) else 0
+        if pad:  # zero rows, sliced off again: the row count takes few distinct values
+            hidden = torch.cat([hidden, hidden.new_zeros(pad, hidden.shape[1])])
+        return F.linear(hidden.to(weight.dtype), weight, getattr(head, "bias", None))[:n].float()
+
+    def _quantize(self, weight: torch.Tensor) -> bool:
+        """Whether to pad shapes for a pass with weights like ``weight`` (see ``quantize_shapes``)."""
+        if self.quantize_shapes is not None:
+            return self.quantize_shapes
+        return weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
 
     def _upper_hidden(self, cache: _Cache, seqs: list[_Seq], batch: list[int], table: torch.Tensor | None,
                       kv_out: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
@@ -338,14 +351,19 @@ class LKSEditor:
         use_prefix = cache.kv is not None and kv_out is None
         starts = [seqs[j].subj_pos if use_prefix else 0 for j in batch]
         lens = [len(seqs[j].ids) - s0 for j, s0 in zip(batch, starts)]
-        T, P = max(lens), max(starts)
-        # [batch, T, d] right-padded copy of the cached states (padding rows are masked out)
-        h = torch.zeros(len(batch), T, self.d, device=dev)
-        mask = torch.zeros(len(batch), P + T, dtype=torch.long, device=dev)
+        T, P, B = max(lens), max(starts), len(batch)
+        if self._quantize(next(layers[-1].parameters())):  # few distinct shapes: see SHAPE_QUANTA
+            B, T, P = _round_up(B, SHAPE_QUANTA[0]), _round_up(T, SHAPE_QUANTA[1]), _round_up(P, SHAPE_QUANTA[2])
+        # [B, T, d] right-padded copy of the cached states (padding is masked out; rows past the
+        # batch are dummies that see one zero token, so no attention row is fully masked)
+        h = torch.zeros(B, T, self.d, device=dev)
+        mask = torch.zeros(B, P + T, dtype=torch.long, device=dev)
+        mask[len(batch):, P] = 1
         for row, (j, s0, n) in enumerate(zip(batch, starts, lens)):
             o = cache.offsets[j] + s0
             h[row, :n] = cache.states[o:o + n].to(dev)
             mask[row, P - s0:P + n] = 1  # prefix left-padded to P, suffix right-padded to T
+        starts = starts + [0] * (B - len(batch))
         if table is not None:
             rows = torch.arange(len(batch), device=dev)
             pos = torch.tensor([seqs[j].subj_pos - s0 for j, s0 in zip(batch, starts)], device=dev)
@@ -375,12 +393,12 @@ class LKSEditor:
         """Model kwargs that make a suffix-only pass attend to the cached prefix keys/values."""
         assert cache.kv is not None
         _, n_upper, _, n_kv, hd = cache.kv.shape
-        kv = torch.zeros(len(batch), P, n_upper, 2, n_kv, hd, dtype=dtype)
-        for row, (j, p) in enumerate(zip(batch, starts)):
+        kv = torch.zeros(len(starts), P, n_upper, 2, n_kv, hd, dtype=dtype)
+        for row, (j, p) in enumerate(zip(batch, starts)):  # zip: dummy rows keep zero keys/values
             o = cache.kv_offsets[j]
             kv[row, P - p:] = cache.kv[o:o + p]
         kv = kv.to(dev).permute(2, 3, 0, 4, 1, 5)  # [n_upper, 2, batch, kv_heads, P, head_dim]
-        dummy = torch.zeros(len(batch), n_kv, P, hd, dtype=dtype, device=dev)  # layers 0..L never read it
+        dummy = torch.zeros(len(starts), n_kv, P, hd, dtype=dtype, device=dev)  # layers 0..L never read it
         n_lower = self.config.layer + 1
         past = make_past([(dummy, dummy)] * n_lower + [(kv[i, 0], kv[i, 1]) for i in range(n_upper)])
         starts_t = torch.tensor(starts, device=dev)
@@ -860,8 +878,20 @@ def _starts(lengths: Iterable[int]) -> tuple[list[int], int]:
     return starts, total
 
 
+# Padding quanta of the fast path's shapes: (batch rows, suffix tokens, prefix tokens, logit rows).
+# oneDNN (bf16 on CPU) builds and caches a primitive per distinct matmul shape; a new shape costs
+# ~3x a cached one, and its cache holds 1,024, so unquantised step shapes (a new row count almost
+# every step at 1,000+ edits) keep missing it. Padding costs a few % more FLOPs (benchmarks/); in
+# float32 (no per-shape kernels) that is all it does, so LKSEditor.quantize_shapes pads only bf16 on CPU.
+SHAPE_QUANTA = (8, 2, 4, 32)
+
+
+def _round_up(n: int, q: int) -> int:
+    return -(-n // q) * q
+
+
 TRIM_EVERY = 4      # precompute batches between two heap trims (lks.utils.release_memory)
-LENGTH_BUCKETS = 3  # blocks per training step (see _batch_loss); 3 left ~4% padding in bench_train
+LENGTH_BUCKETS = 2  # blocks per training step (see _batch_loss): fewer, longer op chains; 2 was fastest of 1-4 (benchmarks/README)
 
 
 def length_buckets(lens: Sequence[int], k: int) -> list[int]:

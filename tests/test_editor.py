@@ -278,6 +278,38 @@ def test_prefix_cache_gives_the_same_losses_and_gradients(tiny_pair):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("prefix_cache", [False, True])
+def test_shape_quantisation_changes_no_loss_or_gradient(tiny_pair, prefix_cache):
+    """Padding rows, tokens, prefix and logit rows to SHAPE_QUANTA (dummy rows included) leaves
+    the losses and the generator's gradients as they are."""
+    import lks.editor as E
+
+    model, tok = tiny_pair
+    cfg = TrainConfig(**{**TRAIN.__dict__, "prefix_cache": prefix_cache})
+    editor, _, seqs, cache = prepared_editor(model, tok, tiny_edits(), cfg, EditorConfig(layer=1, generator="linear"), 0.3)
+    batch = list(range(len(seqs)))
+    assert len(batch) % E.SHAPE_QUANTA[0] != 0  # so that dummy rows are really added
+    out = {}
+    for q in (False, True):
+        editor.quantize_shapes = q
+        editor.generator.zero_grad()
+        losses = editor._batch_loss(cache, seqs, batch, cfg)
+        losses["total"].backward()
+        out[q] = ({k: float(v.detach()) for k, v in losses.items()}, [p.grad.clone() for p in editor.generator.parameters()])
+    assert all(math.isfinite(v) for v in out[True][0].values()) and out[False][0]["loc"] > 1e-4
+    for k, v in out[False][0].items():
+        assert out[True][0][k] == pytest.approx(v, rel=1e-5, abs=1e-6)
+    for a, b in zip(out[False][1], out[True][1], strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_round_up():
+    from lks.editor import _round_up
+
+    assert [_round_up(n, 8) for n in (1, 7, 8, 9, 16)] == [8, 8, 8, 16, 16]
+    assert _round_up(5, 1) == 5
+
+
 def test_route_finds_non_ascii_subjects_split_across_byte_tokens(tiny_pair):
     """"é" is two byte-level tokens for the tiny tokenizer: each decodes to U+FFFD on its own."""
     model, tok = tiny_pair

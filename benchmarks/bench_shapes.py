@@ -1,0 +1,97 @@
+"""Epoch time of ``fit`` for several step-shape settings: length buckets and padding quanta.
+
+    python benchmarks/bench_shapes.py --n 1000 --epochs 2 --threads 2 --reps 2 \
+        --settings 3:1,1,1,1 3:8,2,4,32 2:8,2,4,32 2:1,1,1,1
+
+A setting ``B:r,t,p,l`` sets ``lks.editor.LENGTH_BUCKETS = B`` and ``SHAPE_QUANTA = (r, t, p, l)``
+(rows, suffix tokens, prefix tokens, logit rows; ``1,1,1,1`` = exact shapes). Each setting is fitted
+in its own subprocess (the oneDNN kernel cache is per process, so settings must not share one),
+with the registered recipe on the first N CounterFact edits; the settings are run in the given
+order, ``--reps`` times round-robin, so drift of a shared machine hits them alike. Printed: each
+run's epoch seconds and training losses (equal across settings up to float rounding: padding
+changes no loss), then the mean epoch time per setting and its ratio to the first setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # runnable from a checkout without installing
+
+from bench_memory import first_without_conflicts, run_child  # noqa: E402 (this script's own folder)
+
+
+def parse(setting: str) -> tuple[int, tuple[int, ...]]:
+    buckets, quanta = setting.split(":")
+    q = tuple(int(x) for x in quanta.split(","))
+    if len(q) != 4 or min(q) < 1 or int(buckets) < 1:
+        raise SystemExit(f"bad setting {setting!r}: expected B:r,t,p,l with positive integers")
+    return int(buckets), q
+
+
+def child(args: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import lks
+    import lks.editor as E
+    from lks.config import model_spec
+
+    E.LENGTH_BUCKETS, E.SHAPE_QUANTA = parse(args.child)
+    model, tok = lks.load_model("smollm2-135m", device="cpu")
+    edits, _ = first_without_conflicts(lks.load_edits("counterfact", data_dir=args.data_dir), args.n)
+    spec = model_spec("smollm2-135m")
+    editor = E.LKSEditor(model, tok, spec.editor)
+    editor.quantize_shapes = E.SHAPE_QUANTA != (1, 1, 1, 1)  # forced (the library pads only bf16 on CPU)
+    cfg = dataclasses.replace(spec.train, epochs=args.epochs, **({"precision": args.precision} if args.precision else {}))
+    editor.fit(edits, cfg, progress=False)
+    return {"setting": args.child, "epoch_s": [h["seconds"] for h in editor.history],
+            "loss": [h["loss"] for h in editor.history], "precision": editor.precision_used}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data-dir", default=os.environ.get("LKS_DATA_DIR", str(REPO.parent / "shared" / "data")))
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--precision", default=None, help="override the recipe's precision (float32 | bfloat16 | auto)")
+    ap.add_argument("--settings", nargs="+", default=["3:1,1,1,1", "3:8,2,4,32", "2:8,2,4,32", "2:1,1,1,1"])
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child is not None:
+        print("RESULT " + json.dumps(child(args)), flush=True)
+        return
+    for s in args.settings:
+        parse(s)
+    print(f"N={args.n} CounterFact edits, registered recipe, {args.epochs} epochs, {args.threads} thread(s); "
+          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    runs: dict[str, list[float]] = {s: [] for s in args.settings}
+    for rep in range(args.reps):
+        for s in args.settings:
+            cmd = [sys.executable, __file__, "--child", s, "--n", str(args.n), "--epochs", str(args.epochs),
+                   "--threads", str(args.threads), "--data-dir", args.data_dir]
+            cmd += ["--precision", args.precision] if args.precision else []
+            t0 = time.perf_counter()
+            r = run_child(cmd, f"setting {s}")
+            runs[s].extend(r["epoch_s"])
+            print(f"  rep {rep + 1} {s:>12s}: epochs {[round(x, 1) for x in r['epoch_s']]} s, loss "
+                  f"{[round(x, 4) for x in r['loss']]} ({r['precision']}; {time.perf_counter() - t0:.0f} s in all)",
+                  flush=True)
+    base = sum(runs[args.settings[0]]) / len(runs[args.settings[0]])
+    print("\nmean epoch time per setting (ratio: first setting / this one):")
+    for s, xs in runs.items():
+        m = sum(xs) / len(xs)
+        print(f"  {s:>12s}: {m:6.1f} s  ({base / m:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
