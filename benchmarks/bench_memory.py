@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     ap.add_argument("--project", type=int, default=10_000, help="N to project to from bytes per edit")
     ap.add_argument("--quantize", choices=("on", "off", "both"), default="on",
-                    help="pad the fast path's shapes (lks.editor.SHAPE_QUANTA; 'on' is the library default); "
+                    help="pad the fast path's shapes (lks.editor.SHAPE_QUANTA), forced on or off; the library "
+                         "pads by default only in bfloat16 on CPU, so 'on' is the recipe's behaviour here; "
                          "'both' fits each N twice, off then on, and prints the epoch-time ratio")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
