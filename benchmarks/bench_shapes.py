@@ -10,6 +10,12 @@ with the registered recipe on the first N CounterFact edits; the settings are ru
 order, ``--reps`` times round-robin, so drift of a shared machine hits them alike. Printed: each
 run's epoch seconds and training losses (equal across settings up to float rounding: padding
 changes no loss), then the mean epoch time per setting and its ratio to the first setting.
+
+``--count`` fits nothing: per setting it counts the distinct shapes one epoch of ``fit`` sends
+through the upper layers (the batches are fixed, so every epoch has the same set): (rows, suffix,
+prefix) blocks, token counts per block, logit-row counts, and padded tokens per real token.
+
+    python benchmarks/bench_shapes.py --count --n 10000 --settings 2:1,1,1,1 2:8,2,4,32
 """
 
 from __future__ import annotations
@@ -56,6 +62,45 @@ def child(args: argparse.Namespace) -> dict:
             "loss": [h["loss"] for h in editor.history], "precision": editor.precision_used}
 
 
+def count(args: argparse.Namespace) -> None:
+    """Distinct step shapes of one epoch per setting (tokeniser only: no layer runs)."""
+    import lks
+    import lks.editor as E
+    from lks.config import model_spec
+    from lks.scope import ScopeIndicator
+
+    model, tok = lks.load_model("smollm2-135m", device="cpu")
+    edits, _ = first_without_conflicts(lks.load_edits("counterfact", data_dir=args.data_dir), args.n)
+    spec = model_spec("smollm2-135m")
+    editor = E.LKSEditor(model, tok, spec.editor)
+    editor.subjects = list(dict.fromkeys(r.subject for r in edits))
+    editor.scope = ScopeIndicator(editor.subjects)  # all _build_sequences needs (no feature pass)
+    per_edit, seqs, _ = editor._build_sequences(edits, spec.train)
+    batches = E._length_batches(per_edit, seqs, spec.train.batch_size)
+    print(f"N={len(edits)} CounterFact edits, {len(seqs)} sequences, {len(batches)} steps per epoch (prefix cache on)")
+    for setting in args.settings:
+        n_buckets, (qr, qt, qp, ql) = parse(setting)
+        blocks, tokens, logit_rows, padded, real = set(), set(), set(), 0, 0
+        for batch in batches:
+            run = {j: len(seqs[j].ids) - seqs[j].subj_pos for j in batch}  # as _batch_loss, prefix cache on
+            order = sorted(batch, key=lambda j: (run[j], seqs[j].subj_pos))
+            start, rows = 0, {"nll": 0, "kl": 0}
+            for end in E.length_buckets([run[j] for j in order], n_buckets):
+                part, start = order[start:end], end
+                B = E._round_up(len(part), qr)
+                T = E._round_up(max(run[j] for j in part), qt)
+                P = E._round_up(max(seqs[j].subj_pos for j in part), qp)
+                blocks.add((B, T, P))
+                tokens.add(B * T)
+                padded += B * T
+                real += sum(run[j] for j in part)
+                for j in part:
+                    rows["kl" if seqs[j].kind == E.KIND_LOC else "nll"] += len(seqs[j].loss_pos)
+            logit_rows.update(E._round_up(r, ql) for r in rows.values() if r)
+        print(f"  {setting:>12s}: {len(blocks)} (rows, suffix, prefix) blocks, {len(tokens)} token counts, "
+              f"{len(logit_rows)} logit-row counts; padded / real tokens {padded / real:.2f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default=os.environ.get("LKS_DATA_DIR", str(REPO.parent / "shared" / "data")))
@@ -65,8 +110,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--precision", default=None, help="override the recipe's precision (float32 | bfloat16 | auto)")
     ap.add_argument("--settings", nargs="+", default=["3:1,1,1,1", "3:8,2,4,32", "2:8,2,4,32", "2:1,1,1,1"])
+    ap.add_argument("--count", action="store_true", help="count each setting's distinct step shapes; fit nothing")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.count:
+        for s in args.settings:
+            parse(s)
+        count(args)
+        return
     if args.child is not None:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return

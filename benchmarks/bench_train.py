@@ -325,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     model, tok = lks.load_model(MODEL, device="cpu")
     edits = lks.load_edits("counterfact", data_dir=args.data_dir, n=args.n)
     cfg = dataclasses.replace(spec.train, batch_size=args.batch_size, loc_per_subject=args.loc_per_subject,
-                              precision="float32")  # the fast path is the float32 one; fast-bf16 below
+                              precision="float32", prefix_cache=False)  # the fast path: float32, no prefix
+    # cache (the recipe turns it on: without this "fast" would silently equal "fast-pc"); variants below
     with ExitStack() as stack:
         run(args, spec, model, tok, edits, cfg, stack, t_start)
 

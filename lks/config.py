@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-GENERATOR_KINDS = ("linear", "mlp", "residual")
+GENERATOR_KINDS = ("linear", "mlp", "residual", "residual_mlp")
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
@@ -33,8 +33,8 @@ class EditorConfig:
     """Architecture of an editor: where the knowledge block lives and how it is generated."""
 
     layer: int = 20                # decoder layer whose OUTPUT holds the knowledge block (0-based)
-    generator: str = "residual"    # "linear" | "mlp" (the paper's) | "residual" (KB + g(feature))
-    mlp_ratio: int = 4             # hidden width of the "mlp" generator, as a multiple of d_model
+    generator: str = "residual"    # "linear" | "mlp" (the paper's) | "residual" (KB + g(feature)) | "residual_mlp"
+    mlp_ratio: int = 4             # hidden width of the "mlp" and "residual_mlp" generators, as a multiple of d_model
     fuzzy_threshold: float = 90.0  # rapidfuzz score (0-100) for the scope indicator's fuzzy fallback
 
     def __post_init__(self) -> None:

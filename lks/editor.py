@@ -155,7 +155,9 @@ class LKSEditor:
     # ----------------------------------------------------------------------------------------
     # Scope: subjects and feature vectors
     # ----------------------------------------------------------------------------------------
-    def _set_edits(self, edits: EditSet) -> None:
+    def _set_edits(self, edits: EditSet, cfg: TrainConfig | None = None) -> None:
+        """Subjects, feature texts, scope indicator and feature vectors of ``edits``. With ``cfg``
+        (from :meth:`fit`) the feature pass runs in the fit's precision (see :meth:`_lower_pass`)."""
         edits.require_nonempty()
         _check_conflicts(edits)  # fit() has already dropped conflicts when asked to
         by_subject: dict[str, list[str]] = {}
@@ -168,22 +170,32 @@ class LKSEditor:
         # edits of the same subject are joined into one statement: one KB per subject
         self.feature_texts = [" ".join(stmts) for stmts in by_subject.values()]
         self.scope = ScopeIndicator(self.subjects, fuzzy_threshold=self.config.fuzzy_threshold)
-        self.features = self._layer_states_at_last_token(self.feature_texts)
+        if cfg is not None and self._bf16_swap(cfg) is not None:
+            with self._lower_pass(cfg):  # bfloat16, 256 per batch: 1,000 subjects 2.8 s (float32, 64: 6.8 s)
+                self.features = self._layer_states_at_last_token(self.feature_texts, batch_size=256)
+        else:
+            self.features = self._layer_states_at_last_token(self.feature_texts)
         self.data_checksum = edits.checksum()
         self.n_edits = len(edits)
         self._table = None
 
     @torch.no_grad()  # not inference_mode: these tensors are inputs of training steps later
     def _layer_states_at_last_token(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-        """Layer-L output at the last real token of each text: ``[n, d]`` (stops at layer L)."""
-        dev, out = model_device(self.model), []
-        for i in range(0, len(texts), batch_size):
-            enc = self.tokenizer(list(texts[i:i + batch_size]), return_tensors="pt", padding=True,
-                                 padding_side="right").to(dev)
-            states = self._run_to_layer(enc["input_ids"], enc["attention_mask"])
-            last = enc["attention_mask"].sum(1) - 1
-            out.append(states[torch.arange(len(last), device=dev), last].float())
-        return torch.cat(out)
+        """Layer-L output at the last real token of each text: ``[n, d]`` (stops at layer L).
+
+        The texts run in order of token length (batches of similar lengths carry little padding;
+        1,000 CounterFact feature texts: 11.6 -> 6.8 s, same values up to float rounding)."""
+        dev = model_device(self.model)
+        ids = self.tokenizer(list(texts))["input_ids"]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = torch.empty(len(ids), self.d)
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            x, mask = _pad([ids[i] for i in idx], self.tokenizer.pad_token_id, dev)
+            states = self._run_to_layer(x, mask)
+            last = mask.sum(1) - 1
+            out[torch.tensor(idx)] = states[torch.arange(len(idx), device=dev), last].float().cpu()
+        return out.to(dev)
 
     def _run_to_layer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Layer-L output ``[batch, seq, d]``; the layers above L are never run."""
@@ -249,7 +261,7 @@ class LKSEditor:
             return (m.start, m.end) if m is not None and m.subject == subject else None
 
     @torch.no_grad()  # not inference_mode: the cache feeds autograd-tracked training steps
-    def _precompute(self, seqs: list[_Seq], cfg: TrainConfig, batch_size: int = 64, progress: bool = True) -> _Cache:
+    def _precompute(self, seqs: list[_Seq], cfg: TrainConfig, batch_size: int = 256, progress: bool = True) -> _Cache:
         """Cache layer-L states of every sequence and the reference locality distributions."""
         dev = model_device(self.model)
         order = sorted(range(len(seqs)), key=lambda j: len(seqs[j].ids))  # length-bucketed batches
@@ -418,7 +430,9 @@ class LKSEditor:
     def _lower_pass(self, cfg: TrainConfig) -> Iterator[None]:
         """Precision of the one-time layer-L pass of :meth:`_precompute` (``TrainConfig.precision``):
         in bfloat16 the cached states carry bfloat16 rounding, like the upper pass. The feature
-        vectors are always computed in the model's own dtype (they are used at inference too)."""
+        vectors of :meth:`fit` run in it too: they are computed once and stored with the editor, so
+        inference reads the very vectors training saw (1,000 CounterFact subjects: within 1.1% of
+        the float32 vectors on average, 4.5% at most, relative L2)."""
         if self._bf16_swap(cfg) is None:
             yield
             return
@@ -513,7 +527,7 @@ class LKSEditor:
         checkpoint_dir: str | os.PathLike | None = None,
         resume: bool = True,
         progress: bool = True,
-        precompute_batch_size: int = 64,
+        precompute_batch_size: int = 256,
         on_conflict: str = "error",
     ) -> list[dict[str, float]]:
         """Train the generator on ``edits`` (the base model stays frozen).
@@ -525,6 +539,8 @@ class LKSEditor:
             checkpoint_dir: if given, the editor is saved there after every epoch (atomically), and
                 ``resume=True`` continues from the last saved epoch when it holds the same edits.
             progress: show tqdm bars.
+            precompute_batch_size: sequences per batch of the one-time layer-L and reference passes
+                (length-sorted; 256 made the 1,000-edit precompute 35.5 -> 26.4-28.4 s against 64, two runs).
             on_conflict: ``"error"`` (default) rejects the same subject + prompt with two different
                 targets; ``"first"`` keeps the first such edit and drops the later ones (CounterFact
                 has 79 such pairs in its first 10,000 records), recorded in ``self.dropped``.
@@ -544,7 +560,7 @@ class LKSEditor:
         self.dropped: list[int] = []
         if on_conflict == "first":
             edits, self.dropped = drop_conflicts(edits)
-        self._set_edits(edits)
+        self._set_edits(edits, cfg)
         per_edit, seqs, skipped = self._build_sequences(edits, cfg)
         cache = self._precompute(seqs, cfg, precompute_batch_size, progress)
         release_memory()  # the precompute's transient tensors: return them to the OS before training

@@ -15,6 +15,9 @@ Kinds:
     residual ``KB' = KB + W f + b`` with ``W, b`` initialised to zero, so an untrained editor
              changes nothing and training only has to learn the *change* of the block. On the
              embedded model this held locality higher at equal reliability (README, Hyperparameters).
+    residual_mlp ``KB' = KB + W2 GELU(W1 f + b1) + b2`` (d -> r*d -> d) with ``W2, b2``
+             initialised to zero: the residual form with the MLP's capacity (a d x d map cannot
+             give thousands of subjects each their own change of the block).
 """
 
 from __future__ import annotations
@@ -79,12 +82,24 @@ class ResidualGenerator(KBGenerator):
         return self.proj(feature)
 
 
+class ResidualMLPGenerator(MLPGenerator):
+    kind = "residual_mlp"
+    additive = True
+
+    def __init__(self, d: int, ratio: int = 4) -> None:
+        super().__init__(d, ratio)
+        nn.init.zeros_(self.net[2].weight)  # untrained editor == unedited model (W1 still random,
+        nn.init.zeros_(self.net[2].bias)    # so W2's first gradients are not zero)
+
+
 def make_generator(kind: str, d: int, mlp_ratio: int = 4) -> KBGenerator:
-    """Build a generator by name: ``"linear"``, ``"mlp"`` or ``"residual"``."""
+    """Build a generator by name: ``"linear"``, ``"mlp"``, ``"residual"`` or ``"residual_mlp"``."""
     if kind == "linear":
         return LinearGenerator(d)
     if kind == "mlp":
         return MLPGenerator(d, mlp_ratio)
     if kind == "residual":
         return ResidualGenerator(d)
+    if kind == "residual_mlp":
+        return ResidualMLPGenerator(d, mlp_ratio)
     raise ValueError(f"unknown generator kind {kind!r}; choose one of {list(GENERATOR_KINDS)}")

@@ -32,7 +32,7 @@ TRAIN = TrainConfig(lr=1e-2, epochs=3, batch_size=2, loc_per_subject=2, loc_topk
 
 
 @pytest.mark.parametrize("prefix_cache", [False, True])
-@pytest.mark.parametrize("kind", ["linear", "mlp", "residual"])
+@pytest.mark.parametrize("kind", ["linear", "mlp", "residual", "residual_mlp"])
 def test_fast_path_equals_hooked_forward(tiny_pair, kind, prefix_cache):
     """Cached layer-L states + layers L+1..N (with or without the cached prefix keys/values) give
     the logits of the plain hooked full forward pass."""
@@ -62,9 +62,10 @@ def test_fast_path_equals_hooked_forward(tiny_pair, kind, prefix_cache):
     assert (plain - ref).abs().max().item() > 1e-3
 
 
-def test_residual_untrained_changes_nothing(tiny_pair):
+@pytest.mark.parametrize("kind", ["residual", "residual_mlp"])
+def test_residual_untrained_changes_nothing(tiny_pair, kind):
     model, tok = tiny_pair
-    editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
+    editor = LKSEditor(model, tok, EditorConfig(layer=1, generator=kind))
     editor._set_edits(tiny_edits())
     prompts = ["Toko Yasuda plays the", "The capital of France is"]
     assert editor.generate(prompts, max_new_tokens=5) == editor.generate(prompts, max_new_tokens=5, edited=False)
@@ -247,6 +248,10 @@ def test_bfloat16_fit_restores_the_model_exactly(tiny_pair):
     assert hist[-1]["edit"] < hist[0]["edit"]
     # zero-init residual: the first step's locality KL is ~0 (references in the same precision)
     assert hist[0]["loc"] < 0.05
+    # the feature pass ran in bfloat16 too: close to, but not, the float32 vectors
+    fp32 = editor._layer_states_at_last_token(editor.feature_texts)
+    rel = ((editor.features - fp32).norm(dim=1) / fp32.norm(dim=1)).max().item()
+    assert editor.features.dtype == torch.float32 and 0 < rel < 0.05
 
 
 def test_upper_layers_dtype_restores_on_error(tiny_pair):
@@ -357,3 +362,16 @@ def test_topk_kl_equals_the_coarse_grained_kl_and_its_gradient(scale):
     direct.backward()
     assert float(fast.detach()) == pytest.approx(float(direct.detach()), rel=1e-4, abs=1e-7)
     assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-7)
+
+
+def test_feature_states_keep_input_order_across_length_sorted_batches(tiny_pair):
+    """Texts run in order of length, in batches: each row is still its own text's state."""
+    model, tok = tiny_pair
+    editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
+    texts = ["Toko Yasuda plays the piano and the guitar in a band", "Paris", "The capital of France is Paris",
+             "Berlin is in Germany", "Danielle Darrieux"]
+    batched = editor._layer_states_at_last_token(texts, batch_size=2)
+    alone = torch.cat([editor._layer_states_at_last_token([t]) for t in texts])
+    assert batched.shape == (len(texts), editor.d)
+    assert (batched - alone).abs().max().item() < 1e-4
+    assert (alone[0] - alone[1]).abs().max().item() > 1e-3  # the texts' states differ: order matters
