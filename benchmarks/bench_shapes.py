@@ -79,24 +79,20 @@ def count(args: argparse.Namespace) -> None:
     batches = E._length_batches(per_edit, seqs, spec.train.batch_size)
     print(f"N={len(edits)} CounterFact edits, {len(seqs)} sequences, {len(batches)} steps per epoch (prefix cache on)")
     for setting in args.settings:
-        n_buckets, (qr, qt, qp, ql) = parse(setting)
+        n_buckets, quanta = parse(setting)
         blocks, tokens, logit_rows, padded, real = set(), set(), set(), 0, 0
         for batch in batches:
-            run = {j: len(seqs[j].ids) - seqs[j].subj_pos for j in batch}  # as _batch_loss, prefix cache on
-            order = sorted(batch, key=lambda j: (run[j], seqs[j].subj_pos))
-            start, rows = 0, {"nll": 0, "kl": 0}
-            for end in E.length_buckets([run[j] for j in order], n_buckets):
-                part, start = order[start:end], end
-                B = E._round_up(len(part), qr)
-                T = E._round_up(max(run[j] for j in part), qt)
-                P = E._round_up(max(seqs[j].subj_pos for j in part), qp)
+            rows = {"nll": 0, "kl": 0}
+            for block in E.step_blocks(seqs, batch, True, n_buckets):  # as _batch_loss runs them, prefix cache on
+                run = [len(seqs[j].ids) - seqs[j].subj_pos for j in block]
+                B, T, P = E.quantized_shape(len(block), max(run), max(seqs[j].subj_pos for j in block), quanta)
                 blocks.add((B, T, P))
                 tokens.add(B * T)
                 padded += B * T
-                real += sum(run[j] for j in part)
-                for j in part:
+                real += sum(run)
+                for j in block:
                     rows["kl" if seqs[j].kind == E.KIND_LOC else "nll"] += len(seqs[j].loss_pos)
-            logit_rows.update(E._round_up(r, ql) for r in rows.values() if r)
+            logit_rows.update(E._round_up(r, quanta[3]) for r in rows.values() if r)
         print(f"  {setting:>12s}: {len(blocks)} (rows, suffix, prefix) blocks, {len(tokens)} token counts, "
               f"{len(logit_rows)} logit-row counts; padded / real tokens {padded / real:.2f}")
 

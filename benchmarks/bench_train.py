@@ -72,7 +72,7 @@ from lks.editor import (  # noqa: E402
     LKSEditor,
     _length_batches,
     _log_tail,
-    length_buckets,
+    step_blocks,
     topk_kl,
 )
 from lks.hooks import LayerHooks  # noqa: E402
@@ -231,12 +231,8 @@ class NaiveLoop:
 def padded_tokens(seqs, batch: list[int], buckets: int = 1, suffix_only: bool = False) -> int:
     """Tokens that ``batch`` sends through the upper layers when run in ``buckets`` length buckets
     (``suffix_only``: with the prefix cache, from the subject's last token on)."""
-    lens = sorted(len(seqs[j].ids) - (seqs[j].subj_pos if suffix_only else 0) for j in batch)
-    cuts, start, total = length_buckets(lens, buckets), 0, 0
-    for end in cuts:
-        total += lens[end - 1] * (end - start)
-        start = end
-    return total
+    run = {j: len(seqs[j].ids) - (seqs[j].subj_pos if suffix_only else 0) for j in batch}
+    return sum(len(block) * max(run[j] for j in block) for block in step_blocks(seqs, batch, suffix_only, buckets))
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import torch
 
 import lks
 from lks.data import find_subject, subject_token_index, training_locality_prompts
+from lks.editor import _pad
 from lks.hooks import LayerHooks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,16 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         return [(ids, subject_token_index(offs, *find_subject(p, subject)), offs)
                 for ids, offs, p in zip(enc["input_ids"], enc["offset_mapping"], prompts)]
 
-    def padded(items) -> tuple[torch.Tensor, torch.Tensor]:
-        T = max(len(it[0]) for it in items)
-        ids = torch.full((len(items), T), tok.pad_token_id)
-        mask = torch.zeros(len(items), T, dtype=torch.long)
-        for r, it in enumerate(items):
-            ids[r, :len(it[0])], mask[r, :len(it[0])] = torch.tensor(it[0]), 1
-        return ids, mask
-
     def logits(items, delta: torch.Tensor | None) -> torch.Tensor:
-        ids, mask = padded(items)
+        ids, mask = _pad([it[0] for it in items], tok.pad_token_id, "cpu")  # right-padded, as fit pads
         with LayerHooks(model, edit_layer=args.layer, detach=False) as hooks:
             if delta is not None:
                 hooks.replace(list(range(len(items))), [it[1] for it in items], delta.expand(len(items), -1), additive=True)

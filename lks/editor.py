@@ -29,7 +29,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,11 +170,11 @@ class LKSEditor:
         # edits of the same subject are joined into one statement: one KB per subject
         self.feature_texts = [" ".join(stmts) for stmts in by_subject.values()]
         self.scope = ScopeIndicator(self.subjects, fuzzy_threshold=self.config.fuzzy_threshold)
-        if cfg is not None and self._bf16_swap(cfg) is not None:
-            with self._lower_pass(cfg):  # bfloat16, 256 per batch: 1,000 subjects 2.8 s (float32, 64: 6.8 s)
-                self.features = self._layer_states_at_last_token(self.feature_texts, batch_size=256)
-        else:
-            self.features = self._layer_states_at_last_token(self.feature_texts)
+        bf16 = cfg is not None and self._bf16_swap(cfg) is not None
+        with self._lower_pass(cfg) if bf16 else nullcontext():
+            # 1,000 CounterFact subjects: bfloat16 in batches of 256 2.8 s; float32 in batches of 64
+            # 6.8 s (of 256: 8.5 s)
+            self.features = self._layer_states_at_last_token(self.feature_texts, batch_size=256 if bf16 else 64)
         self.data_checksum = edits.checksum()
         self.n_edits = len(edits)
         self._table = None
@@ -185,17 +185,25 @@ class LKSEditor:
 
         The texts run in order of token length (batches of similar lengths carry little padding;
         1,000 CounterFact feature texts: 11.6 -> 6.8 s, same values up to float rounding)."""
+        out = torch.empty(len(texts), self.d)
+        for idx, states, mask in self._lower_batches(self.tokenizer(list(texts))["input_ids"], batch_size):
+            last = mask.sum(1) - 1
+            out[torch.tensor(idx)] = states[torch.arange(len(idx), device=states.device), last].float().cpu()
+        return out.to(model_device(self.model))
+
+    def _lower_batches(self, ids: Sequence[list[int]], batch_size: int, desc: str | None = None
+                       ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """Layer-L outputs of token lists in order of length (batches of similar lengths carry
+        little padding): yields ``(indices into ids, states [b, T, d], mask [b, T])``; ``desc``
+        shows a progress bar. The glibc heap is trimmed every ``TRIM_EVERY`` batches."""
         dev = model_device(self.model)
-        ids = self.tokenizer(list(texts))["input_ids"]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        out = torch.empty(len(ids), self.d)
-        for b in range(0, len(order), batch_size):
+        for b in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None):
             idx = order[b:b + batch_size]
             x, mask = _pad([ids[i] for i in idx], self.tokenizer.pad_token_id, dev)
-            states = self._run_to_layer(x, mask)
-            last = mask.sum(1) - 1
-            out[torch.tensor(idx)] = states[torch.arange(len(idx), device=dev), last].float().cpu()
-        return out.to(dev)
+            yield idx, self._run_to_layer(x, mask), mask
+            if (b // batch_size) % TRIM_EVERY == TRIM_EVERY - 1:
+                release_memory(collect=False)  # see lks.utils.release_memory
 
     def _run_to_layer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Layer-L output ``[batch, seq, d]``; the layers above L are never run."""
@@ -263,22 +271,17 @@ class LKSEditor:
     @torch.no_grad()  # not inference_mode: the cache feeds autograd-tracked training steps
     def _precompute(self, seqs: list[_Seq], cfg: TrainConfig, batch_size: int = 256, progress: bool = True) -> _Cache:
         """Cache layer-L states of every sequence and the reference locality distributions."""
-        dev = model_device(self.model)
         order = sorted(range(len(seqs)), key=lambda j: len(seqs[j].ids))  # length-bucketed batches
         offsets, total = _starts(len(s.ids) for s in seqs)
         # filled in place: one [sum T, d] tensor, never a second copy (10,000 edits: 1.4 GB float32)
         # stored in the lower pass's dtype (bfloat16 halves the largest cache; the values are bf16 anyway)
         cache = _Cache(torch.zeros(total, self.d, dtype=torch.bfloat16 if self._bf16_swap(cfg) else torch.float32), offsets)
         with self._lower_pass(cfg):
-            for b in tqdm(range(0, len(order), batch_size), desc="cache layer-L states", disable=not progress):
-                idx = order[b:b + batch_size]
-                ids, mask = _pad([seqs[j].ids for j in idx], self.tokenizer.pad_token_id, dev)
-                states = self._run_to_layer(ids, mask)
+            for idx, states, _ in self._lower_batches([s.ids for s in seqs], batch_size,
+                                                      "cache layer-L states" if progress else None):
                 for row, j in enumerate(idx):
                     n = len(seqs[j].ids)
                     cache.states[offsets[j]:offsets[j] + n] = states[row, :n].cpu()
-                if (b // batch_size) % TRIM_EVERY == TRIM_EVERY - 1:
-                    release_memory(collect=False)  # see lks.utils.release_memory
         # one pass through layers L+1..N (no edit): reference distributions of the locality
         # sequences and, with prefix_cache, the keys/values of every sequence's prefix
         loc = {j for j in order if seqs[j].kind == KIND_LOC}
@@ -365,7 +368,7 @@ class LKSEditor:
         lens = [len(seqs[j].ids) - s0 for j, s0 in zip(batch, starts)]
         T, P, B = max(lens), max(starts), len(batch)
         if self._quantize(next(layers[-1].parameters())):  # few distinct shapes: see SHAPE_QUANTA
-            B, T, P = _round_up(B, SHAPE_QUANTA[0]), _round_up(T, SHAPE_QUANTA[1]), _round_up(P, SHAPE_QUANTA[2])
+            B, T, P = quantized_shape(B, T, P)
         # [B, T, d] right-padded copy of the cached states (padding is masked out; rows past the
         # batch are dummies that see one zero token, so no attention row is fully masked)
         h = torch.zeros(B, T, self.d, device=dev)
@@ -468,15 +471,9 @@ class LKSEditor:
         # the batch's sequences (edit, rephrase, locality prompts of different lengths) run through
         # the upper layers in up to LENGTH_BUCKETS blocks, each padded only to its own longest
         # sequence; the losses are means, so the order of the rows does not matter
-        def run_len(j: int) -> int:  # tokens sequence j sends through the upper layers
-            return len(seqs[j].ids) - (seqs[j].subj_pos if cache.kv is not None else 0)
-
-        batch = sorted(batch, key=lambda j: (run_len(j), seqs[j].subj_pos))
-        parts, start = [], 0
-        for end in length_buckets([run_len(j) for j in batch], LENGTH_BUCKETS):
-            parts.append(self._upper_hidden(cache, seqs, batch[start:end], table))
-            start = end
-        hidden = torch.cat(parts)
+        blocks = step_blocks(seqs, batch, cache.kv is not None)
+        batch = [j for block in blocks for j in block]  # the row order of hidden
+        hidden = torch.cat([self._upper_hidden(cache, seqs, block, table) for block in blocks])
         losses: dict[str, torch.Tensor] = {}
         zero = hidden.sum() * 0.0
         # logits computed separately for the NLL rows and the KL rows: indexing one [rows, vocab]
@@ -906,6 +903,12 @@ def _round_up(n: int, q: int) -> int:
     return -(-n // q) * q
 
 
+def quantized_shape(rows: int, suffix: int, prefix: int, quanta: Sequence[int] | None = None) -> tuple[int, int, int]:
+    """A block's (rows, suffix tokens, prefix tokens) padded up to ``quanta`` (default ``SHAPE_QUANTA``)."""
+    q = SHAPE_QUANTA if quanta is None else quanta
+    return _round_up(rows, q[0]), _round_up(suffix, q[1]), _round_up(prefix, q[2])
+
+
 TRIM_EVERY = 4      # precompute batches between two heap trims (lks.utils.release_memory)
 LENGTH_BUCKETS = 2  # blocks per training step (see _batch_loss): fewer, longer op chains; 2 was fastest of 1-4 (benchmarks/README)
 
@@ -933,6 +936,23 @@ def length_buckets(lens: Sequence[int], k: int) -> list[int]:
         ends.append(e)
         e, u = cut[u][e], u - 1
     return ends[::-1]
+
+
+def step_blocks(seqs: Sequence[_Seq], batch: Iterable[int], prefix_cache: bool,
+                buckets: int | None = None) -> list[list[int]]:
+    """The blocks in which a training step runs ``batch`` through the upper layers: its sequences
+    sorted by the tokens they send there (from the subject on with the prefix cache, else all),
+    cut into at most ``buckets`` (default ``LENGTH_BUCKETS``) blocks with the least padding
+    (:func:`length_buckets`)."""
+    def run_len(j: int) -> int:
+        return len(seqs[j].ids) - (seqs[j].subj_pos if prefix_cache else 0)
+
+    order = sorted(batch, key=lambda j: (run_len(j), seqs[j].subj_pos))
+    blocks, start = [], 0
+    for end in length_buckets([run_len(j) for j in order], LENGTH_BUCKETS if buckets is None else buckets):
+        blocks.append(order[start:end])
+        start = end
+    return blocks
 
 
 def _length_batches(per_edit: list[list[int]], seqs: list[_Seq], batch_size: int) -> list[list[int]]:

@@ -72,7 +72,7 @@ def test_length_buckets_is_optimal():
 def test_padded_tokens(tiny_pair):
     class S:
         def __init__(self, n):
-            self.ids = [0] * n
+            self.ids, self.subj_pos = [0] * n, 0
 
     seqs = [S(n) for n in (2, 2, 9, 10)]
     assert padded_tokens(seqs, [0, 1, 2, 3]) == 40
