@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from lks.config import EditorConfig, TrainConfig, from_dict
 from lks.data import EditSet, find_subject, subject_token_index, training_locality_prompts
+from lks.headloss import head_nll, head_topk_kl
 from lks.hooks import LayerHooks, Replacement, StopForward, apply_replacement
 from lks.hypernet import KBGenerator, make_generator
 from lks.models import (
@@ -335,15 +336,19 @@ class LKSEditor:
         """
         return self._logits(self._upper_hidden(cache, seqs, batch, table))
 
+    def _head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The output layer's weight (a bfloat16 copy inside a bfloat16 fit) and bias."""
+        head = self.model.get_output_embeddings()
+        return (self._lm_weight if self._lm_weight is not None else head.weight), getattr(head, "bias", None)
+
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Output layer on final hidden rows ``[n, d]`` -> float32 logits ``[n, vocab]``."""
-        head = self.model.get_output_embeddings()
-        weight = self._lm_weight if self._lm_weight is not None else head.weight
+        weight, bias = self._head()
         n = hidden.shape[0]
         pad = (-n) % SHAPE_QUANTA[3] if self._quantize(weight) else 0
         if pad:  # zero rows, sliced off again: the row count takes few distinct values
             hidden = torch.cat([hidden, hidden.new_zeros(pad, hidden.shape[1])])
-        return F.linear(hidden.to(weight.dtype), weight, getattr(head, "bias", None))[:n].float()
+        return F.linear(hidden.to(weight.dtype), weight, bias)[:n].float()
 
     def _quantize(self, weight: torch.Tensor) -> bool:
         """Whether to pad shapes for a pass with weights like ``weight`` (see ``quantize_shapes``)."""
@@ -492,10 +497,14 @@ class LKSEditor:
                 seq_kind.append(s.kind)
             at += n
         dev = hidden.device
+        # output layer + loss fused (lks.headloss): vocabulary-sized logits only HEAD_CHUNK rows at
+        # a time, their gradient taken in closed form; only [rows, d] is kept for the backward
+        weight, bias = self._head()
+        head_kw: dict[str, Any] = {"chunk": HEAD_CHUNK, "pad": SHAPE_QUANTA[3] if self._quantize(weight) else 0}
         losses["edit"] = losses["equiv"] = zero
         if nll_rows:
-            logits = self._logits(hidden[torch.tensor(nll_rows, device=dev)])
-            tok_nll = F.cross_entropy(logits, torch.tensor(nll_tgt, device=dev), reduction="none")
+            tok_nll = head_nll(hidden[torch.tensor(nll_rows, device=dev)], weight, bias,
+                               torch.tensor(nll_tgt, device=dev), **head_kw)
             seq_idx = torch.tensor(nll_seq, device=dev)
             per_seq = torch.zeros(len(seq_kind), device=dev).index_add(0, seq_idx, tok_nll)
             per_seq = per_seq / torch.bincount(seq_idx, minlength=len(seq_kind)).clamp_min(1)  # mean over tokens
@@ -506,8 +515,8 @@ class LKSEditor:
                     losses[name] = per_seq[sel].mean()
         if kl_rows:
             ref = torch.tensor(kl_ref)
-            losses["loc"] = topk_kl(cache.ref_logp[ref].to(dev), cache.ref_idx[ref].to(dev).long(),
-                                    cache.ref_tail[ref].to(dev), self._logits(hidden[torch.tensor(kl_rows, device=dev)]))
+            losses["loc"] = head_topk_kl(hidden[torch.tensor(kl_rows, device=dev)], weight, bias, cache.ref_logp[ref].to(dev),
+                                         cache.ref_idx[ref].to(dev).long(), cache.ref_tail[ref].to(dev), **head_kw).mean()
         else:
             losses["loc"] = zero
         losses["total"] = cfg.w_edit * losses["edit"] + cfg.w_equiv * losses["equiv"] + cfg.w_loc * losses["loc"]
@@ -909,6 +918,7 @@ def quantized_shape(rows: int, suffix: int, prefix: int, quanta: Sequence[int] |
     return _round_up(rows, q[0]), _round_up(suffix, q[1]), _round_up(prefix, q[2])
 
 
+HEAD_CHUNK = 64    # loss rows per output-layer chunk in training (lks.headloss)
 TRIM_EVERY = 4      # precompute batches between two heap trims (lks.utils.release_memory)
 LENGTH_BUCKETS = 2  # blocks per training step (see _batch_loss): fewer, longer op chains; 2 was fastest of 1-4 (benchmarks/README)
 

@@ -119,7 +119,9 @@ def _word_keys(word: str) -> set[str]:
         return set()
     if len(word) < _MIN_DELETE_WORD:
         return {word}
-    return {word} | {word[:j] + word[j + 1:] for j in range(len(word))}
+    keys = {word[:j] + word[j + 1:] for j in range(len(word))}
+    keys.add(word)
+    return keys
 
 
 class ScopeIndicator:
@@ -252,13 +254,17 @@ class ScopeIndicator:
         if hit is None:
             merged: dict[int, int] = {}
             near: set[str] = set()
-            words = _WORD_RE.findall(token)
+            keymap = self._keymap
+            keys_view = keymap.keys()
+            # a token of letters and digits only is one word: no regex (the common case)
+            words = [token] if token.isalnum() else _WORD_RE.findall(token)
             for x in words:
+                found = keys_view & _word_keys(x)  # usually empty; a C-level intersection
+                if not found:
+                    continue
                 stop = x in _STOPWORDS  # no hot look-up, see _STOPWORDS
-                for key in _word_keys(x):
-                    entry = self._keymap.get(key)
-                    if entry is None:
-                        continue
+                for key in found:
+                    entry = keymap[key]
                     near.update(entry[1])
                     for i, slot, w in () if stop else entry[0]:
                         cost = (key != x) + (key != w)
@@ -379,6 +385,9 @@ class ScopeIndicator:
             hot, exact, near = cache.get(tok) or token_hits(tok)
             if exact or near:
                 cold.append((exact, near))
+            if not codes:  # the first token with hits: one C-level copy (often the only one)
+                codes = dict(hot)
+                continue
             for i, code in hot:
                 codes[i] = codes.get(i, 0) | code
         cands = []
@@ -390,13 +399,13 @@ class ScopeIndicator:
             # Every hot word must match, and the cold words as set out in _build_fuzzy_index,
             # within the subject's typo budget.
             h = hot3[i]
+            if (code | code >> 1 | code >> 2) & h != h:  # some hot word not matched at all (most)
+                continue
             c0 = code & h
             cost = 0
             if c0 != h:
                 c1 = code >> 1 & h & ~c0
-                c2 = code >> 2 & h & ~(c0 | c1)
-                if c0 | c1 | c2 != h:
-                    continue
+                c2 = code >> 2 & h & ~(c0 | c1)  # c0 | c1 | c2 == h: checked above
                 cost = c1.bit_count() + 2 * c2.bit_count()
                 if cost > budget[i]:
                     continue
