@@ -918,7 +918,7 @@ def quantized_shape(rows: int, suffix: int, prefix: int, quanta: Sequence[int] |
     return _round_up(rows, q[0]), _round_up(suffix, q[1]), _round_up(prefix, q[2])
 
 
-HEAD_CHUNK = 64    # loss rows per output-layer chunk in training (lks.headloss)
+HEAD_CHUNK = 64     # loss rows per output-layer chunk in training (lks.headloss); 64, 128 and 256 timed alike
 TRIM_EVERY = 4      # precompute batches between two heap trims (lks.utils.release_memory)
 LENGTH_BUCKETS = 2  # blocks per training step (see _batch_loss): fewer, longer op chains; 2 was fastest of 1-4 (benchmarks/README)
 

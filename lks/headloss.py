@@ -1,14 +1,15 @@
 """Fused output layer + loss for training: per-row losses whose gradient is computed in the forward.
 
 A training step reads logits over the whole vocabulary (49,152 tokens for SmolLM2) at every loss
-position. Built from autograd ops, each loss makes some fifteen vocabulary-sized passes (float
-copy, logsumexp, gather, and their backward: softmax recomputed, a zero-filled scatter, a cast
-back), and keeps ``[rows, vocab]`` tensors alive until the backward. Here the logits of a few rows
-at a time (``chunk``) go through one log-softmax and a handful of in-place passes while they are
-still in cache; the gradient with respect to the logits is written down in closed form and turned
-at once into the gradient with respect to the hidden rows (``[rows, d]``, the only thing kept for
-the backward). Same losses, same gradients (``tests/test_editor.py`` checks both against autograd
-through :func:`lks.editor.topk_kl` and ``F.cross_entropy``).
+position. Built from autograd ops, each loss makes many vocabulary-sized passes (a float copy,
+logsumexp, gather, and in the backward: the softmax recomputed, a zero-filled scatter, a cast
+back) and keeps ``[rows, vocab]`` tensors alive until the backward. Here the logits of ``chunk``
+rows at a time go through one log-softmax and a few in-place passes; the gradient with respect to
+the logits is written down in closed form and turned at once into the gradient with respect to
+the hidden rows (``[rows, d]``, the only thing kept for the backward). Same losses, same gradients
+(``tests/test_editor.py`` checks both against autograd through :func:`lks.editor.topk_kl` and
+``F.cross_entropy``). Measured (``benchmarks/bench_head.py``, registered recipe, 1,000 CounterFact
+edits, 2 threads): a training step 1.13x faster than with the autograd losses.
 
 Gradients (``Q = softmax(z)``, ``K`` the reference's top-k token ids, ``P`` its probabilities):
 
@@ -71,7 +72,7 @@ class _HeadLoss(torch.autograd.Function):
 
 
 def head_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
-             chunk: int = 256, pad: int = 0) -> torch.Tensor:
+             chunk: int = 64, pad: int = 0) -> torch.Tensor:
     """Per-row ``-log softmax(hidden @ weight.T + bias)[target]``, ``[n]`` float32.
 
     Equal to ``F.cross_entropy(F.linear(hidden, weight, bias).float(), target, reduction="none")``
@@ -82,7 +83,7 @@ def head_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def head_topk_kl(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ref_logp: torch.Tensor,
-                 ref_idx: torch.Tensor, ref_tail: torch.Tensor, chunk: int = 256, pad: int = 0) -> torch.Tensor:
+                 ref_idx: torch.Tensor, ref_tail: torch.Tensor, chunk: int = 64, pad: int = 0) -> torch.Tensor:
     """Per-row coarse-grained KL(reference || edited) of :func:`lks.editor.topk_kl` (which returns
     the mean of these), with the edited logits ``hidden @ weight.T + bias``; ``[n]`` float32."""
     return _HeadLoss.apply(hidden, weight, bias, chunk, pad, None, ref_logp.float(), ref_idx, ref_tail.float())
