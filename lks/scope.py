@@ -385,9 +385,6 @@ class ScopeIndicator:
             hot, exact, near = cache.get(tok) or token_hits(tok)
             if exact or near:
                 cold.append((exact, near))
-            if not codes:  # the first token with hits: one C-level copy (often the only one)
-                codes = dict(hot)
-                continue
             for i, code in hot:
                 codes[i] = codes.get(i, 0) | code
         cands = []
