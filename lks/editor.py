@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from lks.config import EditorConfig, TrainConfig, from_dict
 from lks.data import EditSet, find_subject, subject_token_index, training_locality_prompts
-from lks.headloss import head_nll, head_topk_kl
+from lks.headloss import head_nll, head_topk_kl, pad_rows
 from lks.hooks import LayerHooks, Replacement, StopForward, apply_replacement
 from lks.hypernet import KBGenerator, make_generator
 from lks.models import (
@@ -172,7 +172,7 @@ class LKSEditor:
         self.feature_texts = [" ".join(stmts) for stmts in by_subject.values()]
         self.scope = ScopeIndicator(self.subjects, fuzzy_threshold=self.config.fuzzy_threshold)
         bf16 = cfg is not None and self._bf16_swap(cfg) is not None
-        with self._lower_pass(cfg) if bf16 else nullcontext():
+        with self._lower_pass(cfg) if cfg is not None else nullcontext():
             # 1,000 CounterFact subjects: bfloat16 in batches of 256 2.8 s; float32 in batches of 64
             # 6.8 s (of 256: 8.5 s)
             self.features = self._layer_states_at_last_token(self.feature_texts, batch_size=256 if bf16 else 64)
@@ -345,10 +345,12 @@ class LKSEditor:
         """Output layer on final hidden rows ``[n, d]`` -> float32 logits ``[n, vocab]``."""
         weight, bias = self._head()
         n = hidden.shape[0]
-        pad = (-n) % SHAPE_QUANTA[3] if self._quantize(weight) else 0
-        if pad:  # zero rows, sliced off again: the row count takes few distinct values
-            hidden = torch.cat([hidden, hidden.new_zeros(pad, hidden.shape[1])])
+        hidden = pad_rows(hidden, self._logit_quantum(weight))  # zero rows, sliced off again
         return F.linear(hidden.to(weight.dtype), weight, bias)[:n].float()
+
+    def _logit_quantum(self, weight: torch.Tensor) -> int:
+        """Logit rows are padded to a multiple of this (0: not padded; see ``SHAPE_QUANTA``)."""
+        return SHAPE_QUANTA[3] if self._quantize(weight) else 0
 
     def _quantize(self, weight: torch.Tensor) -> bool:
         """Whether to pad shapes for a pass with weights like ``weight`` (see ``quantize_shapes``)."""
@@ -481,8 +483,7 @@ class LKSEditor:
         hidden = torch.cat([self._upper_hidden(cache, seqs, block, table) for block in blocks])
         losses: dict[str, torch.Tensor] = {}
         zero = hidden.sum() * 0.0
-        # logits computed separately for the NLL rows and the KL rows: indexing one [rows, vocab]
-        # tensor twice would cost two vocabulary-sized zero-filled gradients per step
+        # the NLL rows and the KL rows go through the output layer separately (lks.headloss)
         at, kl_rows, kl_ref = 0, [], []
         nll_rows, nll_tgt, nll_seq, seq_kind = [], [], [], []
         for j in batch:
@@ -500,7 +501,7 @@ class LKSEditor:
         # output layer + loss fused (lks.headloss): vocabulary-sized logits only HEAD_CHUNK rows at
         # a time, their gradient taken in closed form; only [rows, d] is kept for the backward
         weight, bias = self._head()
-        head_kw: dict[str, Any] = {"chunk": HEAD_CHUNK, "pad": SHAPE_QUANTA[3] if self._quantize(weight) else 0}
+        head_kw: dict[str, Any] = {"chunk": HEAD_CHUNK, "pad": self._logit_quantum(weight)}
         losses["edit"] = losses["equiv"] = zero
         if nll_rows:
             tok_nll = head_nll(hidden[torch.tensor(nll_rows, device=dev)], weight, bias,

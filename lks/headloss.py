@@ -27,6 +27,12 @@ import torch.nn.functional as F
 TAIL_FLOOR = 1e-12  # lks.editor.topk_kl floors the edited tail mass here
 
 
+def pad_rows(rows: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``rows`` ``[n, d]`` with zero rows appended up to a multiple of ``multiple`` (0: unchanged)."""
+    extra = (-rows.shape[0]) % multiple if multiple else 0
+    return torch.cat([rows, rows.new_zeros(extra, rows.shape[1])]) if extra else rows
+
+
 class _HeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, chunk, pad, target, ref_logp, ref_idx, ref_tail):  # type: ignore[override]
@@ -36,8 +42,7 @@ class _HeadLoss(torch.autograd.Function):
         for a in range(0, n, chunk):
             h = hidden[a:a + chunk].to(weight.dtype)
             m = h.shape[0]
-            if pad and m % pad:  # zero rows: both matmuls take few distinct shapes (oneDNN
-                h = torch.cat([h, h.new_zeros(pad - m % pad, h.shape[1])])  # builds a kernel per shape)
+            h = pad_rows(h, pad)  # both matmuls take few distinct shapes (oneDNN builds a kernel per shape)
             dz = torch.log_softmax(F.linear(h, weight, bias), -1, dtype=torch.float32)  # [rows, vocab]
             live = dz[:m]  # the real rows (a view): log-probs, then (after exp_) their gradient
             if target is not None:  # token NLL
@@ -59,8 +64,7 @@ class _HeadLoss(torch.autograd.Function):
                 dz.exp_()
                 live.mul_((p_top.sum(-1) - c * (1.0 - q_tail))[:, None])
                 live.scatter_add_(-1, idx, c[:, None] * q_top - p_top)
-            dz[m:] = 0.0  # padding rows
-            grad[a:a + m] = (dz.to(weight.dtype) @ weight)[:m]
+            grad[a:a + m] = (dz.to(weight.dtype) @ weight)[:m]  # (padding rows' results dropped)
         ctx.save_for_backward(grad)
         ctx.hidden_dtype = hidden.dtype
         return loss

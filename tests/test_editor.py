@@ -408,3 +408,33 @@ def test_fused_head_losses_equal_autograd_values_and_gradients(chunk, pad, scale
         (fused * w_row).sum().backward()
         (ref * w_row).sum().backward()
         assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), (kind, k)
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_batch_loss_with_fused_head_equals_the_autograd_losses(tiny_pair, quantize, monkeypatch):
+    """_batch_loss through lks.headloss (chunked, padded rows) gives the losses and generator
+    gradients of the same losses built from autograd ops on LKSEditor._logits."""
+    import lks.editor as E
+
+    model, tok = tiny_pair
+    cfg = TrainConfig(**{**TRAIN.__dict__, "prefix_cache": True})
+    editor, _, seqs, cache = prepared_editor(model, tok, tiny_edits(), cfg, EditorConfig(layer=1, generator="linear"), 0.3)
+    editor.quantize_shapes = quantize
+    monkeypatch.setattr(E, "HEAD_CHUNK", 3)  # several chunks, a ragged last one
+    batch = list(range(len(seqs)))
+    out = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(E, "head_nll", lambda h, w, b, t, chunk, pad: F.cross_entropy(
+                editor._logits(h), t, reduction="none"))
+            monkeypatch.setattr(E, "head_topk_kl", lambda h, w, b, lp, idx, tail, chunk, pad: topk_kl(
+                lp, idx, tail, editor._logits(h)).expand(h.shape[0]))
+        editor.generator.zero_grad(set_to_none=True)
+        losses = editor._batch_loss(cache, seqs, batch, cfg)
+        losses["total"].backward()
+        out.append(({k: float(v.detach()) for k, v in losses.items()}, [p.grad.clone() for p in editor.generator.parameters()]))
+    assert out[0][0]["loc"] > 1e-4 and out[0][0]["edit"] > 1e-2
+    for k, v in out[1][0].items():
+        assert out[0][0][k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    for a, b in zip(out[0][1], out[1][1], strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
