@@ -59,6 +59,8 @@ class TrainConfig:
     loc_topk: int = 256            # the KL keeps the original's top-k log-probs plus one tail bucket
     loc_templates: str = "builtin"  # training locality relations: "builtin" (generic), "harvested" (relations
                                    # of the data sets' locality prompts, lks/assets) or "both"
+    para_per_edit: int = 0         # extra training paraphrases per edit for the equivalence loss: phrasings
+                                   # that the data sets pair with the prompt's relation (lks/assets bank)
     loc_positions: str = "after_subject"  # KL at "last" prompt position or at every position "after_subject"
     precision: str = "float32"     # frozen-model passes of fit: "float32", "bfloat16" (weights held in bf16
                                    # for the fit, fp32 losses; ~1.9x faster on AMX) or "auto" (bf16 where native)
@@ -72,8 +74,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"need lr > 0, epochs >= 1, batch_size >= 1; got {self.lr}, {self.epochs}, {self.batch_size}")
-        if self.loc_per_subject < 0 or self.loc_topk < 1:
-            raise ValueError("loc_per_subject must be >= 0 and loc_topk >= 1")
+        if self.loc_per_subject < 0 or self.para_per_edit < 0 or self.loc_topk < 1:
+            raise ValueError("loc_per_subject and para_per_edit must be >= 0 and loc_topk >= 1")
         if self.precision not in ("float32", "bfloat16", "auto"):
             raise ValueError(f"precision must be 'float32', 'bfloat16' or 'auto', got {self.precision!r}")
         if self.loc_templates not in ("builtin", "harvested", "both"):

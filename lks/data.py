@@ -704,8 +704,7 @@ def harvest_locality_templates(edits: Iterable[EditRecord], min_count: int = 5) 
     counts: dict[str, int] = {}
     for r in edits:
         for p, _ in r.locality:
-            if r.subject and p.count(r.subject) == 1:
-                t = p.replace(r.subject, "{}")
+            if (t := subject_template(p, r.subject)) is not None:
                 counts[t] = counts.get(t, 0) + 1
     return dict(sorted(((t, c) for t, c in counts.items() if c >= min_count), key=lambda tc: (-tc[1], tc[0])))
 
@@ -729,6 +728,67 @@ def locality_templates(which: str = "builtin") -> tuple[str, ...]:
     return out
 
 
+def subject_template(text: str, subject: str) -> str | None:
+    """``text`` with its one mention of ``subject`` replaced by ``{}`` (None if not exactly one)."""
+    return text.replace(subject, "{}") if subject and text.count(subject) == 1 else None
+
+
+def _scored_prompts(record: EditRecord) -> set[str]:
+    """Every prompt that evaluation may score for ``record`` (stripped, case-folded): training-prompt
+    generators exclude them."""
+    return {x.strip().casefold() for x in (record.prompt, *record.rephrases,
+                                           *(p for p, _ in record.locality), *(p for p, _ in record.neighborhood))}
+
+
+def harvest_paraphrase_templates(edits: Iterable[EditRecord]) -> dict[str, dict[str, int]]:
+    """Relation phrasings that a data set pairs itself: each record whose prompt and first rephrase
+    both name the subject once links the two templates (subject replaced by ``{}``), both ways.
+
+    Returns ``{template: {paraphrase template: count}}``, each inner dict most frequent first. The
+    shipped bank (``lks/assets/paraphrase_templates.json``, used by ``TrainConfig.para_per_edit``)
+    comes from records 5,000-9,999 of the LKS CounterFact and zsRE files and only their LKS
+    ``generality`` field, never from the MEND rephrases that evaluation holds out.
+    """
+    pairs: dict[str, dict[str, int]] = {}
+    for r in edits:
+        if not r.rephrases:
+            continue
+        a, b = subject_template(r.prompt, r.subject), subject_template(r.rephrases[0], r.subject)
+        if a is None or b is None or a == b:
+            continue
+        for x, y in ((a, b), (b, a)):
+            pairs.setdefault(x, {})[y] = pairs.get(x, {}).get(y, 0) + 1
+    return {t: dict(sorted(d.items(), key=lambda tc: (-tc[1], tc[0]))) for t, d in sorted(pairs.items())}
+
+
+def paraphrase_templates() -> dict[str, dict[str, int]]:
+    """The shipped paraphrase bank (see :func:`harvest_paraphrase_templates`)."""
+    from importlib import resources
+
+    text = resources.files("lks").joinpath("assets/paraphrase_templates.json").read_text(encoding="utf-8")
+    return json.loads(text)["pairs"]
+
+
+def training_paraphrase_prompts(record: EditRecord, k: int, bank: dict[str, dict[str, int]] | None = None) -> list[str]:
+    """Up to ``k`` extra training paraphrases of ``record.prompt``: the phrasings that the bank pairs
+    with the prompt's template, most frequent first, filled with the subject.
+
+    Any prompt equal (case-insensitively, stripped) to the record's prompt, a rephrase (the held-out
+    ones included) or an evaluation locality/neighbourhood prompt is excluded, so no prompt that
+    evaluation scores for this edit is trained on; the same PHRASING may be evaluated for another
+    subject (README, "Hyperparameters", reports generality both ways).
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    t = subject_template(record.prompt, record.subject)
+    if k == 0 or t is None:
+        return []
+    bank = paraphrase_templates() if bank is None else bank
+    seen = _scored_prompts(record)
+    out = [c.replace("{}", record.subject) for c in bank.get(t, {})]
+    return [c for c in out if c.strip().casefold() not in seen][:k]
+
+
 def training_locality_prompts(record: EditRecord, k: int, seed: int = 0, templates: str = "builtin") -> list[str]:
     """``k`` locality templates filled with ``record.subject`` for training (fewer if not enough remain).
 
@@ -739,8 +799,7 @@ def training_locality_prompts(record: EditRecord, k: int, seed: int = 0, templat
     """
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
-    seen = {t.strip().casefold() for t in (record.prompt, *record.rephrases,
-                                           *(p for p, _ in record.locality), *(p for p, _ in record.neighborhood))}
+    seen = _scored_prompts(record)
     cands = [t.replace("{}", record.subject) for t in locality_templates(templates)]
     cands = [c for c in cands if c.strip().casefold() not in seen]
     # a str seed is hashed with SHA-512 by random.Random, so this is stable across processes

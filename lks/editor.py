@@ -40,7 +40,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lks.config import EditorConfig, TrainConfig, from_dict
-from lks.data import EditSet, find_subject, subject_token_index, training_locality_prompts
+from lks.data import (
+    EditSet,
+    find_subject,
+    paraphrase_templates,
+    subject_token_index,
+    training_locality_prompts,
+    training_paraphrase_prompts,
+)
 from lks.headloss import head_nll, head_topk_kl, pad_rows
 from lks.hooks import LayerHooks, Replacement, StopForward, apply_replacement
 from lks.hypernet import KBGenerator, make_generator
@@ -227,10 +234,13 @@ class LKSEditor:
         assert self.scope is not None
         texts: list[tuple[str, int, int, str, str]] = []  # (text, edit idx, kind, prompt, subject)
         skipped = {"equiv_without_subject": 0}
+        bank = paraphrase_templates() if cfg.para_per_edit and cfg.w_equiv > 0 else None
         for i, r in enumerate(edits):
             texts.append((f"{r.prompt} {r.target}", i, KIND_EDIT, r.prompt, r.subject))
-            if r.rephrases and cfg.w_equiv > 0:
-                texts.append((f"{r.rephrases[0]} {r.target}", i, KIND_EQUIV, r.rephrases[0], r.subject))
+            if cfg.w_equiv > 0:  # the seen rephrase, then phrasings of the same relation from the bank
+                extra = training_paraphrase_prompts(r, cfg.para_per_edit, bank) if cfg.para_per_edit else []
+                for q in [*r.rephrases[:1], *extra]:
+                    texts.append((f"{q} {r.target}", i, KIND_EQUIV, q, r.subject))
             if cfg.w_loc > 0:
                 for p in training_locality_prompts(r, cfg.loc_per_subject, cfg.seed, cfg.loc_templates):
                     texts.append((p, i, KIND_LOC, p, r.subject))

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lks.data import EditSet
+from lks.data import EditSet, paraphrase_templates, subject_template
 from lks.models import model_device
 
 
@@ -157,6 +157,11 @@ def evaluate_edits(editor, edits: EditSet, *, batch_size: int = 32, fluency_n: i
     base = {name: score(pairs, False) for name, pairs in
             [("rel", rel_pairs), ("gen", gen_pairs), ("seen", seen_pairs), ("loc", loc_pairs), ("nb", nb_pairs)]}
 
+    bank = paraphrase_templates()
+    gen_by: dict[int, list[tuple[int, str, str]]] = {}
+    for pair in gen_pairs:
+        gen_by.setdefault(pair[0], []).append(pair)
+
     def mean(xs: list[float]) -> float:
         xs = [x for x in xs if not math.isnan(x)]
         return float(np.mean(xs)) if xs else float("nan")
@@ -168,6 +173,10 @@ def evaluate_edits(editor, edits: EditSet, *, batch_size: int = 32, fluency_n: i
         row["reliability_base"] = base["rel"][i][0]["acc"]
         row["generality"] = mean([x["acc"] for x in ed["gen"].get(i, [])])
         row["generality_base"] = mean([x["acc"] for x in base["gen"].get(i, [])])
+        # held-out paraphrases whose phrasing is nowhere in the paraphrase bank, so no training run
+        # (with any TrainConfig.para_per_edit) saw that phrasing, for this subject or another
+        row["generality_new_phrasing"] = mean([x["acc"] for (_, p, _), x in zip(gen_by.get(i, []), ed["gen"].get(i, []))
+                                               if subject_template(p, r.subject) not in bank])
         row["generality_seen"] = mean([x["acc"] for x in ed["seen"].get(i, [])])
         row["generality_seen_base"] = mean([x["acc"] for x in base["seen"].get(i, [])])
         row["locality"] = mean([_agreement(a["pred"], b["pred"]) for a, b in zip(ed["loc"].get(i, []), base["loc"].get(i, []))])
@@ -186,6 +195,7 @@ def evaluate_edits(editor, edits: EditSet, *, batch_size: int = 32, fluency_n: i
     summary: dict[str, Any] = {c: float(df[c].mean()) for c in df.columns if c not in ("case_id", "subject")}
     summary["generality_n"] = int(df["generality"].notna().sum())  # edits with a held-out paraphrase
     summary["generality_split"] = "held-out"
+    summary["generality_new_phrasing_n"] = int(df["generality_new_phrasing"].notna().sum())
     if summary["generality_n"] == 0:  # e.g. zsRE: one paraphrase per edit, and training saw it
         summary["generality"], summary["generality_base"] = summary["generality_seen"], summary["generality_seen_base"]
         summary["generality_split"] = "seen"

@@ -517,3 +517,26 @@ def test_harvested_locality_templates_exclude_evaluation_prompts():
     assert "the birthplace of ada lovelace is" not in {p.casefold() for p in every}  # evaluation prompt held out
     with pytest.raises(ValueError, match="locality template set"):
         D.locality_templates("nope")
+
+
+def test_paraphrase_bank_links_prompt_and_rephrase_templates_and_holds_out_evaluation_prompts():
+    recs = [EditRecord(subject=s, prompt=f"The mother tongue of {s} is", target="x", rephrases=[f"{s}'s native language is"])
+            for s in ("Ada Lovelace", "Alan Turing")]
+    recs.append(EditRecord(subject="Grace Hopper", prompt="The mother tongue of Grace Hopper is", target="x",
+                           rephrases=["Grace Hopper speaks"]))
+    recs.append(EditRecord(subject="Bo", prompt="Bo Bo is", target="x", rephrases=["Bo says"]))  # two mentions: skipped
+    bank = D.harvest_paraphrase_templates(recs)
+    assert bank == {"The mother tongue of {} is": {"{}'s native language is": 2, "{} speaks": 1},
+                    "{}'s native language is": {"The mother tongue of {} is": 2},
+                    "{} speaks": {"The mother tongue of {} is": 1}}
+    r = EditRecord(subject="Kurt Gödel", prompt="The mother tongue of Kurt Gödel is", target="y",
+                   rephrases=["kurt gödel speaks", "Kurt Gödel's native language is"])  # both scored by evaluation
+    assert D.training_paraphrase_prompts(r, 5, bank) == []
+    r2 = EditRecord(subject="Kurt Gödel", prompt="The mother tongue of Kurt Gödel is", target="y")
+    assert D.training_paraphrase_prompts(r2, 5, bank) == ["Kurt Gödel's native language is", "Kurt Gödel speaks"]
+    assert D.training_paraphrase_prompts(r2, 1, bank) == ["Kurt Gödel's native language is"]  # most frequent first
+    assert D.training_paraphrase_prompts(r2, 0, bank) == []
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        D.training_paraphrase_prompts(r2, -1, bank)
+    shipped = D.paraphrase_templates()
+    assert len(shipped) > 1000 and all(t.count("{}") == 1 and all(u.count("{}") == 1 for u in d) for t, d in shipped.items())

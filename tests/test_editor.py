@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from conftest import make_tiny_llama, prepared_editor
 
 from lks.config import EditorConfig, TrainConfig
-from lks.data import EditRecord, EditSet
+from lks.data import EditRecord, EditSet, paraphrase_templates, subject_template
 from lks.editor import LKSEditor, _pad, topk_kl
 from lks.headloss import head_nll, head_topk_kl
 
@@ -230,8 +231,16 @@ def test_metrics_label_seen_vs_heldout_and_handle_missing_kinds(tiny_pair):
     assert s["generality_split"] == "seen" and s["generality_n"] == 0
     assert s["generality"] == s["generality_seen"] and "specificity" in s
     assert len(df) == 3 and 0 <= s["reliability"] <= 1
-    _, s2 = evaluate_edits(editor, tiny_edits())
+    # "new phrasing": held-out paraphrases whose template the paraphrase bank does not hold
+    bank = paraphrase_templates()
+    held = [dataclasses.replace(r, rephrases=[r.rephrases[0], "Edwin of Northumbria is affiliated with the religion"])
+            if i == 1 else r for i, r in enumerate(tiny_edits())]
+    df2, s2 = evaluate_edits(editor, EditSet(held))
     assert s2["generality_split"] == "held-out" and s2["generality_n"] == 3
+    new = [any(subject_template(p, r.subject) not in bank for p in r.rephrases[1:]) for r in held]
+    assert 0 < sum(new) < 3  # this fixture has both kinds
+    assert s2["generality_new_phrasing_n"] == sum(new)
+    assert df2["generality_new_phrasing"].isna().tolist() == [not x for x in new]
     assert fluency("a b a b a b") < fluency("the cat sat on a warm mat today")
     assert harmonic_mean([1.0, 0.5]) == pytest.approx(2 / 3)
 
@@ -438,3 +447,20 @@ def test_batch_loss_with_fused_head_equals_the_autograd_losses(tiny_pair, quanti
         assert out[0][0][k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
     for a, b in zip(out[0][1], out[1][1], strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_para_per_edit_adds_bank_paraphrases_to_the_equivalence_loss(tiny_pair):
+    from lks.data import training_paraphrase_prompts
+    from lks.editor import KIND_EQUIV
+
+    model, tok = tiny_pair
+    editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
+    edits = tiny_edits()
+    editor._set_edits(edits)
+    counts = {}
+    for k in (0, 2):
+        per_edit, seqs, _ = editor._build_sequences(edits, TrainConfig(**{**TRAIN.__dict__, "para_per_edit": k}))
+        counts[k] = [sum(seqs[j].kind == KIND_EQUIV for j in js) for js in per_edit]
+    extra = [len(training_paraphrase_prompts(r, 2)) for r in edits]
+    assert extra[0] == 2  # "The mother tongue of {} is" is in the shipped bank
+    assert counts[0] == [1, 1, 1] and counts[2] == [1 + e for e in extra]
