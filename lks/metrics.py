@@ -173,8 +173,8 @@ def evaluate_edits(editor, edits: EditSet, *, batch_size: int = 32, fluency_n: i
         row["reliability_base"] = base["rel"][i][0]["acc"]
         row["generality"] = mean([x["acc"] for x in ed["gen"].get(i, [])])
         row["generality_base"] = mean([x["acc"] for x in base["gen"].get(i, [])])
-        # held-out paraphrases whose phrasing is nowhere in the paraphrase bank, so no training run
-        # (with any TrainConfig.para_per_edit) saw that phrasing, for this subject or another
+        # held-out paraphrases whose phrasing is nowhere in the paraphrase bank, so no bank prompt
+        # (TrainConfig.para_per_edit) has that phrasing, for this subject or another
         row["generality_new_phrasing"] = mean([x["acc"] for (_, p, _), x in zip(gen_by.get(i, []), ed["gen"].get(i, []))
                                                if subject_template(p, r.subject) not in bank])
         row["generality_seen"] = mean([x["acc"] for x in ed["seen"].get(i, [])])
