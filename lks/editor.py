@@ -234,12 +234,11 @@ class LKSEditor:
         assert self.scope is not None
         texts: list[tuple[str, int, int, str, str]] = []  # (text, edit idx, kind, prompt, subject)
         skipped = {"equiv_without_subject": 0}
-        bank = paraphrase_templates() if cfg.para_per_edit and cfg.w_equiv > 0 else None
+        bank = paraphrase_templates() if cfg.para_per_edit and cfg.w_equiv > 0 else None  # parsed once per fit
         for i, r in enumerate(edits):
             texts.append((f"{r.prompt} {r.target}", i, KIND_EDIT, r.prompt, r.subject))
             if cfg.w_equiv > 0:  # the seen rephrase, then phrasings of the same relation from the bank
-                extra = training_paraphrase_prompts(r, cfg.para_per_edit, bank) if cfg.para_per_edit else []
-                for q in [*r.rephrases[:1], *extra]:
+                for q in [*r.rephrases[:1], *training_paraphrase_prompts(r, cfg.para_per_edit, bank)]:
                     texts.append((f"{q} {r.target}", i, KIND_EQUIV, q, r.subject))
             if cfg.w_loc > 0:
                 for p in training_locality_prompts(r, cfg.loc_per_subject, cfg.seed, cfg.loc_templates):
