@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--para-per-edit", type=int, default=None,
                    help="extra training paraphrases per edit for the equivalence loss, from the relation "
                         "phrasings that the data sets pair (lks/assets/paraphrase_templates.json)")
+    t.add_argument("--train-rephrase", type=_bool, default=None,
+                   help="train the equivalence loss on each edit's own first rephrase (true, the default) or hold "
+                        "it out so that evaluation scores it as a held-out paraphrase (false; use with --para-per-edit)")
     t.add_argument("--w-loc", type=float, default=None, help="weight of the locality (KL) loss")
     t.add_argument("--loc-templates", choices=("builtin", "harvested", "both"), default=None,
                    help="relations of the training locality prompts")
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         ecfg, tcfg = _registered_defaults(model)
         ecfg = EditorConfig(**{**dataclasses.asdict(ecfg), **_given(args, ["layer", "generator"])})
         tcfg = TrainConfig(**{**dataclasses.asdict(tcfg), **_given(args, ["lr", "epochs", "batch_size",
-                                                                          "loc_per_subject", "para_per_edit", "w_loc", "seed",
+                                                                          "loc_per_subject", "para_per_edit", "train_rephrase", "w_loc", "seed",
                                                                           "loc_templates", "precision", "prefix_cache"])})
         editor = LKSEditor(model, tok, ecfg)
         history = editor.fit(edits, tcfg, checkpoint_dir=args.out, resume=args.resume, on_conflict=args.on_conflict)

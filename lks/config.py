@@ -61,6 +61,8 @@ class TrainConfig:
                                    # of the data sets' locality prompts, lks/assets) or "both"
     para_per_edit: int = 0         # extra training paraphrases per edit for the equivalence loss: phrasings
                                    # that the data sets pair with the prompt's relation (lks/assets bank)
+    train_rephrase: bool = True    # the equivalence loss also trains on each edit's own rephrases[0]; False
+                                   # holds it out, so evaluation scores it as a held-out paraphrase
     loc_positions: str = "after_subject"  # KL at "last" prompt position or at every position "after_subject"
     precision: str = "float32"     # frozen-model passes of fit: "float32", "bfloat16" (weights held in bf16
                                    # for the fit, fp32 losses; ~1.9x faster on AMX) or "auto" (bf16 where native)

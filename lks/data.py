@@ -26,6 +26,7 @@ import logging
 import operator
 import os
 import random
+import re
 import tempfile
 import urllib.error
 import urllib.request
@@ -731,6 +732,26 @@ def locality_templates(which: str = "builtin") -> tuple[str, ...]:
 def subject_template(text: str, subject: str) -> str | None:
     """``text`` with its one mention of ``subject`` replaced by ``{}`` (None if not exactly one)."""
     return text.replace(subject, "{}") if subject and text.count(subject) == 1 else None
+
+
+# a sentence end (optionally closed by a quote or bracket) followed by white space, or a line break
+_SENTENCE_BREAK = re.compile(r"[.!?][\"')\]]*\s|\n")
+
+
+def rephrase_form(text: str, subject: str) -> str:
+    """``"paraphrase"`` if ``text`` names ``subject`` after a sentence break, else ``"generation"``.
+
+    CounterFact's MEND-form ``rephrase_prompt`` (our held-out paraphrase) mixes two kinds of ROME
+    prompt. ROME's *paraphrase prompts* put a random sentence before the reworded relation ("Ádám
+    Rajhona, 72, Hungarian actor. The twin city of Kharkiv is"); its *generation prompts* have no
+    such prefix and often ask another attribute of the subject ("Lon Chaney speaks" -> "Lon Chaney
+    lives in"). The sentence break before the subject tells them apart. A title such as "Dr. "
+    right before the subject would also count as one; the shortest prefixes found this way in the
+    first 1,000 CounterFact records ("vol. ", "Press. ") are fragments of ROME's random sentences.
+    Raises ``ValueError`` if the subject is not in ``text``.
+    """
+    start, _ = find_subject(text, subject)
+    return "paraphrase" if _SENTENCE_BREAK.search(text[:start]) else "generation"
 
 
 def _scored_prompts(record: EditRecord) -> set[str]:

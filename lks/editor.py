@@ -237,8 +237,8 @@ class LKSEditor:
         bank = paraphrase_templates() if cfg.para_per_edit and cfg.w_equiv > 0 else None  # parsed once per fit
         for i, r in enumerate(edits):
             texts.append((f"{r.prompt} {r.target}", i, KIND_EDIT, r.prompt, r.subject))
-            if cfg.w_equiv > 0:  # the seen rephrase, then phrasings of the same relation from the bank
-                for q in [*r.rephrases[:1], *training_paraphrase_prompts(r, cfg.para_per_edit, bank)]:
+            if cfg.w_equiv > 0:  # the edit's own first rephrase, then phrasings of its relation from the bank
+                for q in [*r.rephrases[:int(cfg.train_rephrase)], *training_paraphrase_prompts(r, cfg.para_per_edit, bank)]:
                     texts.append((f"{q} {r.target}", i, KIND_EQUIV, q, r.subject))
             if cfg.w_loc > 0:
                 for p in training_locality_prompts(r, cfg.loc_per_subject, cfg.seed, cfg.loc_templates):

@@ -8,9 +8,18 @@ makes sense, for the unedited model so the two stand side by side):
 * **generality** - the same after a paraphrase. ``generality`` uses the *held-out* paraphrases
   (``rephrases[1:]``, never seen in training), averaged over the edits that have one
   (``generality_n``; in CounterFact the MEND rephrase exists for about 46% of the LKS records).
-  ``generality_seen`` is the paraphrase training used (``rephrases[0]``). When no edit has a
-  held-out paraphrase (zsRE), ``generality`` falls back to the seen one and the summary says
-  ``generality_split = "seen"``.
+  ``generality_paraphrase_form`` / ``generality_generation_form`` split the held-out ones by
+  :func:`lks.data.rephrase_form`: CounterFact's MEND rephrases are ROME *paraphrase prompts* (a
+  random sentence, then the edited relation reworded; 69 of the 448 in the first 1,000 edits) or
+  ROME *generation prompts* (379; many ask another attribute of the subject, "Lon Chaney speaks"
+  -> "Lon Chaney lives in", so scoring the new target there rewards an edit that leaks into the
+  subject's other facts, the opposite of locality).
+  ``generality_seen`` is the paraphrase training uses (``rephrases[0]``); an editor trained with
+  ``TrainConfig(train_rephrase=False)`` never saw it, and the summary then says
+  ``generality_seen_split = "held-out"`` (else ``"seen"``); ``generality_seen_new_phrasing`` keeps
+  the edits whose ``rephrases[0]`` phrasing is nowhere in the paraphrase bank. When no edit has a
+  paraphrase in ``rephrases[1:]`` (zsRE), ``generality`` falls back to ``rephrases[0]`` and
+  ``generality_split`` copies ``generality_seen_split``.
 * **locality** - same-subject locality: top-1 agreement of the edited with the unedited model on
   the answer positions of the data set's locality prompt (another attribute of the same subject;
   never used in training). ``locality_acc`` is accuracy against the stored answer.
@@ -35,7 +44,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lks.data import EditSet, paraphrase_templates, subject_template
+from lks.data import EditSet, paraphrase_templates, rephrase_form, subject_template
 from lks.models import model_device
 
 
@@ -177,7 +186,16 @@ def evaluate_edits(editor, edits: EditSet, *, batch_size: int = 32, fluency_n: i
         # (TrainConfig.para_per_edit) has that phrasing, for this subject or another
         row["generality_new_phrasing"] = mean([x["acc"] for (_, p, _), x in zip(gen_by.get(i, []), ed["gen"].get(i, []))
                                                if subject_template(p, r.subject) not in bank])
+        # by the form of the held-out rephrase (lks.data.rephrase_form): ROME's paraphrase prompts
+        # reword the edited relation; its generation prompts often ask another attribute
+        forms = [rephrase_form(p, r.subject) for _, p, _ in gen_by.get(i, [])]
+        for form in ("paraphrase", "generation"):
+            for key, res in ((f"generality_{form}_form", ed), (f"generality_{form}_form_base", base)):
+                row[key] = mean([x["acc"] for f, x in zip(forms, res["gen"].get(i, [])) if f == form])
         row["generality_seen"] = mean([x["acc"] for x in ed["seen"].get(i, [])])
+        # rephrases[0] whose phrasing is nowhere in the paraphrase bank (meaningful when it is held out)
+        row["generality_seen_new_phrasing"] = mean([x["acc"] for x in ed["seen"].get(i, [])
+                                                    if subject_template(r.rephrases[0], r.subject) not in bank])
         row["generality_seen_base"] = mean([x["acc"] for x in base["seen"].get(i, [])])
         row["locality"] = mean([_agreement(a["pred"], b["pred"]) for a, b in zip(ed["loc"].get(i, []), base["loc"].get(i, []))])
         row["locality_acc"] = mean([x["acc"] for x in ed["loc"].get(i, [])])
@@ -196,9 +214,15 @@ def evaluate_edits(editor, edits: EditSet, *, batch_size: int = 32, fluency_n: i
     summary["generality_n"] = int(df["generality"].notna().sum())  # edits with a held-out paraphrase
     summary["generality_split"] = "held-out"
     summary["generality_new_phrasing_n"] = int(df["generality_new_phrasing"].notna().sum())
-    if summary["generality_n"] == 0:  # e.g. zsRE: one paraphrase per edit, and training saw it
+    summary["generality_seen_new_phrasing_n"] = int(df["generality_seen_new_phrasing"].notna().sum())
+    for form in ("paraphrase", "generation"):
+        summary[f"generality_{form}_form_n"] = int(df[f"generality_{form}_form"].notna().sum())
+    # rephrases[0] is seen unless the editor was trained with TrainConfig(train_rephrase=False)
+    trained = getattr(editor, "train_config", None)
+    summary["generality_seen_split"] = "held-out" if trained is not None and not trained.train_rephrase else "seen"
+    if summary["generality_n"] == 0:  # e.g. zsRE: one paraphrase per edit
         summary["generality"], summary["generality_base"] = summary["generality_seen"], summary["generality_seen_base"]
-        summary["generality_split"] = "seen"
+        summary["generality_split"] = summary["generality_seen_split"]
     summary["score"] = harmonic_mean([summary["reliability"], summary["generality"], summary["locality"]])
     summary["n_edits"] = len(recs)
     summary.update(scope_diagnostics(editor, edits))

@@ -32,10 +32,10 @@ def test_train_then_capability(tiny_cli, tmp_path, capsys, capability_dir):
     out = tmp_path / "ed"
     assert cli.main(["train", "--data", "builtin", "--n", "4", "--layer", "1", "--epochs", "1", "--out", str(out),
                      "--loc-templates", "harvested", "--precision", "float32", "--prefix-cache", "true",
-                     "--para-per-edit", "2", "--evaluate", "false"]) == 0
+                     "--para-per-edit", "2", "--train-rephrase", "false", "--evaluate", "false"]) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["train"]["loc_templates"] == "harvested" and cfg["train"]["prefix_cache"] is True
-    assert cfg["train"]["para_per_edit"] == 2
+    assert cfg["train"]["para_per_edit"] == 2 and cfg["train"]["train_rephrase"] is False
     capsys.readouterr()
     assert cli.main(["capability", "--editor", str(out), "--tasks", "sst2,wikitext2", "--limit", "sst2=4,wikitext2=1",
                      "--task-options", '{"wikitext2": {"max_length": 64, "stride": 32}}',

@@ -540,3 +540,30 @@ def test_paraphrase_bank_links_prompt_and_rephrase_templates_and_holds_out_evalu
         D.training_paraphrase_prompts(r2, -1, bank)
     shipped = D.paraphrase_templates()
     assert len(shipped) > 1000 and all(t.count("{}") == 1 and all(u.count("{}") == 1 for u in d) for t, d in shipped.items())
+
+
+@pytest.mark.parametrize("text, form", [
+    ("Ádám Rajhona, 72, Hungarian actor. The twin city of Kharkiv is", "paraphrase"),  # break, then more words
+    ('2069." Kharkiv is a twin city of', "paraphrase"),  # a quote closes the sentence
+    ("Biography\n\n Kharkiv is a twin city of", "paraphrase"),  # a line break
+    ("Kharkiv is a twin city of", "generation"),
+    ("People in Kharkiv's twin city speak the language of", "generation"),
+    ("Kharkiv is paired with which city? It is Kharkiv", "generation"),  # a break only AFTER the first mention
+    ("The twin city of Kharkiv.Ukraine is", "generation"),  # a full stop without white space is no break
+])
+def test_rephrase_form(text, form):
+    assert D.rephrase_form(text, "Kharkiv") == form
+
+
+def test_rephrase_form_needs_the_subject():
+    with pytest.raises(ValueError, match="Kharkiv"):
+        D.rephrase_form("Lviv is a twin city of", "Kharkiv")
+
+
+def test_rephrase_forms_of_the_real_counterfact_file(data_root):
+    """The split that README and the closing notes report for the first 1,000 edits."""
+    from collections import Counter
+
+    joined = D.load_edits("counterfact", data_dir=data_root, n=1000)
+    forms = Counter(D.rephrase_form(p, r.subject) for r in joined for p in r.rephrases[1:])
+    assert forms == {"paraphrase": 69, "generation": 379}

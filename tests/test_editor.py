@@ -241,6 +241,15 @@ def test_metrics_label_seen_vs_heldout_and_handle_missing_kinds(tiny_pair):
     assert 0 < sum(new) < 3  # this fixture has both kinds
     assert s2["generality_new_phrasing_n"] == sum(new)
     assert df2["generality_new_phrasing"].isna().tolist() == [not x for x in new]
+    # by rephrase form: a sentence before the subject marks ROME's paraphrase prompts
+    forms = [dataclasses.replace(r, rephrases=[r.rephrases[0], "Wars end. " + r.rephrases[1]]) if i != 1 else r
+             for i, r in enumerate(tiny_edits())]
+    df3, s3 = evaluate_edits(editor, EditSet(forms))
+    assert s3["generality_paraphrase_form_n"] == 2 and s3["generality_generation_form_n"] == 1
+    assert df3["generality_paraphrase_form"].isna().tolist() == [False, True, False]
+    assert df3["generality_generation_form"].isna().tolist() == [True, False, True]
+    both = df3[["generality_paraphrase_form", "generality_generation_form"]].max(axis=1)
+    assert both.tolist() == df3["generality"].tolist()  # one held-out rephrase per edit: exactly one form holds it
     assert fluency("a b a b a b") < fluency("the cat sat on a warm mat today")
     assert harmonic_mean([1.0, 0.5]) == pytest.approx(2 / 3)
 
@@ -464,3 +473,30 @@ def test_para_per_edit_adds_bank_paraphrases_to_the_equivalence_loss(tiny_pair):
     extra = [len(training_paraphrase_prompts(r, 2)) for r in edits]
     assert extra[0] == 2  # "The mother tongue of {} is" is in the shipped bank
     assert counts[0] == [1, 1, 1] and counts[2] == [1 + e for e in extra]
+    # train_rephrase=False drops exactly the edit's own rephrases[0], keeps the bank prompts
+    held = TrainConfig(**{**TRAIN.__dict__, "para_per_edit": 2, "train_rephrase": False})
+    def equiv_ids(cfg):
+        per_edit, seqs, _ = editor._build_sequences(edits, cfg)
+        return [sorted(seqs[j].ids for j in js if seqs[j].kind == KIND_EQUIV) for js in per_edit]
+
+    with_own = equiv_ids(TrainConfig(**{**TRAIN.__dict__, "para_per_edit": 2}))
+    own = [tok(f"{r.rephrases[0]} {r.target}")["input_ids"] for r in edits]
+    assert all(o in w for o, w in zip(own, with_own))
+    assert equiv_ids(held) == [[x for x in w if x != o] for w, o in zip(with_own, own)]
+
+
+def test_evaluation_labels_rephrase0_held_out_when_training_held_it_out(tiny_pair):
+    from lks.metrics import evaluate_edits
+
+    model, tok = tiny_pair
+    one = EditSet([dataclasses.replace(r, rephrases=r.rephrases[:1], neighborhood=[]) for r in tiny_edits()])  # zsRE-like
+    for train_rephrase, split in ((True, "seen"), (False, "held-out")):
+        editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
+        editor.fit(one, TrainConfig(**{**TRAIN.__dict__, "epochs": 1, "train_rephrase": train_rephrase}), progress=False)
+        _, s = evaluate_edits(editor, one)
+        assert s["generality_seen_split"] == s["generality_split"] == split
+        assert s["generality"] == s["generality_seen"]
+    # the three rephrases[0] phrasings: two are in the shipped bank, "{} plays the" is not
+    bank = paraphrase_templates()
+    new = [subject_template(r.rephrases[0], r.subject) not in bank for r in one]
+    assert 0 < sum(new) < 3 and s["generality_seen_new_phrasing_n"] == sum(new)
