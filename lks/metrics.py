@@ -125,6 +125,14 @@ def _agreement(a: list[int], b: list[int]) -> float:
     return float(np.mean([x == y for x, y in zip(a, b)])) if a and len(a) == len(b) else float("nan")
 
 
+def _form(text: str, subject: str) -> str | None:
+    """:func:`lks.data.rephrase_form`, or None for a rephrase that does not name the subject."""
+    try:
+        return rephrase_form(text, subject)
+    except ValueError:
+        return None
+
+
 def evaluate_edits(editor, edits: EditSet, *, batch_size: int = 32, fluency_n: int = 0,
                    fluency_tokens: int = 40, progress: bool = False) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Evaluate a fitted editor on ``edits`` (usually the edits it was trained on).
@@ -188,7 +196,7 @@ def evaluate_edits(editor, edits: EditSet, *, batch_size: int = 32, fluency_n: i
                                                if subject_template(p, r.subject) not in bank])
         # by the form of the held-out rephrase (lks.data.rephrase_form): ROME's paraphrase prompts
         # reword the edited relation; its generation prompts often ask another attribute
-        forms = [rephrase_form(p, r.subject) for _, p, _ in gen_by.get(i, [])]
+        forms = [_form(p, r.subject) for _, p, _ in gen_by.get(i, [])]
         for form in ("paraphrase", "generation"):
             for key, res in ((f"generality_{form}_form", ed), (f"generality_{form}_form_base", base)):
                 row[key] = mean([x["acc"] for f, x in zip(forms, res["gen"].get(i, [])) if f == form])

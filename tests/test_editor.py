@@ -250,6 +250,12 @@ def test_metrics_label_seen_vs_heldout_and_handle_missing_kinds(tiny_pair):
     assert df3["generality_generation_form"].isna().tolist() == [True, False, True]
     both = df3[["generality_paraphrase_form", "generality_generation_form"]].max(axis=1)
     assert both.tolist() == df3["generality"].tolist()  # one held-out rephrase per edit: exactly one form holds it
+    # a held-out rephrase that does not name the subject counts for generality, in neither form
+    nameless = [dataclasses.replace(r, rephrases=[r.rephrases[0], "Her mother tongue is"]) if i == 0 else r
+                for i, r in enumerate(forms)]
+    df4, s4 = evaluate_edits(editor, EditSet(nameless))
+    assert s4["generality_n"] == 3 and s4["generality_paraphrase_form_n"] + s4["generality_generation_form_n"] == 2
+    assert df4["generality"].notna().all() and df4.loc[0, ["generality_paraphrase_form", "generality_generation_form"]].isna().all()
     assert fluency("a b a b a b") < fluency("the cat sat on a warm mat today")
     assert harmonic_mean([1.0, 0.5]) == pytest.approx(2 / 3)
 
