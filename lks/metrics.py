@@ -190,13 +190,14 @@ def evaluate_edits(editor, edits: EditSet, *, batch_size: int = 32, fluency_n: i
         row["reliability_base"] = base["rel"][i][0]["acc"]
         row["generality"] = mean([x["acc"] for x in ed["gen"].get(i, [])])
         row["generality_base"] = mean([x["acc"] for x in base["gen"].get(i, [])])
-        # held-out paraphrases whose phrasing is nowhere in the paraphrase bank, so no bank prompt
+        held = [p for _, p, _ in gen_by.get(i, [])]  # this edit's held-out rephrases, in scoring order
+        # those whose phrasing is nowhere in the paraphrase bank, so no bank prompt
         # (TrainConfig.para_per_edit) has that phrasing, for this subject or another
-        row["generality_new_phrasing"] = mean([x["acc"] for (_, p, _), x in zip(gen_by.get(i, []), ed["gen"].get(i, []))
+        row["generality_new_phrasing"] = mean([x["acc"] for p, x in zip(held, ed["gen"].get(i, []))
                                                if subject_template(p, r.subject) not in bank])
         # by the form of the held-out rephrase (lks.data.rephrase_form): ROME's paraphrase prompts
         # reword the edited relation; its generation prompts often ask another attribute
-        forms = [_form(p, r.subject) for _, p, _ in gen_by.get(i, [])]
+        forms = [_form(p, r.subject) for p in held]
         for form in ("paraphrase", "generation"):
             for key, res in ((f"generality_{form}_form", ed), (f"generality_{form}_form_base", base)):
                 row[key] = mean([x["acc"] for f, x in zip(forms, res["gen"].get(i, [])) if f == form])
