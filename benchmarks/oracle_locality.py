@@ -2,8 +2,9 @@
 
     python benchmarks/oracle_locality.py --layer 20 --loc 4 --wloc 1 --n 30
     python benchmarks/oracle_locality.py --layer 20 --loc 12 --wloc 3 --n 30 --out runs/oracle.jsonl
+    python benchmarks/oracle_locality.py --data zsre --loc 12 --wloc 3 --n 30
 
-For each of the first ``--n`` CounterFact edits, a vector ``delta`` (d floats, no hypernetwork) is
+For each of the first ``--n`` edits of ``--data`` (CounterFact by default), a vector ``delta`` (d floats, no hypernetwork) is
 added to the subject's last-token state at the output of ``--layer``, and optimised alone with the
 editor's own objective: mean NLL of the new target after the edit prompt + ``--wloc`` x KL(unedited
 || edited) over the positions from the subject on of ``--loc`` training locality prompts
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layer", type=int, default=20)
     ap.add_argument("--loc", type=int, default=4, help="training locality prompts per subject")
     ap.add_argument("--wloc", type=float, default=1.0, help="weight of the KL term")
-    ap.add_argument("--n", type=int, default=30, help="first N CounterFact edits")
+    ap.add_argument("--data", default="counterfact", help="edit set: counterfact | zsre | a file (lks.load_edits)")
+    ap.add_argument("--n", type=int, default=30, help="first N edits")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--lr", type=float, default=0.5, help="Adam learning rate of delta (states have norm ~10^2)")
     ap.add_argument("--templates", default="both", help="builtin | harvested | both")
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, tok = lks.load_model("smollm2-135m", device="cpu")
-    recs = list(lks.load_edits("counterfact", data_dir=args.data_dir, n=args.n))
+    recs = list(lks.load_edits(args.data, data_dir=args.data_dir, n=args.n))
 
     def encode(texts: list[str], prompts: list[str], subject: str) -> list[tuple[list[int], int, list]]:
         """(ids, subject's last token, offsets) of each text; the subject is searched in its prompt."""
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                                             == logits(items, None)[rr, last].argmax(-1)).float().mean())
         row.update(kl_final=kl.item(), nll_final=nll.item(), delta_norm=float(d.norm()))
         rows.append(row)
-    line = json.dumps({"layer": args.layer, "loc_prompts": args.loc, "wloc": args.wloc, "n": len(rows), "steps": args.steps,
+    line = json.dumps({"data": args.data, "layer": args.layer, "loc_prompts": args.loc, "wloc": args.wloc, "n": len(rows), "steps": args.steps,
                        "seconds": round(time.perf_counter() - t0, 1),
                        **{k: round(float(np.nanmean([x[k] for x in rows])), 3) for k in rows[0]}})
     print(line, flush=True)

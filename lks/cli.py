@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the equivalence loss on each edit's own first rephrase (true, the default) or hold "
                         "it out so that evaluation scores it as a held-out paraphrase (false; use with --para-per-edit)")
     t.add_argument("--w-loc", type=float, default=None, help="weight of the locality (KL) loss")
+    t.add_argument("--gate-negatives", type=int, default=None,
+                   help="--generator gated only: extra locality prompts per edit for the gate loss")
+    t.add_argument("--gate-prefixes", type=int, default=None,
+                   help="--generator gated only: copies of each edit's gate examples behind another edit's statement")
+    t.add_argument("--gate-steps", type=int, default=None,
+                   help="--generator gated only: steps of the gate loss alone before the first epoch")
+    t.add_argument("--w-gate", type=float, default=None,
+                   help="--generator gated only: weight of the gate's open/closed classification loss")
     t.add_argument("--loc-templates", choices=("builtin", "harvested", "both"), default=None,
                    help="relations of the training locality prompts")
     t.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default=None,
@@ -176,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         ecfg, tcfg = _registered_defaults(model)
         ecfg = EditorConfig(**{**dataclasses.asdict(ecfg), **_given(args, ["layer", "generator"])})
         tcfg = TrainConfig(**{**dataclasses.asdict(tcfg), **_given(args, ["lr", "epochs", "batch_size",
-                                                                          "loc_per_subject", "para_per_edit", "train_rephrase", "w_loc", "seed",
+                                                                          "loc_per_subject", "para_per_edit", "train_rephrase", "w_loc", "w_gate", "gate_negatives", "gate_prefixes", "gate_steps", "seed",
                                                                           "loc_templates", "precision", "prefix_cache"])})
         editor = LKSEditor(model, tok, ecfg)
         history = editor.fit(edits, tcfg, checkpoint_dir=args.out, resume=args.resume, on_conflict=args.on_conflict)

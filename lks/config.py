@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-GENERATOR_KINDS = ("linear", "mlp", "residual", "residual_mlp")
+GENERATOR_KINDS = ("linear", "mlp", "residual", "residual_mlp", "gated")
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
@@ -34,7 +34,8 @@ class EditorConfig:
 
     layer: int = 20                # decoder layer whose OUTPUT holds the knowledge block (0-based)
     generator: str = "residual"    # "linear" | "mlp" (the paper's) | "residual" (KB + g(feature)) | "residual_mlp"
-    mlp_ratio: int = 4             # hidden width of the "mlp" and "residual_mlp" generators, as a multiple of d_model
+                                   # | "gated" (residual_mlp's change times a gate that reads the block)
+    mlp_ratio: int = 4             # hidden width of the "mlp", "residual_mlp" and "gated" MLPs, as a multiple of d_model
     fuzzy_threshold: float = 90.0  # rapidfuzz score (0-100) for the scope indicator's fuzzy fallback
 
     def __post_init__(self) -> None:
@@ -55,6 +56,13 @@ class TrainConfig:
     w_edit: float = 1.0            # weight of the edit loss (NLL of the new target after the prompt)
     w_equiv: float = 1.0           # weight of the equivalence loss (NLL of the target after a rephrase)
     w_loc: float = 1.0             # weight of the locality loss (KL original || edited)
+    w_gate: float = 1.0            # "gated" generator only: weight of its gate's classification loss
+                                   # (open on edit and paraphrase prompts, closed on locality prompts)
+    gate_negatives: int = 16       # "gated" only: more locality prompts per edit for the gate loss (their
+                                   # layer-L states only: cheap), after the loc_per_subject KL prompts
+    gate_prefixes: int = 0         # "gated" only: copies of each edit's gate examples behind another edit's
+                                   # statement ("... is French. <prompt>"), so the gate reads the relation
+    gate_steps: int = 500          # "gated" only: steps (2,048 blocks each) of the gate loss alone before epoch 1
     loc_per_subject: int = 4       # same-subject locality prompts per subject used by the KL loss
     loc_topk: int = 256            # the KL keeps the original's top-k log-probs plus one tail bucket
     loc_templates: str = "builtin"  # training locality relations: "builtin" (generic), "harvested" (relations
@@ -76,8 +84,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"need lr > 0, epochs >= 1, batch_size >= 1; got {self.lr}, {self.epochs}, {self.batch_size}")
-        if self.loc_per_subject < 0 or self.para_per_edit < 0 or self.loc_topk < 1:
-            raise ValueError("loc_per_subject and para_per_edit must be >= 0 and loc_topk >= 1")
+        if self.loc_per_subject < 0 or self.para_per_edit < 0 or min(self.gate_negatives, self.gate_prefixes, self.gate_steps) < 0 or self.loc_topk < 1:
+            raise ValueError("loc_per_subject, para_per_edit and the gate_* counts must be >= 0 and loc_topk >= 1")
         if self.precision not in ("float32", "bfloat16", "auto"):
             raise ValueError(f"precision must be 'float32', 'bfloat16' or 'auto', got {self.precision!r}")
         if self.loc_templates not in ("builtin", "harvested", "both"):

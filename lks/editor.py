@@ -278,6 +278,86 @@ class LKSEditor:
             m = self.scope.find(prompt) if self.scope is not None else None
             return (m.start, m.end) if m is not None and m.subject == subject else None
 
+    @torch.no_grad()
+    def _gate_examples(self, edits: EditSet, seqs: list[_Seq], cfg: TrainConfig, batch_size: int = 256) -> None:
+        """Examples of the gated generator's gate loss beyond the training sequences (their layer-L
+        states only: no upper layers, no KL), stored as ``self._gate_kb [m, d]``, subject ids
+        ``self._gate_subj [m]`` and labels ``self._gate_label [m]`` (1 open, 0 closed):
+
+        * ``cfg.gate_negatives`` more locality prompts per edit (0), after the KL prompts in the
+          list of :func:`lks.data.training_locality_prompts`, so never one of them;
+        * ``cfg.gate_prefixes`` = k: k copies of the edit prompt and its training paraphrases (1)
+          and of k locality prompts (0), each behind an unrelated sentence - another edit's prompt
+          with its original answer ("The mother tongue of Danielle Darrieux is French.") - as
+          ROME's paraphrase prompts put a random sentence before the relation: the gate should
+          read the relation, not how the text starts.
+
+        A negative whose tokens up to the subject equal a positive's ("X was born in" and "X's
+        mother tongue is") has that positive's very block: no gate can tell them apart, so it is
+        dropped, and so are such KL locality sequences (``self._gate_skip``); the KL loss still
+        keeps them local."""
+        bank = paraphrase_templates() if cfg.para_per_edit and cfg.w_equiv > 0 else None
+        rng = random.Random(f"{cfg.seed}\x00gate prefixes")
+        items: list[tuple[str, int, float]] = []  # (text, subject id, label)
+        k = cfg.loc_per_subject if cfg.w_loc > 0 else 0
+        for r in edits:
+            sid = self.scope.index_of(r.subject)
+            locs = training_locality_prompts(r, k + cfg.gate_negatives, cfg.seed, cfg.loc_templates)
+            items += [(q, sid, 0.0) for q in locs[k:]]
+            positives = [r.prompt]
+            if cfg.w_equiv > 0:
+                positives += [*r.rephrases[:int(cfg.train_rephrase)], *training_paraphrase_prompts(r, cfg.para_per_edit, bank)]
+            for m in range(cfg.gate_prefixes):
+                other = edits[rng.randrange(len(edits))]
+                prefix = f"{other.prompt} {other.ground_truth}."
+                if other.subject == r.subject or r.subject.casefold() in prefix.casefold():
+                    continue
+                items += [(f"{prefix} {q}", sid, 1.0) for q in positives]
+                items += [(f"{prefix} {locs[m % len(locs)]}", sid, 0.0)] if locs else []
+        items = [it for it in items if self._subject_span(it[0], self.subjects[it[1]]) is not None]
+        enc = self.tokenizer([t for t, _, _ in items], return_offsets_mapping=True) if items else {"input_ids": [], "offset_mapping": []}
+        pos = [subject_token_index(offs, *self._subject_span(t, self.subjects[s])) for (t, s, _), offs in zip(items, enc["offset_mapping"])]
+        block = [(s, tuple(ids[:q + 1])) for (_, s, _), ids, q in zip(items, enc["input_ids"], pos)]
+        opened = {(q.subject, tuple(q.ids[:q.subj_pos + 1])) for q in seqs if q.kind != KIND_LOC}
+        opened |= {b for b, (_, _, y) in zip(block, items) if y == 1.0}
+        self._gate_skip = {j for j, q in enumerate(seqs) if q.kind == KIND_LOC and (q.subject, tuple(q.ids[:q.subj_pos + 1])) in opened}
+        keep = [j for j, (b, (_, _, y)) in enumerate(zip(block, items)) if y == 1.0 or b not in opened]
+        ids = [enc["input_ids"][j] for j in keep]
+        # in the cache's dtype (bfloat16 when the fit runs in it: 10,000 edits x 16 negatives ~ 180 MB)
+        kb = torch.empty(len(keep), self.d, dtype=torch.bfloat16 if self._bf16_swap(cfg) else torch.float32)
+        with self._lower_pass(cfg):
+            for idx, states, _ in self._lower_batches(ids, batch_size):
+                at = torch.tensor([pos[keep[i]] for i in idx], device=states.device)
+                kb[torch.tensor(idx)] = states[torch.arange(len(idx), device=states.device), at].to(kb.dtype).cpu()
+        self._gate_kb = kb
+        self._gate_subj = torch.tensor([items[j][1] for j in keep], dtype=torch.long)
+        self._gate_label = torch.tensor([items[j][2] for j in keep])
+
+    def _warm_gate(self, cache: _Cache, seqs: list[_Seq], cfg: TrainConfig, batch: int = 2048) -> None:
+        """``cfg.gate_steps`` steps of the gate loss alone on the cached blocks (seconds: no upper
+        layers), before the epochs: the gate needs far more updates than the training steps give
+        it (without them an earlier version was open on 47% of the held-out zsRE locality prompts,
+        with them 12%; README, The context-gated generator)."""
+        dev = model_device(self.model)
+        rows = [j for j in range(len(seqs)) if j not in self._gate_skip]
+        kb = torch.cat([torch.stack([cache.states[cache.offsets[j] + seqs[j].subj_pos] for j in rows]), self._gate_kb])
+        subj = torch.cat([torch.tensor([seqs[j].subject for j in rows]), self._gate_subj])
+        label = torch.cat([torch.tensor([float(seqs[j].kind != KIND_LOC) for j in rows]), self._gate_label])
+        weight = torch.where(label == 1, 0.5 / label.sum().clamp_min(1), 0.5 / (1 - label).sum().clamp_min(1))
+        gen = torch.Generator().manual_seed(cfg.seed)
+        opt = torch.optim.AdamW(self.generator.gate.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        feats = self.features.to(dev)
+        for _ in range(cfg.gate_steps):
+            idx = torch.randint(0, len(kb), (batch,), generator=gen)
+            uniq, inv = subj[idx].unique(return_inverse=True)  # the gate MLP once per subject
+            logit = self.generator.gate_logit(kb[idx].to(dev).float(), self.generator.gate(feats[uniq.to(dev)])[inv.to(dev)])
+            w = weight[idx].to(dev)
+            loss = (F.binary_cross_entropy_with_logits(logit, label[idx].to(dev), reduction="none") * w).sum() / w.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        self.generator.zero_grad(set_to_none=True)
+
     @torch.no_grad()  # not inference_mode: the cache feeds autograd-tracked training steps
     def _precompute(self, seqs: list[_Seq], cfg: TrainConfig, batch_size: int = 256, progress: bool = True) -> _Cache:
         """Cache layer-L states of every sequence and the reference locality distributions."""
@@ -399,7 +479,7 @@ class LKSEditor:
             rows = torch.arange(len(batch), device=dev)
             pos = torch.tensor([seqs[j].subj_pos - s0 for j, s0 in zip(batch, starts)], device=dev)
             subj = torch.tensor([seqs[j].subject for j in batch], device=dev)
-            h = apply_replacement(h, Replacement(rows, pos, table[subj], self.generator.additive))  # [batch, d]
+            h = apply_replacement(h, Replacement(rows, pos, table[subj], combine=self.generator.combine))
         # the upper layers' own dtype: bfloat16 inside _upper_pass when TrainConfig.precision asks
         dtype = next(layers[L + 1].parameters()).dtype if L + 1 < len(layers) else next(self.model.parameters()).dtype
         h = h.to(dtype)
@@ -529,8 +609,26 @@ class LKSEditor:
                                          cache.ref_idx[ref].to(dev).long(), cache.ref_tail[ref].to(dev), **head_kw).mean()
         else:
             losses["loc"] = zero
-        losses["total"] = cfg.w_edit * losses["edit"] + cfg.w_equiv * losses["equiv"] + cfg.w_loc * losses["loc"]
+        losses["gate"] = self._gate_loss(cache, seqs, batch, table) if self.generator.has_gate else zero
+        losses["total"] = (cfg.w_edit * losses["edit"] + cfg.w_equiv * losses["equiv"] + cfg.w_loc * losses["loc"]
+                           + cfg.w_gate * losses["gate"])
         return losses
+
+    def _gate_loss(self, cache: _Cache, seqs: list[_Seq], batch: list[int], table: _RowsOf) -> torch.Tensor:
+        """Balanced BCE of the gated generator's gate on the original blocks of the batch's sequences:
+        open (1) on edit and paraphrase prompts, closed (0) on locality prompts, with the batch's
+        subjects' examples of :meth:`_gate_examples`."""
+        dev = model_device(self.model)
+        batch = [j for j in batch if j not in self._gate_skip]  # see _gate_examples
+        kb = torch.stack([cache.states[cache.offsets[j] + seqs[j].subj_pos] for j in batch]).float()
+        subj = torch.tensor([seqs[j].subject for j in batch])
+        label = torch.tensor([float(seqs[j].kind != KIND_LOC) for j in batch])
+        extra = torch.isin(self._gate_subj, subj)  # the gate-only examples of the batch's subjects
+        kb, subj = torch.cat([kb, self._gate_kb[extra].float()]), torch.cat([subj, self._gate_subj[extra]])
+        label = torch.cat([label, self._gate_label[extra]]).to(dev)
+        logit = self.generator.gate_logit(kb.to(dev), table[subj][:, self.d:])
+        bce = F.binary_cross_entropy_with_logits(logit, label, reduction="none")
+        return sum((bce[label == v].mean() for v in (0.0, 1.0) if bool((label == v).any())), bce.sum() * 0.0) / 2
 
     # ----------------------------------------------------------------------------------------
     # fit
@@ -578,6 +676,8 @@ class LKSEditor:
             edits, self.dropped = drop_conflicts(edits)
         self._set_edits(edits, cfg)
         per_edit, seqs, skipped = self._build_sequences(edits, cfg)
+        if self.generator.has_gate:
+            self._gate_examples(edits, seqs, cfg)
         cache = self._precompute(seqs, cfg, precompute_batch_size, progress)
         release_memory()  # the precompute's transient tensors: return them to the OS before training
         self.precompute_seconds = time.perf_counter() - t0
@@ -592,6 +692,8 @@ class LKSEditor:
             state = self._try_resume(checkpoint_dir, opt, sched)
             if state is not None:
                 start_epoch, best, bad = state["epoch"], state["best"], state["bad_epochs"]
+        if start_epoch == 0 and self.generator.has_gate and cfg.gate_steps > 0:
+            self._warm_gate(cache, seqs, cfg)
         rng = random.Random(cfg.seed)
         for _ in range(start_epoch):  # replay the shuffles of finished epochs: same order as uninterrupted
             rng.shuffle(batches)
@@ -612,7 +714,7 @@ class LKSEditor:
                 break
             te = time.perf_counter()
             rng.shuffle(batches)
-            sums = {"total": 0.0, "edit": 0.0, "equiv": 0.0, "loc": 0.0}
+            sums = {"total": 0.0, "edit": 0.0, "equiv": 0.0, "loc": 0.0, "gate": 0.0}
             bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
             for batch in bar:
                 losses = self._batch_loss(cache, seqs, batch, cfg)
@@ -625,7 +727,7 @@ class LKSEditor:
                 bar.set_postfix(loss=f"{float(losses['total'].detach()):.3f}")
             n = max(1, len(batches))
             rec = {"epoch": epoch + 1, "loss": sums["total"] / n, "edit": sums["edit"] / n, "equiv": sums["equiv"] / n,
-                   "loc": sums["loc"] / n, "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - te}
+                   "loc": sums["loc"] / n, "gate": sums["gate"] / n, "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - te}
             self.history.append(rec)
             if rec["loss"] < best - cfg.min_delta:
                 best, bad = rec["loss"], 0
@@ -718,7 +820,7 @@ class LKSEditor:
         model = model if model is not None else self.model
         table = self.kb_table()
         stats = ApplyStats()
-        additive = self.generator.additive
+        combine = self.generator.combine
 
         def replacer(input_ids, attention_mask):
             stats.calls += 1
@@ -731,7 +833,7 @@ class LKSEditor:
                 return None
             dev = input_ids.device
             return Replacement(torch.tensor(rows, device=dev), torch.tensor(pos, device=dev),
-                               table[torch.tensor(subj, device=table.device)], additive)
+                               table[torch.tensor(subj, device=table.device)], combine=combine)
 
         with LayerHooks(model, edit_layer=self.config.layer, replacer=replacer):
             yield stats

@@ -35,12 +35,16 @@ class Replacement:
 
     With ``additive=True`` the vectors are added instead (``hidden[r, p] += vectors[i]``), which is
     how the residual generator's ``KB' = KB + delta`` is applied without a second forward pass.
+    With ``combine`` the written blocks are ``combine(hidden[rows, positions], vectors)``: an
+    editor passes its generator's ``combine``, so every kind (and the gated one, whose ``vectors``
+    are wider than ``hidden``) is applied by the same code in the hook and in the fast training path.
     """
 
     rows: torch.Tensor       # [n] long
     positions: torch.Tensor  # [n] long, index into the sequence axis of this forward call
-    vectors: torch.Tensor    # [n, hidden]
+    vectors: torch.Tensor    # [n, hidden] (or any width that ``combine`` reads)
     additive: bool = False
+    combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (original [n, hidden], vectors) -> [n, hidden]
 
     def __post_init__(self) -> None:
         n = self.rows.shape[0]
@@ -193,6 +197,8 @@ def apply_replacement(hidden: torch.Tensor, rep: Replacement) -> torch.Tensor:
     knowledge blocks identically.
     """
     idx = (rep.rows.to(hidden.device), rep.positions.to(hidden.device))
+    if rep.combine is not None:
+        return hidden.index_put(idx, rep.combine(hidden[idx], rep.vectors).to(hidden.dtype))
     vec = rep.vectors.to(device=hidden.device, dtype=hidden.dtype)
     if rep.additive:
         vec = hidden[idx] + vec

@@ -77,3 +77,18 @@ def test_padded_tokens(tiny_pair):
     seqs = [S(n) for n in (2, 2, 9, 10)]
     assert padded_tokens(seqs, [0, 1, 2, 3]) == 40
     assert padded_tokens(seqs, [0, 1, 2, 3], 2) == 2 * 2 + 2 * 10
+
+
+def test_gate_report_counts_prompts_and_reads_the_gate(tiny_pair):
+    from gate_diagnostics import gate_report
+
+    from lks.editor import LKSEditor
+    model, tok = tiny_pair
+    edits = _edits()
+    editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="gated", mlp_ratio=2))
+    editor.fit(edits, TrainConfig(lr=1e-2, epochs=2, batch_size=2, loc_per_subject=2, loc_topk=50, gate_steps=50), progress=False)
+    report = gate_report(editor, list(edits))
+    assert report["prompt"]["n"] == len(edits) and report["train_locality"]["n"] == len(edits)
+    assert report["rephrase"]["n"] == sum(bool(r.rephrases) for r in edits)
+    assert "mend_paraphrase_form" not in report  # no record has a second rephrase
+    assert all(0 <= v["open"] <= 1 and 0 < v["mean_gate"] < 1 for v in report.values())

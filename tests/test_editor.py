@@ -35,7 +35,7 @@ TRAIN = TrainConfig(lr=1e-2, epochs=3, batch_size=2, loc_per_subject=2, loc_topk
 
 
 @pytest.mark.parametrize("prefix_cache", [False, True])
-@pytest.mark.parametrize("kind", ["linear", "mlp", "residual", "residual_mlp"])
+@pytest.mark.parametrize("kind", ["linear", "mlp", "residual", "residual_mlp", "gated"])
 def test_fast_path_equals_hooked_forward(tiny_pair, kind, prefix_cache):
     """Cached layer-L states + layers L+1..N (with or without the cached prefix keys/values) give
     the logits of the plain hooked full forward pass."""
@@ -65,7 +65,7 @@ def test_fast_path_equals_hooked_forward(tiny_pair, kind, prefix_cache):
     assert (plain - ref).abs().max().item() > 1e-3
 
 
-@pytest.mark.parametrize("kind", ["residual", "residual_mlp"])
+@pytest.mark.parametrize("kind", ["residual", "residual_mlp", "gated"])
 def test_residual_untrained_changes_nothing(tiny_pair, kind):
     model, tok = tiny_pair
     editor = LKSEditor(model, tok, EditorConfig(layer=1, generator=kind))
@@ -506,3 +506,69 @@ def test_evaluation_labels_rephrase0_held_out_when_training_held_it_out(tiny_pai
     bank = paraphrase_templates()
     assert [subject_template(r.rephrases[0], r.subject) not in bank for r in one] == [False, False, True]
     assert s["generality_seen_new_phrasing_n"] == 1
+
+
+def test_gated_generator_learns_its_gate_from_the_gate_loss(tiny_pair, tmp_path):
+    """The gate opens on the edit prompts and closes on the gate-only locality prompts; their
+    cached blocks are the model's own layer-L states at the subject's last token, and a prompt
+    that shares an edit prompt's tokens up to the subject (so its block) is no negative."""
+    from lks.data import subject_positions, training_locality_prompts
+    from lks.hooks import LayerHooks
+    model, tok = tiny_pair
+    editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="gated", mlp_ratio=2))
+    edits = tiny_edits()
+    hist = editor.fit(edits, dataclasses.replace(TRAIN, epochs=40, patience=40, gate_negatives=6), progress=False)
+    assert hist[-1]["gate"] < hist[0]["gate"] / 2
+
+    def blocks(prompts, subjects):
+        enc, pos = subject_positions(tok, prompts, subjects)
+        with torch.no_grad(), LayerHooks(model, capture=[1]) as hooks:
+            model(**enc)
+        return hooks.captured[1][torch.arange(len(prompts)), pos]
+
+    # every negative is one of its subject's 6 candidates (after the 2 KL prompts), in order
+    cands = {i: training_locality_prompts(r, 8, 0, "builtin")[2:] for i, r in enumerate(edits)}
+    used = []
+    for kb, i in zip(editor._gate_kb, editor._gate_subj.tolist()):
+        match = [p for p, c in zip(cands[i], blocks(cands[i], [edits[i].subject] * 6)) if torch.allclose(kb, c, atol=1e-5)]
+        assert match
+        used.append((i, match[0]))
+    # each subject has a training prompt that starts with it ("Toko Yasuda plays the", "Danielle
+    # Darrieux's native language is", ...): "Toko Yasuda was born in" has its very block
+    for i, r in enumerate(edits):
+        assert [p for j, p in used if j == i] == [p for p in cands[i] if not p.startswith(r.subject)]
+    assert len(used) < 18
+    table = editor.kb_table()
+    with torch.no_grad():
+        open_ = torch.sigmoid(editor.generator.gate_logit(blocks([r.prompt for r in edits], [r.subject for r in edits]), table[:, 48:]))
+        shut = torch.sigmoid(editor.generator.gate_logit(editor._gate_kb, table[editor._gate_subj][:, 48:]))
+    assert open_.mean() > 0.5 > shut.mean()  # on average: "The religion of {} is" is close to edit 1
+    loaded = LKSEditor.load(editor.save(tmp_path / "gated"), model, tok)
+    prompts = [r.prompt for r in edits] + ["The capital of France is"]
+    assert torch.equal(loaded.kb_table(), table)
+    assert loaded.generate(prompts, max_new_tokens=4) == editor.generate(prompts, max_new_tokens=4)
+    assert editor.generate(prompts, max_new_tokens=4) != editor.generate(prompts, max_new_tokens=4, edited=False)
+
+
+def test_gate_prefixes_put_another_edits_statement_before_the_gate_examples(tiny_pair):
+    from lks.data import subject_positions
+    from lks.hooks import LayerHooks
+    model, tok = tiny_pair
+    edits = tiny_edits()
+    editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="gated", mlp_ratio=2))
+    cfg = dataclasses.replace(TRAIN, epochs=1, gate_negatives=0, gate_steps=0)
+    editor.fit(edits, cfg, progress=False)
+    assert len(editor._gate_kb) == 0  # no negatives, no prefixes: only the training sequences
+    editor.fit(edits, dataclasses.replace(cfg, gate_prefixes=2), progress=False)
+    label, subj = editor._gate_label, editor._gate_subj
+    # each copy: the edit prompt and its trained rephrase (open), one locality prompt (closed,
+    # unless it shares its block with a positive), behind another subject's statement
+    assert int((label == 1).sum()) % 2 == 0 and 0 < int((label == 1).sum()) <= 12
+    assert int((label == 0).sum()) <= 6
+    for i, r in enumerate(edits):
+        enc, pos = subject_positions(tok, [r.prompt, r.rephrases[0]], [r.subject] * 2)
+        with torch.no_grad(), LayerHooks(model, capture=[1]) as hooks:
+            model(**enc)
+        plain = hooks.captured[1][torch.arange(2), pos]
+        for kb in editor._gate_kb[(subj == i) & (label == 1)]:  # the prefix changes the block
+            assert not any(torch.allclose(kb, p, atol=1e-4) for p in plain)
