@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from lks.config import EditorConfig, TrainConfig, from_dict
 from lks.data import (
+    EditRecord,
     EditSet,
     find_subject,
     paraphrase_templates,
@@ -234,12 +235,11 @@ class LKSEditor:
         assert self.scope is not None
         texts: list[tuple[str, int, int, str, str]] = []  # (text, edit idx, kind, prompt, subject)
         skipped = {"equiv_without_subject": 0}
-        bank = paraphrase_templates() if cfg.para_per_edit and cfg.w_equiv > 0 else None  # parsed once per fit
+        bank = _bank(cfg)  # parsed once per fit
         for i, r in enumerate(edits):
             texts.append((f"{r.prompt} {r.target}", i, KIND_EDIT, r.prompt, r.subject))
-            if cfg.w_equiv > 0:  # the edit's own first rephrase, then phrasings of its relation from the bank
-                for q in [*r.rephrases[:int(cfg.train_rephrase)], *training_paraphrase_prompts(r, cfg.para_per_edit, bank)]:
-                    texts.append((f"{q} {r.target}", i, KIND_EQUIV, q, r.subject))
+            for q in _equiv_prompts(r, cfg, bank):
+                texts.append((f"{q} {r.target}", i, KIND_EQUIV, q, r.subject))
             if cfg.w_loc > 0:
                 for p in training_locality_prompts(r, cfg.loc_per_subject, cfg.seed, cfg.loc_templates):
                     texts.append((p, i, KIND_LOC, p, r.subject))
@@ -296,7 +296,7 @@ class LKSEditor:
         mother tongue is") has that positive's very block: no gate can tell them apart, so it is
         dropped, and so are such KL locality sequences (``self._gate_skip``); the KL loss still
         keeps them local."""
-        bank = paraphrase_templates() if cfg.para_per_edit and cfg.w_equiv > 0 else None
+        bank = _bank(cfg)
         rng = random.Random(f"{cfg.seed}\x00gate prefixes")
         items: list[tuple[str, int, float]] = []  # (text, subject id, label)
         k = cfg.loc_per_subject if cfg.w_loc > 0 else 0
@@ -304,9 +304,7 @@ class LKSEditor:
             sid = self.scope.index_of(r.subject)
             locs = training_locality_prompts(r, k + cfg.gate_negatives, cfg.seed, cfg.loc_templates)
             items += [(q, sid, 0.0) for q in locs[k:]]
-            positives = [r.prompt]
-            if cfg.w_equiv > 0:
-                positives += [*r.rephrases[:int(cfg.train_rephrase)], *training_paraphrase_prompts(r, cfg.para_per_edit, bank)]
+            positives = [r.prompt, *_equiv_prompts(r, cfg, bank)]
             for m in range(cfg.gate_prefixes):
                 other = edits[rng.randrange(len(edits))]
                 prefix = f"{other.prompt} {other.ground_truth}."
@@ -990,6 +988,19 @@ def _pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torc
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
     return ids.to(device), mask.to(device)
+
+
+def _bank(cfg: TrainConfig) -> dict[str, dict[str, int]] | None:
+    """The paraphrase bank when ``cfg`` trains bank paraphrases, else None."""
+    return paraphrase_templates() if cfg.para_per_edit and cfg.w_equiv > 0 else None
+
+
+def _equiv_prompts(record: EditRecord, cfg: TrainConfig, bank: dict[str, dict[str, int]] | None) -> list[str]:
+    """The equivalence loss's prompts of an edit: its own first rephrase (unless held out), then
+    phrasings of its relation from the bank; none when the loss is off."""
+    if cfg.w_equiv <= 0:
+        return []
+    return [*record.rephrases[:int(cfg.train_rephrase)], *training_paraphrase_prompts(record, cfg.para_per_edit, bank)]
 
 
 class _RowsOf:
