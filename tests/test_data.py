@@ -387,7 +387,8 @@ def test_subject_token_index_real_tokenizer(smol, pre, sub, post, repeat):
     idx = subject_token_index(enc["offset_mapping"], start, end)
     s, e = enc["offset_mapping"][idx]
     assert s <= end - 1 < e  # the token holds the subject's last character
-    if end == len(prompt) or prompt[end] == " ":  # first mention ends a word (not "A" inside "AA")
+    whole_word = (start == 0 or prompt[start - 1] == " ") and (end == len(prompt) or prompt[end] == " ")
+    if whole_word:  # the first mention is a whole word (not "A" inside "AA" or "BA")
         assert e == end and subject.endswith(prompt[s:e].strip())  # so the token ends the subject
         if prompt[s:e].isascii():
             assert tok.decode([enc["input_ids"][idx]]).strip() == prompt[s:e].strip()
