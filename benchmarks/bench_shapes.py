@@ -90,8 +90,9 @@ def count(args: argparse.Namespace) -> None:
                 tokens.add(B * T)
                 padded += B * T
                 real += sum(run)
-                for j in block:
-                    rows["kl" if seqs[j].kind == E.KIND_LOC else "nll"] += len(seqs[j].loss_pos)
+                for j in block:  # the first len(loss_tgt) loss positions are NLL rows, the rest KL rows
+                    rows["nll"] += len(seqs[j].loss_tgt)
+                    rows["kl"] += len(seqs[j].loss_pos) - len(seqs[j].loss_tgt)
             logit_rows.update(E._round_up(r, quanta[3]) for r in rows.values() if r)
         print(f"  {setting:>12s}: {len(blocks)} (rows, suffix, prefix) blocks, {len(tokens)} token counts, "
               f"{len(logit_rows)} logit-row counts; padded / real tokens {padded / real:.2f}")

@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the equivalence loss on each edit's own first rephrase (true, the default) or hold "
                         "it out so that evaluation scores it as a held-out paraphrase (false; use with --para-per-edit)")
     t.add_argument("--w-loc", type=float, default=None, help="weight of the locality (KL) loss")
+    t.add_argument("--w-after", type=float, default=None,
+                   help="weight of the KL after the target (keeps what follows the new object unedited)")
+    t.add_argument("--after-tokens", type=int, default=None,
+                   help="positions of that KL: the last target token and the next N-1 tokens of the unedited continuation")
     t.add_argument("--gate-negatives", type=int, default=None,
                    help="--generator gated only: extra locality prompts per edit for the gate loss")
     t.add_argument("--gate-prefixes", type=int, default=None,
@@ -87,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(e)
     data_args(e)
     e.add_argument("--editor", required=True, help="directory of a saved editor")
-    e.add_argument("--fluency-n", type=int, default=0, help="edits whose prompts are freely generated for fluency")
+    e.add_argument("--fluency-n", type=int, default=0,
+                   help="edits whose prompts and held-out rephrases are continued freely (greedy) for the "
+                        "generation-based metrics: gen_reliability, gen_generality, repeat_rate, fluency, distinct_1/2 "
+                        "(default: %(default)s, none)")
+    e.add_argument("--fluency-tokens", type=int, default=30, help="new tokens per free continuation (default: %(default)s)")
 
     g = sub.add_parser("generate", help="greedy continuations with the edits applied")
     common(g)
@@ -184,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         ecfg, tcfg = _registered_defaults(model)
         ecfg = EditorConfig(**{**dataclasses.asdict(ecfg), **_given(args, ["layer", "generator"])})
         tcfg = TrainConfig(**{**dataclasses.asdict(tcfg), **_given(args, ["lr", "epochs", "batch_size",
-                                                                          "loc_per_subject", "para_per_edit", "train_rephrase", "w_loc", "w_gate", "gate_negatives", "gate_prefixes", "gate_steps", "seed",
+                                                                          "loc_per_subject", "para_per_edit", "train_rephrase", "w_loc", "w_after", "after_tokens", "w_gate", "gate_negatives", "gate_prefixes", "gate_steps", "seed",
                                                                           "loc_templates", "precision", "prefix_cache"])})
         editor = LKSEditor(model, tok, ecfg)
         history = editor.fit(edits, tcfg, checkpoint_dir=args.out, resume=args.resume, on_conflict=args.on_conflict)
@@ -198,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(summary, indent=2))
         return 0
     editor = LKSEditor.load(args.editor, model, tok)
-    _, summary = evaluate_edits(editor, edits, fluency_n=args.fluency_n)
+    _, summary = evaluate_edits(editor, edits, fluency_n=args.fluency_n, fluency_tokens=args.fluency_tokens)
     print(json.dumps(summary, indent=2))
     return 0
 

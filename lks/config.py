@@ -56,6 +56,11 @@ class TrainConfig:
     w_edit: float = 1.0            # weight of the edit loss (NLL of the new target after the prompt)
     w_equiv: float = 1.0           # weight of the equivalence loss (NLL of the target after a rephrase)
     w_loc: float = 1.0             # weight of the locality loss (KL original || edited)
+    w_after: float = 0.0           # weight of the KL (original || edited) after the target: on "prompt target"
+                                   # the edited model's next-token distribution stays the unedited one's,
+                                   # so generation stops repeating the new object (not in the paper)
+    after_tokens: int = 1          # positions of that KL: the last target token's, and for n > 1 the next n - 1
+                                   # tokens of the unedited model's own greedy continuation of "prompt target"
     w_gate: float = 1.0            # "gated" generator only: weight of its gate's classification loss
                                    # (open on edit and paraphrase prompts, closed on locality prompts)
     gate_negatives: int = 16       # "gated" only: more locality prompts per edit for the gate loss (their
@@ -84,6 +89,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"need lr > 0, epochs >= 1, batch_size >= 1; got {self.lr}, {self.epochs}, {self.batch_size}")
+        if self.after_tokens < 1 or self.w_after < 0:
+            raise ValueError(f"need after_tokens >= 1 and w_after >= 0; got {self.after_tokens}, {self.w_after}")
         if self.loc_per_subject < 0 or self.para_per_edit < 0 or min(self.gate_negatives, self.gate_prefixes, self.gate_steps) < 0 or self.loc_topk < 1:
             raise ValueError("loc_per_subject, para_per_edit and the gate_* counts must be >= 0 and loc_topk >= 1")
         if self.precision not in ("float32", "bfloat16", "auto"):

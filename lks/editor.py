@@ -89,7 +89,9 @@ class _Seq:
     kind: int               # KIND_EDIT | KIND_EQUIV | KIND_LOC
     ids: list[int]          # token ids, incl. special tokens the tokenizer adds
     subj_pos: int           # index of the subject's last token
-    loss_pos: list[int]     # positions whose logits are read (predicting the next token)
+    loss_pos: list[int]     # positions whose logits are read (predicting the next token): the first
+                            # len(loss_tgt) are NLL rows, the rest KL rows against the unedited model
+                            # (locality sequences: all; edit/paraphrase ones: after the target)
     loss_tgt: list[int]     # target token ids for NLL (empty for locality sequences)
 
 
@@ -263,13 +265,44 @@ class LKSEditor:
                 else:
                     # target tokens start at the prompt's length; tokenised TOGETHER with the prompt
                     # because byte-level BPE gives " English" and "English" different ids
-                    tgt = [j for j, (s, e) in enumerate(offs) if s >= len(prompt) and e > s]
+                    tgt_end = len(prompt) + 1 + len(edits[i].target)
+                    tgt = [j for j, (s, e) in enumerate(offs) if len(prompt) <= s < tgt_end and e > s]
                     if not tgt or tgt[0] == 0:
                         continue
                     loss_pos, loss_tgt = [j - 1 for j in tgt], [ids[j] for j in tgt]
+                    if cfg.w_after > 0:  # KL rows: what follows the target (see TrainConfig.after_tokens)
+                        loss_pos += list(range(tgt[-1], tgt[-1] + cfg.after_tokens))
                 per_edit[i].append(len(seqs))
                 seqs.append(_Seq(self.scope.index_of(subject), kind, list(ids), pos, loss_pos, loss_tgt))
+        if cfg.w_after > 0 and cfg.after_tokens > 1:
+            self._continue_unedited(seqs, cfg.after_tokens - 1)
         return per_edit, seqs, skipped
+
+    @torch.no_grad()
+    def _continue_unedited(self, seqs: list[_Seq], n: int, batch_size: int = 64) -> None:
+        """Extend every edit and paraphrase sequence ("prompt target") by the unedited model's own
+        greedy continuation of up to ``n`` tokens (cut after an end-of-sequence token), and keep the
+        KL rows that fall inside the extended sequence: after the target, the edited model should
+        continue as the unedited model continues the same text."""
+        todo = [j for j, q in enumerate(seqs) if q.kind != KIND_LOC]
+        eos = self.tokenizer.eos_token_id
+        dev = model_device(self.model)
+        for b in range(0, len(todo), batch_size):
+            idx = todo[b:b + batch_size]
+            T = max(len(seqs[j].ids) for j in idx)
+            ids = torch.full((len(idx), T), self.tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros(len(idx), T, dtype=torch.long)
+            for r, j in enumerate(idx):  # left-padded for generation
+                ids[r, T - len(seqs[j].ids):], mask[r, T - len(seqs[j].ids):] = torch.tensor(seqs[j].ids), 1
+            out = self.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=n,
+                                      do_sample=False, pad_token_id=self.tokenizer.pad_token_id)[:, T:].tolist()
+            for r, j in enumerate(idx):
+                new = out[r]
+                if eos is not None and eos in new:
+                    new = new[:new.index(eos) + 1]
+                q = seqs[j]
+                q.ids = q.ids + new
+                q.loss_pos = q.loss_pos[:len(q.loss_tgt)] + [p for p in q.loss_pos[len(q.loss_tgt):] if p < len(q.ids)]
 
     def _subject_span(self, prompt: str, subject: str) -> tuple[int, int] | None:
         try:
@@ -370,9 +403,10 @@ class LKSEditor:
                 for row, j in enumerate(idx):
                     n = len(seqs[j].ids)
                     cache.states[offsets[j]:offsets[j] + n] = states[row, :n].cpu()
-        # one pass through layers L+1..N (no edit): reference distributions of the locality
-        # sequences and, with prefix_cache, the keys/values of every sequence's prefix
-        loc = {j for j in order if seqs[j].kind == KIND_LOC}
+        # one pass through layers L+1..N (no edit): reference distributions at the KL rows (locality
+        # sequences; after the target with TrainConfig.w_after) and, with prefix_cache, the
+        # keys/values of every sequence's prefix
+        loc = {j for j in order if len(seqs[j].loss_pos) > len(seqs[j].loss_tgt)}
         # (no upper layers when L is the last layer: nothing to cache)
         prefix_cache = cfg.prefix_cache and self.config.layer + 1 < len(get_layers(self.model))
         todo = order if prefix_cache else [j for j in order if j in loc]
@@ -392,9 +426,9 @@ class LKSEditor:
                     release_memory(collect=False)
                 at, rows, lbatch = 0, [], []
                 for j in batch:
-                    n = len(seqs[j].loss_pos)
+                    n, n_nll = len(seqs[j].loss_pos), len(seqs[j].loss_tgt)
                     if j in loc:
-                        rows.extend(range(at, at + n))
+                        rows.extend(range(at + n_nll, at + n))
                         lbatch.append(j)
                     at += n
                 if not rows:
@@ -405,9 +439,9 @@ class LKSEditor:
                 logps.append(top.cpu())
                 idxs.append(ti.to(torch.int32).cpu())
                 tails.append(_log_tail(lp, ti).cpu())
-                for j in lbatch:  # rows of sequence j: ref_row[j] .. ref_row[j] + len(loss_pos) - 1
+                for j in lbatch:  # KL rows of sequence j: ref_row[j] onwards, one per KL position
                     cache.ref_row[j] = n_ref
-                    n_ref += len(seqs[j].loss_pos)
+                    n_ref += len(seqs[j].loss_pos) - len(seqs[j].loss_tgt)
         if loc:
             cache.ref_logp, cache.ref_idx, cache.ref_tail = torch.cat(logps), torch.cat(idxs), torch.cat(tails)
         return cache
@@ -571,18 +605,19 @@ class LKSEditor:
         losses: dict[str, torch.Tensor] = {}
         zero = hidden.sum() * 0.0
         # the NLL rows and the KL rows go through the output layer separately (lks.headloss)
-        at, kl_rows, kl_ref = 0, [], []
+        at, kl_rows, kl_ref, kl_loc = 0, [], [], []
         nll_rows, nll_tgt, nll_seq, seq_kind = [], [], [], []
         for j in batch:
-            s, n = seqs[j], len(seqs[j].loss_pos)
-            if s.kind == KIND_LOC:
-                kl_rows.extend(range(at, at + n))
-                kl_ref.extend(range(cache.ref_row[j], cache.ref_row[j] + n))
-            else:
-                nll_rows.extend(range(at, at + n))
+            s, n, n_nll = seqs[j], len(seqs[j].loss_pos), len(seqs[j].loss_tgt)
+            if n_nll:
+                nll_rows.extend(range(at, at + n_nll))
                 nll_tgt.extend(s.loss_tgt)
-                nll_seq.extend([len(seq_kind)] * n)
+                nll_seq.extend([len(seq_kind)] * n_nll)
                 seq_kind.append(s.kind)
+            if n > n_nll:  # locality KL, or the KL after the target (TrainConfig.w_after)
+                kl_rows.extend(range(at + n_nll, at + n))
+                kl_ref.extend(range(cache.ref_row[j], cache.ref_row[j] + n - n_nll))
+                kl_loc.extend([s.kind == KIND_LOC] * (n - n_nll))
             at += n
         dev = hidden.device
         # output layer + loss fused (lks.headloss): vocabulary-sized logits only HEAD_CHUNK rows at
@@ -601,15 +636,18 @@ class LKSEditor:
                 sel = kinds == kind
                 if bool(sel.any()):
                     losses[name] = per_seq[sel].mean()
+        losses["loc"] = losses["after"] = zero
         if kl_rows:
             ref = torch.tensor(kl_ref)
-            losses["loc"] = head_topk_kl(hidden[torch.tensor(kl_rows, device=dev)], weight, bias, cache.ref_logp[ref].to(dev),
-                                         cache.ref_idx[ref].to(dev).long(), cache.ref_tail[ref].to(dev), **head_kw).mean()
-        else:
-            losses["loc"] = zero
+            kl = head_topk_kl(hidden[torch.tensor(kl_rows, device=dev)], weight, bias, cache.ref_logp[ref].to(dev),
+                              cache.ref_idx[ref].to(dev).long(), cache.ref_tail[ref].to(dev), **head_kw)
+            is_loc = torch.tensor(kl_loc, device=dev)
+            for name, sel in (("loc", is_loc), ("after", ~is_loc)):
+                if bool(sel.any()):
+                    losses[name] = kl[sel].mean()
         losses["gate"] = self._gate_loss(cache, seqs, batch, table) if self.generator.has_gate else zero
         losses["total"] = (cfg.w_edit * losses["edit"] + cfg.w_equiv * losses["equiv"] + cfg.w_loc * losses["loc"]
-                           + cfg.w_gate * losses["gate"])
+                           + cfg.w_after * losses["after"] + cfg.w_gate * losses["gate"])
         return losses
 
     def _gate_loss(self, cache: _Cache, seqs: list[_Seq], batch: list[int], table: _RowsOf) -> torch.Tensor:
@@ -712,7 +750,7 @@ class LKSEditor:
                 break
             te = time.perf_counter()
             rng.shuffle(batches)
-            sums = {"total": 0.0, "edit": 0.0, "equiv": 0.0, "loc": 0.0, "gate": 0.0}
+            sums = {"total": 0.0, "edit": 0.0, "equiv": 0.0, "loc": 0.0, "after": 0.0, "gate": 0.0}
             bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
             for batch in bar:
                 losses = self._batch_loss(cache, seqs, batch, cfg)
@@ -725,7 +763,7 @@ class LKSEditor:
                 bar.set_postfix(loss=f"{float(losses['total'].detach()):.3f}")
             n = max(1, len(batches))
             rec = {"epoch": epoch + 1, "loss": sums["total"] / n, "edit": sums["edit"] / n, "equiv": sums["equiv"] / n,
-                   "loc": sums["loc"] / n, "gate": sums["gate"] / n, "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - te}
+                   "loc": sums["loc"] / n, "after": sums["after"] / n, "gate": sums["gate"] / n, "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - te}
             self.history.append(rec)
             if rec["loss"] < best - cfg.min_delta:
                 best, bad = rec["loss"], 0

@@ -26,8 +26,25 @@ makes sense, for the unedited model so the two stand side by side):
 * **specificity** - neighbourhood specificity: the same agreement on prompts about *other*
   subjects with the same relation (CounterFact MEND form).
 * **efficacy** / **paraphrase_success** - ROME-style: P(new target) > P(old target).
-* **fluency** - weighted n-gram entropy of free generations, ``1/3 H2 + 2/3 H3`` in bits (the
-  weighting of ROME's ``compute_n_gram_entropy``: weights 2/3 and 4/3, averaged).
+* **generation-based metrics** (:func:`generation_metrics`; ``evaluate_edits(..., fluency_n=N)``):
+  the first N edits' prompts (seen in training) and held-out rephrases are continued greedily
+  (``fluency_tokens`` new tokens) by the edited and by the unedited model, and each continuation
+  is scored without teacher forcing:
+
+  - ``gen_reliability`` (edit prompts) / ``gen_generality`` (held-out rephrases): the new object
+    appears, as whole words and case-insensitively, among the continuation's first
+    ``words(target) + 5`` words;
+  - ``repeat_rate``: the new object appears two or more times in the continuation ("actor actor",
+    "Italy. Italy is a country in Italy."). Beside it, ``repeat_rate_forced_base``: the same count
+    when the *unedited* model continues ``prompt + " " + target`` (the object given, the rest its
+    own), the rate of a model that took the new fact and then went on as before ("Manila, the
+    capital of the Philippines. Manila is ..." counts in both);
+  - ``fluency``: weighted n-gram entropy of prompt + continuation, ``1/3 H2 + 2/3 H3`` in bits
+    (the weighting of ROME's ``compute_n_gram_entropy``: weights 2/3 and 4/3, averaged);
+  - ``distinct_1`` / ``distinct_2``: distinct words / words and distinct word bigrams / bigrams
+    of the continuation.
+
+  Each comes with ``_base`` (unedited model) and ``_n`` (prompts).
 * **score** - our overall score: the harmonic mean of reliability, generality and locality (the
   paper's "EP" is not defined in any public text we have, so we do not claim to reproduce it).
 """
@@ -35,6 +52,7 @@ makes sense, for the unedited model so the two stand side by side):
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -114,6 +132,32 @@ def fluency(text: str) -> float:
     return ngram_entropy(text, 2) / 3 + 2 * ngram_entropy(text, 3) / 3
 
 
+def object_count(text: str, obj: str) -> int:
+    """How often ``obj`` occurs in ``text`` as whole words, case-insensitively ("Italy" in "Italy.
+    Italy's" twice; "Ital" never); white space inside ``obj`` matches any white space."""
+    words = obj.split()
+    if not words:
+        return 0
+    pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in words) + r"(?!\w)"
+    return len(re.findall(pattern, text, flags=re.IGNORECASE))
+
+
+def distinct_n(text: str, n: int) -> float:
+    """Distinct word n-grams / word n-grams of ``text`` (nan when it has none)."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else float("nan")
+
+
+def continuation_scores(prompt: str, continuation: str, target: str) -> dict[str, float]:
+    """Generation-based scores of one free continuation of ``prompt`` for the new object ``target``
+    (definitions in the module docstring): ``hit``, ``repeat``, ``fluency``, ``distinct_1``, ``distinct_2``."""
+    head = " ".join(continuation.split()[:len(target.split()) + 5])
+    return {"hit": float(object_count(head, target) > 0), "repeat": float(object_count(continuation, target) >= 2),
+            "fluency": fluency(f"{prompt}{continuation}"), "distinct_1": distinct_n(continuation, 1),
+            "distinct_2": distinct_n(continuation, 2)}
+
+
 def harmonic_mean(values: Sequence[float]) -> float:
     vals = [v for v in values if not math.isnan(v)]
     if not vals or min(vals) <= 0:
@@ -134,15 +178,16 @@ def _form(text: str, subject: str) -> str | None:
 
 
 def evaluate_edits(editor, edits: EditSet, *, batch_size: int = 32, fluency_n: int = 0,
-                   fluency_tokens: int = 40, progress: bool = False) -> tuple[pd.DataFrame, dict[str, Any]]:
+                   fluency_tokens: int = 30, progress: bool = False) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Evaluate a fitted editor on ``edits`` (usually the edits it was trained on).
 
     Every forward call of the edited model goes through ``editor.applied``, so these numbers
     include the scope indicator's routing, exactly as a user would see them.
 
     Args:
-        fluency_n: number of edits whose prompt is continued freely for the fluency metric
-            (0 skips generation, which is the slow part).
+        fluency_n: the first ``fluency_n`` edits' prompts and held-out rephrases are continued
+            freely (``fluency_tokens`` new tokens, greedy) for the generation-based metrics of
+            :func:`generation_metrics` (0 skips generation, which is the slow part).
 
     Returns:
         ``(per_edit, summary)``: one row per edit, and a dict of means plus counts and splits.
@@ -236,11 +281,66 @@ def evaluate_edits(editor, edits: EditSet, *, batch_size: int = 32, fluency_n: i
     summary["n_edits"] = len(recs)
     summary.update(scope_diagnostics(editor, edits))
     if fluency_n > 0:
-        prompts = [r.prompt for r in recs[:fluency_n]]
-        gens = editor.generate(prompts, max_new_tokens=fluency_tokens, edited=True)
-        gens_base = editor.generate(prompts, max_new_tokens=fluency_tokens, edited=False)
-        summary["fluency"] = float(np.mean([fluency(p + g) for p, g in zip(prompts, gens)]))
-        summary["fluency_base"] = float(np.mean([fluency(p + g) for p, g in zip(prompts, gens_base)]))
+        summary.update(generation_metrics(editor, EditSet(recs[:fluency_n]), max_new_tokens=fluency_tokens)[1])
+    return df, summary
+
+
+def generation_metrics(editor, edits: EditSet, *, max_new_tokens: int = 30, batch_size: int = 32
+                       ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Free (greedy) continuations of each edit's prompt and held-out rephrases, edited and unedited,
+    scored by :func:`continuation_scores` (definitions in the module docstring).
+
+    The edit prompt is ``kind = "prompt"`` (seen in training); the rephrases training never saw
+    (``rephrases[1:]``, and ``rephrases[0]`` when the editor was trained with
+    ``train_rephrase=False``) are ``kind = "rephrase"`` (held-out), with their
+    :func:`lks.data.rephrase_form` in ``form``.
+
+    Returns:
+        ``(per_prompt, summary)``: one row per prompt with both continuations and their scores
+        (``_base``: unedited), and the summary's ``gen_reliability``, ``gen_generality``,
+        ``repeat_rate``, ``fluency``, ``distinct_1``, ``distinct_2`` (each with ``_base`` and ``_n``),
+        plus ``gen_generality_paraphrase_form`` / ``_generation_form`` where rephrases have them.
+    """
+    trained = getattr(editor, "train_config", None)
+    first_held = 0 if trained is not None and not trained.train_rephrase else 1
+    items = []  # (edit index, kind, form, prompt)
+    for i, r in enumerate(edits):
+        items.append((i, "prompt", None, r.prompt))
+        items += [(i, "rephrase", _form(p, r.subject), p) for p in r.rephrases[first_held:]]
+    prompts = [p for *_, p in items]
+    outs = {key: editor.generate(prompts, max_new_tokens=max_new_tokens, edited=key == "", batch_size=batch_size)
+            for key in ("", "_base")}
+    # the unedited model given the new object: its continuations, the object's token count fewer
+    forced = [f"{p} {edits[i].target}" for i, *_, p in items]
+    tok = editor.tokenizer
+    n_obj = [len(ids) for ids in tok([f" {edits[i].target}" for i, *_ in items], add_special_tokens=False)["input_ids"]]
+    forced_out = editor.generate(forced, max_new_tokens=max(1, max_new_tokens - min(n_obj)), edited=False,
+                                 batch_size=batch_size)
+    rows = []
+    for j, (i, kind, form, prompt) in enumerate(items):
+        r = edits[i]
+        row: dict[str, Any] = {"case_id": r.case_id, "subject": r.subject, "target": r.target, "kind": kind,
+                               "form": form, "prompt": prompt}
+        for key, gens in outs.items():
+            row[f"continuation{key}"] = gens[j]
+            row.update({f"{k}{key}": v for k, v in continuation_scores(prompt, gens[j], r.target).items()})
+        cut = tok.decode(tok(forced_out[j], add_special_tokens=False)["input_ids"][:max(0, max_new_tokens - n_obj[j])])
+        row["continuation_forced_base"] = f" {r.target}{cut}"
+        row["repeat_forced_base"] = float(object_count(row["continuation_forced_base"], r.target) >= 2)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    summary: dict[str, Any] = {}
+    parts = [("gen_reliability", df.kind == "prompt", "hit"), ("gen_generality", df.kind == "rephrase", "hit"),
+             ("gen_generality_paraphrase_form", df.form == "paraphrase", "hit"),
+             ("gen_generality_generation_form", df.form == "generation", "hit"),
+             *((name, df.kind.notna(), col) for name, col in (("repeat_rate", "repeat"), ("fluency", "fluency"),
+                                                              ("distinct_1", "distinct_1"), ("distinct_2", "distinct_2")))]
+    for name, sel, col in parts:
+        if bool(sel.any()):
+            summary[name], summary[f"{name}_base"] = float(df[sel][col].mean()), float(df[sel][f"{col}_base"].mean())
+            summary[f"{name}_n"] = int(sel.sum())
+    if len(df):
+        summary["repeat_rate_forced_base"] = float(df["repeat_forced_base"].mean())
     return df, summary
 
 

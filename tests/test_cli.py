@@ -32,11 +32,18 @@ def test_train_then_capability(tiny_cli, tmp_path, capsys, capability_dir):
     out = tmp_path / "ed"
     assert cli.main(["train", "--data", "builtin", "--n", "4", "--layer", "1", "--epochs", "1", "--out", str(out),
                      "--loc-templates", "harvested", "--precision", "float32", "--prefix-cache", "true",
-                     "--para-per-edit", "2", "--train-rephrase", "false", "--evaluate", "false"]) == 0
+                     "--para-per-edit", "2", "--train-rephrase", "false", "--w-after", "2", "--after-tokens", "3",
+                     "--evaluate", "false"]) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["train"]["loc_templates"] == "harvested" and cfg["train"]["prefix_cache"] is True
     assert cfg["train"]["para_per_edit"] == 2 and cfg["train"]["train_rephrase"] is False
+    assert (cfg["train"]["w_after"], cfg["train"]["after_tokens"]) == (2.0, 3)
+    assert all(h["after"] > 0 for h in cfg["history"])  # the KL after the target is trained
     capsys.readouterr()
+    assert cli.main(["evaluate", "--editor", str(out), "--data", "builtin", "--n", "4", "--fluency-n", "2",
+                     "--fluency-tokens", "4"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["gen_reliability_n"] == 2 and 0 <= summary["repeat_rate"] <= 1 and "repeat_rate_forced_base" in summary
     assert cli.main(["capability", "--editor", str(out), "--tasks", "sst2,wikitext2", "--limit", "sst2=4,wikitext2=1",
                      "--task-options", '{"wikitext2": {"max_length": 64, "stride": 32}}',
                      "--data-dir", str(capability_dir), "--out", str(tmp_path / "cap-")]) == 0

@@ -262,6 +262,17 @@ def test_02_training_results():
                 "locality", "specificity", "score"):
         assert f"{key} = {fmt(res[key])}\n" in text, f"stored output disagrees with results for {key}"
     assert len(res["figures"]) == 3
+    # free generation: the editor trained with the KL after the target, beside one trained without it
+    gen = res["generation"]
+    assert list(gen) == ["w_after = 0", f"w_after = {p['w_after']:g}"]
+    for name, s in gen.items():
+        for key in ("gen_reliability", "repeat_rate", "repeat_rate_base", "repeat_rate_forced_base", "distinct_1"):
+            in_unit(s[key], key)
+        assert s["fluency"] > 0 and s["gen_reliability_n"] == res["n_edits"]
+        assert (f"generation {name}: repeat_rate = {fmt(s['repeat_rate'])}, fluency = {fmt(s['fluency'])} "
+                f"(unedited {fmt(s['fluency_base'])}), gen_reliability = {fmt(s['gen_reliability'])}\n") in text
+    # the unedited model is the same model in both runs
+    assert len({s["fluency_base"] for s in gen.values()}) == 1
 
 
 def test_03_scaling_results():
