@@ -6,6 +6,9 @@ Examples::
     python -m lks evaluate --editor runs/cf-100 --data counterfact --n 100
     python -m lks generate --editor runs/cf-100 "The mother tongue of Danielle Darrieux is"
     python -m lks capability --editor runs/cf-100 --limit sst2=200,rte=277,mmlu=150,wikitext2=3,gsm8k=20
+
+Bad input (a missing or malformed file, an invalid option value) is reported as one line on stderr,
+``lks: error: ...``, with exit status 2; ``--debug`` shows the full traceback instead.
 """
 
 from __future__ import annotations
@@ -15,6 +18,11 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # lks.data/editor import torch: the parser must stay quick
+    from lks.data import EditSet
+    from lks.editor import LKSEditor
 
 
 def _bool(text: str) -> bool:
@@ -31,9 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     from lks.config import GENERATOR_KINDS
 
     p = argparse.ArgumentParser(prog="lks", description="Latent Knowledge Scalpel: edit facts in a frozen LLM's activations.")
+    debug_help = "on bad input, show the full Python traceback instead of the one-line 'lks: error:' message"
+    p.add_argument("--debug", action="store_true", help=debug_help)
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
+        # also accepted after the subcommand; SUPPRESS keeps the subparser's default from
+        # overwriting a --debug given before it
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
         sp.add_argument("--model", default="smollm2-135m",
                         help="registered model name (smollm2-135m, llama2-7b-chat, mistral-7b-instruct), "
                              "Hugging Face id or local directory (default: %(default)s)")
@@ -121,6 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class UsageError(SystemExit):
+    """An option value that the command line itself rejects; the message says what to pass instead.
+
+    A ``SystemExit`` so that a helper such as :func:`_task_ints` called outside :func:`main` still
+    stops with its message, as it always has; :func:`main` reports it like any other bad input.
+    """
+
+
+# Exceptions that mean bad input rather than a bug: main() reports them in one line, exit status 2.
+# ValueError covers json.JSONDecodeError, UnicodeDecodeError, lks.data.InvalidEditError and
+# DataChecksumError and the configs' validation; OSError covers FileNotFoundError, PermissionError
+# and IsADirectoryError. Anything else (RuntimeError, TypeError, IndexError, ...) keeps its traceback.
+INPUT_ERRORS: tuple[type[BaseException], ...] = (UsageError, ValueError, OSError, KeyError)
+
+
 def _task_ints(text: str | None, what: str) -> int | dict[str, int] | None:
     """``"200"`` -> 200; ``"sst2=200,rte=50"`` -> ``{"sst2": 200, "rte": 50}``."""
     if text is None:
@@ -130,21 +158,83 @@ def _task_ints(text: str | None, what: str) -> int | dict[str, int] | None:
             return int(text)
         return {k.strip(): int(v) for k, v in (item.split("=", 1) for item in text.split(",") if item.strip())}
     except ValueError:
-        raise SystemExit(f"--{what}: expected N or task=N,task=N, got {text!r}") from None
+        raise UsageError(f"--{what}: expected N or task=N,task=N, got {text!r}") from None
 
 
-def _capability(args: argparse.Namespace, model, tok) -> int:
+def _task_options(text: str | None) -> dict[str, dict[str, Any]] | None:
+    """``--task-options`` parsed: a JSON object of per-task option objects."""
+    if text is None:
+        return None
+    example = '\'{"gsm8k": {"max_new_tokens": 128}}\''
+    try:
+        opts = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--task-options: not valid JSON ({e}); expected e.g. {example}") from None
+    # anything else than {task: {...}} would fail deep inside evaluate_capability
+    if not isinstance(opts, dict) or not all(isinstance(v, dict) for v in opts.values()):
+        raise UsageError(f"--task-options: expected a JSON object of per-task objects, e.g. {example}; got {text!r}")
+    return opts
+
+
+def _check_model_options(args: argparse.Namespace) -> None:
+    """Reject a malformed ``--device`` or ``--dtype`` before a model is loaded (torch's own error
+    for a bad device string is a RuntimeError, which would pass for a bug)."""
+    import torch
+
+    from lks.utils import resolve_dtype
+
+    try:
+        if args.device != "auto":
+            torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device: unknown device {args.device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if args.dtype is not None:
+        try:
+            resolve_dtype(args.dtype)
+        except ValueError as e:
+            raise UsageError(f"--dtype: {e}") from None
+
+
+def _edits(args: argparse.Namespace) -> EditSet:
+    """The ``--data`` edit set; errors that do not name the file (JSON syntax, encoding) get its name."""
+    import lks
+
+    # load_edits takes n=0 (an empty set) and says "n must be ..." for a negative one
+    if args.n is not None and args.n < 1:
+        raise UsageError(f"--n: expected a positive number of edits, got {args.n}")
+    try:
+        return lks.load_edits(args.data, data_dir=args.data_dir, n=args.n)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # json.load raises these without the path
+        raise ValueError(f"--data {args.data}: not a valid UTF-8 JSON file ({e}); fix it or pass another "
+                         "edit set") from e
+
+
+def _load_editor(path: str, model: Any, tok: Any) -> LKSEditor:
+    """``LKSEditor.load`` for ``--editor``, naming the option and directory where its errors do not."""
+    from lks.editor import LKSEditor
+
+    try:
+        return LKSEditor.load(path, model, tok)
+    except KeyError as e:  # a config.json or subjects.json that parses but lacks a section
+        raise ValueError(f"--editor {path}: corrupt saved editor, missing key {e}; train it again") from e
+
+
+def _capability_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of ``evaluate_capability`` from the options, checked before a model loads."""
+    if args.out and not Path(f"{args.out}x").parent.is_dir():  # else it fails after the whole run
+        raise UsageError(f"--out {args.out}: the folder of this CSV prefix does not exist; create it first")
+    return dict(tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], data_dir=args.data_dir,
+                limit=_task_ints(args.limit, "limit"), seed=args.seed, batch_size=args.batch_size,
+                num_fewshot=_task_ints(args.num_fewshot, "num-fewshot"), task_options=_task_options(args.task_options))
+
+
+def _capability(args: argparse.Namespace, model: Any, tok: Any, kw: dict[str, Any]) -> int:
     import time
 
     import pandas as pd
 
     from lks.capability import compare_capability, evaluate_capability
-    from lks.editor import LKSEditor
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    kw = dict(tasks=tasks, data_dir=args.data_dir, limit=_task_ints(args.limit, "limit"), seed=args.seed,
-              batch_size=args.batch_size, num_fewshot=_task_ints(args.num_fewshot, "num-fewshot"),
-              task_options=json.loads(args.task_options) if args.task_options else None)
     t0 = time.perf_counter()
     before = evaluate_capability(model, tok, **kw)
     print(f"unedited: {time.perf_counter() - t0:.1f} s")
@@ -153,14 +243,14 @@ def _capability(args: argparse.Namespace, model, tok) -> int:
         print(before[cols].to_string(index=False))
         frames = {"unedited": before}
         if args.editor:
-            editor = LKSEditor.load(args.editor, model, tok)
+            editor = _load_editor(args.editor, model, tok)
             t0 = time.perf_counter()
             after = evaluate_capability(model, tok, editor=editor, **kw)
             print(f"\nwith {editor.n_edits} edits ({args.editor}): {time.perf_counter() - t0:.1f} s")
             print(after[cols + ["routed", "rows_seen"]].to_string(index=False))
             comp = compare_capability(before, after)
             print("\nafter - before:")
-            print(comp[comp.task.isin(tasks)].to_string(index=False))
+            print(comp[comp.task.isin(kw["tasks"])].to_string(index=False))
             frames.update(edited=after, comparison=comp)
     if args.out:
         for name, df in frames.items():
@@ -168,17 +258,54 @@ def _capability(args: argparse.Namespace, model, tok) -> int:
     return 0
 
 
+def _one_line(e: BaseException) -> str:
+    """The exception's message on one line (some, e.g. a missing data file's, span several)."""
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)  # KeyError's str() is a repr
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0, or 2 on bad input (:data:`INPUT_ERRORS`), reported as ONE line
+        ``lks: error: ...`` on stderr. With ``--debug`` such an error propagates with its
+        traceback instead. Malformed arguments exit through argparse (status 2 and a usage line);
+        any other exception is a bug and always propagates.
+    """
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except INPUT_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"lks: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The subcommand's work (see :func:`main`)."""
     import lks
     from lks.config import EditorConfig, TrainConfig
     from lks.editor import LKSEditor, _registered_defaults
     from lks.metrics import evaluate_edits
+    from lks.models import check_layer
     from lks.utils import write_json
 
+    # the checks of files and option values come before the model: loading a 7B model takes minutes
+    _check_model_options(args)
+    kw = _capability_kwargs(args) if args.command == "capability" else {}
+    edits = _edits(args) if args.command in ("train", "evaluate") else None
+    if getattr(args, "editor", None) and not Path(args.editor).is_dir():
+        raise UsageError(f"--editor {args.editor}: no such directory; pass the --out directory of an 'lks train' run")
+    if args.command == "train" and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out}: exists and is not a directory; pass a directory for the editor")
     model, tok = lks.load_model(args.model, device=args.device, dtype=args.dtype)
     if args.command == "generate":
-        editor = LKSEditor.load(args.editor, model, tok)
+        editor = _load_editor(args.editor, model, tok)
         edited = editor.generate(args.prompts, max_new_tokens=args.max_new_tokens)
         base = editor.generate(args.prompts, max_new_tokens=args.max_new_tokens, edited=False) if args.unedited else None
         for i, prompt in enumerate(args.prompts):
@@ -186,14 +313,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.command == "capability":
-        return _capability(args, model, tok)
-    edits = lks.load_edits(args.data, data_dir=args.data_dir, n=args.n)
+        return _capability(args, model, tok, kw)
     if args.command == "train":
         ecfg, tcfg = _registered_defaults(model)
-        ecfg = EditorConfig(**{**dataclasses.asdict(ecfg), **_given(args, ["layer", "generator"])})
-        tcfg = TrainConfig(**{**dataclasses.asdict(tcfg), **_given(args, ["lr", "epochs", "batch_size",
-                                                                          "loc_per_subject", "para_per_edit", "train_rephrase", "w_loc", "w_after", "after_tokens", "w_gate", "gate_negatives", "gate_prefixes", "gate_steps", "seed",
-                                                                          "loc_templates", "precision", "prefix_cache"])})
+        try:
+            ecfg = EditorConfig(**{**dataclasses.asdict(ecfg), **_given(args, ["layer", "generator"])})
+            tcfg = TrainConfig(**{**dataclasses.asdict(tcfg), **_given(args, ["lr", "epochs", "batch_size",
+                                                                              "loc_per_subject", "para_per_edit", "train_rephrase", "w_loc", "w_after", "after_tokens", "w_gate", "gate_negatives", "gate_prefixes", "gate_steps", "seed",
+                                                                              "loc_templates", "precision", "prefix_cache"])})
+        except ValueError as e:  # the configs' validation names the field, not the option
+            raise UsageError(f"invalid training option: {e}; set it with the option of that name (lks train --help)") from None
+        try:
+            check_layer(model, ecfg.layer)
+        except IndexError as e:  # the registered default layer too may not fit a model given by path
+            raise UsageError(f"--layer: {e}") from None
         editor = LKSEditor(model, tok, ecfg)
         history = editor.fit(edits, tcfg, checkpoint_dir=args.out, resume=args.resume, on_conflict=args.on_conflict)
         editor.save(args.out)
@@ -205,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             write_json(Path(args.out) / "metrics.json", summary)
             print(json.dumps(summary, indent=2))
         return 0
-    editor = LKSEditor.load(args.editor, model, tok)
+    editor = _load_editor(args.editor, model, tok)
     _, summary = evaluate_edits(editor, edits, fluency_n=args.fluency_n, fluency_tokens=args.fluency_tokens)
     print(json.dumps(summary, indent=2))
     return 0
