@@ -289,13 +289,9 @@ class LKSEditor:
         dev = model_device(self.model)
         for b in range(0, len(todo), batch_size):
             idx = todo[b:b + batch_size]
-            T = max(len(seqs[j].ids) for j in idx)
-            ids = torch.full((len(idx), T), self.tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros(len(idx), T, dtype=torch.long)
-            for r, j in enumerate(idx):  # left-padded for generation
-                ids[r, T - len(seqs[j].ids):], mask[r, T - len(seqs[j].ids):] = torch.tensor(seqs[j].ids), 1
-            out = self.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=n,
-                                      do_sample=False, pad_token_id=self.tokenizer.pad_token_id)[:, T:].tolist()
+            ids, mask = _pad([seqs[j].ids for j in idx], self.tokenizer.pad_token_id, dev, left=True)
+            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                                      pad_token_id=self.tokenizer.pad_token_id)[:, ids.shape[1]:].tolist()
             for r, j in enumerate(idx):
                 new = out[r]
                 if eos is not None and eos in new:
@@ -1017,14 +1013,15 @@ def _log_tail(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return logp.scatter(-1, idx, float("-inf")).logsumexp(-1)
 
 
-def _pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists: ``(ids [b, T], attention_mask [b, T])``."""
+def _pad(seqs: list[list[int]], pad_id: int, device, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (``left``: left-pad, for generation) token lists: ``(ids [b, T], attention_mask [b, T])``."""
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), T, dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
+        span = slice(T - len(s), T) if left else slice(0, len(s))
+        ids[i, span] = torch.tensor(s)
+        mask[i, span] = 1
     return ids.to(device), mask.to(device)
 
 

@@ -177,6 +177,13 @@ def _form(text: str, subject: str) -> str | None:
         return None
 
 
+def _rephrase0_held_out(editor) -> bool:
+    """``rephrases[0]`` is seen in training unless the editor was trained with
+    ``TrainConfig(train_rephrase=False)``."""
+    trained = getattr(editor, "train_config", None)
+    return trained is not None and not trained.train_rephrase
+
+
 def evaluate_edits(editor, edits: EditSet, *, batch_size: int = 32, fluency_n: int = 0,
                    fluency_tokens: int = 30, progress: bool = False) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Evaluate a fitted editor on ``edits`` (usually the edits it was trained on).
@@ -271,9 +278,7 @@ def evaluate_edits(editor, edits: EditSet, *, batch_size: int = 32, fluency_n: i
     summary["generality_seen_new_phrasing_n"] = int(df["generality_seen_new_phrasing"].notna().sum())
     for form in ("paraphrase", "generation"):
         summary[f"generality_{form}_form_n"] = int(df[f"generality_{form}_form"].notna().sum())
-    # rephrases[0] is seen unless the editor was trained with TrainConfig(train_rephrase=False)
-    trained = getattr(editor, "train_config", None)
-    summary["generality_seen_split"] = "held-out" if trained is not None and not trained.train_rephrase else "seen"
+    summary["generality_seen_split"] = "held-out" if _rephrase0_held_out(editor) else "seen"
     if summary["generality_n"] == 0:  # e.g. zsRE: one paraphrase per edit
         summary["generality"], summary["generality_base"] = summary["generality_seen"], summary["generality_seen_base"]
         summary["generality_split"] = summary["generality_seen_split"]
@@ -301,8 +306,7 @@ def generation_metrics(editor, edits: EditSet, *, max_new_tokens: int = 30, batc
         ``repeat_rate``, ``fluency``, ``distinct_1``, ``distinct_2`` (each with ``_base`` and ``_n``),
         plus ``gen_generality_paraphrase_form`` / ``_generation_form`` where rephrases have them.
     """
-    trained = getattr(editor, "train_config", None)
-    first_held = 0 if trained is not None and not trained.train_rephrase else 1
+    first_held = 0 if _rephrase0_held_out(editor) else 1
     items = []  # (edit index, kind, form, prompt)
     for i, r in enumerate(edits):
         items.append((i, "prompt", None, r.prompt))
