@@ -42,12 +42,12 @@ notebooks: setup
 	done
 
 test: setup
-	$(BIN)/python -m pytest -q tests
-	test -z "$(NOTEBOOKS)" || $(BIN)/python -m pytest -q -p no:cacheprovider --nbval \
+	$(BIN)/python -m pytest -q -rs tests
+	test -z "$(NOTEBOOKS)" || $(BIN)/python -m pytest -q -rs -p no:cacheprovider --nbval \
 		--nbval-sanitize-with tests/sanitize.cfg --nbval-current-env $(NOTEBOOKS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -rs -m "not slow" tests
 
 lint: setup
 	$(BIN)/ruff check lks tests benchmarks

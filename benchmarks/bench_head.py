@@ -6,13 +6,13 @@ One process, the registered recipe of ``smollm2-135m`` (bfloat16 + prefix cache 
 the first N CounterFact edits that ``fit`` accepts, one precompute, a generator with fixed random
 weights (N(0, 0.02^2), so the edit changes the logits). Each round times the same ``--steps``
 batches (fit's first-epoch order) once per variant, variants interleaved and their order reversed
-every other round, so drift hits both alike; forward + backward of ``LKSEditor._batch_loss``, no
+every other round, so drift hits both alike; forward + backward of ``Trainer.batch_loss``, no
 optimiser step (the generator stays fixed, so every round computes the same losses).
 
-* **fused**: ``_batch_loss`` as it is: ``lks.headloss.head_nll`` / ``head_topk_kl`` make the logits
-  in chunks of ``lks.editor.HEAD_CHUNK`` rows and take their gradient in closed form.
-* **autograd**: the same losses built from autograd ops, as ``_batch_loss`` computed them before:
-  ``F.cross_entropy`` / ``lks.editor.topk_kl`` on ``LKSEditor._logits`` (one float32
+* **fused**: ``batch_loss`` as it is: ``lks.headloss.head_nll`` / ``head_topk_kl`` make the logits
+  in chunks of ``lks.training.losses.HEAD_CHUNK`` rows and take their gradient in closed form.
+* **autograd**: the same losses built from autograd ops, as ``batch_loss`` computed them before:
+  ``F.cross_entropy`` / ``lks.training.losses.topk_kl`` on ``FastPath.logits`` (one float32
   ``[rows, vocab]`` tensor per loss, rows padded like the fused path's).
 
 Printed: per round and variant the seconds per step and the summed loss (equal up to float
@@ -37,9 +37,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable from a checkout without installing
 
 import lks  # noqa: E402
-import lks.editor as E  # noqa: E402
+import lks.training.losses as E  # noqa: E402
 from lks.config import model_spec  # noqa: E402
-from lks.hypernet import make_generator  # noqa: E402
+from lks.editor import LKSEditor  # noqa: E402
+from lks.training import Trainer  # noqa: E402
+from lks.training.precision import upper_pass  # noqa: E402
+from lks.training.sequences import drop_conflicts, length_batches  # noqa: E402
 
 MODEL = "smollm2-135m"
 
@@ -58,18 +61,16 @@ def main(argv: list[str] | None = None) -> None:
     spec = model_spec(MODEL)
     cfg = spec.train
     model, tok = lks.load_model(MODEL, device="cpu")
-    edits, dropped = E.drop_conflicts(lks.load_edits("counterfact", data_dir=args.data_dir, n=args.n))
-    editor = E.LKSEditor(model, tok, spec.editor)
+    edits, dropped = drop_conflicts(lks.load_edits("counterfact", data_dir=args.data_dir, n=args.n))
+    editor = LKSEditor(model, tok, spec.editor)
     editor.train_config = cfg  # as fit() does
-    editor.generator = make_generator(spec.editor.generator, editor.d, spec.editor.mlp_ratio)
     g = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
         for p in editor.generator.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    editor._set_edits(edits, cfg)
-    per_edit, seqs, _ = editor._build_sequences(edits, cfg)
-    cache = editor._precompute(seqs, cfg, 256, progress=False)
-    batches = E._length_batches(per_edit, seqs, cfg.batch_size)
+    trainer = Trainer(editor, cfg).prepare(edits, 256, progress=False)
+    seqs = trainer.seqs
+    batches = length_batches(trainer.per_edit, seqs, cfg.batch_size)
     random.Random(cfg.seed).shuffle(batches)  # fit's first-epoch order
     timed = batches[1:1 + args.steps]
     print(f"model {MODEL}, {len(edits)} CounterFact edits ({len(dropped)} conflicting dropped), {len(seqs)} sequences; "
@@ -79,26 +80,26 @@ def main(argv: list[str] | None = None) -> None:
     fused = (E.head_nll, E.head_topk_kl)
 
     def autograd_nll(h, weight, bias, target, chunk, pad):
-        return F.cross_entropy(editor._logits(h), target, reduction="none")
+        return F.cross_entropy(editor.fast.logits(h), target, reduction="none")
 
     def autograd_kl(h, weight, bias, ref_logp, ref_idx, ref_tail, chunk, pad):
-        # topk_kl returns the mean over rows; _batch_loss takes the mean of what this returns
-        return E.topk_kl(ref_logp, ref_idx, ref_tail, editor._logits(h)).expand(h.shape[0])
+        # topk_kl returns the mean over rows; batch_loss takes the mean of what this returns
+        return E.topk_kl(ref_logp, ref_idx, ref_tail, editor.fast.logits(h)).expand(h.shape[0])
 
     variants = {"fused": fused, "autograd": (autograd_nll, autograd_kl)}
 
     def step(batch: list[int]) -> float:
         editor.generator.zero_grad(set_to_none=True)
-        losses = editor._batch_loss(cache, seqs, batch, cfg)
+        losses = trainer.batch_loss(batch)
         losses["total"].backward()
         return float(losses["total"].detach())
 
     times: dict[str, list[float]] = {k: [] for k in variants}
-    with editor._upper_pass(cfg):
+    with upper_pass(editor.fast, cfg.precision):
         first = {}
         for name, fns in variants.items():
             E.head_nll, E.head_topk_kl = fns
-            losses = editor._batch_loss(cache, seqs, batches[0], cfg)
+            losses = trainer.batch_loss(batches[0])
             losses["total"].backward()
             first[name] = ({k: float(v.detach()) for k, v in losses.items()},
                            torch.cat([p.grad.flatten() for p in editor.generator.parameters()]))

@@ -20,7 +20,7 @@ all alike; per-prompt latency is the median over ``--reps`` rounds divided by th
 
 Editors are built WITHOUT training: the latency of ``applied`` does not depend on the generator's
 weights, so each editor gets ``subjects``, ``scope = ScopeIndicator(subjects)`` and
-``features = torch.zeros(n, d)`` directly; the default residual generator is zero-initialised,
+``features = torch.zeros(n, d)`` directly; the recipe's gated generator starts with a zero change,
 so its knowledge blocks equal the original ones, every replacement is still written (an
 ``index_put`` per routed row), and edited and unedited outputs are identical (checked).
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{torch.get_num_threads()} thread(s) (--threads; default 1 because the machine is shared); "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs at start")
     print(f"editors for {sizes} edits built in {time.perf_counter() - t0:.1f} s WITHOUT training: subjects from "
-          f"CounterFact(+zsRE), ScopeIndicator(subjects), features = zeros(n, {editors[sizes[0]].d}), residual "
+          f"CounterFact(+zsRE), ScopeIndicator(subjects), features = zeros(n, {editors[sizes[0]].d}), {editors[sizes[0]].config.generator} "
           f"generator at its zero init (latency does not depend on the weights)")
 
     unrelated = [p for p in load_unrelated(Path(args.data_dir), 4000, rng) if len(p) <= args.max_chars]

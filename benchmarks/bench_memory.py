@@ -13,7 +13,7 @@ editor to a temporary directory. Reported per N:
 * peak RSS of the subprocess (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, the kernel's high-water
   mark) and the RSS after loading the model (psutil when installed, else ``/proc/self/statm``), so
   the peak attributable to the edits is the difference;
-* the fast path's caches, captured from ``LKSEditor._precompute``'s return value: the layer-L states
+* the fast path's caches, captured from ``FastPath.precompute``'s return value: the layer-L states
   of every training sequence (``[sum of lengths, d]`` float32) and the top-k locality references
   (log-probs float32, token ids int32, tail float32);
 * the saved editor's size on disk (``editor.save``).
@@ -108,9 +108,9 @@ def child(n: int, args: argparse.Namespace) -> dict:
     spec = model_spec(MODEL)
     cfg = dataclasses.replace(spec.train, epochs=args.epochs)
     editor = LKSEditor(model, tok, spec.editor)
-    editor.quantize_shapes = args.quantize == "on"  # forced either way (the library default pads only in bf16 on CPU)
+    editor.fast.quantize_shapes = args.quantize == "on"  # forced either way (the library default pads only in bf16 on CPU)
     out["quantize"] = args.quantize
-    real_precompute, seen = editor._precompute, {}
+    real_precompute, seen = editor.fast.precompute, {}
 
     def capture(*a, **kw):  # record the cache fit() builds (sizes only)
         cache = real_precompute(*a, **kw)
@@ -125,7 +125,7 @@ def child(n: int, args: argparse.Namespace) -> dict:
         seen["peak_after_precompute"] = peak_rss()
         return cache
 
-    editor._precompute = capture
+    editor.fast.precompute = capture
     t0 = time.perf_counter()
     # --keep DIR: the editor is checkpointed there every epoch (an interrupted run resumes) and kept
     editor.fit(edits, cfg, progress=False, checkpoint_dir=Path(args.keep) / f"cf-{n}" if args.keep else None)
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     ap.add_argument("--project", type=int, default=10_000, help="N to project to from bytes per edit")
     ap.add_argument("--quantize", choices=("on", "off", "both"), default="on",
-                    help="pad the fast path's shapes (lks.editor.SHAPE_QUANTA), forced on or off; the library "
+                    help="pad the fast path's shapes (lks.training.precision.SHAPE_QUANTA), forced on or off; the library "
                          "pads by default only in bfloat16 on CPU, so 'on' is the recipe's behaviour here; "
                          "'both' fits each N twice, off then on, and prints the epoch-time ratio")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     # projections for a larger N. The peak is (model) + (caches, linear in N) + (one training step's
     # transient, set by the batch size, not by N), so a slope between two sizes only means something
     # when both are well above the batch size; the cache-based projection adds the per-edit caches
-    # once (``_precompute`` fills one preallocated tensor).
+    # once (``FastPath.precompute`` fills one preallocated tensor).
     big = [r for r in results if r["n_edits"] == max(x["n_edits"] for x in results)][-1]  # with "both": quantised
     P, n = args.project, big["n_edits"]
     if P > n:

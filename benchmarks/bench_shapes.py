@@ -3,7 +3,7 @@
     python benchmarks/bench_shapes.py --n 1000 --epochs 2 --threads 2 --reps 2 \
         --settings 3:1,1,1,1 3:8,2,4,32 2:8,2,4,32 2:1,1,1,1
 
-A setting ``B:r,t,p,l`` sets ``lks.editor.LENGTH_BUCKETS = B`` and ``SHAPE_QUANTA = (r, t, p, l)``
+A setting ``B:r,t,p,l`` sets ``lks.training.fastpath.LENGTH_BUCKETS = B`` and ``lks.training.precision.SHAPE_QUANTA = (r, t, p, l)``
 (rows, suffix tokens, prefix tokens, logit rows; ``1,1,1,1`` = exact shapes). Each setting is fitted
 in its own subprocess (the oneDNN kernel cache is per process, so settings must not share one),
 with the registered recipe on the first N CounterFact edits; the settings are run in the given
@@ -47,15 +47,17 @@ def child(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     import lks
-    import lks.editor as E
+    import lks.training.fastpath as FP
+    import lks.training.precision as PR
     from lks.config import model_spec
+    from lks.editor import LKSEditor
 
-    E.LENGTH_BUCKETS, E.SHAPE_QUANTA = parse(args.child)
+    FP.LENGTH_BUCKETS, PR.SHAPE_QUANTA = parse(args.child)
     model, tok = lks.load_model("smollm2-135m", device="cpu")
     edits, _ = first_without_conflicts(lks.load_edits("counterfact", data_dir=args.data_dir), args.n)
     spec = model_spec("smollm2-135m")
-    editor = E.LKSEditor(model, tok, spec.editor)
-    editor.quantize_shapes = E.SHAPE_QUANTA != (1, 1, 1, 1)  # forced (the library pads only bf16 on CPU)
+    editor = LKSEditor(model, tok, spec.editor)
+    editor.fast.quantize_shapes = PR.SHAPE_QUANTA != (1, 1, 1, 1)  # forced (the library pads only bf16 on CPU)
     cfg = dataclasses.replace(spec.train, epochs=args.epochs, **({"precision": args.precision} if args.precision else {}))
     editor.fit(edits, cfg, progress=False)
     return {"setting": args.child, "epoch_s": [h["seconds"] for h in editor.history],
@@ -65,27 +67,27 @@ def child(args: argparse.Namespace) -> dict:
 def count(args: argparse.Namespace) -> None:
     """Distinct step shapes of one epoch per setting (tokeniser only: no layer runs)."""
     import lks
-    import lks.editor as E
     from lks.config import model_spec
     from lks.scope import ScopeIndicator
+    from lks.training.fastpath import step_blocks
+    from lks.training.precision import quantized_shape, round_up
+    from lks.training.sequences import build_sequences, length_batches
 
     model, tok = lks.load_model("smollm2-135m", device="cpu")
     edits, _ = first_without_conflicts(lks.load_edits("counterfact", data_dir=args.data_dir), args.n)
     spec = model_spec("smollm2-135m")
-    editor = E.LKSEditor(model, tok, spec.editor)
-    editor.subjects = list(dict.fromkeys(r.subject for r in edits))
-    editor.scope = ScopeIndicator(editor.subjects)  # all _build_sequences needs (no feature pass)
-    per_edit, seqs, _ = editor._build_sequences(edits, spec.train)
-    batches = E._length_batches(per_edit, seqs, spec.train.batch_size)
+    scope = ScopeIndicator(list(dict.fromkeys(r.subject for r in edits)))  # no feature pass
+    per_edit, seqs, _ = build_sequences(model, tok, scope, edits, spec.train)
+    batches = length_batches(per_edit, seqs, spec.train.batch_size)
     print(f"N={len(edits)} CounterFact edits, {len(seqs)} sequences, {len(batches)} steps per epoch (prefix cache on)")
     for setting in args.settings:
         n_buckets, quanta = parse(setting)
         blocks, tokens, logit_rows, padded, real = set(), set(), set(), 0, 0
         for batch in batches:
             rows = {"nll": 0, "kl": 0}
-            for block in E.step_blocks(seqs, batch, True, n_buckets):  # as _batch_loss runs them, prefix cache on
+            for block in step_blocks(seqs, batch, True, n_buckets):  # as batch_loss runs them, prefix cache on
                 run = [len(seqs[j].ids) - seqs[j].subj_pos for j in block]
-                B, T, P = E.quantized_shape(len(block), max(run), max(seqs[j].subj_pos for j in block), quanta)
+                B, T, P = quantized_shape(len(block), max(run), max(seqs[j].subj_pos for j in block), quanta)
                 blocks.add((B, T, P))
                 tokens.add(B * T)
                 padded += B * T
@@ -93,7 +95,7 @@ def count(args: argparse.Namespace) -> None:
                 for j in block:  # the first len(loss_tgt) loss positions are NLL rows, the rest KL rows
                     rows["nll"] += len(seqs[j].loss_tgt)
                     rows["kl"] += len(seqs[j].loss_pos) - len(seqs[j].loss_tgt)
-            logit_rows.update(E._round_up(r, quanta[3]) for r in rows.values() if r)
+            logit_rows.update(round_up(r, quanta[3]) for r in rows.values() if r)
         print(f"  {setting:>12s}: {len(blocks)} (rows, suffix, prefix) blocks, {len(tokens)} token counts, "
               f"{len(logit_rows)} logit-row counts; padded / real tokens {padded / real:.2f}")
 

@@ -11,7 +11,7 @@ same ``TrainConfig`` (default: the registered recipe of ``smollm2-135m``) and th
 the same number of optimisation steps (AdamW + the linear-decay schedule of ``fit``). Steps of the
 two paths are interleaved (fast, naive, fast, naive, ...) so machine drift hits both alike.
 
-* **fast** is exactly what ``LKSEditor.fit`` runs per step: ``_batch_loss`` on cached layer-L
+* **fast** is exactly what ``LKSEditor.fit`` runs per step: ``Trainer.batch_loss`` on cached layer-L
   states (layers L+1..N only, logits only at loss positions, reference locality distributions
   cached as top-k + tail). Its one-time cost (features, tokenisation, layer-L cache, reference
   distributions) is timed separately as "precompute".
@@ -66,17 +66,14 @@ sys.path.insert(0, str(REPO))  # runnable from a checkout without installing
 import lks  # noqa: E402
 from lks.config import TrainConfig, model_spec  # noqa: E402
 from lks.data import EditRecord, subject_positions, training_locality_prompts  # noqa: E402
-from lks.editor import (  # noqa: E402
-    KIND_LOC,
-    LENGTH_BUCKETS,
-    LKSEditor,
-    _length_batches,
-    _log_tail,
-    step_blocks,
-    topk_kl,
-)
+from lks.editor import LKSEditor  # noqa: E402
 from lks.hooks import LayerHooks  # noqa: E402
 from lks.hypernet import KBGenerator, make_generator  # noqa: E402
+from lks.training import Trainer  # noqa: E402
+from lks.training.fastpath import LENGTH_BUCKETS, log_tail, step_blocks  # noqa: E402
+from lks.training.losses import topk_kl  # noqa: E402
+from lks.training.precision import upper_pass  # noqa: E402
+from lks.training.sequences import KIND_LOC, length_batches, subject_span  # noqa: E402
 
 MODEL = "smollm2-135m"
 
@@ -89,6 +86,7 @@ class NaiveLoop:
 
     Nothing is cached between steps except the edit records themselves and the grouping of edit
     statements per subject (pure data preparation, the same grouping as ``LKSEditor._set_edits``).
+    It implements the paper's three losses (edit, equivalence on ``rephrases[0]``, locality).
     """
 
     def __init__(self, model, tok, layer: int, cfg: TrainConfig, edits,
@@ -133,18 +131,18 @@ class NaiveLoop:
         enc, pos = subject_positions(self.tok, [items[i][0] for i in kept], surface, padding_side="right")
         return kept, enc, pos
 
-    def _edited_logits(self, enc, pos, vectors: torch.Tensor, additive: bool) -> torch.Tensor:
+    def _edited_logits(self, enc, pos, vectors: torch.Tensor, combine) -> torch.Tensor:
         """Full forward pass (all layers, logits at every position) with the KB replaced at layer L."""
         with LayerHooks(self.model, edit_layer=self.L) as hooks:
-            hooks.replace(torch.arange(len(pos)), pos, vectors, additive=additive)
+            hooks.replace(torch.arange(len(pos)), pos, vectors, combine=combine)
             return self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False).logits
 
-    def _nll_terms(self, items, table, row, additive) -> list[torch.Tensor]:
+    def _nll_terms(self, items, table, row, combine) -> list[torch.Tensor]:
         if self.per_example:
-            return [t for it in items for t in self._nll_batch([it], table, row, additive)]
-        return self._nll_batch(items, table, row, additive)
+            return [t for it in items for t in self._nll_batch([it], table, row, combine)]
+        return self._nll_batch(items, table, row, combine)
 
-    def _nll_batch(self, items, table, row, additive) -> list[torch.Tensor]:
+    def _nll_batch(self, items, table, row, combine) -> list[torch.Tensor]:
         """Per-sequence mean NLL of the target tokens (tokenised together with the prompt)."""
         offs = self.tok([t for t, _, _ in items], return_offsets_mapping=True)["offset_mapping"]
         keep, tgts = [], []
@@ -157,17 +155,17 @@ class NaiveLoop:
         if not kept:
             return []
         vec = table[torch.tensor([row[keep[i][2]] for i in kept])]
-        logp = torch.log_softmax(self._edited_logits(enc, pos, vec, additive).float(), -1)  # [B, T, V]
+        logp = torch.log_softmax(self._edited_logits(enc, pos, vec, combine).float(), -1)  # [B, T, V]
         ids = enc["input_ids"]
         return [-logp[b, [j - 1 for j in tgts[i]], ids[b, tgts[i]]].mean() for b, i in enumerate(kept)]
 
-    def _loc_rows(self, items, table, row, additive):
+    def _loc_rows(self, items, table, row, combine):
         if self.per_example:
-            outs = [o for it in items if (o := self._loc_batch([it], table, row, additive)) is not None]
+            outs = [o for it in items if (o := self._loc_batch([it], table, row, combine)) is not None]
             return (torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])) if outs else None
-        return self._loc_batch(items, table, row, additive)
+        return self._loc_batch(items, table, row, combine)
 
-    def _loc_batch(self, items, table, row, additive):
+    def _loc_batch(self, items, table, row, combine):
         """(reference log-probs, edited logits) at the locality positions of one prompt slot."""
         kept, enc, pos = self._encode(items)
         if not kept:
@@ -177,7 +175,7 @@ class NaiveLoop:
                 self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
                 .logits.float(), -1)
         vec = table[torch.tensor([row[items[i][2]] for i in kept])]
-        logits = self._edited_logits(enc, pos, vec, additive).float()
+        logits = self._edited_logits(enc, pos, vec, combine).float()
         lens = enc["attention_mask"].sum(1).tolist()
         b_idx, p_idx = [], []
         for b, (p, n) in enumerate(zip(pos.tolist(), lens, strict=True)):
@@ -193,7 +191,7 @@ class NaiveLoop:
         subjects = list(dict.fromkeys(r.subject for r in recs))
         row = {s: i for i, s in enumerate(subjects)}
         table = gen.table(self.features(subjects))  # [n_subjects_in_batch, d], requires grad
-        add = gen.additive
+        add = gen.combine  # how the generator writes its table rows (hypernet.KBGenerator.combine)
         edit = self._nll_terms([(f"{r.prompt} {r.target}", r.prompt, r.subject) for r in recs], table, row, add)
         equiv = []
         if cfg.w_equiv > 0:
@@ -217,7 +215,7 @@ class NaiveLoop:
                 losses["loc_full"] = (ref_lp.exp() * (ref_lp - torch.log_softmax(ed, -1))).sum(-1).mean()
             if kl in ("topk", "both"):
                 top, idx = ref_lp.topk(min(cfg.loc_topk, ref_lp.shape[-1]), dim=-1)
-                losses["loc_topk"] = topk_kl(top, idx, _log_tail(ref_lp, idx), ed)
+                losses["loc_topk"] = topk_kl(top, idx, log_tail(ref_lp, idx), ed)
         else:
             losses["loc_full"] = losses["loc_topk"] = zero
         for name in ("full", "topk"):
@@ -320,9 +318,13 @@ def main(argv: list[str] | None = None) -> None:
 
     model, tok = lks.load_model(MODEL, device="cpu")
     edits = lks.load_edits("counterfact", data_dir=args.data_dir, n=args.n)
+    # the recipe's step with what the naive loop implements: the paper's three losses, the equivalence
+    # loss on each edit's rephrases[0] (no bank paraphrases), no KL after the target, no gate loss
+    # (bench_memory.py times whole fits of the full recipe). "fast" is float32 without the prefix
+    # cache (the recipe turns both on: without this "fast" would silently equal a variant below)
     cfg = dataclasses.replace(spec.train, batch_size=args.batch_size, loc_per_subject=args.loc_per_subject,
-                              precision="float32", prefix_cache=False)  # the fast path: float32, no prefix
-    # cache (the recipe turns it on: without this "fast" would silently equal "fast-pc"); variants below
+                              precision="float32", prefix_cache=False, w_after=0.0, w_gate=0.0,
+                              para_per_edit=0, train_rephrase=True)
     with ExitStack() as stack:
         run(args, spec, model, tok, edits, cfg, stack, t_start)
 
@@ -342,16 +344,15 @@ def run(args, spec, model, tok, edits, cfg: TrainConfig, stack: ExitStack, t_sta
     editor = LKSEditor(model, tok, spec.editor)
     editor.train_config = cfg  # as fit() does (the fast path reads e.g. its precision from it)
     t0, c0 = time.perf_counter(), time.process_time()
-    editor._set_edits(edits)
-    per_edit, seqs, skipped = editor._build_sequences(edits, cfg)
-    cache = editor._precompute(seqs, cfg, 64, progress=False)
+    trainer = Trainer(editor, cfg).prepare(edits, 64, progress=False)
+    per_edit, seqs, skipped, cache = trainer.per_edit, trainer.seqs, trainer.skipped, trainer.cache
     pre_wall, pre_cpu = time.perf_counter() - t0, time.process_time() - c0
     n_loc = sum(s.kind == KIND_LOC for s in seqs)
     print(f"fast path precompute: {len(seqs)} sequences ({n_loc} locality), {cache.states.shape[0]} cached "
           f"tokens, {0 if cache.ref_logp is None else cache.ref_logp.shape[0]} reference positions; skipped "
           f"{skipped}; {pre_wall:.2f} s wall, {pre_cpu:.2f} s CPU")
 
-    batches = _length_batches(per_edit, seqs, cfg.batch_size)
+    batches = length_batches(per_edit, seqs, cfg.batch_size)
     random.Random(cfg.seed).shuffle(batches)  # fit's first-epoch order
     seq_edit = {j: i for i, js in enumerate(per_edit) for j in js}
     edit_batches = [sorted({seq_edit[j] for j in b}) for b in batches]
@@ -368,13 +369,14 @@ def run(args, spec, model, tok, edits, cfg: TrainConfig, stack: ExitStack, t_sta
     for name, per_ex in variants:
         gen = make_generator(spec.editor.generator, editor.d, spec.editor.mlp_ratio)
         gen.load_state_dict(init_state)
-        naives[name] = (NaiveLoop(model, tok, L, cfg, edits, editor._subject_span, per_example=per_ex), gen)
+        naives[name] = (NaiveLoop(model, tok, L, cfg, edits, lambda p, s: subject_span(editor.scope, p, s),
+                                  per_example=per_ex), gen)
     naive, naive_gen = naives["naive"]
 
     # --- loss check on the first batch ---------------------------------------------------------
     b0, e0 = batches[0], [edits[i] for i in edit_batches[0]]
     with torch.no_grad():
-        fl = editor._batch_loss(cache, seqs, b0, cfg)
+        fl = trainer.batch_loss(b0)
         nl = naive.loss(naive_gen, e0, kl="both")
     print(f"\nloss check on the first batch ({len(e0)} edits, {len(b0)} sequences; generator weights ~ "
           f"N(0, {args.check_std}^2), so the edit changes the logits):")
@@ -395,35 +397,33 @@ def run(args, spec, model, tok, edits, cfg: TrainConfig, stack: ExitStack, t_sta
           f" (locality KL {float(nl['loc_topk']):.6f} vs {float(nl['loc_full']):.6f})")
     print(f"  total: fast vs naive full-vocabulary KL (both effects): rel. diff {d_all:.2e}")
     # variants of the fast path (same initial generator, same batches): precision x prefix cache.
-    # TrainConfig.precision="bfloat16" runs on its own copy of the model: LKSEditor._upper_pass holds
-    # the upper layers in bfloat16 for a whole fit, which would change the float32 paths' model
-    variants: dict[str, tuple[LKSEditor, object, TrainConfig]] = {}
+    # TrainConfig.precision="bfloat16" runs on its own copy of the model: lks.training.precision.upper_pass
+    # holds the upper layers in bfloat16 for a whole fit, which would change the float32 paths' model
+    variants: dict[str, Trainer] = {}
     model_b = None
     for name, precision, pc in (("fast-pc", "float32", True), ("fast-bf16", "bfloat16", False),
                                 ("fast-bf16-pc", "bfloat16", True)):
         if (precision == "bfloat16" and args.no_bf16) or (pc and args.no_prefix_cache):
             continue
         cfg_v = dataclasses.replace(cfg, precision=precision, prefix_cache=pc)
-        ed = copy.copy(editor)  # shares features and config; own generator and cache (and model when bf16)
         if precision == "bfloat16":
             model_b = model_b if model_b is not None else copy.deepcopy(model)
-            ed.model = model_b
+        ed = LKSEditor(model_b if precision == "bfloat16" else model, tok, spec.editor)  # own generator and cache
         ed.train_config = cfg_v
-        ed.generator = make_generator(spec.editor.generator, editor.d, spec.editor.mlp_ratio)
+        tv = Trainer(ed, cfg_v).prepare(edits, 64, progress=False)  # as fit prepares (features in its precision)
         ed.generator.load_state_dict(init_state)
-        t0 = time.perf_counter()
-        cache_v = ed._precompute(seqs, cfg_v, 64, progress=False)
+        cache_v = tv.cache
         extra = "" if cache_v.kv is None else (f", prefix keys/values {cache_v.kv.numel() * cache_v.kv.element_size() / 2**20:.1f} MiB "
                                                f"for {cache_v.kv.shape[0]} prefix tokens")
-        print(f"  {name} precompute: {time.perf_counter() - t0:.2f} s wall{extra}")
+        print(f"  {name} precompute: {tv.precompute_seconds:.2f} s wall{extra}")
         if precision == "bfloat16":
-            stack.enter_context(ed._upper_pass(cfg_v))
+            stack.enter_context(upper_pass(ed.fast, cfg_v.precision))
         with torch.no_grad():
-            vl = ed._batch_loss(cache_v, seqs, b0, cfg_v)
+            vl = tv.batch_loss(b0)
         print(f"  total: {name} (precision {precision}, prefix_cache {pc}) vs fast: rel. diff "
               f"{rel(float(vl['total']), float(fl['total'])):.2e} (edit {float(vl['edit']):.6f}, "
               f"equiv {float(vl['equiv']):.6f}, loc {float(vl['loc']):.6f})")
-        variants[name] = (ed, cache_v, cfg_v)
+        variants[name] = tv
     if "naive-1" in naives:
         with torch.no_grad():
             n1 = naives["naive-1"][0].loss(naives["naive-1"][1], e0, kl="full")
@@ -432,7 +432,7 @@ def run(args, spec, model, tok, edits, cfg: TrainConfig, stack: ExitStack, t_sta
 
     # --- FLOPs per step -------------------------------------------------------------------------
     editor.generator.zero_grad(set_to_none=True)
-    f_fast, _ = count_flops(lambda: editor._batch_loss(cache, seqs, b0, cfg))
+    f_fast, _ = count_flops(lambda: trainer.batch_loss(b0))
     editor.generator.zero_grad(set_to_none=True)
     f_naive, _ = count_flops(lambda: naive.loss(naive_gen, e0))
     naive_gen.zero_grad(set_to_none=True)
@@ -444,18 +444,17 @@ def run(args, spec, model, tok, edits, cfg: TrainConfig, stack: ExitStack, t_sta
           f"in one padded block, {padded_tokens(seqs, b0, LENGTH_BUCKETS)} padded in {LENGTH_BUCKETS} length "
           f"buckets (as lks runs them)")
     f_var = {}
-    for name, (ed, cache_v, cfg_v) in variants.items():
-        f_var[name], _ = count_flops(lambda ed=ed, c=cache_v, cf=cfg_v: ed._batch_loss(c, seqs, b0, cf))
-        ed.generator.zero_grad(set_to_none=True)
+    for name, tv in variants.items():
+        f_var[name], _ = count_flops(lambda tv=tv: tv.batch_loss(b0))
+        tv.editor.generator.zero_grad(set_to_none=True)
         print(f"  {name}: {f_var[name] / 1e9:,.1f} GFLOP (naive / {name} FLOP ratio {f_naive / f_var[name]:.1f}x)")
 
     # --- timed steps, interleaved -------------------------------------------------------------
     steps_total = len(batches) * cfg.epochs
     paths: dict[str, tuple[Callable, tuple]] = {
-        "fast": (lambda b, recs: editor._batch_loss(cache, seqs, b, cfg), make_opt(editor.generator, cfg, steps_total))}
-    for name, (ed, cache_v, cfg_v) in variants.items():
-        paths[name] = (lambda b, recs, ed=ed, c=cache_v, cf=cfg_v: ed._batch_loss(c, seqs, b, cf),
-                       make_opt(ed.generator, cfg, steps_total))
+        "fast": (lambda b, recs: trainer.batch_loss(b), make_opt(editor.generator, cfg, steps_total))}
+    for name, tv in variants.items():
+        paths[name] = (lambda b, recs, tv=tv: tv.batch_loss(b), make_opt(tv.editor.generator, cfg, steps_total))
     for name, (loop, gen) in naives.items():
         paths[name] = (lambda b, recs, loop=loop, gen=gen: loop.loss(gen, recs), make_opt(gen, cfg, steps_total))
     editor.generator.train()
@@ -505,16 +504,16 @@ def run(args, spec, model, tok, edits, cfg: TrainConfig, stack: ExitStack, t_sta
 
     # --- roofline ------------------------------------------------------------------------------
     if args.roofline:
-        roofline("fast", editor, editor._batch_loss, cache, seqs, b0, cfg, args, f_fast, torch.float32)
-        for name, (ed, cache_v, cfg_v) in variants.items():
-            roofline(name, ed, ed._batch_loss, cache_v, seqs, b0, cfg_v, args, f_var[name],
-                     torch.bfloat16 if cfg_v.precision == "bfloat16" else torch.float32)
+        roofline("fast", trainer, b0, args, f_fast, torch.float32)
+        for name, tv in variants.items():
+            roofline(name, tv, b0, args, f_var[name], torch.bfloat16 if tv.cfg.precision == "bfloat16" else torch.float32)
     print(f"\ntotal benchmark time {time.perf_counter() - t_start:.1f} s "
           f"(load average {os.getloadavg()[0]:.2f} at end)")
 
 
-def roofline(label: str, editor: LKSEditor, loss_fn, cache, seqs, batch, cfg, args, flops: int, dtype) -> None:
-    """Achieved FLOP/s of one step of ``loss_fn`` vs plain matmuls of the shapes it is made of."""
+def roofline(label: str, trainer: Trainer, batch, args, flops: int, dtype) -> None:
+    """Achieved FLOP/s of one training step vs plain matmuls of the shapes it is made of."""
+    editor, cache, seqs = trainer.editor, trainer.cache, trainer.seqs
     d, V = editor.d, editor.model.config.vocab_size
     inter = editor.model.config.intermediate_size
     tokens = padded_tokens(seqs, batch, LENGTH_BUCKETS, cache.kv is not None)  # through the upper layers, as lks runs them
@@ -531,7 +530,7 @@ def roofline(label: str, editor: LKSEditor, loss_fn, cache, seqs, batch, cfg, ar
     for _ in range(args.roofline_reps + 1):
         gen.zero_grad(set_to_none=True)
         t0 = now()
-        loss = loss_fn(cache, seqs, batch, cfg)["total"]
+        loss = trainer.batch_loss(batch)["total"]
         loss.backward()
         ts.append(now() - t0)
     t_step = statistics.median(ts[1:])

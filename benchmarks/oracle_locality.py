@@ -35,8 +35,8 @@ import torch
 
 import lks
 from lks.data import find_subject, subject_token_index, training_locality_prompts
-from lks.editor import _pad
 from lks.hooks import LayerHooks
+from lks.training.sequences import pad
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
                 for ids, offs, p in zip(enc["input_ids"], enc["offset_mapping"], prompts)]
 
     def logits(items, delta: torch.Tensor | None) -> torch.Tensor:
-        ids, mask = _pad([it[0] for it in items], tok.pad_token_id, "cpu")  # right-padded, as fit pads
+        ids, mask = pad([it[0] for it in items], tok.pad_token_id, "cpu")  # right-padded, as fit pads
         with LayerHooks(model, edit_layer=args.layer, detach=False) as hooks:
             if delta is not None:
                 hooks.replace(list(range(len(items))), [it[1] for it in items], delta.expand(len(items), -1), additive=True)

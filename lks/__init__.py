@@ -39,6 +39,8 @@ _EXPORTS = {
     "ScopeMatch": "lks.scope",
     "make_generator": "lks.hypernet",
     "LKSEditor": "lks.editor",
+    "recipe": "lks.editor",
+    "Trainer": "lks.training",
     "evaluate_edits": "lks.metrics",
     "evaluate_capability": "lks.capability",
 }

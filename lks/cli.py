@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra training paraphrases per edit for the equivalence loss, from the relation "
                         "phrasings that the data sets pair (lks/assets/paraphrase_templates.json)")
     t.add_argument("--train-rephrase", type=_bool, default=None,
-                   help="train the equivalence loss on each edit's own first rephrase (true, the default) or hold "
-                        "it out so that evaluation scores it as a held-out paraphrase (false; use with --para-per-edit)")
+                   help="train the equivalence loss on each edit's own first rephrase (true) or hold it out so that "
+                        "evaluation scores it as a held-out paraphrase (false, the recipe's)")
     t.add_argument("--w-loc", type=float, default=None, help="weight of the locality (KL) loss")
     t.add_argument("--w-after", type=float, default=None,
                    help="weight of the KL after the target (keeps what follows the new object unedited)")
@@ -290,7 +290,7 @@ def _run(args: argparse.Namespace) -> int:
     """The subcommand's work (see :func:`main`)."""
     import lks
     from lks.config import EditorConfig, TrainConfig
-    from lks.editor import LKSEditor, _registered_defaults
+    from lks.editor import LKSEditor, recipe
     from lks.metrics import evaluate_edits
     from lks.models import check_layer
     from lks.utils import write_json
@@ -315,7 +315,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "capability":
         return _capability(args, model, tok, kw)
     if args.command == "train":
-        ecfg, tcfg = _registered_defaults(model)
+        ecfg, tcfg = recipe(model)
         try:
             ecfg = EditorConfig(**{**dataclasses.asdict(ecfg), **_given(args, ["layer", "generator"])})
             tcfg = TrainConfig(**{**dataclasses.asdict(tcfg), **_given(args, ["lr", "epochs", "batch_size",

@@ -797,7 +797,7 @@ def training_paraphrase_prompts(record: EditRecord, k: int, bank: dict[str, dict
     Any prompt equal (case-insensitively, stripped) to the record's prompt, a rephrase (the held-out
     ones included) or an evaluation locality/neighbourhood prompt is excluded, so no prompt that
     evaluation scores for this edit is trained on; the same PHRASING may be evaluated for another
-    subject (README, "Hyperparameters", reports generality both ways).
+    subject (docs/experiments.md reports generality both ways).
     """
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")

@@ -7,7 +7,7 @@ back) and keeps ``[rows, vocab]`` tensors alive until the backward. Here the log
 rows at a time go through one log-softmax and a few in-place passes; the gradient with respect to
 the logits is written down in closed form and turned at once into the gradient with respect to
 the hidden rows (``[rows, d]``, the only thing kept for the backward). Same losses, same gradients
-(``tests/test_editor.py`` checks both against autograd through :func:`lks.editor.topk_kl` and
+(``tests/test_editor.py`` checks both against autograd through :func:`lks.training.losses.topk_kl` and
 ``F.cross_entropy``). Measured (``benchmarks/bench_head.py``, registered recipe, 1,000 CounterFact
 edits, 2 threads): a training step 1.13x faster than with the autograd losses.
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-TAIL_FLOOR = 1e-12  # lks.editor.topk_kl floors the edited tail mass here
+TAIL_FLOOR = 1e-12  # lks.training.losses.topk_kl floors the edited tail mass here
 
 
 def pad_rows(rows: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -88,6 +88,6 @@ def head_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def head_topk_kl(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ref_logp: torch.Tensor,
                  ref_idx: torch.Tensor, ref_tail: torch.Tensor, chunk: int = 64, pad: int = 0) -> torch.Tensor:
-    """Per-row coarse-grained KL(reference || edited) of :func:`lks.editor.topk_kl` (which returns
+    """Per-row coarse-grained KL(reference || edited) of :func:`lks.training.losses.topk_kl` (which returns
     the mean of these), with the edited logits ``hidden @ weight.T + bias``; ``[n]`` float32."""
     return _HeadLoss.apply(hidden, weight, bias, chunk, pad, None, ref_logp.float(), ref_idx, ref_tail.float())

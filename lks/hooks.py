@@ -119,14 +119,15 @@ class LayerHooks:
         self._handles: list[Any] = []
 
     # -- public API ---------------------------------------------------------------------------
-    def replace(self, rows, positions, vectors: torch.Tensor, additive: bool = False) -> None:
-        """Replace (or add to, ``additive``) the hidden state at fixed ``(row, position)`` pairs
-        in every following non-decode forward call."""
+    def replace(self, rows, positions, vectors: torch.Tensor, additive: bool = False,
+                combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Replace (or add to, ``additive``; or ``combine`` with, see :class:`Replacement`) the hidden
+        state at fixed ``(row, position)`` pairs in every following non-decode forward call."""
         if self.edit_layer is None:
             raise ValueError("LayerHooks was created without edit_layer")
         dev = vectors.device
         self._static = Replacement(torch.as_tensor(rows, dtype=torch.long, device=dev),
-                                   torch.as_tensor(positions, dtype=torch.long, device=dev), vectors, additive)
+                                   torch.as_tensor(positions, dtype=torch.long, device=dev), vectors, additive, combine)
 
     def clear(self) -> None:
         """Forget captured states and any static replacement."""

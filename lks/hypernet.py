@@ -14,7 +14,7 @@ Kinds:
     mlp      ``KB' = W2 GELU(W1 f + b1) + b2`` (d -> r*d -> d), the paper's alternative.
     residual ``KB' = KB + W f + b`` with ``W, b`` initialised to zero, so an untrained editor
              changes nothing and training only has to learn the *change* of the block. On the
-             embedded model this held locality higher at equal reliability (README, Hyperparameters).
+             embedded model this held locality higher at equal reliability (docs/experiments.md).
     residual_mlp ``KB' = KB + W2 GELU(W1 f + b1) + b2`` (d -> r*d -> d) with ``W2, b2``
              initialised to zero: the residual form with the MLP's capacity (a d x d map cannot
              give thousands of subjects each their own change of the block).

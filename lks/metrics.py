@@ -56,7 +56,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -185,7 +185,7 @@ def _rephrase0_held_out(editor) -> bool:
 
 
 def evaluate_edits(editor, edits: EditSet, *, batch_size: int = 32, fluency_n: int = 0,
-                   fluency_tokens: int = 30, progress: bool = False) -> tuple[pd.DataFrame, dict[str, Any]]:
+                   fluency_tokens: int = 30, progress: bool = False) -> EditEvaluation:
     """Evaluate a fitted editor on ``edits`` (usually the edits it was trained on).
 
     Every forward call of the edited model goes through ``editor.applied``, so these numbers
@@ -197,7 +197,8 @@ def evaluate_edits(editor, edits: EditSet, *, batch_size: int = 32, fluency_n: i
             :func:`generation_metrics` (0 skips generation, which is the slow part).
 
     Returns:
-        ``(per_edit, summary)``: one row per edit, and a dict of means plus counts and splits.
+        An :class:`EditEvaluation`, which unpacks as ``(per_edit, summary)``: one row per edit, a
+        dict of means plus counts and splits, and ``.table``, the tidy view (:func:`tidy`).
     """
     model, tok = editor.model, editor.tokenizer
     recs = list(edits)
@@ -287,7 +288,92 @@ def evaluate_edits(editor, edits: EditSet, *, batch_size: int = 32, fluency_n: i
     summary.update(scope_diagnostics(editor, edits))
     if fluency_n > 0:
         summary.update(generation_metrics(editor, EditSet(recs[:fluency_n]), max_new_tokens=fluency_tokens)[1])
-    return df, summary
+    return EditEvaluation(df, summary)
+
+
+# --------------------------------------------------------------------------------------------
+# Typed results: one tidy row per (metric, model)
+# --------------------------------------------------------------------------------------------
+# metric -> (prompt kind, split). "split" says whether training saw those prompts: "seen" (the edit
+# prompt), "held-out" (never trained on), or "summary:<key>" (read from the summary: rephrases[0] is
+# seen unless the editor was trained with train_rephrase=False).
+TIDY_METRICS: dict[str, tuple[str, str]] = {
+    "reliability": ("edit prompt", "seen"),
+    "generality": ("rephrase", "summary:generality_split"),
+    "generality_paraphrase_form": ("rephrase, ROME paraphrase form", "held-out"),
+    "generality_generation_form": ("rephrase, ROME generation form", "held-out"),
+    "generality_new_phrasing": ("rephrase, phrasing not in the bank", "held-out"),
+    "generality_seen": ("rephrases[0]", "summary:generality_seen_split"),
+    "locality": ("same-subject locality prompt", "held-out"),
+    "locality_acc": ("same-subject locality prompt", "held-out"),
+    "specificity": ("neighbourhood prompt", "held-out"),
+    "specificity_acc": ("neighbourhood prompt", "held-out"),
+    "efficacy": ("edit prompt", "seen"),
+    "paraphrase_success": ("rephrase", "held-out"),
+}
+# generation-based metrics (summary only: per prompt they live in generation_metrics' DataFrame)
+TIDY_GENERATION: dict[str, tuple[str, str]] = {
+    "gen_reliability": ("edit prompt, free generation", "seen"),
+    "gen_generality": ("rephrase, free generation", "held-out"),
+    "repeat_rate": ("edit prompt + rephrase, free generation", "seen + held-out"),
+    "fluency": ("edit prompt + rephrase, free generation", "seen + held-out"),
+}
+TIDY_COLUMNS = ["metric", "model", "prompt_kind", "split", "value", "n", "ci_low", "ci_high"]
+
+
+def tidy(per_edit: pd.DataFrame, summary: dict[str, Any]) -> pd.DataFrame:
+    """The evaluation as one row per (metric, model) with the schema ``TIDY_COLUMNS``:
+
+    * ``metric`` - a name of ``TIDY_METRICS`` or ``TIDY_GENERATION`` (definitions in the module docstring);
+    * ``model`` - ``"edited"`` or ``"unedited"`` (the ``_base`` columns; for ``repeat_rate`` also
+      ``"unedited, given the new object"``, the forced reference);
+    * ``prompt_kind`` / ``split`` - which prompts, and whether training saw them (``"seen"`` /
+      ``"held-out"``);
+    * ``value`` - the mean over edits that have such prompts, ``n`` - their number;
+    * ``ci_low`` / ``ci_high`` - a 95% interval of that mean over edits (normal approximation,
+      ``1.96 s / sqrt(n)``, clipped to [0, 1]; NaN for n < 2 and for the generation metrics, whose
+      per-prompt rows are not kept here).
+
+    With no held-out rephrase at all (zsRE), ``generality`` is computed on ``rephrases[0]`` and
+    carries its split, as the summary does.
+    """
+    rows = []
+    fallback = int(per_edit["generality"].notna().sum()) == 0 if "generality" in per_edit else False
+    for metric, (kind, split) in TIDY_METRICS.items():
+        col = "generality_seen" if metric == "generality" and fallback else metric
+        if split.startswith("summary:"):
+            split = summary.get(split.split(":", 1)[1], "")
+        for model, name in (("edited", col), ("unedited", f"{col}_base")):
+            if name not in per_edit:
+                continue
+            x = per_edit[name].dropna().to_numpy(dtype=float)
+            n = len(x)
+            mean = float(x.mean()) if n else float("nan")
+            half = 1.96 * float(x.std(ddof=1)) / math.sqrt(n) if n >= 2 else float("nan")
+            lo, hi = (max(0.0, mean - half), min(1.0, mean + half)) if n >= 2 else (float("nan"), float("nan"))
+            rows.append([metric, model, kind, split, mean, n, lo, hi])
+    for metric, (kind, split) in TIDY_GENERATION.items():
+        for model, name in (("edited", metric), ("unedited", f"{metric}_base")):
+            if name in summary:
+                rows.append([metric, model, kind, split, float(summary[name]), int(summary.get(f"{metric}_n", 0)),
+                             float("nan"), float("nan")])
+    if "repeat_rate_forced_base" in summary:  # the unedited model continuing "prompt target"
+        kind, split = TIDY_GENERATION["repeat_rate"]
+        rows.append(["repeat_rate", "unedited, given the new object", kind, split, float(summary["repeat_rate_forced_base"]),
+                     int(summary.get("repeat_rate_n", 0)), float("nan"), float("nan")])
+    return pd.DataFrame(rows, columns=TIDY_COLUMNS)
+
+
+class EditEvaluation(NamedTuple):
+    """What :func:`evaluate_edits` returns: unpacks as ``(per_edit, summary)``."""
+
+    per_edit: pd.DataFrame       # one row per edit
+    summary: dict[str, Any]      # means, counts (``*_n``) and splits (``*_split``), by name
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """The tidy view: one row per (metric, model) with split, n and a 95% interval (:func:`tidy`)."""
+        return tidy(self.per_edit, self.summary)
 
 
 def generation_metrics(editor, edits: EditSet, *, max_new_tokens: int = 30, batch_size: int = 32

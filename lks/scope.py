@@ -313,11 +313,6 @@ class ScopeIndicator:
             hit = self._find_fuzzy(low)
         return hit
 
-    def find_batch(self, texts: Sequence[str]) -> list[ScopeMatch | None]:
-        """``[self.find(t) for t in texts]``."""
-        find = self.find
-        return [find(t) for t in texts]
-
     def stats(self) -> dict[str, Any]:
         """Index statistics, for reports and benchmarks.
 

@@ -45,11 +45,31 @@ def smol():
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:
-    """The benchmark data directory ($LKS_DATA_DIR or ../shared/data); skips when absent."""
-    root = Path(os.environ.get("LKS_DATA_DIR", SHARED_DATA))
-    if not root.is_dir():
-        pytest.skip(f"benchmark data directory {root} not found (set LKS_DATA_DIR)")
-    return root
+    """The benchmark data directory: ``$LKS_DATA_DIR``, else ``../shared/data``.
+
+    Without either the data-dependent tests are skipped (``pytest -rs`` lists them). When
+    ``LKS_DATA_DIR`` is set, a missing directory or file is a failure, never a skip: a run that was
+    given data must not pass by silently testing less."""
+    given = os.environ.get("LKS_DATA_DIR")
+    if given:
+        if not Path(given).is_dir():
+            pytest.fail(f"LKS_DATA_DIR={given} is not a directory")
+        return Path(given)
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"no benchmark data: LKS_DATA_DIR is not set and {SHARED_DATA} does not exist")
+    return SHARED_DATA
+
+
+def data_file(root: Path, relative: str) -> Path:
+    """A file of the data directory ``root``; missing: a failure when ``LKS_DATA_DIR`` names the
+    directory, else a skip (an incomplete fallback copy)."""
+    path = root / relative
+    if not path.is_file():
+        message = f"benchmark data file {path} not found"
+        if os.environ.get("LKS_DATA_DIR"):
+            pytest.fail(message + " (LKS_DATA_DIR is set)")
+        pytest.skip(message)
+    return path
 
 
 TINY_CORPUS = [
@@ -84,27 +104,34 @@ def tiny_pair():
     return model, tok
 
 
+# The plain training settings the unit tests build on, independent of the recipe (the
+# TrainConfig defaults): float32 (exact comparisons), no KL after the target, no bank
+# paraphrases, generic locality relations, no prefix cache; a test sets what it tests.
+PLAIN_TRAIN = dict(precision="float32", w_loc=1.0, w_after=0.0, after_tokens=1, gate_prefixes=0,
+                   loc_templates="builtin", para_per_edit=0, train_rephrase=True, prefix_cache=False)
+
+
 def prepared_editor(model, tok, edits, cfg, editor_cfg, std: float = 0.0):
-    """An editor with its training cache built as ``fit`` builds it (no training step taken).
+    """An editor and its :class:`lks.training.Trainer`, prepared as ``fit`` prepares them (no
+    training step taken).
 
     ``std`` > 0 sets the generator's weights to N(0, std^2) (seeded), so the edit changes the
-    logits (the residual generator's own init is zero). Returns ``(editor, per_edit, seqs, cache)``.
+    logits (the residual generator's own init is zero). Returns ``(editor, trainer)``.
     """
     import torch
 
     from lks.editor import LKSEditor
+    from lks.training import Trainer
 
     editor = LKSEditor(model, tok, editor_cfg)
     editor.train_config = cfg
-    editor._set_edits(edits)
-    per_edit, seqs, _ = editor._build_sequences(edits, cfg)
-    cache = editor._precompute(seqs, cfg, progress=False)
+    trainer = Trainer(editor, cfg).prepare(edits, progress=False)
     if std > 0:
         torch.manual_seed(0)
         with torch.no_grad():
             for p in editor.generator.parameters():
                 p.normal_(0, std)
-    return editor, per_edit, seqs, cache
+    return editor, trainer
 
 
 CAPABILITY_FIXTURES = Path(__file__).parent / "fixtures" / "capability"

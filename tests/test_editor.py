@@ -9,12 +9,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_llama, prepared_editor
+from conftest import PLAIN_TRAIN, make_tiny_llama, prepared_editor
 
 from lks.config import EditorConfig, TrainConfig
 from lks.data import EditRecord, EditSet, paraphrase_templates, subject_template
-from lks.editor import LKSEditor, _pad, topk_kl
+from lks.editor import LKSEditor
 from lks.headloss import head_nll, head_topk_kl
+from lks.training import Trainer
+from lks.training.losses import topk_kl
+from lks.training.sequences import pad
 
 
 def tiny_edits() -> EditSet:
@@ -31,7 +34,7 @@ def tiny_edits() -> EditSet:
     ])
 
 
-TRAIN = TrainConfig(lr=1e-2, epochs=3, batch_size=2, loc_per_subject=2, loc_topk=50, patience=10, seed=0)
+TRAIN = TrainConfig(**PLAIN_TRAIN, lr=1e-2, epochs=3, batch_size=2, loc_per_subject=2, loc_topk=50, patience=10, seed=0)
 
 
 @pytest.mark.parametrize("prefix_cache", [False, True])
@@ -44,14 +47,14 @@ def test_fast_path_equals_hooked_forward(tiny_pair, kind, prefix_cache):
     edits = tiny_edits()
     cfg = TrainConfig(**{**TRAIN.__dict__, "epochs": 1, "prefix_cache": prefix_cache})
     editor.fit(edits, cfg, progress=False)
-    per_edit, seqs, _ = editor._build_sequences(edits, cfg)
-    cache = editor._precompute(seqs, cfg, progress=False)
+    tr = Trainer(editor, cfg).prepare(edits, progress=False)
+    seqs, cache = tr.seqs, tr.cache
     assert (cache.kv is not None) == prefix_cache
     assert not prefix_cache or sum(s.subj_pos for s in seqs) > 0  # some sequences really have a prefix
     batch = list(range(len(seqs)))
     with torch.no_grad():
-        fast = editor._upper_logits(cache, seqs, batch, editor.kb_table())
-    ids, mask = _pad([seqs[j].ids for j in batch], tok.pad_token_id, "cpu")
+        fast = editor.fast.upper_logits(cache, seqs, batch, editor.kb_table(), editor.generator.combine)
+    ids, mask = pad([seqs[j].ids for j in batch], tok.pad_token_id, "cpu")
     with torch.no_grad(), editor.applied(model) as stats:
         full = model(input_ids=ids, attention_mask=mask).logits
     rows = [r for r, j in enumerate(batch) for _ in seqs[j].loss_pos]
@@ -148,23 +151,24 @@ def test_load_rejects_other_model_and_corrupt_files(tiny_pair, tmp_path):
         LKSEditor.load(path, model, tok)
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(tiny_pair, tmp_path):
+def test_resume_after_interruption_matches_uninterrupted_run(tiny_pair, tmp_path, monkeypatch):
     model, tok = tiny_pair
     full = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
     full.fit(tiny_edits(), TRAIN, progress=False)
 
     crashing = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
-    real, calls = crashing._batch_loss, []
+    real, calls = Trainer.batch_loss, []
 
-    def crash_in_epoch_3(*args, **kwargs):
+    def crash_in_epoch_3(self, batch):
         calls.append(1)
         if len(calls) == 5:  # 2 batches per epoch: the first batch of epoch 3
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        return real(self, batch)
 
-    crashing._batch_loss = crash_in_epoch_3
+    monkeypatch.setattr(Trainer, "batch_loss", crash_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         crashing.fit(tiny_edits(), TRAIN, checkpoint_dir=tmp_path / "ck", progress=False)
+    monkeypatch.undo()
     assert json.loads((tmp_path / "ck" / "train_state.json").read_text())["epoch"] == 2
 
     resumed = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
@@ -270,12 +274,12 @@ def test_bfloat16_fit_restores_the_model_exactly(tiny_pair):
     after = model.state_dict()
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
     assert model.config._attn_implementation == attn
-    assert editor._lm_weight is None
+    assert editor.fast.lm_weight is None
     assert hist[-1]["edit"] < hist[0]["edit"]
     # zero-init residual: the first step's locality KL is ~0 (references in the same precision)
     assert hist[0]["loc"] < 0.05
     # the feature pass ran in bfloat16 too: close to, but not, the float32 vectors
-    fp32 = editor._layer_states_at_last_token(editor.feature_texts)
+    fp32 = editor.fast.states_at_last_token(editor.feature_texts)
     rel = ((editor.features - fp32).norm(dim=1) / fp32.norm(dim=1)).max().item()
     assert editor.features.dtype == torch.float32 and 0 < rel < 0.05
 
@@ -298,8 +302,8 @@ def test_prefix_cache_gives_the_same_losses_and_gradients(tiny_pair):
     out = {}
     for pc in (False, True):
         cfg = TrainConfig(**{**TRAIN.__dict__, "prefix_cache": pc})
-        editor, _, seqs, cache = prepared_editor(model, tok, edits, cfg, EditorConfig(layer=1, generator="linear"), 0.3)
-        losses = editor._batch_loss(cache, seqs, list(range(len(seqs))), cfg)
+        editor, tr = prepared_editor(model, tok, edits, cfg, EditorConfig(layer=1, generator="linear"), 0.3)
+        losses = tr.batch_loss(list(range(len(tr.seqs))))
         losses["total"].backward()
         out[pc] = ({k: float(v.detach()) for k, v in losses.items()}, [p.grad.clone() for p in editor.generator.parameters()])
     assert out[False][0]["loc"] > 1e-4
@@ -313,19 +317,20 @@ def test_prefix_cache_gives_the_same_losses_and_gradients(tiny_pair):
 def test_shape_quantisation_changes_no_loss_or_gradient(tiny_pair, prefix_cache, monkeypatch):
     """Padding rows, tokens, prefix and logit rows to SHAPE_QUANTA (dummy rows included) leaves
     the losses and the generator's gradients as they are."""
-    import lks.editor as E
+    import lks.training.fastpath as FP
+    from lks.training.precision import SHAPE_QUANTA
 
     model, tok = tiny_pair
     cfg = TrainConfig(**{**TRAIN.__dict__, "prefix_cache": prefix_cache})
-    editor, _, seqs, cache = prepared_editor(model, tok, tiny_edits(), cfg, EditorConfig(layer=1, generator="linear"), 0.3)
-    batch = list(range(len(seqs)))
-    monkeypatch.setattr(E, "LENGTH_BUCKETS", 1)  # one block of the whole batch, so that ...
-    assert len(batch) % E.SHAPE_QUANTA[0] != 0   # ... dummy rows are really added
+    editor, tr = prepared_editor(model, tok, tiny_edits(), cfg, EditorConfig(layer=1, generator="linear"), 0.3)
+    batch = list(range(len(tr.seqs)))
+    monkeypatch.setattr(FP, "LENGTH_BUCKETS", 1)  # one block of the whole batch, so that ...
+    assert len(batch) % SHAPE_QUANTA[0] != 0      # ... dummy rows are really added
     out = {}
     for q in (False, True):
-        editor.quantize_shapes = q
+        editor.fast.quantize_shapes = q
         editor.generator.zero_grad()
-        losses = editor._batch_loss(cache, seqs, batch, cfg)
+        losses = tr.batch_loss(batch)
         losses["total"].backward()
         out[q] = ({k: float(v.detach()) for k, v in losses.items()}, [p.grad.clone() for p in editor.generator.parameters()])
     assert all(math.isfinite(v) for v in out[True][0].values()) and out[False][0]["loc"] > 1e-4
@@ -336,10 +341,10 @@ def test_shape_quantisation_changes_no_loss_or_gradient(tiny_pair, prefix_cache,
 
 
 def test_round_up():
-    from lks.editor import _round_up
+    from lks.training.precision import round_up
 
-    assert [_round_up(n, 8) for n in (1, 7, 8, 9, 16)] == [8, 8, 8, 16, 16]
-    assert _round_up(5, 1) == 5
+    assert [round_up(n, 8) for n in (1, 7, 8, 9, 16)] == [8, 8, 8, 16, 16]
+    assert round_up(5, 1) == 5
 
 
 def test_route_finds_non_ascii_subjects_split_across_byte_tokens(tiny_pair):
@@ -396,8 +401,8 @@ def test_feature_states_keep_input_order_across_length_sorted_batches(tiny_pair)
     editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
     texts = ["Toko Yasuda plays the piano and the guitar in a band", "Paris", "The capital of France is Paris",
              "Berlin is in Germany", "Danielle Darrieux"]
-    batched = editor._layer_states_at_last_token(texts, batch_size=2)
-    alone = torch.cat([editor._layer_states_at_last_token([t]) for t in texts])
+    batched = editor.fast.states_at_last_token(texts, batch_size=2)
+    alone = torch.cat([editor.fast.states_at_last_token([t]) for t in texts])
     assert batched.shape == (len(texts), editor.d)
     assert (batched - alone).abs().max().item() < 1e-4
     assert (alone[0] - alone[1]).abs().max().item() > 1e-3  # the texts' states differ: order matters
@@ -436,25 +441,25 @@ def test_fused_head_losses_equal_autograd_values_and_gradients(chunk, pad, scale
 
 @pytest.mark.parametrize("quantize", [False, True])
 def test_batch_loss_with_fused_head_equals_the_autograd_losses(tiny_pair, quantize, monkeypatch):
-    """_batch_loss through lks.headloss (chunked, padded rows) gives the losses and generator
-    gradients of the same losses built from autograd ops on LKSEditor._logits."""
-    import lks.editor as E
+    """batch_loss through lks.headloss (chunked, padded rows) gives the losses and generator
+    gradients of the same losses built from autograd ops on FastPath.logits."""
+    import lks.training.losses as E
 
     model, tok = tiny_pair
     cfg = TrainConfig(**{**TRAIN.__dict__, "prefix_cache": True})
-    editor, _, seqs, cache = prepared_editor(model, tok, tiny_edits(), cfg, EditorConfig(layer=1, generator="linear"), 0.3)
-    editor.quantize_shapes = quantize
+    editor, tr = prepared_editor(model, tok, tiny_edits(), cfg, EditorConfig(layer=1, generator="linear"), 0.3)
+    editor.fast.quantize_shapes = quantize
     monkeypatch.setattr(E, "HEAD_CHUNK", 3)  # several chunks, a ragged last one
-    batch = list(range(len(seqs)))
+    batch = list(range(len(tr.seqs)))
     out = []
     for fused in (True, False):
         if not fused:
             monkeypatch.setattr(E, "head_nll", lambda h, w, b, t, chunk, pad: F.cross_entropy(
-                editor._logits(h), t, reduction="none"))
+                editor.fast.logits(h), t, reduction="none"))
             monkeypatch.setattr(E, "head_topk_kl", lambda h, w, b, lp, idx, tail, chunk, pad: topk_kl(
-                lp, idx, tail, editor._logits(h)).expand(h.shape[0]))
+                lp, idx, tail, editor.fast.logits(h)).expand(h.shape[0]))
         editor.generator.zero_grad(set_to_none=True)
-        losses = editor._batch_loss(cache, seqs, batch, cfg)
+        losses = tr.batch_loss(batch)
         losses["total"].backward()
         out.append(({k: float(v.detach()) for k, v in losses.items()}, [p.grad.clone() for p in editor.generator.parameters()]))
     assert out[0][0]["loc"] > 1e-4 and out[0][0]["edit"] > 1e-2
@@ -466,7 +471,7 @@ def test_batch_loss_with_fused_head_equals_the_autograd_losses(tiny_pair, quanti
 
 def test_para_per_edit_adds_bank_paraphrases_to_the_equivalence_loss(tiny_pair):
     from lks.data import training_paraphrase_prompts
-    from lks.editor import KIND_EQUIV
+    from lks.training.sequences import KIND_EQUIV, build_sequences
 
     model, tok = tiny_pair
     editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
@@ -474,7 +479,7 @@ def test_para_per_edit_adds_bank_paraphrases_to_the_equivalence_loss(tiny_pair):
     editor._set_edits(edits)
     counts = {}
     for k in (0, 2):
-        per_edit, seqs, _ = editor._build_sequences(edits, TrainConfig(**{**TRAIN.__dict__, "para_per_edit": k}))
+        per_edit, seqs, _ = build_sequences(model, tok, editor.scope, edits, TrainConfig(**{**TRAIN.__dict__, "para_per_edit": k}))
         counts[k] = [sum(seqs[j].kind == KIND_EQUIV for j in js) for js in per_edit]
     extra = [len(training_paraphrase_prompts(r, 2)) for r in edits]
     assert extra[0] == 2  # "The mother tongue of {} is" is in the shipped bank
@@ -482,7 +487,7 @@ def test_para_per_edit_adds_bank_paraphrases_to_the_equivalence_loss(tiny_pair):
     # train_rephrase=False drops exactly the edit's own rephrases[0], keeps the bank prompts
     held = TrainConfig(**{**TRAIN.__dict__, "para_per_edit": 2, "train_rephrase": False})
     def equiv_ids(cfg):
-        per_edit, seqs, _ = editor._build_sequences(edits, cfg)
+        per_edit, seqs, _ = build_sequences(model, tok, editor.scope, edits, cfg)
         return [sorted(seqs[j].ids for j in js if seqs[j].kind == KIND_EQUIV) for js in per_edit]
 
     with_own = equiv_ids(TrainConfig(**{**TRAIN.__dict__, "para_per_edit": 2}))
@@ -517,8 +522,10 @@ def test_gated_generator_learns_its_gate_from_the_gate_loss(tiny_pair, tmp_path)
     model, tok = tiny_pair
     editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="gated", mlp_ratio=2))
     edits = tiny_edits()
-    hist = editor.fit(edits, dataclasses.replace(TRAIN, epochs=40, patience=40, gate_negatives=6), progress=False)
+    cfg = dataclasses.replace(TRAIN, epochs=40, patience=40, gate_negatives=6)
+    hist = editor.fit(edits, cfg, progress=False)
     assert hist[-1]["gate"] < hist[0]["gate"] / 2
+    gate = Trainer(editor, cfg).prepare(edits, progress=False).gate  # the fit's gate examples, built again
 
     def blocks(prompts, subjects):
         enc, pos = subject_positions(tok, prompts, subjects)
@@ -529,7 +536,7 @@ def test_gated_generator_learns_its_gate_from_the_gate_loss(tiny_pair, tmp_path)
     # every negative is one of its subject's 6 candidates (after the 2 KL prompts), in order
     cands = {i: training_locality_prompts(r, 8, 0, "builtin")[2:] for i, r in enumerate(edits)}
     used = []
-    for kb, i in zip(editor._gate_kb, editor._gate_subj.tolist()):
+    for kb, i in zip(gate.kb, gate.subj.tolist()):
         match = [p for p, c in zip(cands[i], blocks(cands[i], [edits[i].subject] * 6)) if torch.allclose(kb, c, atol=1e-5)]
         assert match
         used.append((i, match[0]))
@@ -541,7 +548,7 @@ def test_gated_generator_learns_its_gate_from_the_gate_loss(tiny_pair, tmp_path)
     table = editor.kb_table()
     with torch.no_grad():
         open_ = torch.sigmoid(editor.generator.gate_logit(blocks([r.prompt for r in edits], [r.subject for r in edits]), table[:, 48:]))
-        shut = torch.sigmoid(editor.generator.gate_logit(editor._gate_kb, table[editor._gate_subj][:, 48:]))
+        shut = torch.sigmoid(editor.generator.gate_logit(gate.kb, table[gate.subj][:, 48:]))
     assert open_.mean() > 0.5 > shut.mean()  # on average: "The religion of {} is" is close to edit 1
     loaded = LKSEditor.load(editor.save(tmp_path / "gated"), model, tok)
     prompts = [r.prompt for r in edits] + ["The capital of France is"]
@@ -557,10 +564,9 @@ def test_gate_prefixes_put_another_edits_statement_before_the_gate_examples(tiny
     edits = tiny_edits()
     editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="gated", mlp_ratio=2))
     cfg = dataclasses.replace(TRAIN, epochs=1, gate_negatives=0, gate_steps=0)
-    editor.fit(edits, cfg, progress=False)
-    assert len(editor._gate_kb) == 0  # no negatives, no prefixes: only the training sequences
-    editor.fit(edits, dataclasses.replace(cfg, gate_prefixes=2), progress=False)
-    label, subj = editor._gate_label, editor._gate_subj
+    assert len(Trainer(editor, cfg).prepare(edits, progress=False).gate.kb) == 0  # no negatives, no prefixes
+    gate = Trainer(editor, dataclasses.replace(cfg, gate_prefixes=2)).prepare(edits, progress=False).gate
+    label, subj = gate.label, gate.subj
     # each copy: the edit prompt and its trained rephrase (open), one locality prompt (closed,
     # unless it shares its block with a positive), behind another subject's statement
     assert int((label == 1).sum()) % 2 == 0 and 0 < int((label == 1).sum()) <= 12
@@ -570,5 +576,5 @@ def test_gate_prefixes_put_another_edits_statement_before_the_gate_examples(tiny
         with torch.no_grad(), LayerHooks(model, capture=[1]) as hooks:
             model(**enc)
         plain = hooks.captured[1][torch.arange(2), pos]
-        for kb in editor._gate_kb[(subj == i) & (label == 1)]:  # the prefix changes the block
+        for kb in gate.kb[(subj == i) & (label == 1)]:  # the prefix changes the block
             assert not any(torch.allclose(kb, p, atol=1e-4) for p in plain)

@@ -10,8 +10,9 @@ from conftest import prepared_editor
 from test_editor import TRAIN, tiny_edits
 
 from lks.config import EditorConfig, TrainConfig
-from lks.editor import KIND_LOC, LKSEditor
+from lks.editor import LKSEditor
 from lks.metrics import continuation_scores, distinct_n, generation_metrics, object_count
+from lks.training.sequences import KIND_LOC, build_sequences
 
 
 def test_object_count_matches_whole_words_case_insensitively():
@@ -72,8 +73,8 @@ def test_after_target_rows_follow_the_unedited_greedy_continuation(tiny_pair):
     edits = tiny_edits()
     editor._set_edits(edits)
     cfg = after_cfg(after_tokens=3)
-    _, seqs, _ = editor._build_sequences(edits, cfg)
-    _, plain, _ = editor._build_sequences(edits, TRAIN)
+    _, seqs, _ = build_sequences(model, tok, editor.scope, edits, cfg)
+    _, plain, _ = build_sequences(model, tok, editor.scope, edits, TRAIN)
     assert [q.kind for q in seqs] == [q.kind for q in plain]
     for q, p in zip(seqs, plain):
         if q.kind == KIND_LOC:
@@ -88,12 +89,13 @@ def test_after_target_rows_follow_the_unedited_greedy_continuation(tiny_pair):
 
 
 def test_after_loss_is_the_kl_of_the_hooked_model_after_the_target(tiny_pair):
-    """_batch_loss's "after" term equals KL(unedited || edited) at the positions after the target,
+    """batch_loss's "after" term equals KL(unedited || edited) at the positions after the target,
     computed from two plain forward passes (loc_topk = vocabulary: the top-k KL is exact)."""
     model, tok = tiny_pair
     cfg = after_cfg(after_tokens=2, loc_topk=len(tok), prefix_cache=True)
-    editor, _, seqs, cache = prepared_editor(model, tok, tiny_edits(), cfg, EditorConfig(layer=1, generator="residual"), 1.0)
-    losses = {k: v.detach() for k, v in editor._batch_loss(cache, seqs, list(range(len(seqs))), cfg).items()}
+    editor, tr = prepared_editor(model, tok, tiny_edits(), cfg, EditorConfig(layer=1, generator="residual"), 1.0)
+    seqs = tr.seqs
+    losses = {k: v.detach() for k, v in tr.batch_loss(list(range(len(seqs)))).items()}
     kls = []
     for q in seqs:
         if q.kind == KIND_LOC:
@@ -109,6 +111,6 @@ def test_after_loss_is_the_kl_of_the_hooked_model_after_the_target(tiny_pair):
     assert float(losses["after"]) == pytest.approx(sum(kls) / len(kls), rel=1e-4, abs=1e-7)
     assert float(losses["after"]) > 1e-5  # the random generator changes what follows the target (a random
                                           # tiny model's logits are flat: its KLs are small)
-    no_after = {k: v.detach() for k, v in editor._batch_loss(cache, seqs, list(range(len(seqs))),
-                                                            dataclasses.replace(cfg, w_after=0.0)).items()}
+    tr.cfg = dataclasses.replace(cfg, w_after=0.0)
+    no_after = {k: v.detach() for k, v in tr.batch_loss(list(range(len(seqs)))).items()}
     assert float(losses["total"] - no_after["total"]) == pytest.approx(float(losses["after"]), abs=1e-5)

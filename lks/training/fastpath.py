@@ -1,0 +1,320 @@
+"""The fast path of training: the hooked forward pass, reorganised so that a step runs little.
+
+1. every training sequence is run once through layers ``0..L`` (stopping there) and its layer-L
+   output is cached (:meth:`FastPath.precompute`);
+2. the reference (unedited) next-token distributions at the KL positions are computed once from
+   those caches and kept as top-k log-probs plus one tail bucket; with ``TrainConfig.prefix_cache``
+   the upper layers' keys/values of the tokens before each subject are cached too (an edit at the
+   subject's last token cannot change them: attention is causal);
+3. each step writes the generated blocks into the cached states and runs only layers ``L+1..N``
+   (:meth:`FastPath.upper_hidden`, ``lks.models.skip_lower_layers``), with the output layer only
+   where a loss reads it.
+
+``tests/test_editor.py`` proves the fast path's logits equal the plain hooked forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from lks.config import TrainConfig
+from lks.headloss import pad_rows
+from lks.hooks import LayerHooks, Replacement, StopForward, apply_replacement
+from lks.models import get_layers, make_past, model_device, past_key_value, skip_lower_layers
+from lks.training import precision
+from lks.training.precision import (
+    TRIM_EVERY,
+    fit_dtype,
+    lower_pass,
+    pads_shapes,
+    quantized_shape,
+    upper_pass,
+)
+from lks.training.sequences import Seq, pad, starts
+from lks.utils import release_memory
+
+LENGTH_BUCKETS = 2  # blocks per training step (see step_blocks): fewer, longer op chains; 2 was fastest of 1-4 (benchmarks/README)
+
+
+@dataclass
+class Cache:
+    """Layer-L states of all training sequences, packed as one ``[sum T, d]`` tensor."""
+
+    states: torch.Tensor          # [sum_len, d]
+    offsets: list[int]            # start of sequence i in ``states``
+    ref_logp: torch.Tensor | None = None   # [n_kl_rows, k] reference log-probs (top-k)
+    ref_idx: torch.Tensor | None = None    # [n_kl_rows, k] their token ids
+    ref_tail: torch.Tensor | None = None   # [n_kl_rows] log of the remaining probability mass
+    ref_row: dict[int, int] = field(default_factory=dict)  # sequence index -> its first row in ref_*
+    # TrainConfig.prefix_cache: keys/values of layers L+1..N at the tokens before each subject's last
+    # token, [sum of prefix lengths, n_upper, 2, kv_heads, head_dim], sequence i's rows from
+    # kv_offsets[i]; training then runs only the suffix
+    kv: torch.Tensor | None = None
+    kv_offsets: list[int] = field(default_factory=list)
+
+
+class FastPath:
+    """Layer-L passes, the cache, and the upper-layer pass of one model at one edit layer.
+
+    Args:
+        model: the frozen causal LM.
+        tokenizer: its tokenizer (pad token set).
+        layer: the edit layer L (decoder layer whose output holds the knowledge block).
+        quantize_shapes: pad step shapes to ``SHAPE_QUANTA``; None (default) where it pays, i.e.
+            bfloat16 on CPU (oneDNN's per-shape kernels); in float32 padding only costs (~15%).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, layer: int, quantize_shapes: bool | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.layer = layer
+        self.d = int(model.config.hidden_size)
+        self.quantize_shapes = quantize_shapes
+        self.lm_weight: torch.Tensor | None = None  # bfloat16 copy of the output embedding (lks.training.precision.upper_pass)
+        self.as_tuple = False                        # whether decoder layers return tuples (seen by the first lower pass)
+
+    # ---- layers 0..L -------------------------------------------------------------------------
+    def run_to_layer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Layer-L output ``[batch, seq, d]``; the layers above L are never run."""
+        inputs: dict[str, torch.Tensor] = {"input_ids": input_ids}
+        dtype = next(get_layers(self.model)[0].parameters()).dtype
+        emb = self.model.get_input_embeddings()
+        if emb.weight.dtype != dtype:  # inside lower_pass: bfloat16 layers, float32 (tied) embeddings
+            inputs = {"inputs_embeds": emb(input_ids).to(dtype)}
+        with LayerHooks(self.model, capture=[self.layer], stop_after_capture=True) as hooks:
+            with suppress(StopForward):
+                self.model(**inputs, attention_mask=attention_mask, use_cache=False)
+        self.as_tuple = bool(hooks.output_is_tuple)
+        return hooks.captured[self.layer]
+
+    def lower_batches(self, ids: Sequence[list[int]], batch_size: int, desc: str | None = None
+                      ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """Layer-L outputs of token lists in order of length (batches of similar lengths carry
+        little padding): yields ``(indices into ids, states [b, T, d], mask [b, T])``; ``desc``
+        shows a progress bar. The glibc heap is trimmed every ``TRIM_EVERY`` batches."""
+        dev = model_device(self.model)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        for b in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None):
+            idx = order[b:b + batch_size]
+            x, mask = pad([ids[i] for i in idx], self.tokenizer.pad_token_id, dev)
+            yield idx, self.run_to_layer(x, mask), mask
+            if (b // batch_size) % TRIM_EVERY == TRIM_EVERY - 1:
+                release_memory(collect=False)  # see lks.utils.release_memory
+
+    @torch.no_grad()  # not inference_mode: these tensors are inputs of training steps later
+    def states_at_last_token(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """Layer-L output at the last real token of each text: ``[n, d]`` float32.
+
+        The texts run in order of token length (1,000 CounterFact feature texts: 11.6 -> 6.8 s,
+        same values up to float rounding)."""
+        out = torch.empty(len(texts), self.d)
+        for idx, states, mask in self.lower_batches(self.tokenizer(list(texts))["input_ids"], batch_size):
+            last = mask.sum(1) - 1
+            out[torch.tensor(idx)] = states[torch.arange(len(idx), device=states.device), last].float().cpu()
+        return out.to(model_device(self.model))
+
+    # ---- the one-time cache ------------------------------------------------------------------
+    @torch.no_grad()  # not inference_mode: the cache feeds autograd-tracked training steps
+    def precompute(self, seqs: list[Seq], cfg: TrainConfig, batch_size: int = 256, progress: bool = True) -> Cache:
+        """Cache layer-L states of every sequence and the reference distributions at its KL rows."""
+        order = sorted(range(len(seqs)), key=lambda j: len(seqs[j].ids))  # length-bucketed batches
+        offsets, total = starts(len(s.ids) for s in seqs)
+        # filled in place: one [sum T, d] tensor, never a second copy (10,000 edits: 1.4 GB float32)
+        # stored in the lower pass's dtype (bfloat16 halves the largest cache; the values are bf16 anyway)
+        cache = Cache(torch.zeros(total, self.d, dtype=fit_dtype(self.model, cfg.precision) or torch.float32), offsets)
+        with lower_pass(self, cfg.precision):
+            for idx, states, _ in self.lower_batches([s.ids for s in seqs], batch_size,
+                                                     "cache layer-L states" if progress else None):
+                for row, j in enumerate(idx):
+                    n = len(seqs[j].ids)
+                    cache.states[offsets[j]:offsets[j] + n] = states[row, :n].cpu()
+        # one pass through layers L+1..N (no edit): reference distributions at the KL rows (locality
+        # sequences; after the target with TrainConfig.w_after) and, with prefix_cache, the
+        # keys/values of every sequence's prefix
+        loc = {j for j in order if len(seqs[j].loss_pos) > len(seqs[j].loss_tgt)}
+        # (no upper layers when L is the last layer: nothing to cache)
+        prefix_cache = cfg.prefix_cache and self.layer + 1 < len(get_layers(self.model))
+        todo = order if prefix_cache else [j for j in order if j in loc]
+        kv_offsets, total = starts(s.subj_pos for s in seqs)
+
+        def put_kv(j: int, kv: torch.Tensor) -> None:  # into one preallocated tensor, in sequence order
+            if cache.kv is None:
+                cache.kv, cache.kv_offsets = torch.empty(total, *kv.shape[1:], dtype=kv.dtype), kv_offsets
+            cache.kv[kv_offsets[j]:kv_offsets[j] + len(kv)] = kv
+        logps, idxs, tails, n_ref = [], [], [], 0
+        with upper_pass(self, cfg.precision):  # the same precision as the training steps: KL 0 for an unchanged block
+            for b in tqdm(range(0, len(todo), batch_size), desc="upper-layer pass (references"
+                          + (", prefix keys/values)" if prefix_cache else ")"), disable=not progress or not todo):
+                batch = todo[b:b + batch_size]
+                hidden = self.upper_hidden(cache, seqs, batch, None, kv_out=put_kv if prefix_cache else None)
+                if (b // batch_size) % TRIM_EVERY == TRIM_EVERY - 1:
+                    release_memory(collect=False)
+                at, rows, lbatch = 0, [], []
+                for j in batch:
+                    n, n_nll = len(seqs[j].loss_pos), len(seqs[j].loss_tgt)
+                    if j in loc:
+                        rows.extend(range(at + n_nll, at + n))
+                        lbatch.append(j)
+                    at += n
+                if not rows:
+                    continue
+                lp = torch.log_softmax(self.logits(hidden[torch.tensor(rows, device=hidden.device)]), -1)
+                k = min(cfg.loc_topk, lp.shape[-1])
+                top, ti = lp.topk(k, dim=-1)
+                logps.append(top.cpu())
+                idxs.append(ti.to(torch.int32).cpu())
+                tails.append(log_tail(lp, ti).cpu())
+                for j in lbatch:  # KL rows of sequence j: ref_row[j] onwards, one per KL position
+                    cache.ref_row[j] = n_ref
+                    n_ref += len(seqs[j].loss_pos) - len(seqs[j].loss_tgt)
+        if loc:
+            cache.ref_logp, cache.ref_idx, cache.ref_tail = torch.cat(logps), torch.cat(idxs), torch.cat(tails)
+        return cache
+
+    # ---- layers L+1..N -----------------------------------------------------------------------
+    def upper_hidden(self, cache: Cache, seqs: list[Seq], batch: list[int], table: Any, combine: Callable | None = None,
+                     kv_out: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Final hidden states ``[n_positions, d]`` at every ``loss_pos`` of the sequences in ``batch``.
+
+        ``table`` (indexable by subject ids, e.g. ``[n_subjects, d]``; may require grad) holds each
+        subject's generated block, written with ``combine`` (the generator's); ``None`` runs the
+        unedited model. Layers L+1..N run on the cached layer-L states. When the cache holds prefix
+        keys/values, only each sequence's suffix - from the subject's last token on - runs,
+        attending to the cached prefix. ``kv_out`` (precompute) receives ``(sequence, its prefix
+        keys/values)`` from a full pass instead.
+        """
+        dev = model_device(self.model)
+        layers = get_layers(self.model)
+        L = self.layer
+        use_prefix = cache.kv is not None and kv_out is None
+        first = [seqs[j].subj_pos if use_prefix else 0 for j in batch]
+        lens = [len(seqs[j].ids) - s0 for j, s0 in zip(batch, first)]
+        T, P, B = max(lens), max(first), len(batch)
+        if pads_shapes(next(layers[-1].parameters()), self.quantize_shapes):  # few distinct shapes: precision.SHAPE_QUANTA
+            B, T, P = quantized_shape(B, T, P)
+        # [B, T, d] right-padded copy of the cached states (padding is masked out; rows past the
+        # batch are dummies that see one zero token, so no attention row is fully masked)
+        h = torch.zeros(B, T, self.d, device=dev)
+        mask = torch.zeros(B, P + T, dtype=torch.long, device=dev)
+        mask[len(batch):, P] = 1
+        for row, (j, s0, n) in enumerate(zip(batch, first, lens)):
+            o = cache.offsets[j] + s0
+            h[row, :n] = cache.states[o:o + n].to(dev)
+            mask[row, P - s0:P + n] = 1  # prefix left-padded to P, suffix right-padded to T
+        first = first + [0] * (B - len(batch))
+        if table is not None:
+            rows = torch.arange(len(batch), device=dev)
+            pos = torch.tensor([seqs[j].subj_pos - s0 for j, s0 in zip(batch, first)], device=dev)
+            subj = torch.tensor([seqs[j].subject for j in batch], device=dev)
+            h = apply_replacement(h, Replacement(rows, pos, table[subj], combine=combine))
+        # the upper layers' own dtype: bfloat16 inside upper_pass when TrainConfig.precision asks
+        dtype = next(layers[L + 1].parameters()).dtype if L + 1 < len(layers) else next(self.model.parameters()).dtype
+        h = h.to(dtype)
+        kwargs: dict[str, Any] = {"use_cache": kv_out is not None}
+        if use_prefix:
+            kwargs.update(self._prefix_inputs(cache, batch, first, P, T, dtype, dev))
+        with skip_lower_layers(self.model, L, h, self.as_tuple):
+            out = self.model.base_model(inputs_embeds=torch.zeros_like(h), attention_mask=mask, **kwargs)
+        last = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        if kv_out is not None:
+            kv = [past_key_value(out.past_key_values, i) for i in range(L + 1, len(layers))]
+            for row, j in enumerate(batch):
+                p = seqs[j].subj_pos  # [p, n_upper, 2, kv_heads, head_dim]
+                kv_out(j, torch.stack([torch.stack([k[row, :, :p], v[row, :, :p]]) for k, v in kv])
+                       .permute(3, 0, 1, 2, 4).cpu())
+        g_rows = torch.tensor([r for r, j in enumerate(batch) for _ in seqs[j].loss_pos], device=dev)
+        g_pos = torch.tensor([p - s0 for j, s0 in zip(batch, first) for p in seqs[j].loss_pos], device=dev)
+        return last[g_rows, g_pos]
+
+    def _prefix_inputs(self, cache: Cache, batch: list[int], first: list[int], P: int, T: int,
+                       dtype: torch.dtype, dev: torch.device) -> dict[str, Any]:
+        """Model kwargs that make a suffix-only pass attend to the cached prefix keys/values."""
+        assert cache.kv is not None
+        _, n_upper, _, n_kv, hd = cache.kv.shape
+        kv = torch.zeros(len(first), P, n_upper, 2, n_kv, hd, dtype=dtype)
+        for row, (j, p) in enumerate(zip(batch, first)):  # zip: dummy rows keep zero keys/values
+            o = cache.kv_offsets[j]
+            kv[row, P - p:] = cache.kv[o:o + p]
+        kv = kv.to(dev).permute(2, 3, 0, 4, 1, 5)  # [n_upper, 2, batch, kv_heads, P, head_dim]
+        dummy = torch.zeros(len(first), n_kv, P, hd, dtype=dtype, device=dev)  # layers 0..L never read it
+        past = make_past([(dummy, dummy)] * (self.layer + 1) + [(kv[i, 0], kv[i, 1]) for i in range(n_upper)])
+        first_t = torch.tensor(first, device=dev)
+        return {"past_key_values": past, "use_cache": True,
+                "position_ids": first_t[:, None] + torch.arange(T, device=dev)[None, :],  # true positions
+                "cache_position": torch.arange(P, P + T, device=dev)}                     # slots after the prefix
+
+    # ---- the output layer --------------------------------------------------------------------
+    def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The output layer's weight (a bfloat16 copy inside a bfloat16 fit) and bias."""
+        out = self.model.get_output_embeddings()
+        return (self.lm_weight if self.lm_weight is not None else out.weight), getattr(out, "bias", None)
+
+    def logit_quantum(self) -> int:
+        """Logit rows are padded to a multiple of this (0: not padded; see ``precision.SHAPE_QUANTA``)."""
+        return precision.logit_quantum(self.head()[0], self.quantize_shapes)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Output layer on final hidden rows ``[n, d]`` -> float32 logits ``[n, vocab]``."""
+        weight, bias = self.head()
+        n = hidden.shape[0]
+        hidden = pad_rows(hidden, self.logit_quantum())  # zero rows, sliced off again
+        return F.linear(hidden.to(weight.dtype), weight, bias)[:n].float()
+
+    def upper_logits(self, cache: Cache, seqs: list[Seq], batch: list[int], table: Any, combine: Callable | None = None) -> torch.Tensor:
+        """Logits ``[n_positions, vocab]`` (float32) at every ``loss_pos`` of the sequences in ``batch``."""
+        return self.logits(self.upper_hidden(cache, seqs, batch, table, combine))
+
+
+def log_tail(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """log of the probability mass outside ``idx``: ``[n]`` (``-inf`` when nothing is left)."""
+    return logp.scatter(-1, idx, float("-inf")).logsumexp(-1)
+
+
+def length_buckets(lens: Sequence[int], k: int) -> list[int]:
+    """End indices of at most ``k`` contiguous buckets of the SORTED ``lens`` that minimise the
+    padded token count (sum over buckets of size x longest length); exact dynamic programme."""
+    n = len(lens)
+    if n == 0:
+        return []
+    # cost[u][e]: least padded tokens of lens[:e] in u buckets; cut[u][e]: start of the last bucket
+    inf = float("inf")
+    cost = [[inf] * (n + 1) for _ in range(k + 1)]
+    cut = [[0] * (n + 1) for _ in range(k + 1)]
+    cost[0][0] = 0
+    for u in range(1, k + 1):
+        for e in range(1, n + 1):
+            for b in range(u - 1, e):
+                c = cost[u - 1][b] + lens[e - 1] * (e - b)
+                if c < cost[u][e]:
+                    cost[u][e], cut[u][e] = c, b
+    u = min(range(1, k + 1), key=lambda v: (cost[v][n], v))
+    ends, e = [], n
+    while e > 0:
+        ends.append(e)
+        e, u = cut[u][e], u - 1
+    return ends[::-1]
+
+
+def step_blocks(seqs: Sequence[Seq], batch: Iterable[int], prefix_cache: bool,
+                buckets: int | None = None) -> list[list[int]]:
+    """The blocks in which a training step runs ``batch`` through the upper layers: its sequences
+    sorted by the tokens they send there (from the subject on with the prefix cache, else all),
+    cut into at most ``buckets`` (default ``LENGTH_BUCKETS``) blocks with the least padding
+    (:func:`length_buckets`)."""
+    def run_len(j: int) -> int:
+        return len(seqs[j].ids) - (seqs[j].subj_pos if prefix_cache else 0)
+
+    order = sorted(batch, key=lambda j: (run_len(j), seqs[j].subj_pos))
+    blocks, start = [], 0
+    for end in length_buckets([run_len(j) for j in order], LENGTH_BUCKETS if buckets is None else buckets):
+        blocks.append(order[start:end])
+        start = end
+    return blocks

@@ -1,0 +1,120 @@
+"""The losses of one training step (the paper's edit, equivalence and locality losses, plus the
+KL after the target and the gate loss of the ``gated`` generator)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lks.config import TrainConfig
+from lks.headloss import head_nll, head_topk_kl
+from lks.hypernet import KBGenerator
+from lks.training.fastpath import Cache, FastPath, step_blocks
+from lks.training.gate import GateExamples, gate_loss
+from lks.training.precision import HEAD_CHUNK
+from lks.training.sequences import KIND_EDIT, KIND_EQUIV, KIND_LOC, Seq
+
+
+class RowsOf:
+    """Generated blocks of some subjects, indexable by global subject id like the full table."""
+
+    def __init__(self, rows: torch.Tensor, subjects: list[int]) -> None:
+        self.rows = rows
+        self.where = {s: i for i, s in enumerate(subjects)}
+
+    def __getitem__(self, subj: torch.Tensor) -> torch.Tensor:
+        return self.rows[torch.tensor([self.where[int(s)] for s in subj.tolist()], device=self.rows.device)]
+
+
+def batch_loss(fast: FastPath, generator: KBGenerator, features: torch.Tensor, cache: Cache, seqs: list[Seq],
+               batch: list[int], cfg: TrainConfig, gate: GateExamples | None = None) -> dict[str, torch.Tensor]:
+    """Losses of one step on the sequences ``batch``: ``edit``, ``equiv`` (mean NLL of the target
+    per sequence), ``loc`` (KL unedited || edited on locality prompts), ``after`` (the same KL after
+    the target), ``gate`` and their weighted ``total``."""
+    # generated blocks of this batch's subjects only: the whole table would cost a d x d
+    # product per subject per step (at 10,000 subjects more than the rest of the step)
+    subjects = sorted({seqs[j].subject for j in batch})
+    feats = features[torch.tensor(subjects, device=features.device)]
+    table = RowsOf(generator.table(feats), subjects)
+    # the batch's sequences (edit, rephrase, locality prompts of different lengths) run through
+    # the upper layers in up to LENGTH_BUCKETS blocks, each padded only to its own longest
+    # sequence; the losses are means, so the order of the rows does not matter
+    blocks = step_blocks(seqs, batch, cache.kv is not None)
+    batch = [j for block in blocks for j in block]  # the row order of hidden
+    hidden = torch.cat([fast.upper_hidden(cache, seqs, block, table, generator.combine) for block in blocks])
+    losses: dict[str, torch.Tensor] = {}
+    zero = hidden.sum() * 0.0
+    # the NLL rows and the KL rows go through the output layer separately (lks.headloss)
+    at, kl_rows, kl_ref, kl_loc = 0, [], [], []
+    nll_rows, nll_tgt, nll_seq, seq_kind = [], [], [], []
+    for j in batch:
+        s, n, n_nll = seqs[j], len(seqs[j].loss_pos), len(seqs[j].loss_tgt)
+        if n_nll:
+            nll_rows.extend(range(at, at + n_nll))
+            nll_tgt.extend(s.loss_tgt)
+            nll_seq.extend([len(seq_kind)] * n_nll)
+            seq_kind.append(s.kind)
+        if n > n_nll:  # locality KL, or the KL after the target (TrainConfig.w_after)
+            kl_rows.extend(range(at + n_nll, at + n))
+            kl_ref.extend(range(cache.ref_row[j], cache.ref_row[j] + n - n_nll))
+            kl_loc.extend([s.kind == KIND_LOC] * (n - n_nll))
+        at += n
+    dev = hidden.device
+    # output layer + loss fused (lks.headloss): vocabulary-sized logits only HEAD_CHUNK rows at
+    # a time, their gradient taken in closed form; only [rows, d] is kept for the backward
+    weight, bias = fast.head()
+    head_kw: dict[str, Any] = {"chunk": HEAD_CHUNK, "pad": fast.logit_quantum()}
+    losses["edit"] = losses["equiv"] = zero
+    if nll_rows:
+        tok_nll = head_nll(hidden[torch.tensor(nll_rows, device=dev)], weight, bias,
+                           torch.tensor(nll_tgt, device=dev), **head_kw)
+        seq_idx = torch.tensor(nll_seq, device=dev)
+        per_seq = torch.zeros(len(seq_kind), device=dev).index_add(0, seq_idx, tok_nll)
+        per_seq = per_seq / torch.bincount(seq_idx, minlength=len(seq_kind)).clamp_min(1)  # mean over tokens
+        kinds = torch.tensor(seq_kind, device=dev)
+        for name, kind in (("edit", KIND_EDIT), ("equiv", KIND_EQUIV)):
+            sel = kinds == kind
+            if bool(sel.any()):
+                losses[name] = per_seq[sel].mean()
+    losses["loc"] = losses["after"] = zero
+    if kl_rows:
+        ref = torch.tensor(kl_ref)
+        kl = head_topk_kl(hidden[torch.tensor(kl_rows, device=dev)], weight, bias, cache.ref_logp[ref].to(dev),
+                          cache.ref_idx[ref].to(dev).long(), cache.ref_tail[ref].to(dev), **head_kw)
+        is_loc = torch.tensor(kl_loc, device=dev)
+        for name, sel in (("loc", is_loc), ("after", ~is_loc)):
+            if bool(sel.any()):
+                losses[name] = kl[sel].mean()
+    losses["gate"] = gate_loss(generator, cache, seqs, batch, table, gate, fast.d) if gate is not None else zero
+    losses["total"] = (cfg.w_edit * losses["edit"] + cfg.w_equiv * losses["equiv"] + cfg.w_loc * losses["loc"]
+                       + cfg.w_after * losses["after"] + cfg.w_gate * losses["gate"])
+    return losses
+
+
+def topk_kl(ref_logp: torch.Tensor, ref_idx: torch.Tensor, ref_tail: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean KL(reference || edited) over rows, with the reference kept as top-k + one tail bucket.
+
+    The reference distribution is coarse-grained to its top-k tokens plus one bucket holding the
+    rest of the mass; the edited distribution is coarse-grained the same way. This is the exact KL
+    between the two coarse-grained distributions (a lower bound of the full KL, equal to it when
+    k = vocab size), and needs ``k`` floats per position instead of the whole vocabulary. Training
+    computes the same quantity fused with the output layer (:func:`lks.headloss.head_topk_kl`);
+    this plain form is its test oracle.
+
+    Args:
+        ref_logp: ``[n, k]`` reference log-probs of its top-k tokens.
+        ref_idx: ``[n, k]`` those token ids.
+        ref_tail: ``[n]`` log of the reference's remaining mass (``-inf`` when k = vocab).
+        logits: ``[n, vocab]`` edited logits.
+    """
+    logits = logits.float()
+    # no [n, vocab] log-softmax: one logsumexp over the vocabulary, the rest on [n, k]. The edited
+    # tail is log(1 - top-k mass), via expm1 (accurate until the tail falls below ~1e-6, where its
+    # KL term is negligible), floored at 1e-12 so that a vanishing tail stays finite
+    lq_top = logits.gather(-1, ref_idx) - logits.logsumexp(-1, keepdim=True)
+    lq_tail = torch.log((-torch.expm1(lq_top.logsumexp(-1))).clamp_min(1e-12))
+    p_top, p_tail = ref_logp.exp(), ref_tail.exp()
+    kl = (p_top * (ref_logp - lq_top)).sum(-1)
+    kl = kl + torch.where(p_tail > 0, p_tail * (ref_tail - lq_tail), torch.zeros_like(p_tail))
+    return kl.mean()

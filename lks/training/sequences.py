@@ -1,0 +1,191 @@
+"""The training set of a fit: tokenised edit, paraphrase and locality sequences.
+
+Each edit contributes its prompt followed by the new target (NLL on the target tokens), prompts
+that rephrase it (same NLL: the equivalence loss) and prompts about the same subject with other
+relations (KL against the unedited model: the locality loss). With ``TrainConfig.w_after`` the
+edit and paraphrase sequences are extended by the unedited model's own continuation, and the KL
+also covers those positions (so free generation does not repeat the new object).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lks.config import TrainConfig
+from lks.data import (
+    EditRecord,
+    EditSet,
+    find_subject,
+    paraphrase_templates,
+    subject_token_index,
+    training_locality_prompts,
+    training_paraphrase_prompts,
+)
+from lks.models import model_device
+from lks.scope import ScopeIndicator
+
+KIND_EDIT, KIND_EQUIV, KIND_LOC = 0, 1, 2
+
+
+@dataclass
+class Seq:
+    """One tokenised training sequence."""
+
+    subject: int            # subject id (row of the feature table)
+    kind: int               # KIND_EDIT | KIND_EQUIV | KIND_LOC
+    ids: list[int]          # token ids, incl. special tokens the tokenizer adds
+    subj_pos: int           # index of the subject's last token
+    loss_pos: list[int]     # positions whose logits are read (predicting the next token): the first
+                            # len(loss_tgt) are NLL rows, the rest KL rows against the unedited model
+                            # (locality sequences: all; edit/paraphrase ones: after the target)
+    loss_tgt: list[int]     # target token ids for NLL (empty for locality sequences)
+
+
+def build_sequences(model: nn.Module, tokenizer: Any, scope: ScopeIndicator, edits: EditSet, cfg: TrainConfig
+                    ) -> tuple[list[list[int]], list[Seq], dict[str, int]]:
+    """Tokenise the training sequences of ``edits``: ``(per-edit sequence ids, sequences, skipped counts)``."""
+    texts: list[tuple[str, int, int, str, str]] = []  # (text, edit idx, kind, prompt, subject)
+    skipped = {"equiv_without_subject": 0}
+    bank = paraphrase_bank(cfg)  # parsed once per fit
+    for i, r in enumerate(edits):
+        texts.append((f"{r.prompt} {r.target}", i, KIND_EDIT, r.prompt, r.subject))
+        for q in equiv_prompts(r, cfg, bank):
+            texts.append((f"{q} {r.target}", i, KIND_EQUIV, q, r.subject))
+        if cfg.w_loc > 0:
+            for p in training_locality_prompts(r, cfg.loc_per_subject, cfg.seed, cfg.loc_templates):
+                texts.append((p, i, KIND_LOC, p, r.subject))
+    per_edit: list[list[int]] = [[] for _ in edits]
+    seqs: list[Seq] = []
+    bs = 256
+    for start in range(0, len(texts), bs):
+        chunk = texts[start:start + bs]
+        enc = tokenizer([t[0] for t in chunk], return_offsets_mapping=True, add_special_tokens=True)
+        for (_text, i, kind, prompt, subject), ids, offs in zip(chunk, enc["input_ids"], enc["offset_mapping"]):
+            span = subject_span(scope, prompt, subject)
+            if span is None:  # a paraphrase that does not name the subject: LKS cannot route it
+                skipped["equiv_without_subject"] += 1
+                continue
+            pos = subject_token_index(offs, *span)
+            if kind == KIND_LOC:
+                # KL at the next-token position only, or at every position from the subject's
+                # last token on (all the predictions the edited block can influence)
+                first = len(ids) - 1 if cfg.loc_positions == "last" else pos
+                loss_pos, loss_tgt = list(range(first, len(ids))), []
+            else:
+                # target tokens start at the prompt's length; tokenised TOGETHER with the prompt
+                # because byte-level BPE gives " English" and "English" different ids
+                tgt_end = len(prompt) + 1 + len(edits[i].target)
+                tgt = [j for j, (s, e) in enumerate(offs) if len(prompt) <= s < tgt_end and e > s]
+                if not tgt or tgt[0] == 0:
+                    continue
+                loss_pos, loss_tgt = [j - 1 for j in tgt], [ids[j] for j in tgt]
+                if cfg.w_after > 0:  # KL rows: what follows the target (see TrainConfig.after_tokens)
+                    loss_pos += list(range(tgt[-1], tgt[-1] + cfg.after_tokens))
+            per_edit[i].append(len(seqs))
+            seqs.append(Seq(scope.index_of(subject), kind, list(ids), pos, loss_pos, loss_tgt))
+    if cfg.w_after > 0 and cfg.after_tokens > 1:
+        continue_unedited(model, tokenizer, seqs, cfg.after_tokens - 1)
+    return per_edit, seqs, skipped
+
+
+@torch.no_grad()
+def continue_unedited(model: nn.Module, tokenizer: Any, seqs: list[Seq], n: int, batch_size: int = 64) -> None:
+    """Extend every edit and paraphrase sequence ("prompt target") by the unedited model's own
+    greedy continuation of up to ``n`` tokens (cut after an end-of-sequence token), and keep the
+    KL rows that fall inside the extended sequence: after the target, the edited model should
+    continue as the unedited model continues the same text."""
+    todo = [j for j, q in enumerate(seqs) if q.kind != KIND_LOC]
+    eos = tokenizer.eos_token_id
+    dev = model_device(model)
+    for b in range(0, len(todo), batch_size):
+        idx = todo[b:b + batch_size]
+        ids, mask = pad([seqs[j].ids for j in idx], tokenizer.pad_token_id, dev, left=True)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)[:, ids.shape[1]:].tolist()
+        for r, j in enumerate(idx):
+            new = out[r]
+            if eos is not None and eos in new:
+                new = new[:new.index(eos) + 1]
+            q = seqs[j]
+            q.ids = q.ids + new
+            q.loss_pos = q.loss_pos[:len(q.loss_tgt)] + [p for p in q.loss_pos[len(q.loss_tgt):] if p < len(q.ids)]
+
+
+def subject_span(scope: ScopeIndicator | None, prompt: str, subject: str) -> tuple[int, int] | None:
+    """Character span of ``subject`` in ``prompt``: exact, else the scope indicator's match of it."""
+    try:
+        return find_subject(prompt, subject)
+    except ValueError:
+        m = scope.find(prompt) if scope is not None else None
+        return (m.start, m.end) if m is not None and m.subject == subject else None
+
+
+def paraphrase_bank(cfg: TrainConfig) -> dict[str, dict[str, int]] | None:
+    """The paraphrase bank when ``cfg`` trains bank paraphrases, else None."""
+    return paraphrase_templates() if cfg.para_per_edit and cfg.w_equiv > 0 else None
+
+
+def equiv_prompts(record: EditRecord, cfg: TrainConfig, bank: dict[str, dict[str, int]] | None) -> list[str]:
+    """The equivalence loss's prompts of an edit: its own first rephrase (unless held out), then
+    phrasings of its relation from the bank; none when the loss is off."""
+    if cfg.w_equiv <= 0:
+        return []
+    return [*record.rephrases[:int(cfg.train_rephrase)], *training_paraphrase_prompts(record, cfg.para_per_edit, bank)]
+
+
+def length_batches(per_edit: list[list[int]], seqs: list[Seq], batch_size: int) -> list[list[int]]:
+    """Group edits of similar length into batches (less padding); each batch lists sequence ids."""
+    order = sorted((i for i in range(len(per_edit)) if per_edit[i]),
+                   key=lambda i: max(len(seqs[j].ids) for j in per_edit[i]))
+    return [[j for i in order[b:b + batch_size] for j in per_edit[i]] for b in range(0, len(order), batch_size)]
+
+
+def pad(seqs: Sequence[list[int]], pad_id: int, device, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (``left``: left-pad, for generation) token lists: ``(ids [b, T], attention_mask [b, T])``."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        span = slice(T - len(s), T) if left else slice(0, len(s))
+        ids[i, span] = torch.tensor(s)
+        mask[i, span] = 1
+    return ids.to(device), mask.to(device)
+
+
+def starts(lengths: Iterable[int]) -> tuple[list[int], int]:
+    """Start offsets of consecutive blocks of the given lengths in one packed tensor, and the total."""
+    out, total = [], 0
+    for n in lengths:
+        out.append(total)
+        total += n
+    return out, total
+
+
+def drop_conflicts(edits: EditSet) -> tuple[EditSet, list[int]]:
+    """Keep the first edit of each (subject, prompt) and drop later ones with another target."""
+    seen: dict[tuple[str, str], str] = {}
+    keep, dropped = [], []
+    for i, r in enumerate(edits):
+        key = (r.subject, r.prompt.strip().lower())
+        if key in seen and seen[key] != r.target:
+            dropped.append(i)
+            continue
+        seen.setdefault(key, r.target)
+        keep.append(r)
+    return EditSet(keep, name=edits.name), dropped
+
+
+def check_conflicts(edits: EditSet) -> None:
+    """Rule: the same subject with the same prompt and a different target is a conflict."""
+    seen: dict[tuple[str, str], str] = {}
+    for r in edits:
+        key = (r.subject, r.prompt.strip().lower())
+        if key in seen and seen[key] != r.target:
+            raise ValueError(f"conflicting edits for subject {r.subject!r}: prompt {r.prompt!r} has targets "
+                             f"{seen[key]!r} and {r.target!r}; keep one of them")
+        seen[key] = r.target

@@ -1,0 +1,121 @@
+"""One fit of an editor's generator: the training set, its cache, the step and the epochs."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+from lks.config import TrainConfig
+from lks.data import EditSet
+from lks.training.fastpath import Cache
+from lks.training.gate import GateExamples, gate_examples, warm_gate
+from lks.training.losses import batch_loss
+from lks.training.precision import upper_pass
+from lks.training.sequences import Seq, build_sequences, length_batches
+from lks.utils import release_memory
+
+if TYPE_CHECKING:
+    from lks.editor import LKSEditor
+
+LOSS_NAMES = ("total", "edit", "equiv", "loc", "after", "gate")
+
+
+class Trainer:
+    """Trains ``editor.generator`` on an edit set with the fast path (the base model stays frozen).
+
+    ``prepare`` builds everything a step reads (sequences, gate examples, the layer-L cache and
+    the reference distributions); ``batch_loss`` is one step's losses; ``train`` runs the epochs
+    with optional per-epoch checkpoints and resume. :meth:`lks.LKSEditor.fit` is
+    ``Trainer(editor, cfg).prepare(edits).train(...)``; tests and benchmarks use the parts.
+    """
+
+    def __init__(self, editor: LKSEditor, cfg: TrainConfig) -> None:
+        self.editor = editor
+        self.cfg = cfg
+        self.fast = editor.fast
+        self.per_edit: list[list[int]] = []   # sequence ids of each edit
+        self.seqs: list[Seq] = []
+        self.skipped: dict[str, int] = {}     # training prompts left out, by reason
+        self.cache: Cache | None = None
+        self.gate: GateExamples | None = None  # the gated generator's extra examples
+        self.precompute_seconds = 0.0
+
+    def prepare(self, edits: EditSet, batch_size: int = 256, progress: bool = True) -> Trainer:
+        """Scope and features of ``edits`` on the editor, then the training set and its cache."""
+        t0 = time.perf_counter()
+        ed, cfg = self.editor, self.cfg
+        ed._set_edits(edits, cfg)
+        assert ed.scope is not None
+        self.per_edit, self.seqs, self.skipped = build_sequences(ed.model, ed.tokenizer, ed.scope, edits, cfg)
+        if ed.generator.has_gate:
+            self.gate = gate_examples(self.fast, ed.scope, edits, self.seqs, cfg)
+        self.cache = self.fast.precompute(self.seqs, cfg, batch_size, progress)
+        release_memory()  # the precompute's transient tensors: return them to the OS before training
+        self.precompute_seconds = time.perf_counter() - t0
+        return self
+
+    def batch_loss(self, batch: list[int]) -> dict[str, torch.Tensor]:
+        """Losses of one step on the sequence ids ``batch`` (see :func:`lks.training.losses.batch_loss`)."""
+        assert self.cache is not None, "call prepare(edits) first"
+        ed = self.editor
+        return batch_loss(self.fast, ed.generator, ed.features, self.cache, self.seqs, batch, self.cfg, self.gate)
+
+    def train(self, checkpoint_dir: str | os.PathLike | None = None, resume: bool = True,
+              progress: bool = True) -> list[dict[str, float]]:
+        """The epochs (AdamW, linear decay, early stopping on the training loss); returns the history."""
+        from lks.checkpoint import resume_state, save_editor
+
+        assert self.cache is not None, "call prepare(edits) first"
+        ed, cfg = self.editor, self.cfg
+        batches = length_batches(self.per_edit, self.seqs, cfg.batch_size)
+        steps_total = len(batches) * cfg.epochs
+        opt = torch.optim.AdamW(ed.generator.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / max(1, steps_total)))
+        ed.history, start_epoch, best, bad = [], 0, math.inf, 0
+        if checkpoint_dir is not None and resume:
+            state = resume_state(ed, checkpoint_dir, opt, sched)
+            if state is not None:
+                start_epoch, best, bad = state["epoch"], state["best"], state["bad_epochs"]
+        if start_epoch == 0 and self.gate is not None and cfg.gate_steps > 0:
+            warm_gate(ed.generator, ed.features, self.cache, self.seqs, self.gate, cfg)
+        rng = random.Random(cfg.seed)
+        for _ in range(start_epoch):  # replay the shuffles of finished epochs: same order as uninterrupted
+            rng.shuffle(batches)
+        ed.generator.train()
+        with upper_pass(self.fast, cfg.precision):
+            for epoch in range(start_epoch, cfg.epochs):
+                if bad >= cfg.patience:
+                    break
+                te = time.perf_counter()
+                rng.shuffle(batches)
+                sums = dict.fromkeys(LOSS_NAMES, 0.0)
+                bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+                for batch in bar:
+                    losses = self.batch_loss(batch)
+                    opt.zero_grad(set_to_none=True)
+                    losses["total"].backward()
+                    opt.step()
+                    sched.step()
+                    for k in sums:
+                        sums[k] += float(losses[k].detach())
+                    bar.set_postfix(loss=f"{float(losses['total'].detach()):.3f}")
+                n = max(1, len(batches))
+                rec = {"epoch": epoch + 1, "loss": sums["total"] / n,
+                       **{k: sums[k] / n for k in LOSS_NAMES if k != "total"},
+                       "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - te}
+                ed.history.append(rec)
+                if rec["loss"] < best - cfg.min_delta:
+                    best, bad = rec["loss"], 0
+                else:
+                    bad += 1
+                if checkpoint_dir is not None:
+                    save_editor(ed, checkpoint_dir, train_state={"epoch": epoch + 1, "best": best, "bad_epochs": bad},
+                                optimizer=opt, scheduler=sched)
+        ed.generator.eval()
+        return ed.history

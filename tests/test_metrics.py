@@ -1,0 +1,36 @@
+"""The tidy view of an evaluation (lks.metrics.tidy / EditEvaluation.table), on hand-made results."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from lks.metrics import TIDY_COLUMNS, EditEvaluation
+
+
+def test_tidy_rows_by_hand():
+    per_edit = pd.DataFrame({"reliability": [1.0, 0.0, 1.0, 1.0], "reliability_base": [0.0, 0.0, 0.0, 0.0],
+                             "generality": [float("nan")] * 4,  # zsRE-like: no rephrases[1:]
+                             "generality_seen": [0.5, 1.0, float("nan"), 0.0], "locality": [1.0, 1.0, 1.0, 1.0]})
+    summary = {"generality_split": "held-out", "generality_seen_split": "held-out",
+               "repeat_rate": 0.25, "repeat_rate_base": 0.0, "repeat_rate_n": 8, "repeat_rate_forced_base": 0.125}
+    ev = EditEvaluation(per_edit, summary)
+    df, s = ev  # unpacks as (per_edit, summary)
+    assert df is per_edit and s is summary
+    t = ev.table
+    assert list(t.columns) == TIDY_COLUMNS
+    row = t[(t.metric == "reliability") & (t.model == "edited")].iloc[0]
+    # mean 0.75 of [1, 0, 1, 1]; sample std 0.5; half-width 1.96 * 0.5 / 2 = 0.49
+    assert (row.value, row.n, row.split, row.prompt_kind) == (0.75, 4, "seen", "edit prompt")
+    assert row.ci_low == pytest.approx(0.26) and row.ci_high == 1.0  # clipped at 1
+    base = t[(t.metric == "reliability") & (t.model == "unedited")].iloc[0]
+    assert (base.value, base.ci_low, base.ci_high) == (0.0, 0.0, 0.0)
+    # no held-out rephrase: generality is rephrases[0]'s, 3 edits with one, mean 0.5
+    gen = t[(t.metric == "generality") & (t.model == "edited")].iloc[0]
+    assert (gen.value, gen.n, gen.split) == (0.5, 3, "held-out")
+    assert set(t[t.metric == "repeat_rate"].model) == {"edited", "unedited", "unedited, given the new object"}
+    forced = t[t.model == "unedited, given the new object"].iloc[0]
+    assert forced.value == 0.125 and forced.n == 8 and math.isnan(forced.ci_low)
+    assert "specificity" not in set(t.metric)  # no such column: no row
