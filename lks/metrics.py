@@ -200,78 +200,92 @@ def evaluate_edits(editor, edits: EditSet, *, batch_size: int = 32, fluency_n: i
         An :class:`EditEvaluation`, which unpacks as ``(per_edit, summary)``: one row per edit, a
         dict of means plus counts and splits, and ``.table``, the tidy view (:func:`tidy`).
     """
-    model, tok = editor.model, editor.tokenizer
     recs = list(edits)
-    ctx = editor.applied
-
-    def score(pairs: list[tuple[int, str, str]], edited: bool) -> dict[int, list[dict]]:
-        res = teacher_forced(model, tok, [p for _, p, _ in pairs], [t for _, _, t in pairs],
-                             batch_size=batch_size, context=ctx if edited else None)
-        grouped: dict[int, list[dict]] = {}
-        for (i, _, _), r in zip(pairs, res):
-            grouped.setdefault(i, []).append(r)
-        return grouped
-
-    # held-out paraphrases: rephrases[1:] (training may use rephrases[0], never the others)
-    rel_pairs = [(i, r.prompt, r.target) for i, r in enumerate(recs)]
-    old_pairs = [(i, r.prompt, r.ground_truth) for i, r in enumerate(recs) if r.ground_truth]
-    gen_pairs = [(i, p, r.target) for i, r in enumerate(recs) for p in r.rephrases[1:]]
-    gen_old = [(i, p, r.ground_truth) for i, r in enumerate(recs) if r.ground_truth for p in r.rephrases[1:]]
-    seen_pairs = [(i, r.rephrases[0], r.target) for i, r in enumerate(recs) if r.rephrases]
-    loc_pairs = [(i, p, a) for i, r in enumerate(recs) for p, a in r.locality]
-    nb_pairs = [(i, p, a) for i, r in enumerate(recs) for p, a in r.neighborhood]
-
-    ed = {name: score(pairs, True) for name, pairs in
-          [("rel", rel_pairs), ("old", old_pairs), ("gen", gen_pairs), ("gen_old", gen_old), ("seen", seen_pairs),
-           ("loc", loc_pairs), ("nb", nb_pairs)]}
-    base = {name: score(pairs, False) for name, pairs in
-            [("rel", rel_pairs), ("gen", gen_pairs), ("seen", seen_pairs), ("loc", loc_pairs), ("nb", nb_pairs)]}
-
+    pairs = _prompt_pairs(recs)
+    ed = {name: _score(editor, pairs[name], True, batch_size) for name in pairs}
+    base = {name: _score(editor, pairs[name], False, batch_size) for name in ("rel", "gen", "seen", "loc", "nb")}
     bank = paraphrase_templates()
-    gen_by: dict[int, list[tuple[int, str, str]]] = {}
-    for pair in gen_pairs:
-        gen_by.setdefault(pair[0], []).append(pair)
+    df = pd.DataFrame([_edit_row(i, r, ed, base, bank) for i, r in enumerate(recs)])
+    summary = _summarize(df, _rephrase0_held_out(editor))
+    summary["n_edits"] = len(recs)
+    summary.update(scope_diagnostics(editor, edits))
+    if fluency_n > 0:
+        summary.update(generation_metrics(editor, EditSet(recs[:fluency_n]), max_new_tokens=fluency_tokens)[1])
+    return EditEvaluation(df, summary)
 
-    def mean(xs: list[float]) -> float:
-        xs = [x for x in xs if not math.isnan(x)]
-        return float(np.mean(xs)) if xs else float("nan")
 
-    rows = []
-    for i, r in enumerate(recs):
-        row: dict[str, Any] = {"case_id": r.case_id, "subject": r.subject}
-        row["reliability"] = ed["rel"][i][0]["acc"]
-        row["reliability_base"] = base["rel"][i][0]["acc"]
-        row["generality"] = mean([x["acc"] for x in ed["gen"].get(i, [])])
-        row["generality_base"] = mean([x["acc"] for x in base["gen"].get(i, [])])
-        held = [p for _, p, _ in gen_by.get(i, [])]  # this edit's held-out rephrases, in scoring order
-        # those whose phrasing is nowhere in the paraphrase bank, so no bank prompt
-        # (TrainConfig.para_per_edit) has that phrasing, for this subject or another
-        row["generality_new_phrasing"] = mean([x["acc"] for p, x in zip(held, ed["gen"].get(i, []))
+Pairs = list[tuple[int, str, str]]  # (edit index, prompt, answer)
+
+
+def _prompt_pairs(recs: list) -> dict[str, Pairs]:
+    """The teacher-forced prompts of an evaluation, by kind. Held-out paraphrases are
+    ``rephrases[1:]`` (training may use ``rephrases[0]``, never the others)."""
+    return {
+        "rel": [(i, r.prompt, r.target) for i, r in enumerate(recs)],
+        "old": [(i, r.prompt, r.ground_truth) for i, r in enumerate(recs) if r.ground_truth],
+        "gen": [(i, p, r.target) for i, r in enumerate(recs) for p in r.rephrases[1:]],
+        "gen_old": [(i, p, r.ground_truth) for i, r in enumerate(recs) if r.ground_truth for p in r.rephrases[1:]],
+        "seen": [(i, r.rephrases[0], r.target) for i, r in enumerate(recs) if r.rephrases],
+        "loc": [(i, p, a) for i, r in enumerate(recs) for p, a in r.locality],
+        "nb": [(i, p, a) for i, r in enumerate(recs) for p, a in r.neighborhood],
+    }
+
+
+def _score(editor, pairs: Pairs, edited: bool, batch_size: int) -> dict[int, list[dict]]:
+    """:func:`teacher_forced` results of ``pairs`` (through ``editor.applied`` when ``edited``), by edit."""
+    res = teacher_forced(editor.model, editor.tokenizer, [p for _, p, _ in pairs], [t for _, _, t in pairs],
+                         batch_size=batch_size, context=editor.applied if edited else None)
+    grouped: dict[int, list[dict]] = {}
+    for (i, _, _), r in zip(pairs, res):
+        grouped.setdefault(i, []).append(r)
+    return grouped
+
+
+def _nanmean(xs: list[float]) -> float:
+    xs = [x for x in xs if not math.isnan(x)]
+    return float(np.mean(xs)) if xs else float("nan")
+
+
+def _edit_row(i: int, r, ed: dict[str, dict[int, list[dict]]], base: dict[str, dict[int, list[dict]]],
+              bank: dict) -> dict[str, Any]:
+    """One edit's per-edit metrics from the scored prompts (``ed``: edited model, ``base``: unedited)."""
+    row: dict[str, Any] = {"case_id": r.case_id, "subject": r.subject}
+    row["reliability"] = ed["rel"][i][0]["acc"]
+    row["reliability_base"] = base["rel"][i][0]["acc"]
+    gen, gen_base = ed["gen"].get(i, []), base["gen"].get(i, [])
+    row["generality"] = _nanmean([x["acc"] for x in gen])
+    row["generality_base"] = _nanmean([x["acc"] for x in gen_base])
+    held = r.rephrases[1:]  # this edit's held-out rephrases, in scoring order
+    # those whose phrasing is nowhere in the paraphrase bank, so no bank prompt
+    # (TrainConfig.para_per_edit) has that phrasing, for this subject or another
+    row["generality_new_phrasing"] = _nanmean([x["acc"] for p, x in zip(held, gen)
                                                if subject_template(p, r.subject) not in bank])
-        # by the form of the held-out rephrase (lks.data.rephrase_form): ROME's paraphrase prompts
-        # reword the edited relation; its generation prompts often ask another attribute
-        forms = [_form(p, r.subject) for p in held]
-        for form in ("paraphrase", "generation"):
-            for key, res in ((f"generality_{form}_form", ed), (f"generality_{form}_form_base", base)):
-                row[key] = mean([x["acc"] for f, x in zip(forms, res["gen"].get(i, [])) if f == form])
-        row["generality_seen"] = mean([x["acc"] for x in ed["seen"].get(i, [])])
-        # rephrases[0] whose phrasing is nowhere in the paraphrase bank (meaningful when it is held out)
-        row["generality_seen_new_phrasing"] = mean([x["acc"] for x in ed["seen"].get(i, [])
+    # by the form of the held-out rephrase (lks.data.rephrase_form): ROME's paraphrase prompts
+    # reword the edited relation; its generation prompts often ask another attribute
+    forms = [_form(p, r.subject) for p in held]
+    for form in ("paraphrase", "generation"):
+        row[f"generality_{form}_form"] = _nanmean([x["acc"] for f, x in zip(forms, gen) if f == form])
+        row[f"generality_{form}_form_base"] = _nanmean([x["acc"] for f, x in zip(forms, gen_base) if f == form])
+    seen = ed["seen"].get(i, [])
+    row["generality_seen"] = _nanmean([x["acc"] for x in seen])
+    # rephrases[0] whose phrasing is nowhere in the paraphrase bank (meaningful when it is held out)
+    row["generality_seen_new_phrasing"] = _nanmean([x["acc"] for x in seen
                                                     if subject_template(r.rephrases[0], r.subject) not in bank])
-        row["generality_seen_base"] = mean([x["acc"] for x in base["seen"].get(i, [])])
-        row["locality"] = mean([_agreement(a["pred"], b["pred"]) for a, b in zip(ed["loc"].get(i, []), base["loc"].get(i, []))])
-        row["locality_acc"] = mean([x["acc"] for x in ed["loc"].get(i, [])])
-        row["locality_acc_base"] = mean([x["acc"] for x in base["loc"].get(i, [])])
-        row["specificity"] = mean([_agreement(a["pred"], b["pred"]) for a, b in zip(ed["nb"].get(i, []), base["nb"].get(i, []))])
-        row["specificity_acc"] = mean([x["acc"] for x in ed["nb"].get(i, [])])
-        row["specificity_acc_base"] = mean([x["acc"] for x in base["nb"].get(i, [])])
-        if i in ed["old"]:
-            row["efficacy"] = float(ed["rel"][i][0]["logprob"] > ed["old"][i][0]["logprob"])
-            if i in ed["gen_old"]:
-                row["paraphrase_success"] = mean([float(a["logprob"] > b["logprob"]) for a, b in zip(ed["gen"][i], ed["gen_old"][i])])
-        rows.append(row)
-    df = pd.DataFrame(rows)
+    row["generality_seen_base"] = _nanmean([x["acc"] for x in base["seen"].get(i, [])])
+    for name, key in (("locality", "loc"), ("specificity", "nb")):
+        edited, unedited = ed[key].get(i, []), base[key].get(i, [])
+        row[name] = _nanmean([_agreement(a["pred"], b["pred"]) for a, b in zip(edited, unedited)])
+        row[f"{name}_acc"] = _nanmean([x["acc"] for x in edited])
+        row[f"{name}_acc_base"] = _nanmean([x["acc"] for x in unedited])
+    if i in ed["old"]:
+        row["efficacy"] = float(ed["rel"][i][0]["logprob"] > ed["old"][i][0]["logprob"])
+        if i in ed["gen_old"]:
+            row["paraphrase_success"] = _nanmean([float(a["logprob"] > b["logprob"]) for a, b in zip(gen, ed["gen_old"][i])])
+    return row
 
+
+def _summarize(df: pd.DataFrame, rephrase0_held_out: bool) -> dict[str, Any]:
+    """Means of the per-edit columns, with counts (``*_n``), splits (``*_split``) and the score."""
     summary: dict[str, Any] = {c: float(df[c].mean()) for c in df.columns if c not in ("case_id", "subject")}
     summary["generality_n"] = int(df["generality"].notna().sum())  # edits with a held-out paraphrase
     summary["generality_split"] = "held-out"
@@ -279,16 +293,12 @@ def evaluate_edits(editor, edits: EditSet, *, batch_size: int = 32, fluency_n: i
     summary["generality_seen_new_phrasing_n"] = int(df["generality_seen_new_phrasing"].notna().sum())
     for form in ("paraphrase", "generation"):
         summary[f"generality_{form}_form_n"] = int(df[f"generality_{form}_form"].notna().sum())
-    summary["generality_seen_split"] = "held-out" if _rephrase0_held_out(editor) else "seen"
+    summary["generality_seen_split"] = "held-out" if rephrase0_held_out else "seen"
     if summary["generality_n"] == 0:  # e.g. zsRE: one paraphrase per edit
         summary["generality"], summary["generality_base"] = summary["generality_seen"], summary["generality_seen_base"]
         summary["generality_split"] = summary["generality_seen_split"]
     summary["score"] = harmonic_mean([summary["reliability"], summary["generality"], summary["locality"]])
-    summary["n_edits"] = len(recs)
-    summary.update(scope_diagnostics(editor, edits))
-    if fluency_n > 0:
-        summary.update(generation_metrics(editor, EditSet(recs[:fluency_n]), max_new_tokens=fluency_tokens)[1])
-    return EditEvaluation(df, summary)
+    return summary
 
 
 # --------------------------------------------------------------------------------------------
