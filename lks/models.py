@@ -74,15 +74,25 @@ def _prepare_tokenizer(tok, padding_side: str):
 
 def _embedded_source(spec: ModelSpec) -> str:
     """Directory of the converted embedded model, converting the GGUF file on first use."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     gguf = embedded_model_path(spec)
-    target = cache_dir() / "models" / f"{spec.name}-{gguf.stat().st_size}"
+    # "-tf5": converted by transformers 5, whose tokenizer conversion differs from 4.x's (below)
+    target = cache_dir() / "models" / f"{spec.name}-{gguf.stat().st_size}-tf5"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return str(target)
     kw = {"gguf_file": gguf.name}
     tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    # transformers 4 converted this tokenizer as a Llama one, which prepends the BOS token
+    # (<|im_start|>) although the file says add_bos_token=False; every recorded result and saved
+    # edit was computed with it, so it is kept (transformers 5 follows the file: no BOS, and
+    # EOS/pad <|im_end|> where 4.x had <|im_start|>; generation stops at <|im_end|> in both)
+    tok.add_bos_token = True
+    # transformers 5 loads GGUF through a quantizer that may keep weights packed in GGUF blocks
+    # and then refuses to save the model; dequantize=True asks for plain dense layers (what
+    # hooks and bfloat16 casts need) and a model without quantization config, which saves
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32,
+                                                 quantization_config=GgufConfig(dequantize=True), **kw)
     with atomic_dir(target) as tmp:  # a crash mid-conversion leaves no half-written cache
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
