@@ -9,9 +9,9 @@
   returns what to replace; this is how ``LKSEditor.applied`` edits any ``model(...)`` or
   ``model.generate(...)`` call).
 
-Decoder layers return a tensor (Llama-family in transformers >= 4.54) or a tuple whose first
-element is the hidden state (older versions, other families); both are handled and the output
-type is preserved. During cached decoding (``past_key_values`` already holds tokens and the call
+Decoder layers return a tensor (Llama-family in transformers 5) or a tuple whose first element
+is the hidden state (some other families); both are handled and the output type is preserved.
+During cached decoding (the model's ``cache`` already holds tokens and the call
 feeds only new tokens), replacement is skipped: the edited state at the subject token was written
 into the KV cache during the prefill and must not be applied again at a wrong position.
 All hooks are removed on exit, also when the block raises.
@@ -62,14 +62,8 @@ Replacer = Callable[[torch.Tensor | None, torch.Tensor | None], Replacement | No
 
 
 def _past_length(past: Any) -> int:
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    try:  # legacy tuple-of-tuples cache: [layer][k|v] -> [batch, heads, seq, dim]
-        return int(past[0][0].shape[-2])
-    except (IndexError, TypeError, AttributeError):
-        return 0
+    """Tokens a transformers ``Cache`` already holds (0 without one)."""
+    return 0 if past is None else int(past.get_seq_length())
 
 
 class LayerHooks:
@@ -157,7 +151,9 @@ class LayerHooks:
     def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.calls += 1
         input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
-        past = kwargs.get("past_key_values")
+        # the model's cache: ``cache=`` (what generate passes in transformers >= 5.2x) or its
+        # deprecated name ``past_key_values=`` (earlier 5.x, and callers not yet renamed)
+        past = kwargs.get("cache", kwargs.get("past_key_values"))
         self._decode_step = _past_length(past) > 0
         self._pending = None
         if self.replacer is not None and not self._decode_step:

@@ -56,14 +56,6 @@ def embedded_model_path(spec: ModelSpec | None = None) -> Path:
     )
 
 
-def _dtype_kwarg(dtype: torch.dtype) -> dict:
-    """transformers renamed ``torch_dtype`` to ``dtype`` in 4.56 (the old name warns)."""
-    import transformers
-
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
-
-
 def _freeze(model: nn.Module) -> nn.Module:
     model.eval()
     for p in model.parameters():
@@ -82,15 +74,25 @@ def _prepare_tokenizer(tok, padding_side: str):
 
 def _embedded_source(spec: ModelSpec) -> str:
     """Directory of the converted embedded model, converting the GGUF file on first use."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     gguf = embedded_model_path(spec)
-    target = cache_dir() / "models" / f"{spec.name}-{gguf.stat().st_size}"
+    # "-tf5": converted by transformers 5, whose tokenizer conversion differs from 4.x's (below)
+    target = cache_dir() / "models" / f"{spec.name}-{gguf.stat().st_size}-tf5"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return str(target)
     kw = {"gguf_file": gguf.name}
     tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, **_dtype_kwarg(torch.float32), **kw)
+    # transformers 4 converted this tokenizer as a Llama one, which prepends the BOS token
+    # (<|im_start|>) although the file says add_bos_token=False; every recorded result and saved
+    # edit was computed with it, so it is kept (transformers 5 follows the file: no BOS, and
+    # EOS/pad <|im_end|> where 4.x had <|im_start|>; generation stops at <|im_end|> in both)
+    tok.add_bos_token = True
+    # transformers 5 loads GGUF through a quantizer that may keep weights packed in GGUF blocks
+    # and then refuses to save the model; dequantize=True asks for plain dense layers (what
+    # hooks and bfloat16 casts need) and a model without quantization config, which saves
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32,
+                                                 quantization_config=GgufConfig(dequantize=True), **kw)
     with atomic_dir(target) as tmp:  # a crash mid-conversion leaves no half-written cache
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
@@ -127,7 +129,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype or (spec.dtype if spec else "float32"))
     dev = resolve_device(device)
     tok = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, **_dtype_kwarg(torch_dtype))
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
     model.to(dev)
     _freeze(model)
     model.lks_name = spec.name if spec else str(name_or_path)
@@ -188,8 +190,8 @@ def model_device(model: nn.Module) -> torch.device:
 class _PassThrough(nn.Module):
     """Stands in for a skipped decoder layer: returns a stored hidden state, or its input.
 
-    ``as_tuple`` mirrors the real layers' output type (a tensor in transformers >= 4.54 for
-    Llama, a 1-tuple before and for other families) so the model's loop works unchanged.
+    ``as_tuple`` mirrors the real layers' output type (a tensor for Llama-family layers in
+    transformers 5, a tuple for some other families) so the model's loop works unchanged.
     """
 
     def __init__(self, replacement: torch.Tensor | None, as_tuple: bool) -> None:
@@ -293,16 +295,12 @@ def lower_layers_dtype(model: nn.Module, layer: int, dtype: torch.dtype,
 
 
 def past_key_value(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values ``[batch, kv_heads, seq, head_dim]`` that a transformers cache holds for ``layer``
-    (``Cache.layers[i]`` since 4.56, ``key_cache[i]`` / ``value_cache[i]`` before)."""
-    if hasattr(cache, "layers"):
-        return cache.layers[layer].keys, cache.layers[layer].values
-    return cache.key_cache[layer], cache.value_cache[layer]
+    """Keys and values ``[batch, kv_heads, seq, head_dim]`` that a transformers ``Cache`` holds for ``layer``."""
+    return cache.layers[layer].keys, cache.layers[layer].values
 
 
 def make_past(kv: list[tuple[torch.Tensor, torch.Tensor]]):
     """A transformers ``DynamicCache`` holding ``kv[i] = (keys, values)`` for every decoder layer ``i``."""
     from transformers import DynamicCache
 
-    return DynamicCache.from_legacy_cache(tuple(kv)) if hasattr(DynamicCache, "from_legacy_cache") \
-        else DynamicCache(ddp_cache_data=kv)
+    return DynamicCache(ddp_cache_data=kv)

@@ -26,6 +26,22 @@ def test_embedded_model_knows_paris(smol):
     assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1]:])
 
 
+def test_embedded_tokenizer_and_weights_as_recorded(smol):
+    """The converted GGUF model: dense layers, no quantization config, and token ids as every recorded
+    result has them: one leading BOS (transformers 4.x's conversion added it; 5.x follows the file's
+    add_bos_token=False unless lks.models asks), EOS as the file says. Oracle: the GGUF metadata."""
+    from gguf import GGUFReader
+
+    model, tok = smol
+    fields = GGUFReader(str(lks.models.embedded_model_path())).fields
+    bos, eos = (int(fields[f"tokenizer.ggml.{k}_token_id"].contents()) for k in ("bos", "eos"))
+    ids = tok("The capital of France is")["input_ids"]
+    assert ids[0] == bos and bos not in ids[1:]
+    assert tok.eos_token_id == eos
+    assert getattr(model.config, "quantization_config", None) is None
+    assert all(type(m).__name__ == "Linear" for m in model.modules() if "Linear" in type(m).__name__)
+
+
 def test_swapping_a_subject_block_moves_the_answer(smol):
     """France's block (layer 12) in a prompt about Germany changes the next-token distribution,
     and leaves every position before the subject untouched."""

@@ -225,7 +225,7 @@ class FastPath:
             out = self.model.base_model(inputs_embeds=torch.zeros_like(h), attention_mask=mask, **kwargs)
         last = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         if kv_out is not None:
-            kv = [past_key_value(out.past_key_values, i) for i in range(L + 1, len(layers))]
+            kv = [past_key_value(out.cache, i) for i in range(L + 1, len(layers))]
             for row, j in enumerate(batch):
                 p = seqs[j].subj_pos  # [p, n_upper, 2, kv_heads, head_dim]
                 kv_out(j, torch.stack([torch.stack([k[row, :, :p], v[row, :, :p]]) for k, v in kv])
@@ -247,9 +247,10 @@ class FastPath:
         dummy = torch.zeros(len(first), n_kv, P, hd, dtype=dtype, device=dev)  # layers 0..L never read it
         past = make_past([(dummy, dummy)] * (self.layer + 1) + [(kv[i, 0], kv[i, 1]) for i in range(n_upper)])
         first_t = torch.tensor(first, device=dev)
-        return {"past_key_values": past, "use_cache": True,
-                "position_ids": first_t[:, None] + torch.arange(T, device=dev)[None, :],  # true positions
-                "cache_position": torch.arange(P, P + T, device=dev)}                     # slots after the prefix
+        # the suffix fills cache slots P..P+T-1 (the mask's query offset is the cache length P);
+        # position_ids give each row's true positions for the rotary embedding
+        return {"cache": past, "use_cache": True,
+                "position_ids": first_t[:, None] + torch.arange(T, device=dev)[None, :]}
 
     # ---- the output layer --------------------------------------------------------------------
     def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
