@@ -103,11 +103,11 @@ def warn(message: str) -> None:
     text = f"> **Warning** {message}"
     try:
         from IPython import get_ipython
-        from IPython.display import Markdown, display
+        from IPython.display import display
     except ImportError:  # pragma: no cover - IPython ships with the notebook extra
         get_ipython = None
     if get_ipython is not None and get_ipython() is not None:
-        display(Markdown(text))
+        display({"text/markdown": text, "text/plain": text}, raw=True)  # plain text for viewers without markdown
     else:
         print(text)
 
