@@ -1,186 +1,36 @@
 """General capability before and after editing, through EleutherAI's lm-evaluation-harness.
 
-The paper's second claim is that editing 10,000 facts leaves a model's general abilities intact.
-The harness does the evaluating: prompts, few-shot sampling, answer extraction and rolling
-log-likelihood are its own. This module only adds the glue:
-
-* task configs shipped in ``lks/tasks/*.yaml`` (each mirrors a harness task, named in its header)
-  pointed at the local files of the data directory, so nothing is fetched from the hub;
-* the loaded model wrapped in the harness's ``HFLM``, run inside ``editor.applied(model)`` so that
-  every request sees the edits, with the editor's routing counters per task;
-* paired statistics on the per-item output (``log_samples=True``): the same items are scored
-  unedited and edited, so accuracy changes get an exact McNemar test and perplexity changes a
-  paired bootstrap over documents.
-
-============  ============================  ===========================================
-task          harness task mirrored         metric(s)
-============  ============================  ===========================================
-gsm8k         gsm8k (5-shot, train shots)   exact_match (flexible-extract), strict_match
-sst2          sst2 (GLUE)                   acc
-rte           rte (GLUE)                    acc
-wikitext2     wikitext (rolling)            word_perplexity, byte_perplexity, bits_per_byte
-mmlu          mmlu_<subject> (dev shots)    acc (micro), acc_macro, acc per subject
-============  ============================  ===========================================
-
+The harness evaluates (prompts, few-shot sampling, answer extraction, rolling log-likelihood);
+this module is the glue: task configs in ``lks/tasks/*.yaml`` (each names the harness task it
+mirrors) pointed at the data directory's files; the loaded model wrapped in ``HFLM`` and run
+inside ``editor.applied(model)`` so every request sees the edits, with the editor's routing
+counters per task; and paired statistics on the per-item output (the same items scored unedited
+and edited): an exact McNemar test for accuracies, a paired bootstrap over documents for
+perplexities. Tasks: gsm8k (exact_match = flexible-extract, strict_match), sst2 and rte (acc),
+wikitext2 (word_perplexity, byte_perplexity, bits_per_byte), mmlu (acc, acc_macro, per subject).
 Importing the module has no side effects (the harness is imported when a task runs).
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import math
 import os
-import re
 import tempfile
 import time
-import zlib
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
-TASKS: tuple[str, ...] = ("gsm8k", "sst2", "rte", "wikitext2", "mmlu")
-TASK_DIR = Path(__file__).with_name("tasks")
+from lks.tasks import TASKS, data_root, item_samples, task_configs
+
 HIGHER_IS_BETTER = ("acc", "acc_macro", "exact_match", "strict_match")
 PERPLEXITY = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 COLUMNS = ["task", "metric", "value", "stderr", "ci_low", "ci_high", "n", "seconds", "routed", "rows_seen"]
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 GSM8K_FILTERS = {"flexible-extract": "exact_match", "strict-match": "strict_match"}  # harness filter -> our metric
-_WIKI_TITLE = re.compile(r"^ = [^=].* = $")
-
-
-# ------------------------------------------------------------------------------ configs and subsets
-
-def _root(data_dir: str | os.PathLike | None) -> Path:
-    from lks.data import data_dir as resolve  # explicit > $LKS_DATA_DIR > ~/.cache/lks/data
-
-    return Path(resolve(data_dir))
-
-
-def split_wikitext_documents(text: str) -> list[str]:
-    """Raw WikiText split into articles at top-level `` = Title = `` lines (joined: ``text`` again);
-    the harness's ``wikitext_document_level`` rows. Blank lines before the first title join it."""
-    docs: list[list[str]] = []
-    for line in text.splitlines(keepends=True):
-        if _WIKI_TITLE.match(line.rstrip("\n")) or not docs:
-            docs.append([])
-        docs[-1].append(line)
-    if len(docs) > 1 and not "".join(docs[0]).strip():
-        docs[1] = docs[0] + docs[1]
-        docs = docs[1:]
-    return ["".join(d) for d in docs]
-
-
-def _load_yaml(name: str, **fill: str) -> dict[str, Any]:
-    text = (TASK_DIR / f"{name}.yaml").read_text(encoding="utf-8")
-    for key, value in fill.items():
-        text = text.replace("{" + key + "}", value)
-    return yaml.safe_load(text)
-
-
-def _with_files(cfg: dict[str, Any], root: Path) -> dict[str, Any]:
-    """The config with its ``data_files`` made absolute; a missing file is a one-line error."""
-    files = {}
-    for split, rel in cfg["dataset_kwargs"]["data_files"].items():
-        path = Path(rel) if Path(rel).is_absolute() else root / rel
-        if not path.is_file():
-            raise FileNotFoundError(f"task {cfg['task']}: data file {path} not found (pass --data-dir or set "
-                                    "LKS_DATA_DIR to the benchmark data directory)")
-        files[split] = str(path)
-    return {**cfg, "dataset_kwargs": {**cfg["dataset_kwargs"], "data_files": files}}
-
-
-def mmlu_subjects(root: Path) -> dict[str, int]:
-    """``{subject: number of test questions}`` for the subjects present under ``mmlu/test``, sorted."""
-    counts = {}
-    for f in sorted((root / "mmlu" / "test").glob("*_test.csv")):
-        with open(f, encoding="utf-8", newline="") as fh:
-            counts[f.name[: -len("_test.csv")]] = sum(1 for _ in csv.reader(fh)) - 1  # minus the header
-    if not counts:
-        raise FileNotFoundError(f"task mmlu: no mmlu/test/*_test.csv under {root}")
-    return counts
-
-
-def task_configs(task: str, data_dir: str | os.PathLike | None = None, *, num_fewshot: int | None = None,
-                 options: dict[str, Any] | None = None, workdir: str | os.PathLike | None = None) -> list[dict]:
-    """The harness configs (dicts) of one of :data:`TASKS`, with data files from ``data_dir``.
-
-    ``options``: gsm8k ``max_new_tokens`` / ``until`` (generation settings). ``wikitext2`` writes
-    its articles as JSON Lines into ``workdir`` (a temporary folder of the caller's).
-    """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose from {list(TASKS)}")
-    root, opts = _root(data_dir), dict(options or {})
-    if task == "mmlu":
-        from datasets import Features, Value
-
-        cfgs = [_load_yaml("mmlu", subject=s, subject_words=s.replace("_", " ")) for s in mmlu_subjects(root)]
-        text = Features({c: Value("string") for c in ("question", "choice0", "choice1", "choice2", "choice3", "answer")})
-        for c in cfgs:
-            c["dataset_kwargs"]["features"] = text
-    else:
-        cfgs = [_load_yaml(task)]
-    if task == "gsm8k":
-        gen = cfgs[0]["generation_kwargs"]
-        if "max_new_tokens" in opts:
-            gen["max_gen_toks"] = int(opts.pop("max_new_tokens"))
-        if "until" in opts:
-            gen["until"] = list(opts.pop("until"))
-    if task == "wikitext2":
-        from lm_eval.tasks.wikitext import preprocess_wikitext as pw  # the harness's own functions
-
-        raw = root / cfgs[0]["dataset_kwargs"]["data_files"]["test"]
-        if not raw.is_file():
-            raise FileNotFoundError(f"task wikitext2: data file {raw} not found")
-        pages = Path(workdir or tempfile.mkdtemp()) / "wikitext2_test_pages.jsonl"
-        pages.write_text("".join(json.dumps({"page": p}) + "\n" for p in
-                                 split_wikitext_documents(raw.read_text(encoding="utf-8"))), encoding="utf-8")
-        cfgs[0]["dataset_kwargs"]["data_files"]["test"] = str(pages)
-        cfgs[0].update(doc_to_target=pw.wikitext_detokenizer, process_results=pw.process_results)
-        for key in ("max_length", "stride"):  # handled by the model wrapper (windows of max_length)
-            opts.pop(key, None)
-    if opts:
-        raise ValueError(f"task {task}: unknown task option(s) {sorted(opts)}")
-    cfgs = [_with_files(c, root) for c in cfgs]
-    if num_fewshot is not None:
-        for c in cfgs:
-            c["num_fewshot"] = int(num_fewshot)
-    return cfgs
-
-
-def subset_indices(n: int, limit: int | None, seed: int, task: str) -> np.ndarray:
-    """Sorted seeded random sample of ``range(n)`` of size ``limit`` (all when ``None``), keyed by
-    ``(seed, task)``: benchmark files are often ordered, so their head would be biased."""
-    if limit is None or limit >= n:
-        return np.arange(n)
-    if limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
-    rng = np.random.default_rng([seed, zlib.crc32(task.encode())])
-    return np.sort(rng.choice(n, size=limit, replace=False))
-
-
-def _samples(task: str, cfgs: list[dict], limit: int | None, seed: int, root: Path) -> dict[str, list[int]] | None:
-    """The harness's ``samples`` argument: which doc ids each config scores. wikitext2 keeps the
-    first ``limit`` articles (perplexity of contiguous text); mmlu samples over all subjects."""
-    if limit is None:
-        return None
-    if task == "wikitext2":
-        return {cfgs[0]["task"]: list(range(limit))}
-    if task == "mmlu":
-        counts = mmlu_subjects(root)
-        chosen, starts = subset_indices(sum(counts.values()), limit, seed, "mmlu"), np.cumsum([0, *counts.values()])
-        return {f"mmlu_{s}": [int(i - starts[k]) for i in chosen if starts[k] <= i < starts[k + 1]]
-                for k, s in enumerate(counts)}
-    path = next(iter(cfgs[0]["dataset_kwargs"]["data_files"].values())) if task != "gsm8k" else \
-        cfgs[0]["dataset_kwargs"]["data_files"]["test"]
-    with open(path, encoding="utf-8") as f:
-        n = sum(1 for line in f if line.strip()) - (task == "sst2")  # the TSV has a header line
-    return {cfgs[0]["task"]: [int(i) for i in subset_indices(n, limit, seed, task)]}
 
 
 # ------------------------------------------------------------------------------ running the harness
@@ -225,8 +75,6 @@ def _ppl(ll: np.ndarray, units: np.ndarray, metric: str) -> float:
 def accuracy_stats(correct: Sequence[float] | np.ndarray) -> dict[str, float]:
     """Mean, the harness's standard error ``sqrt(p(1-p)/(n-1))`` and a Wilson 95% interval."""
     x, n = np.asarray(correct, dtype=float), len(correct)
-    if n == 0:
-        return {"value": math.nan, "stderr": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": 0}
     p, d = float(x.mean()), 1 + Z95**2 / n
     centre, half = (p + Z95**2 / (2 * n)) / d, Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / d
     return {"value": p, "stderr": math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else math.nan,
@@ -240,10 +88,9 @@ def _summary(task: str, items: pd.DataFrame, seed: int) -> list[dict[str, Any]]:
         if metric in PERPLEXITY:
             ll, units = g["value"].to_numpy(), g["units"].to_numpy()
             idx = np.random.default_rng([seed, 2]).integers(0, len(g), size=(1000, len(g)))
-            boot = [_ppl(ll[i], units[i], metric) for i in idx] if len(g) > 1 else [math.nan]
-            lo, hi = np.percentile(boot, [2.5, 97.5])
+            boot = [_ppl(ll[i], units[i], metric) for i in idx] if len(g) > 1 else [math.nan] * 2
             rows.append({"task": task, "metric": metric, "value": _ppl(ll, units, metric), "stderr": np.std(boot, ddof=1),
-                         "ci_low": lo, "ci_high": hi, "n": len(g)})
+                         "ci_low": np.percentile(boot, 2.5), "ci_high": np.percentile(boot, 97.5), "n": len(g)})
         else:
             rows.append({"task": task, "metric": metric, **accuracy_stats(g["value"])})
     if task == "mmlu":
@@ -287,7 +134,7 @@ def evaluate_capability(model: Any, tokenizer: Any, tasks: Sequence[str] = TASKS
             cfgs = task_configs(task, data_dir, num_fewshot=pick(num_fewshot, task), options=opts, workdir=work)
             seen0, routed0 = getattr(stats, "rows_seen", None), getattr(stats, "rows_routed", None)
             t0 = time.perf_counter()
-            out = run_harness(model, tokenizer, cfgs, samples=_samples(task, cfgs, pick(limit, task), seed, _root(data_dir)),
+            out = run_harness(model, tokenizer, cfgs, samples=item_samples(task, cfgs, pick(limit, task), seed, data_root(data_dir)),
                               batch_size=batch_size, seed=seed, max_length=opts.get("max_length"))
             stamp = {"seconds": time.perf_counter() - t0,
                      "rows_seen": None if stats is None else stats.rows_seen - seen0,

@@ -13,6 +13,7 @@ import pytest
 from conftest import prepared_editor
 
 from lks import capability as cap
+from lks import tasks as lt
 
 OPTS = {"gsm8k": {"max_new_tokens": 6}, "wikitext2": {"max_length": 64}}
 FEW = {"gsm8k": 1, "mmlu": 1}
@@ -32,10 +33,10 @@ def runs(tiny_pair, capability_dir):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     theirs = {}
-    for task in cap.TASKS:
-        cfgs = cap.task_configs(task, capability_dir, num_fewshot=FEW.get(task), options=OPTS.get(task),
+    for task in lt.TASKS:
+        cfgs = lt.task_configs(task, capability_dir, num_fewshot=FEW.get(task), options=OPTS.get(task),
                                 workdir=capability_dir.parent)
-        samples = cap._samples(task, cfgs, 5, 0, capability_dir) if task == "sst2" else None
+        samples = lt.item_samples(task, cfgs, 5, 0, capability_dir) if task == "sst2" else None
         args = {"pretrained": str(path), "dtype": "float32", "device": "cpu", **(
             {"max_length": OPTS[task]["max_length"]} if task == "wikitext2" else {})}
         out = simple_evaluate("hf", model_args=args, tasks=cfgs, samples=samples, log_samples=True, bootstrap_iters=0,
@@ -71,14 +72,14 @@ def test_summary_shape_and_data_choices(runs, capability_dir):
     assert get.loc[("wikitext2", "word_perplexity"), "n"] == 3  # articles of the fixture
     assert {"mmlu_alpha_topic", "mmlu_beta"} <= set(ours.task) and get.loc[("mmlu", "acc"), "n"] == 5
     assert ours.rows_seen.isna().all()  # no editor
-    gsm = cap.task_configs("gsm8k", capability_dir)[0]
+    gsm = lt.task_configs("gsm8k", capability_dir)[0]
     assert gsm["fewshot_split"] == "train" and gsm["dataset_kwargs"]["data_files"]["train"].endswith("gsm8k/train.jsonl")
 
 
 def test_mmlu_keeps_answer_text(capability_dir, tiny_pair):
     from lm_eval.tasks import TaskManager
 
-    cfg = cap.task_configs("mmlu", capability_dir)[0]
+    cfg = lt.task_configs("mmlu", capability_dir)[0]
     task = TaskManager(include_defaults=False).load([cfg])["tasks"]["mmlu_alpha_topic"]
     doc = task.test_docs()[0]
     assert doc["choice3"] == "NA" and task.doc_to_target(doc) == 0  # "NA" stays a string, answer an index
@@ -86,16 +87,19 @@ def test_mmlu_keeps_answer_text(capability_dir, tiny_pair):
 
 
 def test_subset_and_missing_file(tmp_path, capability_dir):
-    a = cap.subset_indices(100, 10, seed=0, task="sst2")
-    assert np.array_equal(a, cap.subset_indices(100, 10, seed=0, task="sst2")) and np.all(np.diff(a) > 0)
-    assert not np.array_equal(a, cap.subset_indices(100, 10, seed=0, task="rte"))
+    a = lt.subset_indices(100, 10, seed=0, task="sst2")
+    assert np.array_equal(a, lt.subset_indices(100, 10, seed=0, task="sst2")) and np.all(np.diff(a) > 0)
+    assert not np.array_equal(a, lt.subset_indices(100, 10, seed=0, task="rte"))
     with pytest.raises(FileNotFoundError, match="sst2/dev.tsv"):
-        cap.task_configs("sst2", tmp_path)
+        lt.task_configs("sst2", tmp_path)
     with pytest.raises(ValueError, match="unknown task option"):
-        cap.task_configs("sst2", capability_dir, options={"stride": 3})
+        lt.task_configs("sst2", capability_dir, options={"shots": 3})
+    with pytest.raises(ValueError, match="stride must equal max_length"):
+        lt.task_configs("wikitext2", capability_dir, options={"max_length": 64, "stride": 32})
+    assert lt.task_configs("wikitext2", capability_dir, options={"max_length": 64, "stride": 64}, workdir=tmp_path)
     with pytest.raises(ValueError, match="unknown task"):
         cap.evaluate_capability(None, None, tasks=("nope",))
-    samples = cap._samples("mmlu", [], 3, 0, capability_dir)
+    samples = lt.item_samples("mmlu", [], 3, 0, capability_dir)
     assert sum(len(v) for v in samples.values()) == 3
 
 
