@@ -242,3 +242,22 @@ def test_embedded_model_sst2_and_wikitext(smol, data_root):
     get = df.set_index(["task", "metric"])["value"]
     assert 0 <= get[("sst2", "acc")] <= 1 and 1 < get[("wikitext2", "word_perplexity")] < 1e4
     assert 0 < get[("wikitext2", "bits_per_byte")] < 3
+
+
+def test_fewshot_exemplars_never_the_item_and_gsm8k_shots_from_train(tiny_pair, capability_dir):
+    import json
+
+    model, tok = tiny_pair
+    cfgs = lt.task_configs("sst2", capability_dir, num_fewshot=2)
+    out = cap.run_harness(model, tok, cfgs, batch_size=4)
+    for s in out["samples"]["sst2"]:
+        ctx = s["arguments"]["gen_args_0"]["arg_0"] if isinstance(s["arguments"], dict) else s["arguments"][0][0]
+        parts = ctx.split("\n\n")
+        assert len(parts) == 3 and s["doc"]["sentence"] not in "\n\n".join(parts[:2])  # 2 exemplars, never the item
+    train = [json.loads(line)["question"] for line in (capability_dir / "gsm8k" / "train.jsonl").open()]
+    test = [json.loads(line)["question"] for line in (capability_dir / "gsm8k" / "test.jsonl").open()]
+    out = cap.run_harness(model, tok, lt.task_configs("gsm8k", capability_dir, num_fewshot=2,
+                                                      options={"max_new_tokens": 2}), batch_size=4)
+    for s in out["samples"]["gsm8k"]:
+        ctx = s["arguments"]["gen_args_0"]["arg_0"] if isinstance(s["arguments"], dict) else s["arguments"][0][0]
+        assert sum(q in ctx for q in train) == 2 and sum(q in ctx for q in test) == 1  # the item itself only
