@@ -117,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--unedited", action="store_true", help="also print the unedited model's continuation")
     g.add_argument("prompts", nargs="+", help="prompts to continue")
 
-    c = sub.add_parser("capability", help="general-capability tasks (GSM8K, SST-2, RTE, WikiText-2, MMLU), "
-                                          "unedited and, with --editor, edited; prints before/after with 95%% CIs")
+    c = sub.add_parser("capability", help="general-capability tasks (GSM8K, SST-2, RTE, WikiText-2, MMLU) through "
+                                          "lm-evaluation-harness, unedited and, with --editor, edited; prints "
+                                          "before/after with 95%% CIs and paired p-values")
     common(c)
     c.add_argument("--editor", default=None, help="directory of a saved editor (omit: unedited model only)")
     c.add_argument("--tasks", default=",".join(("gsm8k", "sst2", "rte", "wikitext2", "mmlu")),
@@ -126,10 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--limit", default=None,
                    help="items per task: N for every task, or task=N,task=N (wikitext2: articles; default: full sets)")
     c.add_argument("--num-fewshot", default=None, help="few-shot exemplars, task=k,task=k (default: the harness's)")
-    c.add_argument("--task-options", default=None, help='per-task options as JSON, e.g. \'{"gsm8k": {"max_new_tokens": 128}}\'')
+    c.add_argument("--task-options", default=None, help='per-task options as JSON: gsm8k max_new_tokens, until; wikitext2 max_length '
+                        '(window), e.g. \'{"gsm8k": {"max_new_tokens": 128}}\'')
     c.add_argument("--data-dir", default=None, help="benchmark data directory (default: $LKS_DATA_DIR or ~/.cache/lks/data)")
     c.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: %(default)s)")
-    c.add_argument("--seed", type=int, default=0, help="seed of the subsets and few-shot sampling (default: %(default)s)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the subsets, the harness's few-shot sampling and the bootstrap (default: %(default)s)")
     c.add_argument("--out", default=None, help="write the tidy results (and the comparison) as CSV files with this prefix")
     return p
 
@@ -249,8 +251,9 @@ def _capability(args: argparse.Namespace, model: Any, tok: Any, kw: dict[str, An
             print(f"\nwith {editor.n_edits} edits ({args.editor}): {time.perf_counter() - t0:.1f} s")
             print(after[cols + ["routed", "rows_seen"]].to_string(index=False))
             comp = compare_capability(before, after)
-            print("\nafter - before:")
-            print(comp[comp.task.isin(kw["tasks"])].to_string(index=False))
+            print("\nafter - before (paired on the same items: exact McNemar for accuracies, bootstrap for perplexities):")
+            shown = ["task", "metric", "before", "after", "diff", "diff_ci_low", "diff_ci_high", "p_value", "n_pairs", "note"]
+            print(comp.loc[comp.task.isin(kw["tasks"]), shown].to_string(index=False))
             frames.update(edited=after, comparison=comp)
     if args.out:
         for name, df in frames.items():

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import lks
@@ -15,8 +15,6 @@ from lks import cli
 @pytest.fixture
 def tiny_cli(monkeypatch, tiny_pair):
     monkeypatch.setattr(lks, "load_model", lambda *a, **k: tiny_pair)
-    # the capability fixtures are not the pinned originals: resolve their paths directly
-    monkeypatch.setattr(cap, "_data_path", lambda rel, d: (Path(d) / rel) if (Path(d) / rel).is_file() else None)
     return tiny_pair
 
 
@@ -45,9 +43,18 @@ def test_train_then_capability(tiny_cli, tmp_path, capsys, capability_dir):
     summary = json.loads(capsys.readouterr().out)
     assert summary["gen_reliability_n"] == 2 and 0 <= summary["repeat_rate"] <= 1 and "repeat_rate_forced_base" in summary
     assert cli.main(["capability", "--editor", str(out), "--tasks", "sst2,wikitext2", "--limit", "sst2=4,wikitext2=1",
-                     "--task-options", '{"wikitext2": {"max_length": 64, "stride": 32}}',
+                     "--task-options", '{"wikitext2": {"max_length": 64}}',
                      "--data-dir", str(capability_dir), "--out", str(tmp_path / "cap-")]) == 0
     text = capsys.readouterr().out
     assert "unedited:" in text and "with 4 edits" in text and "after - before" in text
     for name in ("unedited", "edited", "comparison"):
         assert (tmp_path / f"cap-{name}.csv").is_file()
+    comp = pd.read_csv(tmp_path / "cap-comparison.csv").set_index(["task", "metric"])
+    edited = pd.read_csv(tmp_path / "cap-edited.csv").set_index(["task", "metric"])
+    assert comp.loc[("sst2", "acc"), "n_pairs"] == 4 and set(comp.loc["wikitext2"].index) == set(cap.PERPLEXITY)
+    assert edited.loc[("sst2", "acc"), "rows_seen"] >= 4  # every request went through the editor
+    # the CLI's unedited numbers are the library's
+    direct = cap.evaluate_capability(tiny_cli[0], tiny_cli[1], tasks=("sst2",), limit=4, data_dir=capability_dir,
+                                     progress=False)
+    unedited = pd.read_csv(tmp_path / "cap-unedited.csv").set_index(["task", "metric"])
+    assert unedited.loc[("sst2", "acc"), "value"] == direct.set_index(["task", "metric"]).loc[("sst2", "acc"), "value"]
