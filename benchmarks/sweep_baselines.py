@@ -48,7 +48,8 @@ editor.fit(edits, progress=False)
 _, s = evaluate_edits(editor, edits)
 line = {"method": args.method, "data": args.data, "records": [args.start, args.start + args.n], "set": over,
         **{k: round(s[k], 4) for k in KEYS if k in s}, "fit_seconds": round(editor.fit_seconds, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "fit_log": [h for h in editor.history if "step" in h][-1:] + [h for h in editor.history if "step" not in h]}
 print(json.dumps(line))
 if args.out:
     with open(args.out, "a") as f:

@@ -162,3 +162,48 @@ def test_key_statistics_are_cached(tiny_pair, corpus, monkeypatch):
     monkeypatch.setattr(stats, "_accumulate", fail)
     again = stats.key_second_moment(model, tok, [1], 512, corpus=corpus, progress=False)[1]
     assert torch.equal(first, again)
+
+
+def test_cli_train_and_evaluate_a_baseline(tiny_pair, corpus, tmp_path, monkeypatch, capsys):
+    """``train --method ft`` saves a baseline that ``evaluate`` loads; an LKS-only option with a
+    baseline method is one ``lks: error:`` line."""
+    import json
+
+    import lks
+    from lks import cli
+
+    monkeypatch.setattr(lks, "load_model", lambda *a, **k: tiny_pair)
+    monkeypatch.setattr("lks.baselines.common.method_config", lambda cls, *a: configs(corpus)["ft"][1])
+    data = tmp_path / "edits.json"
+    data.write_text(json.dumps([r.to_dict() for r in EDITS]))
+    out = tmp_path / "ft"
+    assert cli.main(["train", "--method", "ft", "--data", str(data), "--out", str(out), "--evaluate", "false"]) == 0
+    assert json.loads((out / "config.json").read_text())["method"] == "ft"
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--editor", str(out), "--data", str(data)]) == 0
+    assert json.loads(capsys.readouterr().out)["n_edits"] == 2
+    assert cli.main(["train", "--method", "memit", "--lr", "1", "--data", str(data), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("lks: error: --lr: an LKS training option"), err
+
+
+def test_suffix_pass_equals_the_full_pass(tiny_pair):
+    """The target optimisation's suffix-only pass (prefix keys/values cached) gives the same final
+    hidden states at the target positions as the plain pass of the upper layers."""
+    from lks.baselines.common import encode_rows, lower_states, pad, suffix_hidden, suffix_part, upper_hidden
+
+    model, tok = tiny_pair
+    texts = ["The mother tongue of Danielle Darrieux is", "Paris is the capital. Toko Yasuda plays the"]
+    rows = encode_rows(tok, texts, ["Danielle Darrieux", "Toko Yasuda"], [0, 1], ["English", "piano"])
+    torch.manual_seed(0)
+    add = torch.randn(2, model.config.hidden_size)
+    part = suffix_part(model, 1, rows, tok.pad_token_id, torch.float32)
+    fast = suffix_hidden(model, part, add, torch.float32)
+    ids, mask = pad(rows, tok.pad_token_id, torch.device("cpu"))
+    h, as_tuple = lower_states(model, ids, mask, 1)
+    h = h.clone()
+    for b, r in enumerate(rows):
+        h[b, r.subj] += add[b]
+    full = upper_hidden(model, 1, h, mask, as_tuple)
+    for b, (r, q) in enumerate(zip(rows, part.rows)):
+        assert torch.allclose(fast[b, q.tgt_pos], full[b, r.tgt_pos], atol=1e-5)

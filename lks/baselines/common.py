@@ -153,7 +153,8 @@ def target_nll(model: nn.Module, final: torch.Tensor, rows: Sequence[Row]) -> to
     r_idx = torch.tensor([i for i, r in enumerate(rows) for _ in r.tgt_pos], device=final.device)
     p_idx = torch.tensor([p for r in rows for p in r.tgt_pos], device=final.device)
     tgt = torch.tensor([t for r in rows for t in r.tgt_ids], device=final.device)
-    logp = torch.log_softmax(model.get_output_embeddings()(final[r_idx, p_idx]).float(), -1)
+    head = model.get_output_embeddings()
+    logp = torch.log_softmax(head(final[r_idx, p_idx].to(head.weight.dtype)).float(), -1)
     nll = -logp.gather(-1, tgt[:, None])[:, 0]
     per_row = torch.zeros(len(rows), device=final.device).index_add(0, r_idx, nll)
     return per_row / torch.tensor([max(1, len(r.tgt_pos)) for r in rows], device=final.device)
@@ -178,6 +179,11 @@ class WeightEditor:
     def __init__(self, model: nn.Module, tokenizer: Any, config: Any = None) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.config = config if config is not None else method_config(self.config_class, model, self.method)
+        n = len(get_layers(model))
+        for layer in getattr(self.config, "layers", None) or [self.config.layer]:
+            if not 0 <= layer < n:
+                raise ValueError(f"{self.method}: layer {layer} is out of range for {getattr(model, 'lks_name', '')!r} "
+                                 f"({n} decoder layers); set the layers in configs/<model>.json 'baselines'")
         self.deltas: dict[int, torch.Tensor] = {}
         self.n_edits = 0
         self.fit_seconds = 0.0
@@ -323,3 +329,74 @@ def added_weights(model: nn.Module, deltas: dict[int, torch.Tensor]) -> Iterator
             w.data = data
 
 
+
+
+@dataclass
+class SuffixPart:
+    """A chunk of rows prepared for suffix-only passes of the layers above ``layer``.
+
+    A change written at each row's position ``subj`` cannot reach earlier tokens (attention is
+    causal), so the upper layers' keys/values of the tokens before it are computed once (``kv``,
+    left-padded to ``P``) and every optimisation step runs only the suffix ``subj..end`` of each
+    row (``h``, right-padded; the edited token is suffix position 0). ``rows`` carry target
+    positions relative to the suffix. :func:`suffix_hidden` equals the full pass of
+    :func:`upper_hidden` (tested).
+    """
+
+    rows: list[Row]
+    h: torch.Tensor               # [B, Ts, d] layer output on the suffixes (float32)
+    mask: torch.Tensor            # [B, P + Ts]
+    position_ids: torch.Tensor    # [B, Ts] true positions
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per upper layer: keys, values [B, kv_heads, P, head_dim]
+    layer: int
+    as_tuple: bool
+
+
+@torch.no_grad()
+def suffix_part(model: nn.Module, layer: int, rows: Sequence[Row], pad_id: int, dtype: torch.dtype) -> SuffixPart:
+    """Run ``rows`` once (lower layers, then the upper ones with a cache) and keep what the
+    suffix-only passes need (see :class:`SuffixPart`). ``dtype``: the upper layers' dtype."""
+    from lks.models import past_key_value
+
+    dev = model_device(model)
+    ids, mask = pad(rows, pad_id, dev)
+    h, as_tuple = lower_states(model, ids, mask, layer)
+    with skip_lower_layers(model, layer, h.to(dtype), as_tuple):
+        out = model.base_model(inputs_embeds=torch.zeros_like(h, dtype=dtype), attention_mask=mask, use_cache=True)
+    starts = [r.subj for r in rows]
+    lens = [len(r.ids) - s for r, s in zip(rows, starts)]
+    P, Ts, B = max(starts), max(lens), len(rows)
+    hs = torch.zeros(B, Ts, h.shape[-1], device=dev)
+    m = torch.zeros(B, P + Ts, dtype=torch.long, device=dev)
+    kv = []
+    for i in range(layer + 1, len(get_layers(model))):
+        k, v = past_key_value(out.past_key_values, i)
+        kp, vp = k.new_zeros(B, k.shape[1], P, k.shape[3]), v.new_zeros(B, v.shape[1], P, v.shape[3])
+        for b, s in enumerate(starts):
+            kp[b, :, P - s:], vp[b, :, P - s:] = k[b, :, :s], v[b, :, :s]
+        kv.append((kp, vp))
+    new_rows = []
+    for b, (r, s, n) in enumerate(zip(rows, starts, lens)):
+        hs[b, :n] = h[b, s:s + n].float()
+        m[b, P - s:P + n] = 1
+        new_rows.append(Row(r.ids, 0, [p - s for p in r.tgt_pos], r.tgt_ids, r.edit))
+    pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(Ts, device=dev)[None, :]
+    return SuffixPart(new_rows, hs, m, pos, kv, layer, as_tuple)
+
+
+def suffix_hidden(model: nn.Module, part: SuffixPart, add: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Final hidden states ``[B, Ts, d]`` of the suffixes with ``add`` ``[B, d]`` added to each
+    row's edited token (suffix position 0) in the output of ``part.layer``."""
+    from lks.models import make_past
+
+    h = part.h if add is None else torch.cat([part.h[:, :1] + add[:, None], part.h[:, 1:]], 1)
+    h = h.to(dtype)
+    B, P = h.shape[0], part.mask.shape[1] - h.shape[1]
+    k0 = part.kv[0][0]
+    dummy = k0.new_zeros(B, k0.shape[1], P, k0.shape[3])  # layers 0..layer are skipped and never read it
+    past = make_past([(dummy, dummy)] * (part.layer + 1) + list(part.kv))
+    with skip_lower_layers(model, part.layer, h, part.as_tuple):
+        out = model.base_model(inputs_embeds=torch.zeros_like(h), attention_mask=part.mask, past_key_values=past,
+                               use_cache=True, position_ids=part.position_ids,
+                               cache_position=torch.arange(P, P + h.shape[1], device=h.device))
+    return out.last_hidden_state
