@@ -27,7 +27,7 @@ import lks
 from lks.baselines import editor_class, load_editor
 from lks.baselines.common import ApplyStats
 from lks.editor import drop_conflicts
-from lks.metrics import evaluate_edits
+from lks.metrics import evaluate_edits, teacher_forced
 from lks.utils import write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +46,23 @@ class Unedited:
         yield ApplyStats()
 
 
+def neighborhood_score(editor, edits) -> float:
+    """ROME's neighbourhood score (Meng et al. 2022, §3.2): on prompts about OTHER subjects with the
+    edited relation, the edited model still prefers the true answer: P(true) > P(new target);
+    mean over each edit's prompts, then over edits (nan without neighbourhood prompts)."""
+    pairs = [(i, p, a) for i, r in enumerate(edits) for p, a in r.neighborhood]
+    if not pairs:
+        return float("nan")
+    prompts = [p for _, p, _ in pairs]
+    true = teacher_forced(editor.model, editor.tokenizer, prompts, [a for *_, a in pairs], context=editor.applied)
+    new = teacher_forced(editor.model, editor.tokenizer, prompts, [edits[i].target for i, *_ in pairs],
+                         context=editor.applied)
+    per: dict[int, list[float]] = {}
+    for (i, *_), t, n in zip(pairs, true, new):
+        per.setdefault(i, []).append(float(t["logprob"] > n["logprob"]))
+    return sum(sum(v) / len(v) for v in per.values()) / len(per)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="counterfact | zsre")
@@ -57,7 +74,7 @@ def main() -> None:
     p.add_argument("--editors", default=str(REPO / "runs" / "editors"), help="where fitted editors are saved")
     args = p.parse_args()
     out = Path(args.results) / args.model / args.data / f"{args.method}-{args.n}.json"
-    if out.is_file():
+    if out.is_file() and "neighborhood_score" in json.loads(out.read_text())["summary"]:
         print(f"{out} exists; skipped")
         return
     model, tok = lks.load_model(args.model, device="cpu")
@@ -67,12 +84,18 @@ def main() -> None:
         editor = Unedited(model, tok)
     elif (saved / "config.json").is_file():
         editor = load_editor(str(saved), model, tok)
+        if out.is_file():  # a finished cell from before the neighbourhood score: add it
+            res = json.loads(out.read_text())
+            res["summary"]["neighborhood_score"] = neighborhood_score(editor, edits)
+            write_json(out, res)
+            return
     else:
         editor = editor_class(args.method)(model, tok)
         editor.fit(edits)
         editor.save(saved)
     t0 = time.perf_counter()
     _, summary = evaluate_edits(editor, edits)
+    summary["neighborhood_score"] = neighborhood_score(editor, edits)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "lks"], cwd=REPO, capture_output=True, text=True).stdout)
     cfg = getattr(editor, "config", None)
