@@ -207,3 +207,20 @@ def test_suffix_pass_equals_the_full_pass(tiny_pair):
     full = upper_hidden(model, 1, h, mask, as_tuple)
     for b, (r, q) in enumerate(zip(rows, part.rows)):
         assert torch.allclose(fast[b, q.tgt_pos], full[b, r.tgt_pos], atol=1e-5)
+
+
+def test_batched_targets_equal_one_at_a_time(tiny_pair):
+    """The batched target optimisation solves each edit's problem as if it were alone (float32)."""
+    import dataclasses
+
+    from lks.baselines.memit import context_prefixes, target_vectors
+
+    model, tok = tiny_pair
+    cfg = dataclasses.replace(configs("unused")["memit"][1], z_steps=4, precision="float32", stop_nll=0.0,
+                              kl_weight=0.5, weight_decay=0.1, clamp=0.5)
+    prefixes = context_prefixes(model, tok, cfg.n_prefixes, cfg.prefix_tokens)
+    both, h = target_vectors(model, tok, EDITS, cfg, 1, prefixes, progress=False)
+    for i in range(len(EDITS)):
+        alone, h_i = target_vectors(model, tok, EDITS[i:i + 1], cfg, 1, prefixes, progress=False)
+        assert torch.allclose(h_i[0], h[i], atol=1e-5)
+        assert torch.allclose(alone[0], both[i], atol=1e-4)
