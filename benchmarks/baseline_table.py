@@ -1,8 +1,7 @@
 """Markdown table of the baselines grid: ``results/<model>/<dataset>/<method>-<N>.json``.
 
-    python benchmarks/baseline_table.py --n 100 [--lks counterfact=PATH zsre=PATH]
+    python benchmarks/baseline_table.py --n 100
 
-``--lks`` adds LKS rows from ``python -m lks evaluate`` summaries (JSON files of the summary alone).
 Column definitions: lks/metrics.py. Reliability and efficacy are on the edit prompts (seen in
 fitting); generality, locality and specificity on prompts no method fitted on (held-out).
 """
@@ -15,7 +14,7 @@ import math
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-COLS = [("reliability", "rel. (seen)"), ("generality", "gen. (held-out)"),
+COLS = [("reliability", "rel. (seen)"), ("generality_seen", "own para. (held-out)"), ("generality", "gen. (held-out)"),
         ("generality_paraphrase_form", "gen. para. form"), ("generality_generation_form", "gen. gener. form"),
         ("locality", "locality"), ("specificity", "specificity"), ("efficacy", "efficacy"),
         ("paraphrase_success", "para. success"), ("neighborhood_score", "neighb. score")]
@@ -34,21 +33,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--n", type=int, default=100)
-    p.add_argument("--lks", nargs="*", default=[], help="dataset=summary.json of an LKS evaluate run")
     args = p.parse_args()
-    lks_rows = dict(item.split("=", 1) for item in args.lks)
     for data in ("counterfact", "zsre"):
         print(f"\n**{data}**, first {args.n} records\n")
         print("| method | " + " | ".join(h for _, h in COLS) + " | fit s | peak RSS MB |")
         print("|---" * (len(COLS) + 3) + "|")
-        for method in ("unedited", "ft", "memit", "alphaedit"):
+        for method in ("unedited", "ft", "memit", "alphaedit", "lks"):
             f = REPO / "results" / args.model / data / f"{method}-{args.n}.json"
             if f.is_file():
                 r = json.loads(f.read_text())
                 print(row(method, r["summary"], r["fit_seconds"], r["peak_rss_mb"]))
-        if data in lks_rows:
-            s = json.loads(Path(lks_rows[data]).read_text())
-            print(row("lks", s, s.get("fit_seconds"), None))
 
 
 if __name__ == "__main__":
