@@ -32,7 +32,8 @@ from lks.models import model_device
 
 @dataclass
 class FTConfig:
-    """FT-L hyperparameters (defaults: the SmolLM2-135M sweep, docs/baselines.md)."""
+    """FT-L hyperparameters (defaults: ROME's FT-L bound and learning rate; the registered SmolLM2-135M values are in
+    lks/configs/smollm2-135m.json, chosen in docs/baselines.md)."""
 
     layer: int = 6            # decoder layer whose down_proj is fine-tuned
     lr: float = 5e-4          # Adam learning rate

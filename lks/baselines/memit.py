@@ -57,7 +57,8 @@ PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You", "It", "In", "A", "Wh
 
 @dataclass
 class MEMITConfig:
-    """MEMIT hyperparameters (defaults: the SmolLM2-135M sweep, docs/baselines.md)."""
+    """MEMIT hyperparameters (defaults: close to the paper's GPT-J values; the registered SmolLM2-135M
+    values are in lks/configs/smollm2-135m.json, chosen in docs/baselines.md)."""
 
     layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])  # the band; targets at the last
     lam: float = 1e4             # lambda: weight of E[k k^T] in C0 (eq. 14; MEMIT GPT-J: 15,000)
