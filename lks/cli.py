@@ -1,4 +1,4 @@
-"""Command line: ``python -m lks train | evaluate | generate | capability`` (also installed as ``lks``).
+"""Command line: ``python -m lks train | evaluate | generate | capability | stats`` (also installed as ``lks``).
 
 Examples::
 
@@ -6,6 +6,8 @@ Examples::
     python -m lks evaluate --editor runs/cf-100 --data counterfact --n 100
     python -m lks generate --editor runs/cf-100 "The mother tongue of Danielle Darrieux is"
     python -m lks capability --editor runs/cf-100 --limit sst2=200,rte=277,mmlu=150,wikitext2=3,gsm8k=20
+    python -m lks train --method memit --data counterfact --n 100 --out runs/memit-cf-100
+    python -m lks stats --method memit      # the key statistics MEMIT/AlphaEdit need, ahead of a fit
 
 Bad input (a missing or malformed file, an invalid option value) is reported as one line on stderr,
 ``lks: error: ...``, with exit status 2; ``--debug`` shows the full traceback instead.
@@ -36,6 +38,7 @@ def _bool(text: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lks.baselines import METHODS as BASELINES
     from lks.config import GENERATOR_KINDS
 
     p = argparse.ArgumentParser(prog="lks", description="Latent Knowledge Scalpel: edit facts in a frozen LLM's activations.")
@@ -63,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(t)
     data_args(t)
     t.add_argument("--out", required=True, help="directory to save the editor to (also the checkpoint for resuming)")
+    t.add_argument("--method", choices=("lks", *BASELINES), default="lks",
+                   help="lks, or a weight-editing baseline with the model's registered hyperparameters "
+                        "(configs/<model>.json 'baselines'); the options below are LKS's (default: %(default)s)")
     t.add_argument("--layer", type=int, default=None, help="decoder layer whose output holds the knowledge block")
     t.add_argument("--generator", choices=GENERATOR_KINDS, default=None, help="KB generator kind")
     t.add_argument("--lr", type=float, default=None, help="AdamW learning rate")
@@ -116,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=20, help="tokens to generate (default: %(default)s)")
     g.add_argument("--unedited", action="store_true", help="also print the unedited model's continuation")
     g.add_argument("prompts", nargs="+", help="prompts to continue")
+
+    s = sub.add_parser("stats", help="compute and cache the key statistics E[kk^T] of MEMIT / AlphaEdit "
+                                     "(WikiText-2 validation) ahead of a fit")
+    common(s)
+    s.add_argument("--method", choices=("memit", "alphaedit"), default="memit",
+                   help="whose registered layer band and token count to use (default: %(default)s)")
+    s.add_argument("--layers", default=None, help="comma-separated layers (default: the method's band)")
+    s.add_argument("--tokens", type=int, default=None, help="corpus tokens (default: the method's cov_tokens)")
+    s.add_argument("--data-dir", default=None, help="benchmark data directory (default: $LKS_DATA_DIR or ~/.cache/lks/data)")
 
     c = sub.add_parser("capability", help="general-capability tasks (GSM8K, SST-2, RTE, WikiText-2, MMLU) through "
                                           "lm-evaluation-harness, unedited and, with --editor, edited; prints "
@@ -212,11 +227,12 @@ def _edits(args: argparse.Namespace) -> EditSet:
 
 
 def _load_editor(path: str, model: Any, tok: Any) -> LKSEditor:
-    """``LKSEditor.load`` for ``--editor``, naming the option and directory where its errors do not."""
-    from lks.editor import LKSEditor
+    """The saved editor of ``--editor`` (LKS or a baseline, by its config's ``method``), naming the
+    option and directory where the errors do not."""
+    from lks.baselines import load_editor
 
     try:
-        return LKSEditor.load(path, model, tok)
+        return load_editor(path, model, tok)
     except KeyError as e:  # a config.json or subjects.json that parses but lacks a section
         raise ValueError(f"--editor {path}: corrupt saved editor, missing key {e}; train it again") from e
 
@@ -306,7 +322,21 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"--editor {args.editor}: no such directory; pass the --out directory of an 'lks train' run")
     if args.command == "train" and Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out}: exists and is not a directory; pass a directory for the editor")
+    if args.command == "train" and args.method != "lks":
+        lks_only = _given(args, LKS_TRAIN_OPTIONS + ["layer", "generator"])
+        if lks_only:
+            raise UsageError(f"--{sorted(lks_only)[0].replace('_', '-')}: an LKS training option; --method {args.method} "
+                             "takes its hyperparameters from configs/<model>.json 'baselines'")
+    if args.command == "stats" and args.layers is not None:
+        try:
+            args.layers = [int(x) for x in args.layers.split(",") if x.strip()]
+        except ValueError:
+            raise UsageError(f"--layers: expected comma-separated layer numbers, got {args.layers!r}") from None
     model, tok = lks.load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.command == "stats":
+        return _stats(args, model, tok)
+    if args.command == "train" and args.method != "lks":
+        return _train_baseline(args, model, tok, edits)
     if args.command == "generate":
         editor = _load_editor(args.editor, model, tok)
         edited = editor.generate(args.prompts, max_new_tokens=args.max_new_tokens)
@@ -321,9 +351,7 @@ def _run(args: argparse.Namespace) -> int:
         ecfg, tcfg = recipe(model)
         try:
             ecfg = EditorConfig(**{**dataclasses.asdict(ecfg), **_given(args, ["layer", "generator"])})
-            tcfg = TrainConfig(**{**dataclasses.asdict(tcfg), **_given(args, ["lr", "epochs", "batch_size",
-                                                                              "loc_per_subject", "para_per_edit", "train_rephrase", "w_loc", "w_after", "after_tokens", "w_gate", "gate_negatives", "gate_prefixes", "gate_steps", "seed",
-                                                                              "loc_templates", "precision", "prefix_cache"])})
+            tcfg = TrainConfig(**{**dataclasses.asdict(tcfg), **_given(args, LKS_TRAIN_OPTIONS)})
         except ValueError as e:  # the configs' validation names the field, not the option
             raise UsageError(f"invalid training option: {e}; set it with the option of that name (lks train --help)") from None
         try:
@@ -349,6 +377,42 @@ def _run(args: argparse.Namespace) -> int:
 
 def _given(args: argparse.Namespace, names: list[str]) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+LKS_TRAIN_OPTIONS = ["lr", "epochs", "batch_size", "loc_per_subject", "para_per_edit", "train_rephrase", "w_loc",
+                     "w_after", "after_tokens", "w_gate", "gate_negatives", "gate_prefixes", "gate_steps", "seed",
+                     "loc_templates", "precision", "prefix_cache"]
+
+
+def _train_baseline(args: argparse.Namespace, model: Any, tok: Any, edits: EditSet) -> int:
+    """``train --method ft|memit|alphaedit``: fit, save to ``--out``, evaluate into metrics.json."""
+    from lks.baselines import editor_class
+    from lks.metrics import evaluate_edits
+    from lks.utils import write_json
+
+    editor = editor_class(args.method)(model, tok)
+    editor.fit(edits, on_conflict=args.on_conflict)
+    editor.save(args.out)
+    print(json.dumps({"method": args.method, "fit_seconds": round(editor.fit_seconds, 1)}))
+    if args.evaluate:
+        _, summary = evaluate_edits(editor, edits)
+        summary["fit_seconds"] = editor.fit_seconds
+        write_json(Path(args.out) / "metrics.json", summary)
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _stats(args: argparse.Namespace, model: Any, tok: Any) -> int:
+    """``stats``: compute (or find in the cache) the key statistics of a method's layer band."""
+    from lks.baselines import editor_class
+    from lks.baselines.stats import key_second_moment, stats_path
+
+    cfg = editor_class(args.method)(model, tok).config
+    layers, tokens = args.layers or cfg.layers, args.tokens or cfg.cov_tokens
+    key_second_moment(model, tok, layers, tokens, corpus=cfg.corpus, data_dir=args.data_dir)
+    for layer in layers:
+        print(stats_path(model, layer, tokens, cfg.corpus))
+    return 0
 
 
 if __name__ == "__main__":

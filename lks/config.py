@@ -123,6 +123,8 @@ class ModelSpec:
     dtype: str = "float32"             # default compute dtype
     editor: EditorConfig = field(default_factory=EditorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    baselines: dict = field(default_factory=dict)  # {"ft"|"memit"|"alphaedit": {...}}: weight-editing baselines'
+                                       # hyperparameters, validated by their typed configs in lks.baselines
     notes: str = ""                    # where the defaults come from
 
     @classmethod

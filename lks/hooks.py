@@ -2,7 +2,9 @@
 
 ``LayerHooks`` is a context manager that can
 
-* **capture** the output hidden state ``[batch, seq, hidden]`` of chosen decoder layers, and
+* **capture** the output hidden state ``[batch, seq, hidden]`` of chosen decoder layers, and the
+  input of chosen submodules of a layer (``capture_inputs``: e.g. ``(8, "mlp.down_proj")``, the
+  MLP "keys" ``[batch, seq, intermediate]`` that weight-editing baselines read), and
 * **replace** the hidden state at given ``(row, position)`` pairs of one layer's output with given
   vectors, either statically (``hooks.replace(...)`` before the forward call) or dynamically
   (a ``replacer`` callback that sees each forward call's ``input_ids``/``attention_mask`` and
@@ -78,6 +80,9 @@ class LayerHooks:
         stop_after_capture: raise :class:`StopForward` right after the deepest captured layer, so
             a caller that only needs states up to layer L does not pay for layers above it.
             Catch it around the forward call (``with suppress(StopForward): model(...)``).
+        capture_inputs: ``(layer, submodule path inside that layer)`` pairs whose first positional
+            input is recorded in ``self.captured_inputs[(layer, path)]`` (detached like the outputs).
+            Their layers count as captured layers for ``stop_after_capture``.
 
     Example::
 
@@ -94,9 +99,12 @@ class LayerHooks:
         replacer: Replacer | None = None,
         detach: bool = True,
         stop_after_capture: bool = False,
+        capture_inputs: Iterable[tuple[int, str]] = (),
     ) -> None:
         self.model = model
-        self.capture_layers = sorted({check_layer(model, i) for i in capture})
+        self.capture_inputs = sorted({(check_layer(model, i), name) for i, name in capture_inputs})
+        self.captured_inputs: dict[tuple[int, str], torch.Tensor] = {}
+        self.capture_layers = sorted({check_layer(model, i) for i in capture} | {i for i, _ in self.capture_inputs})
         self.edit_layer = check_layer(model, edit_layer) if edit_layer is not None else None
         if replacer is not None and edit_layer is None:
             raise ValueError("a replacer needs edit_layer")
@@ -126,12 +134,16 @@ class LayerHooks:
     def clear(self) -> None:
         """Forget captured states and any static replacement."""
         self.captured.clear()
+        self.captured_inputs.clear()
         self._static = None
 
     # -- context manager ----------------------------------------------------------------------
     def __enter__(self) -> LayerHooks:
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
+            for i, name in self.capture_inputs:
+                sub = get_layer(self.model, i).get_submodule(name)
+                self._handles.append(sub.register_forward_pre_hook(self._make_input_hook((i, name))))
             for i in sorted(set(self.capture_layers) | ({self.edit_layer} - {None})):
                 self._handles.append(get_layer(self.model, i).register_forward_hook(self._make_layer_hook(i)))
         except BaseException:
@@ -158,6 +170,13 @@ class LayerHooks:
         self._pending = None
         if self.replacer is not None and not self._decode_step:
             self._pending = self.replacer(input_ids, kwargs.get("attention_mask"))
+
+    def _make_input_hook(self, key: tuple[int, str]):
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            x = inputs[0]  # [batch, seq, in_features]
+            self.captured_inputs[key] = x.detach() if self.detach else x
+
+        return hook
 
     def _make_layer_hook(self, layer: int):
         def hook(module: nn.Module, inputs: tuple, output: Any) -> Any:

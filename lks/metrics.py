@@ -179,7 +179,10 @@ def _form(text: str, subject: str) -> str | None:
 
 def _rephrase0_held_out(editor) -> bool:
     """``rephrases[0]`` is seen in training unless the editor was trained with
-    ``TrainConfig(train_rephrase=False)``."""
+    ``TrainConfig(train_rephrase=False)``; an editor without a ``train_config`` (the weight-editing
+    baselines of :mod:`lks.baselines`, which train on the edit prompt only) never saw it."""
+    if not hasattr(editor, "train_config"):
+        return True
     trained = getattr(editor, "train_config", None)
     return trained is not None and not trained.train_rephrase
 
@@ -452,8 +455,10 @@ def scope_diagnostics(editor, edits: EditSet) -> dict[str, float]:
     some edited subject (only right when that other subject is itself edited). ``precision``: of
     all routings on same-subject prompts, the fraction that chose the right subject.
     """
-    scope = editor.scope
+    scope = getattr(editor, "scope", None)
     out: dict[str, float] = {}
+    if scope is None:  # an editor without a scope indicator (lks.baselines) edits every prompt
+        return out
     right = wrong = 0
     for name, get in [("prompt", lambda r: [r.prompt]), ("rephrase", lambda r: list(r.rephrases)),
                       ("locality", lambda r: [p for p, _ in r.locality])]:

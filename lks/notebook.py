@@ -334,7 +334,7 @@ class NotebookRun:
     data_dir: Path                   # benchmark data directory (may not exist)
     figure_dir: Path
     results_dir: Path
-    started: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    started: str = field(default_factory=lambda: datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
     timings: dict[str, float] = field(default_factory=dict)  # seconds per timed section
     _t0: float = field(default_factory=time.perf_counter, repr=False)
 

@@ -1,0 +1,401 @@
+"""What the weight-editing baselines share: the editor interface, the forward passes, the batches.
+
+A weight editor's whole edit is a set of additive changes ``deltas[layer]`` (same shape as that
+layer's MLP output projection, ``mlp.down_proj.weight`` ``[d_model, intermediate]`` on Llama-family
+models). :class:`WeightEditor` gives every method the interface of :class:`lks.LKSEditor`:
+``fit``, ``applied`` (adds the deltas on enter, puts the ORIGINAL tensors back on exit, so the
+weights are restored bit for bit, also after an exception), ``generate``, ``save`` / ``load``
+(``deltas.safetensors`` + ``config.json`` with a ``method`` key), ``model``, ``tokenizer``,
+``n_edits``, ``fit_seconds``.
+
+The forward passes of the optimisation loops run the frozen lower layers once (their output is
+cached, :func:`lower_states`) and only the layers above it each step (:func:`upper_hidden`, the
+same ``skip_lower_layers`` trick as LKS's training path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lks.config import from_dict
+from lks.data import EditSet, find_subject, subject_token_index
+from lks.hooks import LayerHooks, StopForward
+from lks.models import get_layer, get_layers, model_device, skip_lower_layers
+from lks.utils import atomic_dir, write_json
+
+FORMAT_VERSION = 1
+PROJ = "mlp.down_proj"  # the MLP output projection inside a Llama/Mistral/Qwen2 decoder layer
+
+
+@dataclass
+class ApplyStats:
+    """Counters of an ``applied`` block, compatible with :class:`lks.editor.ApplyStats`.
+
+    A weight edit acts on every row of every call, so ``rows_routed == rows_seen``."""
+
+    rows_seen: int = 0
+    rows_routed: int = 0
+    calls: int = 0
+
+
+def down_proj(model: nn.Module, layer: int) -> nn.Linear:
+    """The MLP output projection of decoder ``layer`` (Llama family: ``mlp.down_proj``)."""
+    try:
+        mod = get_layer(model, layer).get_submodule(PROJ)
+    except AttributeError:
+        raise ValueError(f"{type(model).__name__} layer {layer} has no {PROJ}; the weight-editing baselines "
+                         "support Llama-family models (Llama, Mistral, Qwen2, SmolLM)") from None
+    if not isinstance(mod, nn.Linear):
+        raise ValueError(f"{PROJ} of layer {layer} is a {type(mod).__name__}, not nn.Linear")
+    return mod
+
+
+def method_config(cls: type, model: nn.Module, method: str) -> Any:
+    """The registered model's ``"baselines": {method: {...}}`` as dataclass ``cls`` (defaults for
+    models without a config file); unknown keys are rejected with a message naming them."""
+    from lks.config import model_spec, registered_models
+
+    name = getattr(model, "lks_name", "")
+    if name not in registered_models():
+        return cls()
+    spec = model_spec(name)
+    unknown = sorted(set(spec.baselines) - {"ft", "memit", "alphaedit"})
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in configs/{name}.json:baselines; valid keys: ['alphaedit', 'ft', 'memit']")
+    return from_dict(cls, dict(spec.baselines.get(method, {})), f"configs/{name}.json:baselines.{method}")
+
+
+# --------------------------------------------------------------------------------------------
+# Batches: prompt + target, with the subject's last token
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    """One tokenised text: ``ids``, the subject's last token ``subj``, the positions whose logits
+    predict the target tokens ``tgt_pos`` (``tgt_ids`` the tokens), ``edit`` the edit it belongs to."""
+
+    ids: list[int]
+    subj: int
+    tgt_pos: list[int]
+    tgt_ids: list[int]
+    edit: int
+
+
+def encode_rows(tok: Any, texts: Sequence[str], subjects: Sequence[str], edit_of: Sequence[int],
+                targets: Sequence[str | None] | None = None) -> list[Row]:
+    """Tokenise ``text + " " + target`` (or ``text`` alone) and locate the subject's last token
+    (its first mention, :func:`lks.data.find_subject`) and the target tokens. As in
+    :func:`lks.metrics.teacher_forced`, target tokens are those starting at or after the text's
+    character length (byte-level BPE tokenises " Paris" and "Paris" differently)."""
+    targets = list(targets) if targets is not None else [None] * len(texts)
+    full = [t if g is None else f"{t} {g}" for t, g in zip(texts, targets)]
+    enc = tok(full, return_offsets_mapping=True)
+    rows = []
+    for ids, offs, text, subj, e, g in zip(enc["input_ids"], enc["offset_mapping"], texts, subjects, edit_of, targets):
+        s_pos = subject_token_index(offs, *find_subject(text, subj))
+        tgt = [j for j, (a, b) in enumerate(offs) if g is not None and a >= len(text) and b > a and j > 0]
+        rows.append(Row(list(ids), s_pos, [j - 1 for j in tgt], [ids[j] for j in tgt], e))
+    return rows
+
+
+def pad(rows: Sequence[Row], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``attention_mask`` ``[batch, T]``."""
+    T = max(len(r.ids) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r.ids)] = torch.tensor(r.ids)
+        mask[i, : len(r.ids)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def chunks(n: int, size: int) -> list[list[int]]:
+    return [list(range(i, min(n, i + size))) for i in range(0, n, size)]
+
+
+# --------------------------------------------------------------------------------------------
+# Forward passes in two parts
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def lower_states(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, layer: int) -> tuple[torch.Tensor, bool]:
+    """Output ``[batch, T, d]`` of decoder ``layer`` (the layers above never run), and whether the
+    decoder layers return tuples (what :func:`lks.models.skip_lower_layers` must mimic)."""
+    with LayerHooks(model, capture=[layer], stop_after_capture=True) as hooks:
+        with suppress(StopForward):
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    return hooks.captured[layer], bool(hooks.output_is_tuple)
+
+
+def upper_hidden(model: nn.Module, layer: int, hidden: torch.Tensor, mask: torch.Tensor, as_tuple: bool,
+                 params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Final (normed) hidden states ``[batch, T, d]`` when decoder ``layer`` outputs ``hidden``:
+    only layers ``layer+1..N`` run. ``params`` overrides parameters of ``model.base_model`` by name
+    (``torch.func.functional_call``), which is how FT-L puts ``W + delta`` in the autograd graph."""
+    base = model.base_model
+    with skip_lower_layers(model, layer, hidden, as_tuple):
+        kwargs = {"inputs_embeds": torch.zeros_like(hidden), "attention_mask": mask, "use_cache": False}
+        out = torch.func.functional_call(base, params, (), kwargs) if params else base(**kwargs)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def target_nll(model: nn.Module, final: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+    """Mean NLL of each row's target tokens ``[len(rows)]`` from the final hidden states; logits
+    are computed at the target positions only."""
+    r_idx = torch.tensor([i for i, r in enumerate(rows) for _ in r.tgt_pos], device=final.device)
+    p_idx = torch.tensor([p for r in rows for p in r.tgt_pos], device=final.device)
+    tgt = torch.tensor([t for r in rows for t in r.tgt_ids], device=final.device)
+    head = model.get_output_embeddings()
+    logp = torch.log_softmax(head(final[r_idx, p_idx].to(head.weight.dtype)).float(), -1)
+    nll = -logp.gather(-1, tgt[:, None])[:, 0]
+    per_row = torch.zeros(len(rows), device=final.device).index_add(0, r_idx, nll)
+    return per_row / torch.tensor([max(1, len(r.tgt_pos)) for r in rows], device=final.device)
+
+
+# --------------------------------------------------------------------------------------------
+# The editor interface
+# --------------------------------------------------------------------------------------------
+class WeightEditor:
+    """Base class of the weight-editing baselines; subclasses set ``method``, ``config_class`` and
+    implement ``_fit(edits) -> {layer: delta}``.
+
+    Args:
+        model: a frozen Llama-family causal LM (see :func:`lks.load_model`).
+        tokenizer: its tokenizer.
+        config: the method's hyperparameters; default: the registered model's ``"baselines"`` entry.
+    """
+
+    method: ClassVar[str] = ""
+    config_class: ClassVar[type] = object
+
+    def __init__(self, model: nn.Module, tokenizer: Any, config: Any = None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config if config is not None else method_config(self.config_class, model, self.method)
+        n = len(get_layers(model))
+        for layer in getattr(self.config, "layers", None) or [self.config.layer]:
+            if not 0 <= layer < n:
+                raise ValueError(f"{self.method}: layer {layer} is out of range for {getattr(model, 'lks_name', '')!r} "
+                                 f"({n} decoder layers); set the layers in configs/<model>.json 'baselines'")
+        self.deltas: dict[int, torch.Tensor] = {}
+        self.n_edits = 0
+        self.fit_seconds = 0.0
+        self.history: list[dict[str, float]] = []
+        self.data_checksum = ""
+
+    # -- fit ------------------------------------------------------------------------------------
+    def fit(self, edits: EditSet, *, on_conflict: str = "error", progress: bool = True) -> list[dict[str, float]]:
+        """Compute the weight change for ``edits`` (the model's weights are left as they were).
+
+        ``on_conflict="first"`` drops later edits of the same subject and prompt with another target."""
+        from lks.training.sequences import check_conflicts, drop_conflicts
+
+        if on_conflict == "first":
+            edits, _ = drop_conflicts(edits)
+        elif on_conflict != "error":
+            raise ValueError(f"on_conflict must be 'error' or 'first', got {on_conflict!r}")
+        check_conflicts(edits)
+        edits.require_nonempty()
+        t0 = time.perf_counter()
+        self.history = []
+        self.deltas = {k: v.detach().float().cpu() for k, v in self._fit(edits, progress).items()}
+        self.fit_seconds = time.perf_counter() - t0
+        self.n_edits, self.data_checksum = len(edits), edits.checksum()
+        return self.history
+
+    def _fit(self, edits: EditSet, progress: bool) -> dict[int, torch.Tensor]:
+        raise NotImplementedError
+
+    # -- apply ----------------------------------------------------------------------------------
+    @contextmanager
+    def applied(self, model: nn.Module | None = None) -> Iterator[ApplyStats]:
+        """Inside the block the model's down_proj weights are ``W + delta``; on exit (also after an
+        exception) the original tensors are put back, so the weights are restored bit for bit."""
+        model = model if model is not None else self.model
+        if not self.deltas:
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit() or load() first")
+        stats = ApplyStats()
+
+        def count(input_ids, attention_mask):  # counts calls and rows; replaces nothing
+            stats.calls += 1
+            if input_ids is not None:
+                stats.rows_seen += int(input_ids.shape[0])
+                stats.rows_routed += int(input_ids.shape[0])
+            return None
+
+        with added_weights(model, self.deltas):
+            with LayerHooks(model, edit_layer=min(self.deltas), replacer=count):
+                yield stats
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 20, edited: bool = True,
+                 batch_size: int = 16, **gen_kwargs: Any) -> list[str]:
+        """Greedy continuations of ``prompts`` (edited by default), without the prompt text."""
+        out: list[str] = []
+        dev = model_device(self.model)
+        for i in range(0, len(prompts), batch_size):
+            enc = self.tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True,
+                                 padding_side="left").to(dev)
+            enc = {k: enc[k] for k in ("input_ids", "attention_mask")}
+            kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": self.tokenizer.pad_token_id,
+                  **gen_kwargs}
+            if edited:
+                with self.applied(self.model):
+                    seq = self.model.generate(**enc, **kw)
+            else:
+                seq = self.model.generate(**enc, **kw)
+            out += self.tokenizer.batch_decode(seq[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return out
+
+    # -- save / load ----------------------------------------------------------------------------
+    def _model_info(self, model: nn.Module) -> dict[str, Any]:
+        return {"name": getattr(model, "lks_name", ""), "hidden_size": int(model.config.hidden_size),
+                "num_layers": len(get_layers(model)), "class": type(model).__name__}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Save to a directory (atomically): ``config.json`` (method, model, hyperparameters) and
+        ``deltas.safetensors`` (``layer.<i>``: the change of that layer's down_proj weight)."""
+        from safetensors.torch import save_file
+
+        import lks
+
+        if not self.deltas:
+            raise RuntimeError(f"{type(self).__name__} is not fitted: nothing to save")
+        cfg = {"format_version": FORMAT_VERSION, "lks_version": lks.__version__, "method": self.method,
+               "model": self._model_info(self.model), "config": dataclasses.asdict(self.config),
+               "layers": sorted(self.deltas), "n_edits": self.n_edits, "fit_seconds": self.fit_seconds,
+               "data_checksum": self.data_checksum, "history": self.history,
+               "versions": {"torch": torch.__version__}}
+        path = Path(path)
+        with atomic_dir(path) as tmp:
+            write_json(tmp / "config.json", cfg)
+            save_file({f"layer.{k}": v.contiguous() for k, v in self.deltas.items()}, str(tmp / "deltas.safetensors"))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module, tokenizer: Any) -> WeightEditor:
+        """Load a saved editor for ``model``; a checkpoint of another method, model or layer shape
+        is refused with a one-line error."""
+        from safetensors.torch import load_file
+
+        from lks.checkpoint import read_json
+
+        path = Path(path)
+        cfg = read_json(path / "config.json")
+        if cfg.get("method") != cls.method:
+            raise ValueError(f"checkpoint {path} holds a {cfg.get('method') or 'lks'!r} editor, not {cls.method!r}")
+        editor = cls(model, tokenizer, from_dict(cls.config_class, cfg["config"], f"{path}/config.json:config"))
+        want, have = cfg.get("model", {}), editor._model_info(model)
+        if any(want.get(k) != have[k] for k in ("hidden_size", "num_layers")) or \
+                (want.get("name") and have["name"] and want["name"] != have["name"]):
+            raise ValueError(f"checkpoint {path} was made for model {want.get('name')!r} (hidden {want.get('hidden_size')}, "
+                             f"{want.get('num_layers')} layers), not for {have['name']!r} (hidden {have['hidden_size']}, "
+                             f"{have['num_layers']} layers)")
+        file = path / "deltas.safetensors"
+        if not file.is_file():
+            raise FileNotFoundError(f"checkpoint file {file} is missing")
+        tensors = load_file(str(file))
+        for key, delta in tensors.items():
+            layer = int(key.split(".")[1])
+            if not 0 <= layer < have["num_layers"] or delta.shape != down_proj(model, layer).weight.shape:
+                raise ValueError(f"checkpoint {path}: {key} of shape {tuple(delta.shape)} does not fit layer {layer} "
+                                 f"of {have['name']!r}")
+            editor.deltas[layer] = delta
+        editor.n_edits, editor.fit_seconds = cfg.get("n_edits", 0), cfg.get("fit_seconds", 0.0)
+        editor.history, editor.data_checksum = cfg.get("history", []), cfg.get("data_checksum", "")
+        return editor
+
+
+@contextmanager
+def added_weights(model: nn.Module, deltas: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Inside the block, layer ``i``'s down_proj weight is ``W + deltas[i]``; the original tensor
+    objects are put back on exit, so the model leaves bit-identical (also after an exception)."""
+    saved: list[tuple[nn.Parameter, torch.Tensor]] = []
+    try:
+        for layer, delta in deltas.items():
+            w = down_proj(model, layer).weight
+            saved.append((w, w.data))
+            w.data = w.data + delta.to(device=w.device, dtype=w.dtype)
+        yield
+    finally:
+        for w, data in reversed(saved):
+            w.data = data
+
+
+
+
+@dataclass
+class SuffixPart:
+    """A chunk of rows prepared for suffix-only passes of the layers above ``layer``.
+
+    A change written at each row's position ``subj`` cannot reach earlier tokens (attention is
+    causal), so the upper layers' keys/values of the tokens before it are computed once (``kv``,
+    left-padded to ``P``) and every optimisation step runs only the suffix ``subj..end`` of each
+    row (``h``, right-padded; the edited token is suffix position 0). ``rows`` carry target
+    positions relative to the suffix. :func:`suffix_hidden` equals the full pass of
+    :func:`upper_hidden` (tested).
+    """
+
+    rows: list[Row]
+    h: torch.Tensor               # [B, Ts, d] layer output on the suffixes (float32)
+    mask: torch.Tensor            # [B, P + Ts]
+    position_ids: torch.Tensor    # [B, Ts] true positions
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per upper layer: keys, values [B, kv_heads, P, head_dim]
+    layer: int
+    as_tuple: bool
+
+
+@torch.no_grad()
+def suffix_part(model: nn.Module, layer: int, rows: Sequence[Row], pad_id: int, dtype: torch.dtype) -> SuffixPart:
+    """Run ``rows`` once (lower layers, then the upper ones with a cache) and keep what the
+    suffix-only passes need (see :class:`SuffixPart`). ``dtype``: the upper layers' dtype."""
+    from lks.models import past_key_value
+
+    dev = model_device(model)
+    ids, mask = pad(rows, pad_id, dev)
+    h, as_tuple = lower_states(model, ids, mask, layer)
+    with skip_lower_layers(model, layer, h.to(dtype), as_tuple):
+        out = model.base_model(inputs_embeds=torch.zeros_like(h, dtype=dtype), attention_mask=mask, use_cache=True)
+    starts = [r.subj for r in rows]
+    lens = [len(r.ids) - s for r, s in zip(rows, starts)]
+    P, Ts, B = max(starts), max(lens), len(rows)
+    hs = torch.zeros(B, Ts, h.shape[-1], device=dev)
+    m = torch.zeros(B, P + Ts, dtype=torch.long, device=dev)
+    kv = []
+    for i in range(layer + 1, len(get_layers(model))):
+        k, v = past_key_value(out.cache, i)
+        kp, vp = k.new_zeros(B, k.shape[1], P, k.shape[3]), v.new_zeros(B, v.shape[1], P, v.shape[3])
+        for b, s in enumerate(starts):
+            kp[b, :, P - s:], vp[b, :, P - s:] = k[b, :, :s], v[b, :, :s]
+        kv.append((kp, vp))
+    new_rows = []
+    for b, (r, s, n) in enumerate(zip(rows, starts, lens)):
+        hs[b, :n] = h[b, s:s + n].float()
+        m[b, P - s:P + n] = 1
+        new_rows.append(Row(r.ids, 0, [p - s for p in r.tgt_pos], r.tgt_ids, r.edit))
+    pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(Ts, device=dev)[None, :]
+    return SuffixPart(new_rows, hs, m, pos, kv, layer, as_tuple)
+
+
+def suffix_hidden(model: nn.Module, part: SuffixPart, add: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Final hidden states ``[B, Ts, d]`` of the suffixes with ``add`` ``[B, d]`` added to each
+    row's edited token (suffix position 0) in the output of ``part.layer``."""
+    from lks.models import make_past
+
+    h = part.h if add is None else torch.cat([part.h[:, :1] + add[:, None], part.h[:, 1:]], 1)
+    h = h.to(dtype)
+    B, P = h.shape[0], part.mask.shape[1] - h.shape[1]
+    k0 = part.kv[0][0]
+    dummy = k0.new_zeros(B, k0.shape[1], P, k0.shape[3])  # layers 0..layer are skipped and never read it
+    past = make_past([(dummy, dummy)] * (part.layer + 1) + list(part.kv))
+    with skip_lower_layers(model, part.layer, h, part.as_tuple):
+        out = model.base_model(inputs_embeds=torch.zeros_like(h), attention_mask=part.mask, cache=past,
+                               use_cache=True, position_ids=part.position_ids)
+    return out.last_hidden_state

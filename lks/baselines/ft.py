@@ -1,0 +1,100 @@
+"""FT-L: constrained fine-tuning of one MLP output projection.
+
+As defined in ROME (Meng et al. 2022, §4.2 baselines and appendix: "FT-L" fine-tunes one layer's
+MLP weights on the edit with an L-infinity norm constraint ``||theta' - theta||_inf <= epsilon``)
+and used again as a baseline in MEMIT (Meng et al. 2023, §4): the change ``delta`` of
+``mlp.down_proj.weight`` at ``layer`` minimises the mean NLL of each edit's target tokens given its
+prompt (teacher-forced), with Adam; after every step ``delta`` is projected back onto the
+constraint set (clamped elementwise to ``[-bound, bound]``, or rescaled to Frobenius norm
+``bound`` with ``norm="fro"``). All edits train together, one chunked forward/backward per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from lks.baselines.common import (
+    WeightEditor,
+    chunks,
+    down_proj,
+    encode_rows,
+    lower_states,
+    pad,
+    target_nll,
+    upper_hidden,
+)
+from lks.data import EditSet
+from lks.models import model_device
+
+
+@dataclass
+class FTConfig:
+    """FT-L hyperparameters (defaults: ROME's FT-L bound and learning rate; the registered SmolLM2-135M values are in
+    lks/configs/smollm2-135m.json, chosen in docs/baselines.md)."""
+
+    layer: int = 6            # decoder layer whose down_proj is fine-tuned
+    lr: float = 5e-4          # Adam learning rate
+    steps: int = 25           # optimisation steps over all edits
+    bound: float = 5e-4       # the constraint's radius
+    norm: str = "inf"         # "inf": elementwise clamp (ROME's FT-L) | "fro": Frobenius-norm ball
+    stop_nll: float = 0.05    # stop when every edit's mean target NLL is below this
+    batch_rows: int = 64      # rows per forward/backward chunk
+
+    def __post_init__(self) -> None:
+        if self.norm not in ("inf", "fro"):
+            raise ValueError(f"norm must be 'inf' or 'fro', got {self.norm!r}")
+        if self.layer < 1:
+            raise ValueError(f"layer must be >= 1 (the layer below it is cached), got {self.layer}")
+        if min(self.lr, self.steps, self.bound, self.batch_rows) <= 0:
+            raise ValueError("lr, steps, bound and batch_rows must be positive")
+
+
+def project(delta: torch.Tensor, bound: float, norm: str) -> torch.Tensor:
+    """``delta`` projected (in place) onto ``{||delta||_inf <= bound}`` or ``{||delta||_F <= bound}``."""
+    if norm == "inf":
+        return delta.clamp_(-bound, bound)
+    return delta.mul_(min(1.0, bound / max(float(delta.norm()), 1e-12)))
+
+
+class FTEditor(WeightEditor):
+    """FT-L baseline behind the :class:`lks.LKSEditor` interface (see the module docstring)."""
+
+    method = "ft"
+    config_class = FTConfig
+
+    def _fit(self, edits: EditSet, progress: bool) -> dict[int, torch.Tensor]:
+        cfg, model, tok = self.config, self.model, self.tokenizer
+        dev = model_device(model)
+        W = down_proj(model, cfg.layer).weight
+        name = next(n for n, p in model.base_model.named_parameters() if p is W)
+        rows = encode_rows(tok, [r.prompt for r in edits], [r.subject for r in edits], list(range(len(edits))),
+                           [r.target for r in edits])
+        parts = []  # the layers below `layer` run once
+        for idx in chunks(len(rows), cfg.batch_rows):
+            sub = [rows[j] for j in idx]
+            ids, mask = pad(sub, tok.pad_token_id, dev)
+            h, as_tuple = lower_states(model, ids, mask, cfg.layer - 1)
+            parts.append((sub, h, mask, as_tuple))
+        delta = torch.zeros_like(W, requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=cfg.lr)
+        bar = tqdm(range(cfg.steps), desc="FT-L", disable=not progress)
+        for step in bar:
+            opt.zero_grad()
+            nll_all = []
+            for sub, h, mask, as_tuple in parts:
+                fin = upper_hidden(model, cfg.layer - 1, h, mask, as_tuple, params={name: W + delta})
+                nll = target_nll(model, fin, sub)
+                (nll.sum() / len(rows)).backward()
+                nll_all.append(nll.detach())
+            nll = torch.cat(nll_all)
+            self.history.append({"step": step, "nll_mean": float(nll.mean()), "nll_max": float(nll.max())})
+            bar.set_postfix(nll=f"{float(nll.mean()):.3f}")
+            if float(nll.max()) < cfg.stop_nll:
+                break
+            opt.step()
+            with torch.no_grad():
+                project(delta, cfg.bound, cfg.norm)
+        return {cfg.layer: delta.detach()}

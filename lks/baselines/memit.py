@@ -1,0 +1,290 @@
+"""MEMIT (Meng, Sen Sharma, Andonian, Belinkov, Bau 2023, "Mass-Editing Memory in a Transformer").
+
+Two steps (paper §3, Algorithm 1):
+
+1. **Target vectors** (§3.1, eq. 16-17): for edit ``i`` find ``delta_i`` that, added to the output
+   ``h_i^L`` of the LAST layer ``L`` of the band at the subject's last token, makes the model
+   predict the new object: minimise the mean NLL of the target over the edit prompt and a few
+   short random-prefix contexts, plus ``kl_weight`` times KL(unedited || edited) of the next token
+   after "{subject} is a" (keeps the subject's other facts; ROME, Meng et al. 2022, eq. 4), plus
+   ``weight_decay * ||delta||^2 / ||h||^2``; ``||delta||`` is clamped to ``clamp * ||h||`` after
+   every step. ``z_i = h_i^L + delta_i``. All edits are optimised together: their losses are
+   summed and each ``delta_i`` only reaches its own rows, so the batch is n independent problems
+   in one forward/backward (:func:`target_vectors`).
+2. **Spread over the band** (§3.2, Algorithm 1 lines 8-15): for each layer ``l`` of the band in
+   turn, keys ``K`` (down_proj inputs at the subject's last token, averaged over the contexts),
+   residual ``R = (z - h^L) / (layers left)`` with ``h^L`` recomputed under the updates so far, and
+   the least-squares update (eq. 14) ``Delta = R K^T (C0 + K K^T)^-1``, ``C0 = lambda E[k k^T]``
+   (:func:`memit_update`; in torch's ``[out, in]`` weight layout with keys as rows).
+
+The random-prefix contexts are the unedited model's greedy continuations of a few opening words
+(the paper samples them); one set per fit, shared by all edits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lks.baselines.common import (
+    PROJ,
+    Row,
+    WeightEditor,
+    added_weights,
+    chunks,
+    down_proj,
+    encode_rows,
+    pad,
+    suffix_hidden,
+    suffix_part,
+    target_nll,
+)
+from lks.baselines.stats import CORPUS, key_second_moment
+from lks.data import EditSet
+from lks.hooks import LayerHooks, StopForward
+from lks.models import cache_dir, model_device, upper_layers_dtype
+from lks.utils import resolve_dtype, resolve_precision, sha256_text
+
+PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You", "It", "In", "A", "When", "She")
+
+
+@dataclass
+class MEMITConfig:
+    """MEMIT hyperparameters (defaults: close to the paper's GPT-J values; the registered SmolLM2-135M
+    values are in lks/configs/smollm2-135m.json, chosen in docs/baselines.md)."""
+
+    layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])  # the band; targets at the last
+    lam: float = 1e4             # lambda: weight of E[k k^T] in C0 (eq. 14; MEMIT GPT-J: 15,000)
+    cov_tokens: int = 100_000    # corpus tokens of the key statistics
+    corpus: str = CORPUS         # their corpus: a data-directory file or a path (never a test split)
+    z_steps: int = 20            # Adam steps of the target optimisation
+    z_lr: float = 0.5            # its learning rate
+    clamp: float = 0.75          # ||delta|| <= clamp * ||h||
+    kl_weight: float = 0.0625    # weight of the "{subject} is a" KL term
+    weight_decay: float = 0.5    # weight of ||delta||^2 / ||h||^2
+    n_prefixes: int = 4          # random-prefix contexts besides the plain prompt
+    prefix_tokens: int = 10      # tokens per prefix
+    stop_nll: float = 0.05       # stop when every edit's mean target NLL is below this
+    batch_rows: int = 64         # rows per forward/backward chunk
+    precision: str = "auto"      # upper layers during the target optimisation: "float32", "bfloat16" or
+                                 # "auto" (bfloat16 where native, lks.utils.resolve_precision); ~2x on AVX-512-BF16
+
+    def __post_init__(self) -> None:
+        if not self.layers or sorted(set(self.layers)) != list(self.layers):
+            raise ValueError(f"layers must be a non-empty increasing list, got {self.layers}")
+        if min(self.lam, self.z_lr, self.clamp, self.cov_tokens, self.z_steps, self.batch_rows) <= 0:
+            raise ValueError("lam, z_lr, clamp, cov_tokens, z_steps and batch_rows must be positive")
+
+
+def memit_update(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
+    """MEMIT's batch update (eq. 14): ``Delta = R^T K (lam C + K^T K)^-1`` ``[d_out, d_in]``.
+
+    Keys ``K`` ``[n, d_in]`` and residuals ``R`` ``[n, d_out]`` are rows (the paper's columns);
+    ``Delta`` minimises ``||Delta K^T - R^T||^2 + lam tr(Delta C Delta^T)``. Solved in float64."""
+    A = lam * C.double() + K.double().T @ K.double()
+    return torch.linalg.solve(A, K.double().T @ R.double()).T.float()
+
+
+def context_prefixes(model: nn.Module, tok, n: int, n_tokens: int) -> list[str]:
+    """``""`` and ``n`` short texts (greedy continuations of opening words) ending in ". "."""
+    out = [""]
+    if n <= 0:
+        return out
+    dev = model_device(model)
+    enc = tok(list(PREFIX_STARTS[:n]), return_tensors="pt", padding=True, padding_side="left").to(dev)
+    with torch.no_grad():
+        seq = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=n_tokens,
+                             do_sample=False, pad_token_id=tok.pad_token_id)
+    for text in tok.batch_decode(seq, skip_special_tokens=True):
+        out.append(" ".join(text.replace("{", " ").replace("}", " ").split()) + ". ")
+    return out
+
+
+def _edit_rows(tok, edits: EditSet, prefixes: Sequence[str], with_target: bool) -> list[Row]:
+    texts, subjects, owners, targets = [], [], [], []
+    for i, r in enumerate(edits):
+        for pre in prefixes:
+            texts.append(pre + r.prompt)
+            subjects.append(r.subject)
+            owners.append(i)
+            targets.append(r.target)
+    return encode_rows(tok, texts, subjects, owners, targets if with_target else None)
+
+
+def target_vectors(model: nn.Module, tok, edits: EditSet, cfg: MEMITConfig, layer: int, prefixes: Sequence[str],
+                   progress: bool = True, history: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets ``z`` ``[n, d]`` and current outputs ``h`` ``[n, d]`` of decoder ``layer`` at each
+    edit's subject (plain prompt), by the batched optimisation described in the module docstring.
+
+    Each chunk holds whole edits (their context rows and their KL row). An edit whose mean target
+    NLL is below ``stop_nll`` is done: its ``delta`` is frozen and a chunk of done edits is skipped
+    (one edit alone would stop there too, so batching does not change the result)."""
+    dev = model_device(model)
+    n, n_ctx = len(edits), len(prefixes)
+    ctx_rows = _edit_rows(tok, edits, prefixes, with_target=True)
+    kl_rows = encode_rows(tok, [f"{r.subject} is a" for r in edits], [r.subject for r in edits], list(range(n)))
+    for r in kl_rows:
+        r.tgt_pos = [len(r.ids) - 1]  # the next token after "{subject} is a"
+    per_chunk = max(1, cfg.batch_rows // (n_ctx + 1))
+    head = model.get_output_embeddings()
+    h0 = torch.zeros(n, model.config.hidden_size, device=dev)
+    ref = torch.zeros(n, head.weight.shape[0], device=dev)  # unedited log-probs after "{subject} is a"
+    parts = []  # (edits, is_kl [rows], SuffixPart): the lower layers and the prefixes run once
+    with torch.no_grad(), _precision(model, layer, cfg.precision) as dtype:
+        for group in chunks(n, per_chunk):
+            rows = [r for e in group for r in ctx_rows[e * n_ctx:(e + 1) * n_ctx]] + [kl_rows[e] for e in group]
+            is_kl = torch.tensor([False] * (len(group) * n_ctx) + [True] * len(group), device=dev)
+            part = suffix_part(model, layer, rows, tok.pad_token_id, dtype)
+            h0[torch.tensor(group, device=dev)] = part.h[: len(group) * n_ctx: n_ctx, 0]  # plain prompts
+            fin = suffix_hidden(model, part, None, dtype).float()
+            kl_k = is_kl.nonzero()[:, 0]
+            pos = torch.tensor([part.rows[k].tgt_pos[0] for k in kl_k.tolist()], device=dev)
+            ref[torch.tensor(group, device=dev)] = torch.log_softmax(head(fin[kl_k, pos]).float(), -1)
+            parts.append((group, is_kl, part))
+    delta = torch.zeros(n, h0.shape[1], device=dev, requires_grad=True)
+    with _precision(model, layer, cfg.precision) as dtype:
+        _optimise(model, parts, ref, h0, delta, dtype, cfg, n_ctx, progress, history)
+    return (h0 + delta).detach(), h0
+
+
+@contextmanager
+def _precision(model: nn.Module, layer: int, precision: str) -> Iterator[torch.dtype]:
+    """Layers above ``layer`` (and the final norm) held in the resolved precision for the block."""
+    dtype = resolve_dtype(resolve_precision(precision, model_device(model)))
+    if dtype == torch.float32:
+        yield dtype
+        return
+    with upper_layers_dtype(model, layer, dtype, attn_implementation="eager"):
+        yield dtype
+
+
+def _optimise(model, parts, ref, h0, delta, dtype, cfg: MEMITConfig, n_ctx: int, progress: bool,
+              history: list | None) -> None:
+    """The Adam loop of :func:`target_vectors` (``delta`` is updated in place)."""
+    dev, n = h0.device, h0.shape[0]
+    head = model.get_output_embeddings()
+    opt = torch.optim.Adam([delta], lr=cfg.z_lr)
+    h_norm = h0.norm(dim=1)
+    done = torch.zeros(n, dtype=torch.bool, device=dev)
+    nll_e = torch.full((n,), float("inf"), device=dev)
+    bar = tqdm(range(cfg.z_steps), desc="MEMIT targets", disable=not progress)
+    for step in bar:
+        opt.zero_grad()
+        kl_e = torch.zeros(n, device=dev)
+        for group, is_kl, part in parts:
+            g = torch.tensor(group, device=dev)
+            if bool(done[g].all()):
+                continue
+            rows = part.rows
+            owner = torch.tensor([r.edit for r in rows], device=dev)
+            fin = suffix_hidden(model, part, delta[owner], dtype).float()
+            ctx = (~is_kl).nonzero()[:, 0]
+            nll = target_nll(model, fin[ctx], [rows[k] for k in ctx.tolist()])
+            nll_g = torch.zeros(n, device=dev).index_add(0, owner[ctx], nll)[g] / n_ctx
+            kl_k = is_kl.nonzero()[:, 0]
+            pos = torch.tensor([rows[k].tgt_pos[0] for k in kl_k.tolist()], device=dev)
+            logp = torch.log_softmax(head(fin[kl_k, pos]), -1)
+            kl = (ref[g].exp() * (ref[g] - logp)).sum(-1)
+            decay = cfg.weight_decay * delta[g].norm(dim=1) ** 2 / h_norm[g] ** 2
+            live = (~done[g]).float()  # done edits add nothing (their delta is frozen below)
+            (live * (nll_g + cfg.kl_weight * kl + decay)).sum().backward()
+            nll_e[g], kl_e[g] = nll_g.detach(), kl.detach()
+        done |= nll_e < cfg.stop_nll
+        if history is not None:
+            history.append({"step": step, "nll_mean": float(nll_e.mean()), "nll_max": float(nll_e.max()),
+                            "kl_mean": float(kl_e.mean()), "done": int(done.sum())})
+        bar.set_postfix(nll=f"{float(nll_e.mean()):.3f}", done=int(done.sum()))
+        if bool(done.all()):
+            break
+        frozen = delta.detach()[done].clone()
+        opt.step()
+        with torch.no_grad():  # clamp ||delta_i|| <= clamp * ||h_i||; done edits keep their delta
+            scale = (cfg.clamp * h_norm / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+            delta.mul_(scale[:, None])
+            delta[done] = frozen
+
+
+@torch.no_grad()
+def keys_and_outputs(model: nn.Module, tok, rows: Sequence[Row], n: int, key_layer: int, out_layer: int,
+                     batch_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys ``[n, d_in]`` (down_proj inputs of ``key_layer`` at the subject's last token, averaged
+    over each edit's rows) and outputs of ``out_layer`` ``[n, d]`` at the same token of each
+    edit's FIRST row (its plain prompt), under the model's current weights."""
+    dev = model_device(model)
+    keys = torch.zeros(n, down_proj(model, key_layer).in_features, device=dev)
+    counts = torch.zeros(n, device=dev)
+    outs = torch.zeros(n, model.config.hidden_size, device=dev)
+    seen: set[int] = set()
+    for idx in chunks(len(rows), batch_rows):
+        sub = [rows[j] for j in idx]
+        ids, mask = pad(sub, tok.pad_token_id, dev)
+        with LayerHooks(model, capture=[out_layer], capture_inputs=[(key_layer, PROJ)], stop_after_capture=True) as hk:
+            try:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except StopForward:
+                pass
+        k_all, h_all = hk.captured_inputs[(key_layer, PROJ)], hk.captured[out_layer]
+        for b, r in enumerate(sub):
+            keys[r.edit] += k_all[b, r.subj].float()
+            counts[r.edit] += 1
+            if r.edit not in seen:
+                seen.add(r.edit)
+                outs[r.edit] = h_all[b, r.subj].float()
+    return keys / counts[:, None], outs
+
+
+class MEMITEditor(WeightEditor):
+    """MEMIT baseline behind the :class:`lks.LKSEditor` interface (``fit``, ``applied``, ``generate``,
+    ``save``, ``load``). See the module docstring for the method."""
+
+    method = "memit"
+    config_class = MEMITConfig
+
+    def _solve(self, K: torch.Tensor, R: torch.Tensor, layer: int, C: torch.Tensor) -> torch.Tensor:
+        return memit_update(K, R, C, self.config.lam)
+
+    def _targets(self, edits: EditSet, layer: int, prefixes: Sequence[str], progress: bool) -> torch.Tensor:
+        """:func:`target_vectors`, cached per (model, edits, layer, target settings) under the lks
+        cache directory: MEMIT and AlphaEdit with the same band share them."""
+        from safetensors.torch import load_file, save_file
+
+        keys = ("z_steps", "z_lr", "clamp", "kl_weight", "weight_decay", "n_prefixes", "prefix_tokens", "stop_nll",
+                "precision")
+        spec = {"model": getattr(self.model, "lks_name", ""), "edits": edits.checksum(), "layer": layer,
+                **{k: getattr(self.config, k) for k in keys}}
+        path = cache_dir() / "targets" / f"{sha256_text(json.dumps(spec, sort_keys=True))[:24]}.safetensors"
+        if path.is_file() and spec["model"]:
+            self.history.append({"targets": "cached", "path": str(path)})
+            return load_file(str(path))["z"].to(model_device(self.model))
+        z, _ = target_vectors(self.model, self.tokenizer, edits, self.config, layer, prefixes, progress, self.history)
+        if spec["model"]:  # an unnamed model has no stable cache key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            save_file({"z": z.cpu().contiguous()}, str(tmp), metadata={"spec": json.dumps(spec)})
+            os.replace(tmp, path)
+        return z
+
+    def _fit(self, edits: EditSet, progress: bool) -> dict[int, torch.Tensor]:
+        cfg, model, tok = self.config, self.model, self.tokenizer
+        band, last = list(cfg.layers), cfg.layers[-1]
+        stats = key_second_moment(model, tok, band, cfg.cov_tokens, corpus=cfg.corpus, progress=progress)
+        prefixes = context_prefixes(model, tok, cfg.n_prefixes, cfg.prefix_tokens)
+        z = self._targets(edits, last, prefixes, progress)
+        rows = _edit_rows(tok, edits, prefixes, with_target=False)
+        deltas: dict[int, torch.Tensor] = {}
+        for j, layer in enumerate(band):
+            with added_weights(model, deltas):  # the updates of the lower band layers so far
+                K, h = keys_and_outputs(model, tok, rows, len(edits), layer, last, cfg.batch_rows)
+            R = (z - h) / (len(band) - j)   # residual spread over the layers left (Algorithm 1)
+            dev = K.device
+            deltas[layer] = self._solve(K, R, layer, stats[layer].to(dev)).to(down_proj(model, layer).weight.dtype)
+            self.history.append({"layer": layer, "residual_norm": float(R.norm(dim=1).mean()),
+                                 "delta_norm": float(deltas[layer].norm())})
+        return deltas

@@ -1,0 +1,226 @@
+"""Weight-editing baselines (lks.baselines) on the tiny random Llama: the closed forms against
+independent solves, the constraints, applied/save/load, and that a fitted edit takes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_CORPUS, make_tiny_llama
+
+from lks.baselines import load_editor
+from lks.baselines.alphaedit import AlphaEditConfig, AlphaEditEditor, alphaedit_update, null_space_projector
+from lks.baselines.common import down_proj
+from lks.baselines.ft import FTConfig, FTEditor
+from lks.baselines.memit import MEMITConfig, MEMITEditor, memit_update
+from lks.data import EditRecord, EditSet
+
+# the subject ends each prompt: on a random 3-layer model a change at an earlier token barely
+# reaches the last position's prediction
+EDITS = EditSet([EditRecord("Danielle Darrieux", "The mother tongue of Danielle Darrieux", "English", "French"),
+                 EditRecord("Toko Yasuda", "The guitar of Toko Yasuda", "piano", "guitar")])
+
+
+@pytest.fixture()
+def corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("LKS_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(TINY_CORPUS * 40))
+    return str(path)
+
+
+def configs(corpus: str) -> dict:
+    """Settings that make an edit take on the random tiny model (its hidden states are small)."""
+    z = dict(layers=[0, 1], cov_tokens=1024, corpus=corpus, z_steps=40, z_lr=0.5, clamp=50.0, n_prefixes=2,
+             prefix_tokens=4, kl_weight=0.0, weight_decay=0.0)
+    return {"ft": (FTEditor, FTConfig(layer=1, lr=0.05, steps=40, bound=0.2)),
+            "memit": (MEMITEditor, MEMITConfig(lam=1e-2, **z)),
+            "alphaedit": (AlphaEditEditor, AlphaEditConfig(threshold=1e-3, alpha=1e-3, **z))}
+
+
+def next_token(model, tok, prompt: str) -> int:
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    return int(model(input_ids=ids).logits[0, -1].argmax())
+
+
+def test_memit_update_solves_least_squares():
+    torch.manual_seed(0)
+    n, d_in, d_out, lam = 6, 20, 8, 0.7
+    K, R = torch.randn(n, d_in), torch.randn(n, d_out)
+    A = torch.randn(d_in, 3 * d_in)
+    C = A @ A.T / A.shape[1]
+    # oracle: min ||K D^T - R||^2 + lam ||L^T D^T||^2 (C = L L^T) as ONE stacked least-squares problem
+    L = torch.linalg.cholesky(C.double())
+    stacked = torch.cat([K.double(), lam ** 0.5 * L.T])
+    rhs = torch.cat([R.double(), torch.zeros(d_in, d_out, dtype=torch.float64)])
+    want = torch.linalg.lstsq(stacked, rhs).solution.T
+    assert torch.allclose(memit_update(K, R, C, lam).double(), want, atol=1e-5)
+
+
+def test_alphaedit_leaves_preserved_keys_unchanged():
+    torch.manual_seed(0)
+    d_in, d_out = 24, 10
+    K0 = torch.randn(d_in, 14) @ torch.randn(14, 500)   # preserved keys span 14 of 24 dimensions
+    C = K0 @ K0.T / K0.shape[1]
+    P = null_space_projector(C, 1e-3)  # float32 C: the zero eigenvalues come out ~1e-5
+    assert round(float(torch.trace(P))) == d_in - 14
+    K, R = torch.randn(5, d_in), torch.randn(5, d_out)
+    delta = alphaedit_update(K, R, P, alpha=0.1)
+    assert float(delta.norm()) > 0.1
+    assert float((delta @ K0).norm()) < 1e-4 * float(delta.norm()) * float(K0.norm())
+    # oracle: ridge regression in the null space's basis U (delta = Y U^T)
+    evals, evecs = torch.linalg.eigh(C.double())
+    U = evecs[:, evals < 1e-3]
+    KU = K.double() @ U
+    Y = torch.linalg.solve(KU.T @ KU + 0.1 * torch.eye(U.shape[1], dtype=torch.float64), KU.T @ R.double()).T
+    assert torch.allclose(delta.double(), Y @ U.T, atol=1e-4)
+
+
+@pytest.mark.parametrize("norm,bound", [("inf", 2e-3), ("fro", 0.05)])
+def test_ft_respects_its_bound(tiny_pair, norm, bound):
+    model, tok = tiny_pair
+    ed = FTEditor(model, tok, FTConfig(layer=1, lr=0.05, steps=5, bound=bound, norm=norm))
+    ed.fit(EDITS, progress=False)
+    delta = ed.deltas[1]
+    size = float(delta.abs().max()) if norm == "inf" else float(delta.norm())
+    assert 0.5 * bound < size <= bound * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("method", ["ft", "memit", "alphaedit"])
+def test_fitted_edit_changes_the_prediction(tiny_pair, corpus, method):
+    model, tok = tiny_pair
+    cls, cfg = configs(corpus)[method]
+    ed = cls(model, tok, cfg)
+    ed.fit(EDITS, progress=False)
+    r = EDITS[0]
+    target = tok(f"{r.prompt} {r.target}")["input_ids"][len(tok(r.prompt)["input_ids"])]
+    before = next_token(model, tok, r.prompt)
+    with ed.applied():
+        after = next_token(model, tok, r.prompt)
+    assert before != target and after == target
+
+
+def test_applied_restores_weights_bit_for_bit(tiny_pair, corpus):
+    model, tok = tiny_pair
+    cls, cfg = configs(corpus)["memit"]
+    ed = cls(model, tok, cfg)
+    ed.fit(EDITS, progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with ed.applied() as stats:
+        assert not torch.equal(down_proj(model, 0).weight, before["model.layers.0.mlp.down_proj.weight"])
+        model(input_ids=torch.tensor([[3, 4, 5], [6, 7, 8]]))
+    assert (stats.calls, stats.rows_seen) == (1, 2)
+    with pytest.raises(KeyError):
+        with ed.applied():
+            raise KeyError("inside")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_save_load_round_trip_and_refusal(tiny_pair, corpus, tmp_path):
+    model, tok = tiny_pair
+    cls, cfg = configs(corpus)["alphaedit"]
+    ed = cls(model, tok, cfg)
+    ed.fit(EDITS, progress=False)
+    ed.save(tmp_path / "ed")
+    back = load_editor(str(tmp_path / "ed"), model, tok)
+    assert type(back) is AlphaEditEditor and back.config == ed.config and back.n_edits == 2
+    assert all(torch.equal(back.deltas[k], ed.deltas[k]) for k in ed.deltas)
+    assert back.generate([EDITS[0].prompt], max_new_tokens=3) == ed.generate([EDITS[0].prompt], max_new_tokens=3)
+    other = make_tiny_llama(layers=2, vocab=len(tok))
+    with pytest.raises(ValueError, match="was made for model"):
+        load_editor(str(tmp_path / "ed"), other, tok)
+    with pytest.raises(ValueError, match="holds a 'alphaedit' editor"):
+        MEMITEditor.load(tmp_path / "ed", model, tok)
+
+
+def test_unknown_config_key_is_refused():
+    from lks.config import from_dict
+
+    with pytest.raises(ValueError, match="unknown key.*'lamda'"):
+        from_dict(MEMITConfig, {"lamda": 1.0})
+
+
+def test_key_statistics_are_cached(tiny_pair, corpus, monkeypatch):
+    from lks.baselines import stats
+
+    model, tok = tiny_pair
+    first = stats.key_second_moment(model, tok, [1], 512, corpus=corpus, progress=False)[1]
+    # the oracle: E[k k^T] of the down_proj inputs captured by a plain forward pass
+    windows = stats.corpus_windows(tok, 512, corpus)
+    keys = []
+    handle = down_proj(model, 1).register_forward_pre_hook(lambda m, a: keys.append(a[0].reshape(-1, a[0].shape[-1])))
+    try:
+        model(input_ids=windows)
+    finally:
+        handle.remove()
+    k = torch.cat(keys).double()
+    assert torch.allclose(first.double(), k.T @ k / k.shape[0], atol=1e-6)
+
+    def fail(*a, **kw):
+        raise AssertionError("recomputed instead of reading the cache")
+
+    monkeypatch.setattr(stats, "_accumulate", fail)
+    again = stats.key_second_moment(model, tok, [1], 512, corpus=corpus, progress=False)[1]
+    assert torch.equal(first, again)
+
+
+def test_cli_train_and_evaluate_a_baseline(tiny_pair, corpus, tmp_path, monkeypatch, capsys):
+    """``train --method ft`` saves a baseline that ``evaluate`` loads; an LKS-only option with a
+    baseline method is one ``lks: error:`` line."""
+    import json
+
+    import lks
+    from lks import cli
+
+    monkeypatch.setattr(lks, "load_model", lambda *a, **k: tiny_pair)
+    monkeypatch.setattr("lks.baselines.common.method_config", lambda cls, *a: configs(corpus)["ft"][1])
+    data = tmp_path / "edits.json"
+    data.write_text(json.dumps([r.to_dict() for r in EDITS]))
+    out = tmp_path / "ft"
+    assert cli.main(["train", "--method", "ft", "--data", str(data), "--out", str(out), "--evaluate", "false"]) == 0
+    assert json.loads((out / "config.json").read_text())["method"] == "ft"
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--editor", str(out), "--data", str(data)]) == 0
+    assert json.loads(capsys.readouterr().out)["n_edits"] == 2
+    assert cli.main(["train", "--method", "memit", "--lr", "1", "--data", str(data), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("lks: error: --lr: an LKS training option"), err
+
+
+def test_suffix_pass_equals_the_full_pass(tiny_pair):
+    """The target optimisation's suffix-only pass (prefix keys/values cached) gives the same final
+    hidden states at the target positions as the plain pass of the upper layers."""
+    from lks.baselines.common import encode_rows, lower_states, pad, suffix_hidden, suffix_part, upper_hidden
+
+    model, tok = tiny_pair
+    texts = ["The mother tongue of Danielle Darrieux is", "Paris is the capital. Toko Yasuda plays the"]
+    rows = encode_rows(tok, texts, ["Danielle Darrieux", "Toko Yasuda"], [0, 1], ["English", "piano"])
+    torch.manual_seed(0)
+    add = torch.randn(2, model.config.hidden_size)
+    part = suffix_part(model, 1, rows, tok.pad_token_id, torch.float32)
+    fast = suffix_hidden(model, part, add, torch.float32)
+    ids, mask = pad(rows, tok.pad_token_id, torch.device("cpu"))
+    h, as_tuple = lower_states(model, ids, mask, 1)
+    h = h.clone()
+    for b, r in enumerate(rows):
+        h[b, r.subj] += add[b]
+    full = upper_hidden(model, 1, h, mask, as_tuple)
+    for b, (r, q) in enumerate(zip(rows, part.rows)):
+        assert torch.allclose(fast[b, q.tgt_pos], full[b, r.tgt_pos], atol=1e-5)
+
+
+def test_batched_targets_equal_one_at_a_time(tiny_pair):
+    """The batched target optimisation solves each edit's problem as if it were alone (float32)."""
+    import dataclasses
+
+    from lks.baselines.memit import context_prefixes, target_vectors
+
+    model, tok = tiny_pair
+    cfg = dataclasses.replace(configs("unused")["memit"][1], z_steps=4, precision="float32", stop_nll=0.0,
+                              kl_weight=0.5, weight_decay=0.1, clamp=0.5)
+    prefixes = context_prefixes(model, tok, cfg.n_prefixes, cfg.prefix_tokens)
+    both, h = target_vectors(model, tok, EDITS, cfg, 1, prefixes, progress=False)
+    for i in range(len(EDITS)):
+        alone, h_i = target_vectors(model, tok, EDITS[i:i + 1], cfg, 1, prefixes, progress=False)
+        assert torch.allclose(h_i[0], h[i], atol=1e-5)
+        assert torch.allclose(alone[0], both[i], atol=1e-4)
