@@ -417,7 +417,7 @@ def test_04_with_data_runs_every_task_whose_data_is_there(data_root):
     limits = res["parameters"]["limit"] or {}
     for row in res["comparison"]:
         if row["metric"] in ("acc", "exact_match") and row["task"] in limits:
-            assert row["n_after"] == limits[row["task"]], f"{row['task']}: {row['n_after']} items, limit {limits[row['task']]}"
+            assert row["n_pairs"] == limits[row["task"]], f"{row['task']}: {row['n_pairs']} items, limit {limits[row['task']]}"
 
 
 # --------------------------------------------------------------------------------------------
