@@ -312,7 +312,6 @@ def _run(args: argparse.Namespace) -> int:
     from lks.editor import LKSEditor, recipe
     from lks.metrics import evaluate_edits
     from lks.models import check_layer
-    from lks.utils import write_json
 
     # the checks of files and option values come before the model: loading a 7B model takes minutes
     _check_model_options(args)
@@ -364,10 +363,7 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps({"epochs": len(history), "final_loss": history[-1]["loss"] if history else None,
                           "fit_seconds": round(editor.fit_seconds, 1)}))
         if args.evaluate:
-            _, summary = evaluate_edits(editor, edits)
-            summary["fit_seconds"] = editor.fit_seconds
-            write_json(Path(args.out) / "metrics.json", summary)
-            print(json.dumps(summary, indent=2))
+            _evaluate_into(args.out, editor, edits)
         return 0
     editor = _load_editor(args.editor, model, tok)
     _, summary = evaluate_edits(editor, edits, fluency_n=args.fluency_n, fluency_tokens=args.fluency_tokens)
@@ -387,19 +383,25 @@ LKS_TRAIN_OPTIONS = ["lr", "epochs", "batch_size", "loc_per_subject", "para_per_
 def _train_baseline(args: argparse.Namespace, model: Any, tok: Any, edits: EditSet) -> int:
     """``train --method ft|memit|alphaedit``: fit, save to ``--out``, evaluate into metrics.json."""
     from lks.baselines import editor_class
-    from lks.metrics import evaluate_edits
-    from lks.utils import write_json
 
     editor = editor_class(args.method)(model, tok)
     editor.fit(edits, on_conflict=args.on_conflict)
     editor.save(args.out)
     print(json.dumps({"method": args.method, "fit_seconds": round(editor.fit_seconds, 1)}))
     if args.evaluate:
-        _, summary = evaluate_edits(editor, edits)
-        summary["fit_seconds"] = editor.fit_seconds
-        write_json(Path(args.out) / "metrics.json", summary)
-        print(json.dumps(summary, indent=2))
+        _evaluate_into(args.out, editor, edits)
     return 0
+
+
+def _evaluate_into(out: str, editor: Any, edits: EditSet) -> None:
+    """``train --evaluate``: the fitted editor's evaluation (with its fit seconds) to ``out/metrics.json``."""
+    from lks.metrics import evaluate_edits
+    from lks.utils import write_json
+
+    _, summary = evaluate_edits(editor, edits)
+    summary["fit_seconds"] = editor.fit_seconds
+    write_json(Path(out) / "metrics.json", summary)
+    print(json.dumps(summary, indent=2))
 
 
 def _stats(args: argparse.Namespace, model: Any, tok: Any) -> int:

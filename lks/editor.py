@@ -281,26 +281,10 @@ class LKSEditor:
         with LayerHooks(model, edit_layer=self.config.layer, replacer=replacer):
             yield stats
 
-    @torch.inference_mode()
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 20, edited: bool = True,
                  batch_size: int = 16, **gen_kwargs: Any) -> list[str]:
         """Greedy continuations of ``prompts`` (edited by default), without the prompt text."""
-        out: list[str] = []
-        dev = model_device(self.model)
-        for i in range(0, len(prompts), batch_size):
-            enc = self.tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True,
-                                 padding_side="left").to(dev)
-            enc = {k: enc[k] for k in ("input_ids", "attention_mask")}
-            kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": self.tokenizer.pad_token_id,
-                  **gen_kwargs}
-            if edited:
-                with self.applied(self.model):
-                    seq = self.model.generate(**enc, **kw)
-            else:
-                seq = self.model.generate(**enc, **kw)
-            out += self.tokenizer.batch_decode(seq[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        return out
-
+        return greedy_continuations(self, prompts, max_new_tokens, edited, batch_size, **gen_kwargs)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Save to a directory (``config.json``, ``generator.safetensors``, ``scope.safetensors``,
@@ -316,3 +300,21 @@ class LKSEditor:
         from lks.checkpoint import load_editor
 
         return load_editor(cls, path, model, tokenizer)
+
+
+@torch.inference_mode()
+def greedy_continuations(editor: Any, prompts: Sequence[str], max_new_tokens: int = 20, edited: bool = True,
+                         batch_size: int = 16, **gen_kwargs: Any) -> list[str]:
+    """Greedy continuations of ``prompts`` by ``editor.model``, inside ``editor.applied`` when
+    ``edited`` (any editor: LKS or a weight editor), left-padded in batches, without the prompt text."""
+    model, tok = editor.model, editor.tokenizer
+    out: list[str] = []
+    dev = model_device(model)
+    for i in range(0, len(prompts), batch_size):
+        enc = tok(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True, padding_side="left").to(dev)
+        enc = {k: enc[k] for k in ("input_ids", "attention_mask")}
+        kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tok.pad_token_id, **gen_kwargs}
+        with editor.applied(model) if edited else nullcontext():
+            seq = model.generate(**enc, **kw)
+        out += tok.batch_decode(seq[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out

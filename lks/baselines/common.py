@@ -234,42 +234,26 @@ class WeightEditor:
             with LayerHooks(model, edit_layer=min(self.deltas), replacer=count):
                 yield stats
 
-    @torch.inference_mode()
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 20, edited: bool = True,
                  batch_size: int = 16, **gen_kwargs: Any) -> list[str]:
         """Greedy continuations of ``prompts`` (edited by default), without the prompt text."""
-        out: list[str] = []
-        dev = model_device(self.model)
-        for i in range(0, len(prompts), batch_size):
-            enc = self.tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True,
-                                 padding_side="left").to(dev)
-            enc = {k: enc[k] for k in ("input_ids", "attention_mask")}
-            kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": self.tokenizer.pad_token_id,
-                  **gen_kwargs}
-            if edited:
-                with self.applied(self.model):
-                    seq = self.model.generate(**enc, **kw)
-            else:
-                seq = self.model.generate(**enc, **kw)
-            out += self.tokenizer.batch_decode(seq[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        return out
+        from lks.editor import greedy_continuations
+
+        return greedy_continuations(self, prompts, max_new_tokens, edited, batch_size, **gen_kwargs)
 
     # -- save / load ----------------------------------------------------------------------------
-    def _model_info(self, model: nn.Module) -> dict[str, Any]:
-        return {"name": getattr(model, "lks_name", ""), "hidden_size": int(model.config.hidden_size),
-                "num_layers": len(get_layers(model)), "class": type(model).__name__}
-
     def save(self, path: str | os.PathLike) -> Path:
         """Save to a directory (atomically): ``config.json`` (method, model, hyperparameters) and
         ``deltas.safetensors`` (``layer.<i>``: the change of that layer's down_proj weight)."""
         from safetensors.torch import save_file
 
         import lks
+        from lks.checkpoint import model_identity
 
         if not self.deltas:
             raise RuntimeError(f"{type(self).__name__} is not fitted: nothing to save")
         cfg = {"format_version": FORMAT_VERSION, "lks_version": lks.__version__, "method": self.method,
-               "model": self._model_info(self.model), "config": dataclasses.asdict(self.config),
+               "model": model_identity(self.model) | {"class": type(self.model).__name__}, "config": dataclasses.asdict(self.config),
                "layers": sorted(self.deltas), "n_edits": self.n_edits, "fit_seconds": self.fit_seconds,
                "data_checksum": self.data_checksum, "history": self.history,
                "versions": {"torch": torch.__version__}}
@@ -285,19 +269,15 @@ class WeightEditor:
         is refused with a one-line error."""
         from safetensors.torch import load_file
 
-        from lks.checkpoint import read_json
+        from lks.checkpoint import check_model, model_identity, read_json
 
         path = Path(path)
         cfg = read_json(path / "config.json")
         if cfg.get("method") != cls.method:
             raise ValueError(f"checkpoint {path} holds a {cfg.get('method') or 'lks'!r} editor, not {cls.method!r}")
         editor = cls(model, tokenizer, from_dict(cls.config_class, cfg["config"], f"{path}/config.json:config"))
-        want, have = cfg.get("model", {}), editor._model_info(model)
-        if any(want.get(k) != have[k] for k in ("hidden_size", "num_layers")) or \
-                (want.get("name") and have["name"] and want["name"] != have["name"]):
-            raise ValueError(f"checkpoint {path} was made for model {want.get('name')!r} (hidden {want.get('hidden_size')}, "
-                             f"{want.get('num_layers')} layers), not for {have['name']!r} (hidden {have['hidden_size']}, "
-                             f"{have['num_layers']} layers)")
+        check_model(cfg.get("model", {}), model, path)
+        have = model_identity(model)
         file = path / "deltas.safetensors"
         if not file.is_file():
             raise FileNotFoundError(f"checkpoint file {file} is missing")
