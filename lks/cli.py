@@ -38,8 +38,6 @@ def _bool(text: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lks.baselines import METHODS as BASELINES
-    from lks.config import GENERATOR_KINDS
 
     p = argparse.ArgumentParser(prog="lks", description="Latent Knowledge Scalpel: edit facts in a frozen LLM's activations.")
     debug_help = "on bad input, show the full Python traceback instead of the one-line 'lks: error:' message"
@@ -65,46 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fit an editor on an edit set and save it")
     common(t)
     data_args(t)
-    t.add_argument("--out", required=True, help="directory to save the editor to (also the checkpoint for resuming)")
-    t.add_argument("--method", choices=("lks", *BASELINES), default="lks",
-                   help="lks, or a weight-editing baseline with the model's registered hyperparameters "
-                        "(configs/<model>.json 'baselines'); the options below are LKS's (default: %(default)s)")
-    t.add_argument("--layer", type=int, default=None, help="decoder layer whose output holds the knowledge block")
-    t.add_argument("--generator", choices=GENERATOR_KINDS, default=None, help="KB generator kind")
-    t.add_argument("--lr", type=float, default=None, help="AdamW learning rate")
-    t.add_argument("--epochs", type=int, default=None, help="maximum number of epochs")
-    t.add_argument("--batch-size", type=int, default=None, help="edits per optimisation step")
-    t.add_argument("--loc-per-subject", type=int, default=None, help="locality prompts per subject for the KL loss")
-    t.add_argument("--para-per-edit", type=int, default=None,
-                   help="extra training paraphrases per edit for the equivalence loss, from the relation "
-                        "phrasings that the data sets pair (lks/assets/paraphrase_templates.json)")
-    t.add_argument("--train-rephrase", type=_bool, default=None,
-                   help="train the equivalence loss on each edit's own first rephrase (true) or hold it out so that "
-                        "evaluation scores it as a held-out paraphrase (false, the recipe's)")
-    t.add_argument("--w-loc", type=float, default=None, help="weight of the locality (KL) loss")
-    t.add_argument("--w-after", type=float, default=None,
-                   help="weight of the KL after the target (keeps what follows the new object unedited)")
-    t.add_argument("--after-tokens", type=int, default=None,
-                   help="positions of that KL: the last target token and the next N-1 tokens of the unedited continuation")
-    t.add_argument("--gate-negatives", type=int, default=None,
-                   help="--generator gated only: extra locality prompts per edit for the gate loss")
-    t.add_argument("--gate-prefixes", type=int, default=None,
-                   help="--generator gated only: copies of each edit's gate examples behind another edit's statement")
-    t.add_argument("--gate-steps", type=int, default=None,
-                   help="--generator gated only: steps of the gate loss alone before the first epoch")
-    t.add_argument("--w-gate", type=float, default=None,
-                   help="--generator gated only: weight of the gate's open/closed classification loss")
-    t.add_argument("--loc-templates", choices=("builtin", "harvested", "both"), default=None,
-                   help="relations of the training locality prompts")
-    t.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default=None,
-                   help="precision of the frozen model's passes during fit")
-    t.add_argument("--prefix-cache", type=_bool, default=None,
-                   help="cache keys/values of the tokens before the subject (true/false)")
-    t.add_argument("--seed", type=int, default=None, help="random seed")
-    t.add_argument("--on-conflict", choices=("error", "first"), default="error",
-                   help="same subject + prompt with two targets: fail (error) or keep the first (default: %(default)s)")
-    t.add_argument("--resume", type=_bool, default=True, help="resume from --out if it holds a checkpoint of the same run (true/false)")
-    t.add_argument("--evaluate", type=_bool, default=True, help="evaluate after training and write metrics.json (true/false)")
+    _train_options(t)
 
     e = sub.add_parser("evaluate", help="evaluate a saved editor; prints a JSON summary")
     common(e)
@@ -164,6 +123,53 @@ class UsageError(SystemExit):
 # DataChecksumError and the configs' validation; OSError covers FileNotFoundError, PermissionError
 # and IsADirectoryError. Anything else (RuntimeError, TypeError, IndexError, ...) keeps its traceback.
 INPUT_ERRORS: tuple[type[BaseException], ...] = (UsageError, ValueError, OSError, KeyError)
+
+
+def _train_options(t: argparse.ArgumentParser) -> None:
+    """The ``train`` subcommand's own options (every recipe option defaults to None: the recipe's)."""
+    from lks.baselines import METHODS as BASELINES
+    from lks.config import GENERATOR_KINDS
+
+    t.add_argument("--out", required=True, help="directory to save the editor to (also the checkpoint for resuming)")
+    t.add_argument("--method", choices=("lks", *BASELINES), default="lks",
+                   help="lks, or a weight-editing baseline with the model's registered hyperparameters "
+                        "(configs/<model>.json 'baselines'); the options below are LKS's (default: %(default)s)")
+    t.add_argument("--layer", type=int, default=None, help="decoder layer whose output holds the knowledge block")
+    t.add_argument("--generator", choices=GENERATOR_KINDS, default=None, help="KB generator kind")
+    t.add_argument("--lr", type=float, default=None, help="AdamW learning rate")
+    t.add_argument("--epochs", type=int, default=None, help="maximum number of epochs")
+    t.add_argument("--batch-size", type=int, default=None, help="edits per optimisation step")
+    t.add_argument("--loc-per-subject", type=int, default=None, help="locality prompts per subject for the KL loss")
+    t.add_argument("--para-per-edit", type=int, default=None,
+                   help="extra training paraphrases per edit for the equivalence loss, from the relation "
+                        "phrasings that the data sets pair (lks/assets/paraphrase_templates.json)")
+    t.add_argument("--train-rephrase", type=_bool, default=None,
+                   help="train the equivalence loss on each edit's own first rephrase (true) or hold it out so that "
+                        "evaluation scores it as a held-out paraphrase (false, the recipe's)")
+    t.add_argument("--w-loc", type=float, default=None, help="weight of the locality (KL) loss")
+    t.add_argument("--w-after", type=float, default=None,
+                   help="weight of the KL after the target (keeps what follows the new object unedited)")
+    t.add_argument("--after-tokens", type=int, default=None,
+                   help="positions of that KL: the last target token and the next N-1 tokens of the unedited continuation")
+    t.add_argument("--gate-negatives", type=int, default=None,
+                   help="--generator gated only: extra locality prompts per edit for the gate loss")
+    t.add_argument("--gate-prefixes", type=int, default=None,
+                   help="--generator gated only: copies of each edit's gate examples behind another edit's statement")
+    t.add_argument("--gate-steps", type=int, default=None,
+                   help="--generator gated only: steps of the gate loss alone before the first epoch")
+    t.add_argument("--w-gate", type=float, default=None,
+                   help="--generator gated only: weight of the gate's open/closed classification loss")
+    t.add_argument("--loc-templates", choices=("builtin", "harvested", "both"), default=None,
+                   help="relations of the training locality prompts")
+    t.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default=None,
+                   help="precision of the frozen model's passes during fit")
+    t.add_argument("--prefix-cache", type=_bool, default=None,
+                   help="cache keys/values of the tokens before the subject (true/false)")
+    t.add_argument("--seed", type=int, default=None, help="random seed")
+    t.add_argument("--on-conflict", choices=("error", "first"), default="error",
+                   help="same subject + prompt with two targets: fail (error) or keep the first (default: %(default)s)")
+    t.add_argument("--resume", type=_bool, default=True, help="resume from --out if it holds a checkpoint of the same run (true/false)")
+    t.add_argument("--evaluate", type=_bool, default=True, help="evaluate after training and write metrics.json (true/false)")
 
 
 def _task_ints(text: str | None, what: str) -> int | dict[str, int] | None:

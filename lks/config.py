@@ -153,3 +153,12 @@ def model_spec(name: str) -> ModelSpec:
         raise KeyError(f"no registered model {name!r}; registered: {registered_models()} "
                        "(any Hugging Face id or local directory also works with lks.load_model)")
     return ModelSpec.from_json_dict(json.loads(path.read_text()), where=f"configs/{name}.json")
+
+
+def named_recipe(name: str) -> tuple[EditorConfig, TrainConfig]:
+    """A model's editor and training configs by name: its registered recipe, else the defaults
+    (``lks.recipe(model)`` also places the edit layer of an unregistered model)."""
+    if name in registered_models():
+        spec = model_spec(name)
+        return spec.editor, spec.train
+    return EditorConfig(), TrainConfig()

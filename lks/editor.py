@@ -14,6 +14,7 @@ saving and loading in :mod:`lks.checkpoint`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -50,14 +51,14 @@ def recipe(model: nn.Module) -> tuple[EditorConfig, TrainConfig]:
     """The default editor and training configs for ``model``: its registered recipe
     (``lks/configs/<name>.json``) when ``model.lks_name`` is registered, else the dataclasses'
     defaults with the edit layer at two thirds of the depth."""
-    from lks.config import model_spec, registered_models
+    from lks.config import named_recipe, registered_models
 
     name = getattr(model, "lks_name", "")
-    if name in registered_models():
-        spec = model_spec(name)
-        return spec.editor, spec.train
-    n = len(get_layers(model))
-    return EditorConfig(layer=min(n - 1, (2 * n) // 3)), TrainConfig()
+    editor, train = named_recipe(name)
+    if name not in registered_models():
+        n = len(get_layers(model))
+        editor = dataclasses.replace(editor, layer=min(n - 1, (2 * n) // 3))
+    return editor, train
 
 
 class LKSEditor:

@@ -190,13 +190,9 @@ def recipe(model_name: str, **overrides: Any) -> tuple[EditorConfig, TrainConfig
     Raises:
         ValueError: an override names a field of neither config, or a value the configs reject.
     """
-    from lks.config import EditorConfig, TrainConfig, model_spec, registered_models
+    from lks.config import EditorConfig, TrainConfig, named_recipe
 
-    if model_name in registered_models():
-        spec = model_spec(model_name)
-        editor, train = spec.editor, spec.train
-    else:
-        editor, train = EditorConfig(), TrainConfig()
+    editor, train = named_recipe(model_name)
     editor_fields = {f.name for f in dataclasses.fields(EditorConfig)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - editor_fields - train_fields)
