@@ -9,6 +9,7 @@ commit from ``git log``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -129,13 +130,16 @@ def test_capability_tasks_present_in_order_and_missing_ones_named(tmp_path, caps
 # --------------------------------------------------------------------------------------------
 # the recipe
 # --------------------------------------------------------------------------------------------
-def test_recipe_is_the_registered_config_file_with_overrides():
-    spec = json.loads((REPO / "lks" / "configs" / "smollm2-135m.json").read_text(encoding="utf-8"))
-    editor, train = nb.recipe("smollm2-135m", epochs=3, layer=12, lr=None, seed=7)
-    for k, v in spec["editor"].items():
-        assert getattr(editor, k) == (12 if k == "layer" else v), k
-    for k, v in spec["train"].items():
-        assert getattr(train, k) == {"epochs": 3, "seed": 7}.get(k, v), k
+@pytest.mark.parametrize("name", ["smollm2-135m", "llama2-7b-chat"])
+def test_recipe_is_the_registered_config_file_with_overrides(name):
+    """The config file's values (llama2's file spells out a whole, non-default training recipe),
+    the defaults where the file is silent, the overrides where given."""
+    spec = json.loads((REPO / "lks" / "configs" / f"{name}.json").read_text(encoding="utf-8"))
+    editor, train = nb.recipe(name, epochs=3, layer=12, lr=None, seed=7)
+    file_editor = {**dataclasses.asdict(EditorConfig()), **spec["editor"]}
+    file_train = {**dataclasses.asdict(TrainConfig()), **spec["train"]}
+    assert dataclasses.asdict(editor) == {**file_editor, "layer": 12}
+    assert dataclasses.asdict(train) == {**file_train, "epochs": 3, "seed": 7}
     assert isinstance(editor, EditorConfig) and isinstance(train, TrainConfig)
 
 
