@@ -53,6 +53,7 @@ def save_editor(editor: LKSEditor, path: str | os.PathLike, *, train_state: dict
         "n_subjects": len(editor.subjects),
         "data_checksum": editor.data_checksum,
         "history": editor.history,
+        "fit_seconds": editor.fit_seconds,
         "precision_used": editor.precision_used,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
@@ -91,6 +92,7 @@ def load_editor(cls: type[LKSEditor], path: str | os.PathLike, model: nn.Module,
     editor.train_config = from_dict(TrainConfig, cfg["train"], "train") if cfg.get("train") else None
     editor.history, editor.data_checksum, editor.n_edits = cfg.get("history", []), cfg.get("data_checksum", ""), cfg.get("n_edits", 0)
     editor.precision_used = cfg.get("precision_used", "")
+    editor.fit_seconds = cfg.get("fit_seconds")  # None: saved before lks recorded it
     return editor
 
 

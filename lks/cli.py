@@ -107,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: %(default)s)")
     c.add_argument("--seed", type=int, default=0, help="seed of the subsets, the harness's few-shot sampling and the bootstrap (default: %(default)s)")
     c.add_argument("--out", default=None, help="write the tidy results (and the comparison) as CSV files with this prefix")
+    r = sub.add_parser("reproduce", help="the paper's grid: methods x numbers of edits x data sets, one results file per "
+                                         "cell, plus general capability at the profile's size; resumable")
+    r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+    r.add_argument("--profile", required=True, help="params/<PROFILE>/reproduce.json (e.g. cpu-full-smollm2) or a JSON file")
+    r.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda:0' (default: %(default)s)")
+    r.add_argument("--data-dir", default=None, help="benchmark data directory (default: $LKS_DATA_DIR or ~/.cache/lks/data)")
+    r.add_argument("--results", default=None, help="results directory (default: the checkout's results/)")
+    r.add_argument("--editors", default=None, help="where fitted editors are kept (default: the checkout's runs/editors/)")
+    r.add_argument("--list", action="store_true", help="print the steps still to run and exit (no model is loaded)")
     return p
 
 
@@ -211,7 +220,7 @@ def _check_model_options(args: argparse.Namespace) -> None:
             torch.device(args.device)
     except RuntimeError:
         raise UsageError(f"--device: unknown device {args.device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if args.dtype is not None:
+    if getattr(args, "dtype", None) is not None:
         try:
             resolve_dtype(args.dtype)
         except ValueError as e:
@@ -337,6 +346,8 @@ def _run(args: argparse.Namespace) -> int:
             args.layers = [int(x) for x in args.layers.split(",") if x.strip()]
         except ValueError:
             raise UsageError(f"--layers: expected comma-separated layer numbers, got {args.layers!r}") from None
+    if args.command == "reproduce":
+        return _reproduce(args)
     model, tok = lks.load_model(args.model, device=args.device, dtype=args.dtype)
     if args.command == "stats":
         return _stats(args, model, tok)
@@ -408,6 +419,22 @@ def _evaluate_into(out: str, editor: Any, edits: EditSet) -> None:
     summary["fit_seconds"] = editor.fit_seconds
     write_json(Path(out) / "metrics.json", summary)
     print(json.dumps(summary, indent=2))
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    """``reproduce``: every pending step of a grid profile (:mod:`lks.grid`), or with ``--list`` the list."""
+    import lks
+    from lks.grid import Grid, load_profile
+
+    profile = load_profile(args.profile)
+    where = {k: Path(v) for k, v in (("results_dir", args.results), ("editors_dir", args.editors)) if v}
+    if args.list:
+        for kind, cell in Grid(profile, None, None, **where).pending():
+            print(f"{kind:10s} {cell.name}")
+        return 0
+    model, tok = lks.load_model(profile.model, device=args.device)
+    Grid(profile, model, tok, data_dir=args.data_dir, **where).run()
+    return 0
 
 
 def _stats(args: argparse.Namespace, model: Any, tok: Any) -> int:

@@ -447,6 +447,24 @@ def generation_metrics(editor, edits: EditSet, *, max_new_tokens: int = 30, batc
     return df, summary
 
 
+def neighborhood_score(editor, edits: EditSet, batch_size: int = 32) -> float:
+    """ROME's neighbourhood score (Meng et al. 2022, §3.2): on prompts about OTHER subjects with the
+    edited relation, the edited model still prefers the true answer, P(true) > P(new target); the
+    mean over each edit's prompts, then over edits (nan without neighbourhood prompts)."""
+    pairs = [(i, p, a) for i, r in enumerate(edits) for p, a in r.neighborhood]
+    if not pairs:
+        return float("nan")
+    prompts = [p for _, p, _ in pairs]
+    true = teacher_forced(editor.model, editor.tokenizer, prompts, [a for *_, a in pairs], batch_size=batch_size,
+                          context=editor.applied)
+    new = teacher_forced(editor.model, editor.tokenizer, prompts, [edits[i].target for i, *_ in pairs],
+                         batch_size=batch_size, context=editor.applied)
+    per: dict[int, list[float]] = {}
+    for (i, *_), t, n in zip(pairs, true, new):
+        per.setdefault(i, []).append(float(t["logprob"] > n["logprob"]))
+    return sum(sum(v) / len(v) for v in per.values()) / len(per)
+
+
 def scope_diagnostics(editor, edits: EditSet) -> dict[str, float]:
     """Precision/recall of the scope indicator by prompt kind.
 

@@ -1,0 +1,380 @@
+"""The paper's headline grid: editing methods x numbers of simultaneous edits x data sets.
+
+    python -m lks reproduce --profile cpu-full-smollm2      # resumable: a finished cell is skipped
+
+A profile (``params/<name>/reproduce.json``, or any JSON file) names the model, methods, sizes and
+data sets (:class:`GridProfile`). Each **cell** fits one method on the first N records of a data
+set (a later record with the same subject and prompt as an earlier one but another target is
+dropped: :func:`lks.training.sequences.drop_conflicts`), evaluates the first ``min(N, eval_n)`` of
+those edits with :func:`lks.metrics.evaluate_edits` (so the sizes share their evaluated items),
+and writes ``results/<model>/<dataset>/<method>-<N>.json``: the summary (both metric families,
+generation-based metrics on the first ``fluency_n``), fit and evaluation seconds, the cell's peak
+resident memory, the configs, the git commit, the machine.
+
+Fitted editors are saved under ``editors_dir`` (not committed), so an interrupted evaluation and
+the capability runs reuse them; an interrupted LKS fit resumes from its last finished epoch.
+
+**Capability** at ``capability_n`` edits: after that cell, the editor runs the general-capability
+tasks (:func:`lks.capability.evaluate_capability`) on the same items as the unedited model, which
+runs once per profile (``results/<model>/capability-unedited.json``, per-item scores kept for the
+pairing); the paired comparison goes to ``results/<model>/<dataset>/capability-<method>-<N>.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import resource
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lks.config import from_dict
+from lks.utils import write_json
+
+FORMAT = "lks-grid-1"  # a results file without it (an older run) is recomputed
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class GridProfile:
+    """What ``python -m lks reproduce`` runs. ``overrides`` changes a method's registered settings
+    (``{"lks": {"epochs": 2}, "memit": {"layers": [0, 1]}}``): empty in every shipped profile (the
+    registered recipe), it exists for tests on tiny models."""
+
+    model: str = "smollm2-135m"
+    datasets: tuple[str, ...] = ("zsre", "counterfact")
+    methods: tuple[str, ...] = ("lks", "ft", "memit", "alphaedit")
+    sizes: tuple[int, ...] = (10, 100, 1000, 10000)
+    eval_n: int = 1000          # edits evaluated per cell: the first min(N, eval_n)
+    fluency_n: int = 100        # of those, edits continued freely for the generation-based metrics
+    fluency_tokens: int = 30
+    capability_n: int = 10000   # the size whose editors run the capability tasks (0: none)
+    capability_tasks: tuple[str, ...] = ("sst2", "rte", "mmlu", "wikitext2", "gsm8k")
+    capability_limit: dict[str, int] = field(default_factory=dict)     # task -> items (wikitext2: articles)
+    capability_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    batch_size: int = 8         # capability: sequences per forward pass
+    seed: int = 0
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from lks.baselines import METHODS
+
+        for name in ("datasets", "methods", "sizes", "capability_tasks"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        bad = [m for m in self.methods if m != "lks" and m not in METHODS]
+        if bad:
+            raise ValueError(f"methods: unknown {bad}; choose from {['lks', *METHODS]}")
+        if not self.sizes or any(not isinstance(n, int) or n < 1 for n in self.sizes):
+            raise ValueError(f"sizes: need positive integers, got {list(self.sizes)}")
+        if self.eval_n < 1 or self.fluency_n < 0 or self.fluency_tokens < 1:
+            raise ValueError("need eval_n >= 1, fluency_n >= 0, fluency_tokens >= 1")
+        if self.capability_n and self.capability_n not in self.sizes:
+            raise ValueError(f"capability_n {self.capability_n} is not one of sizes {list(self.sizes)} (0: no capability)")
+
+
+def load_profile(name_or_path: str) -> GridProfile:
+    """``params/<name>/reproduce.json`` of the checkout, or a JSON file's path."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = REPO / "params" / name_or_path / "reproduce.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"grid profile {name_or_path!r}: neither a JSON file nor params/{name_or_path}/reproduce.json")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"grid profile {path}: not valid JSON ({e})") from None
+    data.pop("//", None)  # a comment
+    return from_dict(GridProfile, data, str(path))
+
+
+@dataclass(frozen=True)
+class Cell:
+    dataset: str
+    method: str
+    n: int
+
+    @property
+    def name(self) -> str:
+        return f"{dataset_label(self.dataset)}/{self.method}-{self.n}"
+
+
+def cells(profile: GridProfile) -> list[Cell]:
+    """The grid in run order: small sizes first, so every size is complete before a larger one starts."""
+    return [Cell(d, m, n) for n in sorted(profile.sizes) for d in profile.datasets for m in profile.methods]
+
+
+def dataset_label(dataset: str) -> str:
+    """The folder name of a data set: its registered name, or a JSON file's stem."""
+    return Path(dataset).stem if dataset.endswith(".json") else dataset
+
+
+@dataclass
+class Grid:
+    """One profile's grid on a loaded model: where its files go and how a cell runs."""
+
+    profile: GridProfile
+    model: Any
+    tokenizer: Any
+    data_dir: str | None = None
+    results_dir: Path = REPO / "results"
+    editors_dir: Path = REPO / "runs" / "editors"
+    log: Callable[[str], None] = print
+
+    def __post_init__(self) -> None:
+        self.code = code_version()  # of the code this process runs: taken before any later edit of the checkout
+
+    def result_path(self, cell: Cell) -> Path:
+        return Path(self.results_dir) / self.profile.model / dataset_label(cell.dataset) / f"{cell.method}-{cell.n}.json"
+
+    def capability_path(self, cell: Cell | None) -> Path:
+        root = Path(self.results_dir) / self.profile.model
+        if cell is None:
+            return root / "capability-unedited.json"
+        return root / dataset_label(cell.dataset) / f"capability-{cell.method}-{cell.n}.json"
+
+    def editor_path(self, cell: Cell) -> Path:
+        return Path(self.editors_dir) / self.profile.model / dataset_label(cell.dataset) / f"{cell.method}-{cell.n}"
+
+    def done(self, path: Path) -> bool:
+        if not path.is_file():
+            return False
+        try:
+            return json.loads(path.read_text()).get("format") == FORMAT
+        except json.JSONDecodeError:
+            return False
+
+    def pending(self) -> list[tuple[str, Cell]]:
+        """What is left: ``("edit", cell)`` and ``("capability", cell)`` steps, in run order."""
+        todo = []
+        for cell in cells(self.profile):
+            if not self.done(self.result_path(cell)):
+                todo.append(("edit", cell))
+            if cell.n == self.profile.capability_n and not self.done(self.capability_path(cell)):
+                todo.append(("capability", cell))
+        return todo
+
+    def run(self) -> None:
+        """Every pending step, with progress; finished ones are skipped (re-running resumes)."""
+        todo = self.pending()
+        total = len(cells(self.profile)) + (len(self.profile.datasets) * len(self.profile.methods)
+                                            if self.profile.capability_n else 0)
+        self.log(f"grid {self.profile.model}: {total - len(todo)} of {total} steps done, {len(todo)} to run")
+        for i, (kind, cell) in enumerate(todo, 1):
+            t0 = time.perf_counter()
+            self.log(f"[{i}/{len(todo)}] {kind} {cell.name} ...")
+            if kind == "edit":
+                summary = self.run_cell(cell)["summary"]
+                self.log(f"[{i}/{len(todo)}] {cell.name}: " + ", ".join(
+                    f"{k} {summary[k]:.3f}" for k in ("reliability", "generality", "locality", "efficacy") if k in summary)
+                    + f" ({time.perf_counter() - t0:.0f} s)")
+            else:
+                self.run_capability(cell)
+                self.log(f"[{i}/{len(todo)}] capability {cell.name} done ({time.perf_counter() - t0:.0f} s)")
+
+    # -- one cell -------------------------------------------------------------------------------
+    def edits(self, cell: Cell) -> tuple[Any, list[int]]:
+        from lks.data import load_edits
+        from lks.training.sequences import drop_conflicts
+
+        return drop_conflicts(load_edits(cell.dataset, data_dir=self.data_dir, n=cell.n))
+
+    def configs(self, cell: Cell) -> tuple[Any, Any]:
+        """The method's registered settings with the profile's overrides: ``(EditorConfig,
+        TrainConfig)`` for LKS, ``(method config, None)`` for a weight editor."""
+        from lks.baselines import editor_class
+        from lks.baselines.common import method_config
+        from lks.editor import recipe
+
+        over = dict(self.profile.overrides.get(cell.method, {}))
+        if cell.method == "lks":
+            ecfg, tcfg = recipe(self.model)
+            mine = {k: over.pop(k) for k in list(over) if k in {f.name for f in dataclasses.fields(ecfg)}}
+            return dataclasses.replace(ecfg, **mine), dataclasses.replace(tcfg, **{"seed": self.profile.seed, **over})
+        cls = editor_class(cell.method)
+        return dataclasses.replace(method_config(cls.config_class, self.model, cls.method), **over), None
+
+    def editor(self, cell: Cell, edits: Any) -> tuple[Any, bool]:
+        """``(editor, reused)``: the cell's fitted editor, loaded (``reused``) when a finished one with
+        these edits and settings is saved, else fitted (an LKS fit resumes from its last finished
+        epoch) and saved."""
+        from lks.baselines import editor_class, load_editor
+
+        path = self.editor_path(cell)
+        cfg, tcfg = self.configs(cell)
+        # a finished save has no train_state.json (an LKS fit's per-epoch checkpoint has one)
+        if (path / "config.json").is_file() and not (path / "train_state.json").is_file():
+            saved = load_editor(str(path), self.model, self.tokenizer)
+            if (saved.data_checksum == edits.checksum() and saved.config == cfg
+                    and getattr(saved, "train_config", None) == tcfg):
+                return saved, True
+            self.log(f"{path}: another run's editor (other edits or settings); fitting afresh")
+        editor = editor_class(cell.method)(self.model, self.tokenizer, cfg)
+        if cell.method == "lks":
+            editor.fit(edits, tcfg, checkpoint_dir=path, progress=False)
+        else:
+            editor.fit(edits, progress=False)
+        editor.save(path)
+        return editor, False
+
+    def run_cell(self, cell: Cell) -> dict[str, Any]:
+        """Fit (or load), evaluate and write one cell; returns what was written."""
+        from lks.metrics import evaluate_edits, neighborhood_score
+
+        edits, dropped = self.edits(cell)
+        with peak_rss() as peak:
+            editor, reused = self.editor(cell, edits)
+            shown = edits.head(min(len(edits), self.profile.eval_n))
+            t0 = time.perf_counter()
+            _, summary = evaluate_edits(editor, shown, fluency_n=min(self.profile.fluency_n, len(shown)),
+                                        fluency_tokens=self.profile.fluency_tokens)
+            summary["neighborhood_score"] = neighborhood_score(editor, shown)
+            eval_seconds = time.perf_counter() - t0
+        configs = {"config": dataclasses.asdict(editor.config)}
+        if cell.method == "lks":
+            configs["train_config"] = dataclasses.asdict(editor.train_config)
+        record = {"format": FORMAT, "model": self.profile.model, "data": dataset_label(cell.dataset), "method": cell.method,
+                  "n": cell.n, "n_edits": len(edits), "dropped_conflicts": dropped, "n_evaluated": len(shown),
+                  "evaluated": f"the first {len(shown)} of the {len(edits)} edits",
+                  "fit_seconds": editor.fit_seconds, "editor_reused": reused, "eval_seconds": eval_seconds, **peak, **configs,
+                  **provenance(self.code), "summary": summary}
+        write_json(self.result_path(cell), record)
+        return record
+
+    # -- capability -----------------------------------------------------------------------------
+    def capability_kwargs(self) -> dict[str, Any]:
+        p = self.profile
+        return dict(tasks=list(p.capability_tasks), data_dir=self.data_dir, limit=dict(p.capability_limit) or None,
+                    seed=p.seed, batch_size=p.batch_size, task_options=dict(p.capability_options) or None, progress=False)
+
+    def unedited_capability(self) -> pd.DataFrame:
+        """The unedited model's capability table (with per-item ``attrs["items"]``), run once and kept."""
+        from lks.capability import evaluate_capability
+
+        path = self.capability_path(None)
+        kw = self.capability_kwargs()
+        settings = json.loads(json.dumps({k: v for k, v in kw.items() if k not in ("data_dir", "progress")}))
+        if self.done(path):
+            saved = json.loads(path.read_text())
+            if saved.get("settings") == settings:
+                df = pd.DataFrame(saved["table"])
+                df.attrs["items"] = pd.DataFrame(saved["items"])
+                return df
+        t0 = time.perf_counter()
+        df = evaluate_capability(self.model, self.tokenizer, **kw)
+        write_json(path, {"format": FORMAT, "model": self.profile.model, "settings": settings,
+                          "seconds": time.perf_counter() - t0, **provenance(self.code),
+                          "table": _records(df), "items": _records(df.attrs["items"])})
+        return df
+
+    def run_capability(self, cell: Cell) -> dict[str, Any]:
+        """The capability tasks with the cell's editor, paired with the unedited run on the same items."""
+        from lks.capability import compare_capability, evaluate_capability
+
+        before = self.unedited_capability()
+        edits, _ = self.edits(cell)
+        editor, _ = self.editor(cell, edits)
+        t0 = time.perf_counter()
+        after = evaluate_capability(self.model, self.tokenizer, editor=editor, **self.capability_kwargs())
+        seconds = time.perf_counter() - t0
+        comp = compare_capability(before, after, seed=self.profile.seed)
+        record = {"format": FORMAT, "model": self.profile.model, "data": dataset_label(cell.dataset),
+                  "method": cell.method, "n": cell.n, "n_edits": len(edits), "seconds": seconds, **provenance(self.code),
+                  "before": _records(before), "after": _records(after), "comparison": _records(comp)}
+        write_json(self.capability_path(cell), record)
+        return record
+
+
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    return json.loads(df.to_json(orient="records"))
+
+
+class peak_rss:
+    """Context manager: the peak resident memory (MB) of the process within the block, as
+    ``{"peak_rss_mb": ..., "peak_rss_scope": ...}``. Linux resets the high-water mark
+    (``/proc/self/clear_refs``), so the peak is the block's own; elsewhere it is the process's."""
+
+    def __enter__(self) -> dict[str, Any]:
+        self.out: dict[str, Any] = {}
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.scope = "cell"
+        except OSError:
+            self.scope = "process"
+        return self.out
+
+    def __exit__(self, *exc: Any) -> None:
+        mb = None
+        if self.scope == "cell":
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    mb = int(line.split()[1]) / 1024
+        if mb is None:
+            mb, self.scope = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process"
+        self.out.update(peak_rss_mb=round(mb, 1), peak_rss_scope=self.scope)
+
+
+def code_version() -> str | None:
+    """The checkout's git commit, ``-dirty`` when lks/ has uncommitted changes (None outside git)."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "HEAD")
+    return (commit + ("-dirty" if git("status", "--porcelain", "lks") else "")) or None
+
+
+def provenance(code: str | None) -> dict[str, Any]:
+    """The code's version, the machine and the date."""
+    import torch
+
+    return {"git_commit": code,
+            "machine": f"{_cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def read_grid(results_dir: str | os.PathLike, model: str = "smollm2-135m") -> pd.DataFrame:
+    """Every finished cell under ``results_dir/<model>`` as one row: data, method, n, n_evaluated,
+    fit_seconds, peak_rss_mb and the summary's metrics (sorted by data, method, n)."""
+    rows = []
+    for path in sorted((Path(results_dir) / model).glob("*/*-*.json")):
+        rec = json.loads(path.read_text())
+        if rec.get("format") != FORMAT or "summary" not in rec:
+            continue
+        rows.append({k: rec.get(k) for k in ("data", "method", "n", "n_edits", "n_evaluated", "fit_seconds",
+                                               "eval_seconds", "peak_rss_mb")} | rec["summary"])
+    df = pd.DataFrame(rows)
+    return df.sort_values(["data", "method", "n"], ignore_index=True) if len(df) else df
+
+
+def read_capability(results_dir: str | os.PathLike, model: str = "smollm2-135m") -> pd.DataFrame:
+    """Every capability comparison under ``results_dir/<model>``: one row per data set, method, task
+    and metric with before, after, diff, its CI, the paired p-value and the routed prompts."""
+    frames = []
+    for path in sorted((Path(results_dir) / model).glob("*/capability-*.json")):
+        rec = json.loads(path.read_text())
+        if rec.get("format") != FORMAT:
+            continue
+        comp = pd.DataFrame(rec["comparison"]).assign(data=rec["data"], method=rec["method"], n=rec["n"])
+        after = pd.DataFrame(rec["after"])[["task", "metric", "routed", "rows_seen"]]
+        frames.append(comp.merge(after, on=["task", "metric"], how="left"))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -1,0 +1,132 @@
+"""The reproduction grid (lks.grid, ``python -m lks reproduce``) on the tiny model: every cell and
+capability file is written, a finished one is never recomputed, a cell's numbers are those of its
+saved editor on the first ``eval_n`` edits, and the capability run pairs with one unedited run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from conftest import PLAIN_TRAIN, TINY_CORPUS
+
+from lks import grid as G
+from lks.baselines import load_editor
+from lks.data import EditSet, load_edits
+from lks.metrics import evaluate_edits, neighborhood_score
+
+RECORDS = [
+    {"case_id": 0, "subject": "Danielle Darrieux", "prompt": "The mother tongue of Danielle Darrieux is", "target": "English",
+     "ground_truth": "French", "rephrases": ["Danielle Darrieux's native language is"],
+     "locality": [["Danielle Darrieux is a citizen of", "France"]], "neighborhood": [["The mother tongue of Toko Yasuda is", "Swedish"]]},
+    {"case_id": 1, "subject": "Toko Yasuda", "prompt": "Toko Yasuda plays the", "target": "piano", "ground_truth": "guitar",
+     "rephrases": ["The instrument of Toko Yasuda is"], "locality": [], "neighborhood": []},
+    {"case_id": 2, "subject": "Edwin of Northumbria", "prompt": "The official religion of Edwin of Northumbria is",
+     "target": "Islam", "ground_truth": "Christianity", "rephrases": [], "locality": [], "neighborhood": []},
+    # the same subject and prompt as case 1 with another target: dropped by the documented rule
+    {"case_id": 3, "subject": "Toko Yasuda", "prompt": "Toko Yasuda plays the", "target": "guitar", "ground_truth": "guitar",
+     "rephrases": [], "locality": [], "neighborhood": []},
+]
+
+
+def profile(tmp_path, **kw) -> G.GridProfile:
+    data = tmp_path / "tinyfacts.json"
+    data.write_text(json.dumps(RECORDS))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(TINY_CORPUS * 40))
+    z = dict(layers=[0, 1], cov_tokens=1024, corpus=str(corpus), z_steps=5, n_prefixes=1, prefix_tokens=4)
+    base = dict(model="tiny", datasets=[str(data)], methods=["lks", "memit"], sizes=[2, 4], eval_n=2, fluency_n=1,
+                fluency_tokens=3, capability_n=0,
+                overrides={"lks": {**PLAIN_TRAIN, "layer": 1, "generator": "linear", "epochs": 2, "batch_size": 2,
+                                   "loc_per_subject": 1, "gate_steps": 0},
+                           "memit": z})
+    return G.GridProfile(**{**base, **kw})
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LKS_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_grid_writes_every_cell_once(tiny_pair, tmp_path, cache):
+    model, tok = tiny_pair
+    prof = profile(tmp_path)
+    grid = G.Grid(prof, model, tok, results_dir=tmp_path / "results", editors_dir=tmp_path / "editors", log=lambda m: None)
+    assert [c.name for _, c in grid.pending()] == ["tinyfacts/lks-2", "tinyfacts/memit-2", "tinyfacts/lks-4",
+                                                   "tinyfacts/memit-4"]
+    grid.run()
+    assert grid.pending() == []
+    rec = json.loads(grid.result_path(G.Cell(prof.datasets[0], "lks", 4)).read_text())
+    # 4 records, case 3 conflicts with case 1: 3 edits, the first eval_n = 2 evaluated
+    assert rec["n_edits"] == 3 and rec["dropped_conflicts"] == [3] and rec["n_evaluated"] == 2
+    assert rec["format"] == G.FORMAT and rec["peak_rss_mb"] > 0 and rec["editor_reused"] is False and rec["train_config"]["epochs"] == 2
+    assert {"reliability", "locality", "fluency", "repeat_rate", "neighborhood_score"} <= set(rec["summary"])
+
+    # a re-run recomputes nothing
+    def boom(*a, **k):
+        raise AssertionError("a finished cell was recomputed")
+
+    grid.run_cell = boom
+    grid.run()
+    # the table of all cells
+    table = G.read_grid(tmp_path / "results", "tiny")
+    assert sorted(zip(table.method, table.n)) == [("lks", 2), ("lks", 4), ("memit", 2), ("memit", 4)]
+
+
+def test_a_cell_holds_its_saved_editors_numbers(tiny_pair, tmp_path, cache):
+    """The summary in the file equals an evaluation, run here, of the saved editor on the first
+    eval_n edits of the data set (conflicts dropped)."""
+    model, tok = tiny_pair
+    prof = profile(tmp_path, methods=["memit"], sizes=[4])
+    grid = G.Grid(prof, model, tok, results_dir=tmp_path / "results", editors_dir=tmp_path / "editors", log=lambda m: None)
+    cell = G.Cell(prof.datasets[0], "memit", 4)
+    written = grid.run_cell(cell)["summary"]
+    editor = load_editor(str(grid.editor_path(cell)), model, tok)
+    records = load_edits(prof.datasets[0]).records
+    first_two = EditSet([records[0], records[1]])
+    _, summary = evaluate_edits(editor, first_two, fluency_n=1, fluency_tokens=3)
+    summary["neighborhood_score"] = neighborhood_score(editor, first_two)
+    assert json.loads(json.dumps(summary)) == pytest.approx(written, nan_ok=True)
+    # a changed setting means another editor: the saved one is not reused
+    changed = {**prof.overrides, "memit": {**prof.overrides["memit"], "layers": [1]}}
+    other = G.Grid(dataclasses.replace(prof, overrides=changed), model, tok, results_dir=tmp_path / "results", editors_dir=tmp_path / "editors", log=lambda m: None)
+    editor, reused = other.editor(cell, grid.edits(cell)[0])
+    assert editor.config.layers == [1] and not reused
+
+
+def test_capability_pairs_with_one_unedited_run(tiny_pair, tmp_path, cache, capability_dir):
+    model, tok = tiny_pair
+    prof = profile(tmp_path, sizes=[2], capability_n=2, capability_tasks=["sst2", "rte"], capability_limit={"sst2": 4},
+                   batch_size=4)
+    grid = G.Grid(prof, model, tok, data_dir=str(capability_dir), results_dir=tmp_path / "results",
+                  editors_dir=tmp_path / "editors", log=lambda m: None)
+    grid.run()
+    unedited = grid.capability_path(None)
+    stamp = unedited.stat().st_mtime_ns
+    frame = G.read_capability(tmp_path / "results", "tiny")
+    assert sorted(set(frame.method)) == ["lks", "memit"]
+    sst2 = frame[(frame.task == "sst2") & (frame.method == "memit")].iloc[0]
+    assert sst2.n_pairs == 4 and 0 <= sst2.p_value <= 1
+    # the stored unedited run is reused (same settings), not recomputed
+    assert len(grid.unedited_capability().attrs["items"]) > 0 and unedited.stat().st_mtime_ns == stamp
+
+
+def test_bad_profiles_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="methods: unknown"):
+        G.GridProfile(methods=["rome"])
+    with pytest.raises(ValueError, match="capability_n"):
+        G.GridProfile(sizes=[10], capability_n=100)
+    bad = tmp_path / "p.json"
+    bad.write_text('{"sizes": [10], "colour": 1}')
+    with pytest.raises(ValueError, match="colour"):
+        G.load_profile(str(bad))
+    with pytest.raises(FileNotFoundError, match="no-such-profile"):
+        G.load_profile("no-such-profile")
+
+
+def test_shipped_profile_is_the_papers_grid():
+    p = G.load_profile("cpu-full-smollm2")
+    assert p.sizes == (10, 100, 1000, 10000) and set(p.methods) == {"lks", "ft", "memit", "alphaedit"}
+    assert set(p.datasets) == {"zsre", "counterfact"} and p.capability_n == 10000 and p.overrides == {}
+    assert len(G.cells(p)) == 32
+
