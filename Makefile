@@ -3,6 +3,8 @@
 #   make notebooks   set up, then run notebooks 01-04 with papermill on the embedded model,
 #                    regenerating figures/ and results/
 #   make test        set up, then run the unit/integration tests and nbval over the notebooks
+#   make reproduce   set up, then run the paper's grid (python -m lks reproduce --profile GRID; days
+#                    of CPU time, resumable: re-run to continue)
 #
 # Variables: PYTHON (interpreter used to create .venv), LKS_DATA_DIR (benchmark data directory),
 # TORCH_SPEC (torch requirement installed before the package; a CPU build on CPU machines),
@@ -15,10 +17,11 @@ BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.lks-installed
 NOTEBOOKS  := $(sort $(wildcard notebooks/0*.ipynb))
 PROFILE    ?=
+GRID       ?= cpu-full-smollm2
 export PATH := $(abspath $(BIN)):$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup notebooks test test-fast lint bench clean-venv
+.PHONY: setup notebooks test test-fast lint bench clean-venv reproduce
 
 setup: $(STAMP)
 
@@ -45,6 +48,9 @@ test: setup
 	$(BIN)/python -m pytest -q -rs tests
 	test -z "$(NOTEBOOKS)" || $(BIN)/python -m pytest -q -rs -p no:cacheprovider --nbval \
 		--nbval-sanitize-with tests/sanitize.cfg --nbval-current-env $(NOTEBOOKS)
+
+reproduce: setup
+	$(BIN)/python -m lks reproduce --profile $(GRID)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -rs -m "not slow" tests

@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--results", default=None, help="results directory (default: the checkout's results/)")
     r.add_argument("--editors", default=None, help="where fitted editors are kept (default: the checkout's runs/editors/)")
     r.add_argument("--list", action="store_true", help="print the steps still to run and exit (no model is loaded)")
+    r.add_argument("--only", default=None, help="comma-separated shell patterns of cell names to run, e.g. "
+                                                "'*/memit-*,zsre/lks-10000' (default: every cell)")
+    r.add_argument("--table", action="store_true", help="print the finished cells as markdown tables, one per data set, "
+                                                        "and exit (no model is loaded)")
     return p
 
 
@@ -424,16 +428,22 @@ def _evaluate_into(out: str, editor: Any, edits: EditSet) -> None:
 def _reproduce(args: argparse.Namespace) -> int:
     """``reproduce``: every pending step of a grid profile (:mod:`lks.grid`), or with ``--list`` the list."""
     import lks
-    from lks.grid import Grid, load_profile
+    from lks.grid import REPO, Grid, load_profile, markdown_table, read_grid
 
     profile = load_profile(args.profile)
     where = {k: Path(v) for k, v in (("results_dir", args.results), ("editors_dir", args.editors)) if v}
+    if args.table:
+        table = read_grid(where.get("results_dir", REPO / "results"), profile.model)
+        for dataset in profile.datasets:
+            print(f"\n{dataset}\n\n{markdown_table(table, profile, dataset)}")
+        return 0
+    only = [p.strip() for p in (args.only or "").split(",") if p.strip()]
     if args.list:
-        for kind, cell in Grid(profile, None, None, **where).pending():
+        for kind, cell in Grid(profile, None, None, **where).pending(only):
             print(f"{kind:10s} {cell.name}")
         return 0
     model, tok = lks.load_model(profile.model, device=args.device)
-    Grid(profile, model, tok, data_dir=args.data_dir, **where).run()
+    Grid(profile, model, tok, data_dir=args.data_dir, **where).run(only)
     return 0
 
 

@@ -23,13 +23,14 @@ pairing); the paired comparison goes to ``results/<model>/<dataset>/capability-<
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import os
 import platform
 import resource
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,22 +152,27 @@ class Grid:
         except json.JSONDecodeError:
             return False
 
-    def pending(self) -> list[tuple[str, Cell]]:
-        """What is left: ``("edit", cell)`` and ``("capability", cell)`` steps, in run order."""
+    def pending(self, only: Sequence[str] = ()) -> list[tuple[str, Cell]]:
+        """What is left: ``("edit", cell)`` and ``("capability", cell)`` steps, in run order; with
+        ``only``, the cells whose name (``zsre/memit-1000``) matches one of these shell patterns."""
         todo = []
         for cell in cells(self.profile):
+            if only and not any(fnmatch.fnmatchcase(cell.name, pat) for pat in only):
+                continue
             if not self.done(self.result_path(cell)):
                 todo.append(("edit", cell))
             if cell.n == self.profile.capability_n and not self.done(self.capability_path(cell)):
                 todo.append(("capability", cell))
         return todo
 
-    def run(self) -> None:
-        """Every pending step, with progress; finished ones are skipped (re-running resumes)."""
-        todo = self.pending()
+    def run(self, only: Sequence[str] = ()) -> None:
+        """Every pending step (of the ``only`` cells), with progress; finished ones are skipped
+        (re-running resumes). Two processes may share a grid when their ``only`` patterns do not overlap."""
+        todo = self.pending(only)
         total = len(cells(self.profile)) + (len(self.profile.datasets) * len(self.profile.methods)
                                             if self.profile.capability_n else 0)
-        self.log(f"grid {self.profile.model}: {total - len(todo)} of {total} steps done, {len(todo)} to run")
+        self.log(f"grid {self.profile.model}: {total - len(self.pending())} of {total} steps done; "
+                 f"{len(todo)} to run here" + (f" (cells {', '.join(only)})" if only else ""))
         for i, (kind, cell) in enumerate(todo, 1):
             t0 = time.perf_counter()
             self.log(f"[{i}/{len(todo)}] {kind} {cell.name} ...")
@@ -378,3 +384,35 @@ def read_capability(results_dir: str | os.PathLike, model: str = "smollm2-135m")
         after = pd.DataFrame(rec["after"])[["task", "metric", "routed", "rows_seen"]]
         frames.append(comp.merge(after, on=["task", "metric"], how="left"))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+# the README's columns: (summary key, header with what it is measured on, decimals)
+TABLE_COLUMNS = [("reliability", "reliability (seen)", 3), ("generality", "generality (held-out)", 3),
+                 ("locality", "same-subject locality (held-out)", 3), ("specificity", "specificity (held-out)", 3),
+                 ("efficacy", "efficacy (seen)", 3), ("neighborhood_score", "neighbourhood score (held-out)", 3),
+                 ("gen_reliability", "named, prompt (seen)", 3), ("repeat_rate", "repeat", 3),
+                 ("fluency", "fluency (unedited)", 2), ("fit_seconds", "fit s", 0)]
+
+
+def markdown_table(table: pd.DataFrame, profile: GridProfile, dataset: str) -> str:
+    """One data set's cells of ``profile`` as a markdown table (rows: method x N, in the profile's
+    order); a cell not computed yet reads "not run yet", a metric the data set lacks "n/a"."""
+    label = dataset_label(dataset)
+    have = table[table.data == label].set_index(["method", "n"]) if len(table) else pd.DataFrame()
+    cols = [c for c in TABLE_COLUMNS if c[0] != "specificity" or (len(have) and have["specificity"].notna().any())]
+    lines = ["| method | edits | " + " | ".join(h for _, h, _ in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for method in profile.methods:
+        for n in sorted(profile.sizes):
+            if (method, n) not in have.index:
+                lines.append(f"| {method} | {n:,} | " + " | ".join(["not run yet"] + [""] * (len(cols) - 1)) + " |")
+                continue
+            row = have.loc[(method, n)]
+            cells = []
+            for key, _, digits in cols:
+                v = row.get(key)
+                text = "n/a" if v is None or pd.isna(v) else f"{v:,.{digits}f}"
+                if key == "fluency" and text != "n/a":
+                    text += f" ({row.get('fluency_base'):.2f})"
+                cells.append(text)
+            lines.append(f"| {method} | {n:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

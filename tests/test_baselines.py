@@ -224,3 +224,25 @@ def test_batched_targets_equal_one_at_a_time(tiny_pair):
         alone, h_i = target_vectors(model, tok, EDITS[i:i + 1], cfg, 1, prefixes, progress=False)
         assert torch.allclose(h_i[0], h[i], atol=1e-5)
         assert torch.allclose(alone[0], both[i], atol=1e-4)
+
+
+def test_targets_are_cached_per_chunk_and_equal_the_whole_batch(tiny_pair, corpus, monkeypatch, tmp_path):
+    """A chunked target optimisation (resumable, bounded memory) gives the targets of one batch,
+    and a second fit finds every chunk in the cache."""
+    import dataclasses
+
+    import lks.baselines.memit as memit
+    from lks.baselines.memit import context_prefixes, target_vectors
+
+    model, tok = tiny_pair
+    cfg = dataclasses.replace(configs(corpus)["memit"][1], z_steps=4, precision="float32", stop_nll=0.0)
+    prefixes = context_prefixes(model, tok, cfg.n_prefixes, cfg.prefix_tokens)
+    whole, _ = target_vectors(model, tok, EDITS, cfg, 1, prefixes, progress=False)
+    monkeypatch.setattr(memit, "TARGET_CHUNK", 1)
+    ed = MEMITEditor(model, tok, cfg)
+    chunked = ed._targets(EDITS, 1, prefixes, progress=False)
+    assert torch.allclose(chunked, whole, atol=1e-4)
+    assert len(list((tmp_path / "cache" / "targets").glob("*.safetensors"))) == len(EDITS)
+    again = MEMITEditor(model, tok, cfg)
+    assert torch.equal(again._targets(EDITS, 1, prefixes, progress=False), chunked)
+    assert [h["targets"] for h in again.history] == ["cached"] * len(EDITS)

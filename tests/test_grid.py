@@ -54,6 +54,8 @@ def test_grid_writes_every_cell_once(tiny_pair, tmp_path, cache):
     grid = G.Grid(prof, model, tok, results_dir=tmp_path / "results", editors_dir=tmp_path / "editors", log=lambda m: None)
     assert [c.name for _, c in grid.pending()] == ["tinyfacts/lks-2", "tinyfacts/memit-2", "tinyfacts/lks-4",
                                                    "tinyfacts/memit-4"]
+    grid.run(only=["*/memit-*"])
+    assert [c.name for _, c in grid.pending()] == ["tinyfacts/lks-2", "tinyfacts/lks-4"]
     grid.run()
     assert grid.pending() == []
     rec = json.loads(grid.result_path(G.Cell(prof.datasets[0], "lks", 4)).read_text())
@@ -71,6 +73,10 @@ def test_grid_writes_every_cell_once(tiny_pair, tmp_path, cache):
     # the table of all cells
     table = G.read_grid(tmp_path / "results", "tiny")
     assert sorted(zip(table.method, table.n)) == [("lks", 2), ("lks", 4), ("memit", 2), ("memit", 4)]
+    md = G.markdown_table(table, dataclasses.replace(prof, sizes=(2, 4, 8)), prof.datasets[0]).splitlines()
+    assert len(md) == 2 + 6 and md[4].startswith("| lks | 8 | not run yet")
+    lks4 = table[(table.method == "lks") & (table.n == 4)].iloc[0]
+    assert md[3].startswith(f"| lks | 4 | {lks4.reliability:.3f} | {lks4.generality:.3f} |")
 
 
 def test_a_cell_holds_its_saved_editors_numbers(tiny_pair, tmp_path, cache):
