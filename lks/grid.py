@@ -30,7 +30,8 @@ import platform
 import resource
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,23 +168,29 @@ class Grid:
 
     def run(self, only: Sequence[str] = ()) -> None:
         """Every pending step (of the ``only`` cells), with progress; finished ones are skipped
-        (re-running resumes). Two processes may share a grid when their ``only`` patterns do not overlap."""
+        (re-running resumes). Several processes may share a grid: a step another one has finished
+        or holds (a lock file beside the editor) is skipped."""
         todo = self.pending(only)
         total = len(cells(self.profile)) + (len(self.profile.datasets) * len(self.profile.methods)
                                             if self.profile.capability_n else 0)
         self.log(f"grid {self.profile.model}: {total - len(self.pending())} of {total} steps done; "
                  f"{len(todo)} to run here" + (f" (cells {', '.join(only)})" if only else ""))
         for i, (kind, cell) in enumerate(todo, 1):
-            t0 = time.perf_counter()
-            self.log(f"[{i}/{len(todo)}] {kind} {cell.name} ...")
-            if kind == "edit":
-                summary = self.run_cell(cell)["summary"]
-                self.log(f"[{i}/{len(todo)}] {cell.name}: " + ", ".join(
-                    f"{k} {summary[k]:.3f}" for k in ("reliability", "generality", "locality", "efficacy") if k in summary)
-                    + f" ({time.perf_counter() - t0:.0f} s)")
-            else:
-                self.run_capability(cell)
-                self.log(f"[{i}/{len(todo)}] capability {cell.name} done ({time.perf_counter() - t0:.0f} s)")
+            t0, step = time.perf_counter(), f"[{i}/{len(todo)}] {kind} {cell.name}"
+            out = self.result_path(cell) if kind == "edit" else self.capability_path(cell)
+            with claimed(self.editor_path(cell).with_name(f"{cell.method}-{cell.n}.lock")) as mine:
+                if not mine or self.done(out):
+                    self.log(f"{step}: {'finished' if self.done(out) else 'running'} in another process; skipped")
+                    continue
+                self.log(f"{step} ...")
+                if kind == "edit":
+                    summary = self.run_cell(cell)["summary"]
+                    self.log(f"{step}: " + ", ".join(f"{k} {summary[k]:.3f}" for k in
+                                                     ("reliability", "generality", "locality", "efficacy") if k in summary)
+                             + f" ({time.perf_counter() - t0:.0f} s)")
+                else:
+                    self.run_capability(cell)
+                    self.log(f"{step}: done ({time.perf_counter() - t0:.0f} s)")
 
     # -- one cell -------------------------------------------------------------------------------
     def edits(self, cell: Cell) -> tuple[Any, list[int]]:
@@ -296,6 +303,35 @@ class Grid:
                   "before": _records(before), "after": _records(after), "comparison": _records(comp)}
         write_json(self.capability_path(cell), record)
         return record
+
+
+@contextmanager
+def claimed(lock: Path) -> Iterator[bool]:
+    """Hold ``lock`` (a file with this process's id) for the block: yields False when a live
+    process holds it already; a lock left by a dead process is taken over."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(lock.read_text() or 0), 0)
+                yield False
+                return
+            except (ProcessLookupError, ValueError):
+                lock.unlink(missing_ok=True)  # its process is gone
+                continue
+            except PermissionError:  # alive, another user's
+                yield False
+                return
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        try:
+            yield True
+        finally:
+            lock.unlink(missing_ok=True)
+        return
+    yield False
 
 
 def _records(df: pd.DataFrame) -> list[dict[str, Any]]:

@@ -136,3 +136,15 @@ def test_shipped_profile_is_the_papers_grid():
     assert set(p.datasets) == {"zsre", "counterfact"} and p.capability_n == 10000 and p.overrides == {}
     assert len(G.cells(p)) == 32
 
+
+
+def test_a_claimed_cell_is_left_to_its_process(tmp_path):
+    lock = tmp_path / "memit-10.lock"
+    with G.claimed(lock) as mine:
+        assert mine and lock.read_text() == str(__import__("os").getpid())
+        with G.claimed(lock) as again:  # held by a live process (this one)
+            assert not again
+    assert not lock.exists()
+    lock.write_text("999999999")  # a dead process's lock is taken over
+    with G.claimed(lock) as mine:
+        assert mine
