@@ -26,9 +26,7 @@ import dataclasses
 import fnmatch
 import json
 import os
-import platform
 import resource
-import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -39,7 +37,7 @@ from typing import Any
 import pandas as pd
 
 from lks.config import from_dict
-from lks.utils import write_json
+from lks.utils import git_state, machine, write_json
 
 FORMAT = "lks-grid-1"  # a results file without it (an older run) is recomputed
 REPO = Path(__file__).resolve().parents[1]
@@ -364,34 +362,14 @@ class peak_rss:
 
 
 def code_version() -> str | None:
-    """The checkout's git commit, ``-dirty`` when lks/ has uncommitted changes (None outside git)."""
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    commit = git("rev-parse", "HEAD")
-    return (commit + ("-dirty" if git("status", "--porcelain", "lks") else "")) or None
+    """The checkout's git commit, ``-dirty`` when its code differs from it (None outside git)."""
+    state = git_state()
+    return state["commit"] and state["commit"] + ("-dirty" if state["dirty"] else "")
 
 
 def provenance(code: str | None) -> dict[str, Any]:
-    """The code's version, the machine and the date."""
-    import torch
-
-    return {"git_commit": code,
-            "machine": f"{_cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The code's version, the machine (CPU, cores, torch threads, GPU, versions) and the date."""
+    return {"git_commit": code, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def read_grid(results_dir: str | os.PathLike, model: str = "smollm2-135m") -> pd.DataFrame:

@@ -30,8 +30,6 @@ import dataclasses
 import datetime
 import math
 import os
-import platform
-import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -287,40 +285,6 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def git_state() -> dict[str, Any]:
-    """The commit of the checkout holding ``lks`` and whether files (tracked, or untracked and not ignored) outside ``notebooks/``,
-    ``results/`` and ``figures/`` (which a notebook run rewrites) differ from it."""
-    commit = _git("rev-parse", "HEAD")
-    changed = _git("status", "--porcelain", "--", ".",
-                   ":(exclude)notebooks", ":(exclude)results", ":(exclude)figures")
-    return {"commit": commit, "dirty": None if changed is None else bool(changed)}
-
-
-def machine() -> dict[str, Any]:
-    """CPU, cores, torch threads, accelerator and library versions."""
-    import torch
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__}
-
-
 @dataclass
 class NotebookRun:
     """One run of a notebook: its name, parameters, directories and timings."""
@@ -351,7 +315,7 @@ class NotebookRun:
         """Write ``<results_dir>/<name>.json``: the notebook, its parameters, ``results``, the
         figures (relative to the parent of ``results_dir``, the repository root by default), the git
         commit, the machine and the timings (total since :func:`setup`). Returns the path."""
-        from lks.utils import write_json
+        from lks.utils import git_state, machine, write_json
 
         root = self.results_dir.resolve().parent
         doc = {"notebook": self.name, "parameters": self.parameters, **results,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import random
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -150,3 +152,37 @@ def release_memory(collect: bool = True) -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
         pass
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_state() -> dict[str, Any]:
+    """The commit of the checkout holding ``lks`` and whether files (tracked, or untracked and not ignored) outside ``notebooks/``,
+    ``results/`` and ``figures/`` (which a notebook run rewrites) differ from it."""
+    commit = _git("rev-parse", "HEAD")
+    changed = _git("status", "--porcelain", "--", ".",
+                   ":(exclude)notebooks", ":(exclude)results", ":(exclude)figures")
+    return {"commit": commit, "dirty": None if changed is None else bool(changed)}
+
+
+def machine() -> dict[str, Any]:
+    """CPU, cores, torch threads, accelerator and library versions."""
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__}
