@@ -378,3 +378,35 @@ def read_capability(results_dir: str | os.PathLike, model: str = "smollm2-135m")
         after = pd.DataFrame(rec["after"])[["task", "metric", "routed", "rows_seen"]]
         frames.append(comp.merge(after, on=["task", "metric"], how="left"))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+# the grid table's metric columns: (definition, split: whether training saw those prompts). Generality's
+# split is read from the cells (``generality_split``): held-out with every method's registered settings.
+GRID_METRICS: dict[str, tuple[str, str]] = {
+    "reliability": ("top-1 accuracy of the new target's tokens after the edit prompt", "seen"),
+    "generality": ("the same after a paraphrase (CounterFact: MEND rephrases; zsRE: its one paraphrase)", "held-out"),
+    "locality": ("top-1 agreement with the unedited model on same-subject prompts", "held-out"),
+    "specificity": ("the same on other subjects' neighbourhood prompts (CounterFact only)", "held-out"),
+    "efficacy": ("ROME's P(new) > P(old) after the edit prompt", "seen"),
+    "neighborhood_score": ("ROME's P(true) > P(new) on neighbourhood prompts (CounterFact only)", "held-out"),
+    "gen_reliability": ("new object among the first words of a greedy continuation of the edit prompt", "seen"),
+    "fluency": ("ROME's 1/3 H2 + 2/3 H3 word n-gram entropy (bits) of greedy continuations", "seen + held-out"),
+    "repeat_rate": ("new object named twice or more in a greedy continuation", "seen + held-out"),
+}
+
+
+def grid_table(table: pd.DataFrame, metrics: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(cells, legend)``: ``table`` (:func:`read_grid`) as data, method, N, evaluated edits and
+    ``metrics`` (names of ``GRID_METRICS``; ``<name>_base`` for the unedited model), each column
+    named ``"<metric> [<split>]"``; the legend gives every such column its definition."""
+    cols, legend = {"data": "data", "method": "method", "n": "N", "n_evaluated": "evaluated"}, []
+    for m in metrics:
+        name = m.removesuffix("_base")
+        definition, split = GRID_METRICS[name]
+        if name == "generality" and "generality_split" in table:
+            split = " / ".join(sorted(set(table.generality_split.dropna()))) or split
+        label = f"{name}{' unedited' if m != name else ''} [{split}]"
+        cols[m] = label
+        legend.append((label, definition + (", unedited model" if m != name else "")))
+    cells = table.reindex(columns=list(cols)).rename(columns=cols)
+    return cells, pd.DataFrame(legend, columns=["column", "definition"])
