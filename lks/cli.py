@@ -428,7 +428,7 @@ def _evaluate_into(out: str, editor: Any, edits: EditSet) -> None:
 def _reproduce(args: argparse.Namespace) -> int:
     """``reproduce``: every pending step of a grid profile (:mod:`lks.grid`), or with ``--list`` the list."""
     import lks
-    from lks.grid import REPO, Grid, load_profile, markdown_table, read_grid
+    from lks.grid import REPO, Grid, load_profile, markdown_legend, markdown_table, read_grid
 
     profile = load_profile(args.profile)
     where = {k: Path(v) for k, v in (("results_dir", args.results), ("editors_dir", args.editors)) if v}
@@ -436,6 +436,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         table = read_grid(where.get("results_dir", REPO / "results"), profile.model)
         for dataset in profile.datasets:
             print(f"\n{dataset}\n\n{markdown_table(table, profile, dataset)}")
+        print(f"\n{markdown_legend()}")
         return 0
     only = [p.strip() for p in (args.only or "").split(",") if p.strip()]
     if args.list:

@@ -400,33 +400,70 @@ def read_capability(results_dir: str | os.PathLike, model: str = "smollm2-135m")
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-# the README's columns: (summary key, header with what it is measured on, decimals)
-TABLE_COLUMNS = [("reliability", "reliability (seen)", 3), ("generality", "generality (held-out)", 3),
-                 ("locality", "same-subject locality (held-out)", 3), ("specificity", "specificity (held-out)", 3),
-                 ("efficacy", "efficacy (seen)", 3), ("neighborhood_score", "neighbourhood score (held-out)", 3),
-                 ("gen_reliability", "named, prompt (seen)", 3), ("repeat_rate", "repeat", 3),
-                 ("fluency", "fluency (unedited)", 2), ("fit_seconds", "fit s", 0)]
+# the grid table's metric columns: (definition, split: whether training saw those prompts). Generality's
+# split is read from the cells (``generality_split``): held-out with every method's registered settings.
+GRID_METRICS: dict[str, tuple[str, str]] = {
+    "reliability": ("top-1 accuracy of the new target's tokens after the edit prompt", "seen"),
+    "generality": ("the same after a paraphrase (CounterFact: MEND rephrases; zsRE: its one paraphrase)", "held-out"),
+    "locality": ("top-1 agreement with the unedited model on same-subject prompts", "held-out"),
+    "specificity": ("the same on other subjects' neighbourhood prompts (CounterFact only)", "held-out"),
+    "efficacy": ("ROME's P(new) > P(old) after the edit prompt", "seen"),
+    "neighborhood_score": ("ROME's P(true) > P(new) on neighbourhood prompts (CounterFact only)", "held-out"),
+    "gen_reliability": ("new object among the first words of a greedy continuation of the edit prompt", "seen"),
+    "fluency": ("ROME's 1/3 H2 + 2/3 H3 word n-gram entropy (bits) of greedy continuations", "seen + held-out"),
+    "repeat_rate": ("new object named twice or more in a greedy continuation", "seen + held-out"),
+}
+
+
+def grid_table(table: pd.DataFrame, metrics: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(cells, legend)``: ``table`` (:func:`read_grid`) as data, method, N, evaluated edits and
+    ``metrics`` (names of ``GRID_METRICS``; ``<name>_base`` for the unedited model), each column
+    named ``"<metric> [<split>]"``; the legend gives every such column its definition."""
+    cols, legend = {"data": "data", "method": "method", "n": "N", "n_evaluated": "evaluated"}, []
+    for m in metrics:
+        name = m.removesuffix("_base")
+        definition, split = GRID_METRICS[name]
+        if name == "generality" and "generality_split" in table:
+            split = " / ".join(sorted(set(table.generality_split.dropna()))) or split
+        label = f"{name}{' unedited' if m != name else ''} [{split}]"
+        cols[m] = label
+        legend.append((label, definition + (", unedited model" if m != name else "")))
+    cells = table.reindex(columns=list(cols)).rename(columns=cols)
+    return cells, pd.DataFrame(legend, columns=["column", "definition"])
+
+
+# the README's columns, in order (definitions and splits: GRID_METRICS)
+TABLE_METRICS = ["reliability", "generality", "locality", "specificity", "efficacy", "neighborhood_score",
+                 "gen_reliability", "repeat_rate", "fluency"]
 
 
 def markdown_table(table: pd.DataFrame, profile: GridProfile, dataset: str) -> str:
     """One data set's cells of ``profile`` as a markdown table (rows: method x N, in the profile's
-    order); a cell not computed yet reads "not run yet", a metric the data set lacks "n/a"."""
+    order; columns :data:`TABLE_METRICS` labelled with their split, fluency with the unedited
+    model's in brackets, and the fit seconds); a cell not computed yet reads "not run yet", a
+    metric the data set lacks "n/a". :func:`markdown_legend` defines the columns."""
     label = dataset_label(dataset)
     have = table[table.data == label].set_index(["method", "n"]) if len(table) else pd.DataFrame()
-    cols = [c for c in TABLE_COLUMNS if c[0] != "specificity" or (len(have) and have["specificity"].notna().any())]
-    lines = ["| method | edits | " + " | ".join(h for _, h, _ in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    metrics = [m for m in TABLE_METRICS if m != "specificity" or (len(have) and have["specificity"].notna().any())]
+    heads = [f"{m} [{GRID_METRICS[m][1]}]" for m in metrics] + ["fit s"]
+    lines = ["| method | edits | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(heads)]
     for method in profile.methods:
         for n in sorted(profile.sizes):
             if (method, n) not in have.index:
-                lines.append(f"| {method} | {n:,} | " + " | ".join(["not run yet"] + [""] * (len(cols) - 1)) + " |")
+                lines.append(f"| {method} | {n:,} | " + " | ".join(["not run yet"] + [""] * (len(heads) - 1)) + " |")
                 continue
             row = have.loc[(method, n)]
-            cells = []
-            for key, _, digits in cols:
-                v = row.get(key)
-                text = "n/a" if v is None or pd.isna(v) else f"{v:,.{digits}f}"
-                if key == "fluency" and text != "n/a":
-                    text += f" ({row.get('fluency_base'):.2f})"
-                cells.append(text)
-            lines.append(f"| {method} | {n:,} | " + " | ".join(cells) + " |")
+            cells = [_fmt(row.get(m), 2 if m == "fluency" else 3) for m in metrics]
+            if "fluency" in metrics and cells[metrics.index("fluency")] != "n/a":
+                cells[metrics.index("fluency")] += f" ({_fmt(row.get('fluency_base'), 2)})"
+            lines.append(f"| {method} | {n:,} | " + " | ".join(cells + [_fmt(row.get("fit_seconds"), 0)]) + " |")
     return "\n".join(lines)
+
+
+def markdown_legend() -> str:
+    """The definitions of :func:`markdown_table`'s columns, one bullet each."""
+    return "\n".join(f"- **{m}** [{GRID_METRICS[m][1]}]: {GRID_METRICS[m][0]}" for m in TABLE_METRICS)
+
+
+def _fmt(v: Any, digits: int) -> str:
+    return "n/a" if v is None or pd.isna(v) else f"{v:,.{digits}f}"

@@ -118,3 +118,104 @@ def plot_capability(*, before: pd.DataFrame, after: pd.DataFrame, path: str | Pa
     ax.grid(axis="y", alpha=0.3)
     save_figure(fig, path)
     return fig, ax
+
+
+# one colour and marker per editing method, the same in every grid figure
+METHOD_STYLE = {"lks": ("tab:blue", "o", "LKS"), "ft": ("tab:orange", "s", "FT-L"), "memit": ("tab:green", "^", "MEMIT"),
+                "alphaedit": ("tab:red", "D", "AlphaEdit")}
+
+
+def _method_style(method: str, i: int) -> tuple[str, str, str]:
+    return METHOD_STYLE.get(method, (f"C{4 + i % 6}", "v", method))
+
+
+def _method_order(method: pd.Series) -> pd.Series:
+    """A sort key: the methods of ``METHOD_STYLE`` in its order (LKS first), then any other."""
+    return method.map({m: i for i, m in enumerate(METHOD_STYLE)}).fillna(len(METHOD_STYLE))
+
+
+def plot_grid(*, results: pd.DataFrame, metrics: list[str], path: str | Path | None = None,
+              title: str = "") -> tuple[Figure, np.ndarray]:
+    """The grid (:func:`lks.grid.read_grid`): one panel per data set (row) and metric (column),
+    the metric against the number of edits (log x), one line per method. A cell that is not
+    computed is a gap in its method's line; ``<metric>_base`` (the unedited model), where present,
+    is a grey dashed line. Metrics with values in [0, 1] share the y range [0, 1.05]."""
+    if results.empty:
+        raise ValueError("plot_grid: no finished cells to draw")
+    datasets, sizes = sorted(results.data.unique()), sorted(results.n.unique())
+    fig, axes = plt.subplots(len(datasets), len(metrics), figsize=(2.9 * len(metrics), 2.5 * len(datasets)),
+                             squeeze=False, sharex=True)
+    for (r, ds), (c, metric) in ((a, b) for a in enumerate(datasets) for b in enumerate(metrics)):
+        ax, sub = axes[r, c], results[results.data == ds]
+        for i, (method, grp) in enumerate(sub.sort_values("method", key=_method_order).groupby("method", sort=False)):
+            y = grp.set_index("n").reindex(sizes).get(metric)  # NaN where the cell is missing: a gap, not a jump
+            if y is None or y.isna().all():
+                continue
+            color, marker, label = _method_style(method, i)
+            ax.plot(sizes, y.to_numpy(dtype=float), color=color, marker=marker, ms=4, label=label)
+        if f"{metric}_base" in sub:
+            base = sub.groupby("n")[f"{metric}_base"].mean().reindex(sizes)
+            ax.plot(sizes, base.to_numpy(dtype=float), color="0.5", ls="--", lw=1, label="unedited")
+        values = sub[metric].dropna() if metric in sub else pd.Series(dtype=float)
+        if values.empty:
+            ax.text(0.5, 0.5, "no value", transform=ax.transAxes, ha="center", color="0.5")
+        if values.empty or values.between(0, 1).all():
+            ax.set_ylim(0, 1.05)
+        ax.set(xscale="log", title=f"{ds}: {metric}")
+        ax.grid(alpha=0.3)
+        if r == len(datasets) - 1:
+            ax.set_xlabel("simultaneous edits")
+    handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines()}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8,
+               bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle(title or "Edit metrics against the number of simultaneous edits")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    save_figure(fig, path)
+    return fig, axes
+
+
+# each capability task's headline metric (lks.capability's names); perplexity: lower is better
+CAPABILITY_HEADLINE = {"sst2": "acc", "rte": "acc", "mmlu": "acc", "gsm8k": "exact_match", "wikitext2": "word_perplexity"}
+
+
+def plot_capability_grid(*, comparison: pd.DataFrame, path: str | Path | None = None,
+                         title: str = "") -> tuple[Figure, np.ndarray]:
+    """Capability before and after editing (:func:`lks.grid.read_capability`), one panel per task's
+    headline metric (``CAPABILITY_HEADLINE``), one x position per method and data set: the unedited
+    value (hollow grey), the edited value (filled, the method's colour) with the paired 95% interval
+    of the difference drawn around it (``after + [diff_ci_low, diff_ci_high] - diff``), and the
+    paired p-value and routed requests written above."""
+    head = comparison[[CAPABILITY_HEADLINE.get(t) == m for t, m in zip(comparison.task, comparison.metric)]]
+    if head.empty:
+        raise ValueError("plot_capability_grid: no headline metric in the comparison")
+    tasks = [t for t in CAPABILITY_HEADLINE if t in set(head.task)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = head[head.task == task].sort_values(["method", "data"], key=lambda c: _method_order(c) if c.name == "method"
+                                                   else c).reset_index(drop=True)
+        for x, row in rows.iterrows():
+            color, marker, label = _method_style(row.method, x)
+            err = [[row["diff"] - row.diff_ci_low], [row.diff_ci_high - row["diff"]]]
+            ax.plot(x, row.before, marker=marker, mfc="none", color="0.5", ls="none", label="unedited")
+            ax.errorbar(x, row.after, yerr=np.nan_to_num(err), marker=marker, color=color, capsize=3, ls="none",
+                        label=label)
+            top = np.nanmax([row.before, row.after, row.after + row.diff_ci_high - row["diff"]])
+            ax.annotate(f"p={row.p_value:.2g}\nrouted {row.routed:.0f}", (x, top),
+                        xytext=(0, 8), textcoords="offset points", ha="center", fontsize=6)
+        ax.set_xticks(range(len(rows)), [f"{_method_style(m, 0)[2]}\n{d}" for m, d in zip(rows.method, rows.data)],
+                      fontsize=7)
+        ppl = task == "wikitext2"
+        ax.set(title=f"{task}: {CAPABILITY_HEADLINE[task]}" + (" (lower is better)" if ppl else ""),
+               xlim=(-0.6, len(rows) - 0.4))
+        if not ppl:
+            ax.set_ylim(0, 1.15)
+        ax.margins(y=0.2)
+        ax.grid(axis="y", alpha=0.3)
+    handles = {h.get_label(): h for ax in axes.flat for h in ax.get_legend_handles_labels()[0]}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8,
+               bbox_to_anchor=(0.5, -0.03))
+    n = ", ".join(f"{v:,}" for v in sorted(head.n.unique()))
+    fig.suptitle(title or f"General capability before and after {n} edits (bars: paired 95% CI of the difference)")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    save_figure(fig, path)
+    return fig, axes

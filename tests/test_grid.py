@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import pandas as pd
 import pytest
 from conftest import PLAIN_TRAIN, TINY_CORPUS
 
@@ -148,3 +149,13 @@ def test_a_claimed_cell_is_left_to_its_process(tmp_path):
     lock.write_text("999999999")  # a dead process's lock is taken over
     with G.claimed(lock) as mine:
         assert mine
+
+
+def test_grid_table_labels_every_metric_column_with_its_split():
+    table = pd.DataFrame({"data": ["zsre"], "method": ["lks"], "n": [10], "n_evaluated": [10], "reliability": [0.9],
+                          "generality": [0.7], "generality_split": ["seen"], "fluency_base": [4.4]})
+    cells, legend = G.grid_table(table, ["reliability", "generality", "fluency_base", "repeat_rate"])
+    assert list(cells.columns) == ["data", "method", "N", "evaluated", "reliability [seen]", "generality [seen]",
+                                   "fluency unedited [seen + held-out]", "repeat_rate [seen + held-out]"]
+    assert cells["generality [seen]"].tolist() == [0.7] and cells["repeat_rate [seen + held-out]"].isna().all()
+    assert list(legend.column) == list(cells.columns[4:]) and legend.definition.str.len().min() > 10
