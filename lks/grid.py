@@ -129,7 +129,10 @@ class Grid:
     log: Callable[[str], None] = print
 
     def __post_init__(self) -> None:
+        from lks.metrics import UneditedMemo
+
         self.code = code_version()  # of the code this process runs: taken before any later edit of the checkout
+        self.memo = UneditedMemo()  # the unedited model's scores, shared by the cells of this process
 
     def result_path(self, cell: Cell) -> Path:
         return Path(self.results_dir) / self.profile.model / dataset_label(cell.dataset) / f"{cell.method}-{cell.n}.json"
@@ -245,7 +248,7 @@ class Grid:
             shown = edits.head(min(len(edits), self.profile.eval_n))
             t0 = time.perf_counter()
             _, summary = evaluate_edits(editor, shown, fluency_n=min(self.profile.fluency_n, len(shown)),
-                                        fluency_tokens=self.profile.fluency_tokens)
+                                        fluency_tokens=self.profile.fluency_tokens, memo=self.memo)
             summary["neighborhood_score"] = neighborhood_score(editor, shown)
             eval_seconds = time.perf_counter() - t0
         configs = {"config": dataclasses.asdict(editor.config)}

@@ -187,8 +187,33 @@ def _rephrase0_held_out(editor) -> bool:
     return trained is not None and not trained.train_rephrase
 
 
+class UneditedMemo:
+    """The unedited model's teacher-forced scores and greedy continuations, kept across evaluations.
+
+    They depend only on the model, the prompt and the answer (or the number of new tokens), so
+    evaluations of several editors of ONE model on overlapping edits (the grid: four methods, nested
+    sets of edits) compute each once. Pass the same memo only with the same model and tokenizer."""
+
+    def __init__(self) -> None:
+        self.scores: dict[tuple[str, str], dict[str, Any]] = {}
+        self.texts: dict[tuple[str, int], str] = {}
+
+    def teacher_forced(self, editor, prompts: Sequence[str], answers: Sequence[str], batch_size: int) -> list[dict]:
+        todo = sorted({(p, a) for p, a in zip(prompts, answers)} - self.scores.keys())
+        res = teacher_forced(editor.model, editor.tokenizer, [p for p, _ in todo], [a for _, a in todo], batch_size=batch_size)
+        self.scores.update(zip(todo, res))
+        return [self.scores[(p, a)] for p, a in zip(prompts, answers)]
+
+    def generate(self, editor, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[str]:
+        todo = sorted({p for p in prompts if (p, max_new_tokens) not in self.texts})
+        outs = editor.generate(todo, max_new_tokens=max_new_tokens, edited=False, batch_size=batch_size) if todo else []
+        self.texts.update(((p, max_new_tokens), t) for p, t in zip(todo, outs))
+        return [self.texts[(p, max_new_tokens)] for p in prompts]
+
+
 def evaluate_edits(editor, edits: EditSet, *, batch_size: int = 32, fluency_n: int = 0,
-                   fluency_tokens: int = 30, progress: bool = False) -> EditEvaluation:
+                   fluency_tokens: int = 30, progress: bool = False,
+                   memo: UneditedMemo | None = None) -> EditEvaluation:
     """Evaluate a fitted editor on ``edits`` (usually the edits it was trained on).
 
     Every forward call of the edited model goes through ``editor.applied``, so these numbers
@@ -206,14 +231,14 @@ def evaluate_edits(editor, edits: EditSet, *, batch_size: int = 32, fluency_n: i
     recs = list(edits)
     pairs = _prompt_pairs(recs)
     ed = {name: _score(editor, pairs[name], True, batch_size) for name in pairs}
-    base = {name: _score(editor, pairs[name], False, batch_size) for name in ("rel", "gen", "seen", "loc", "nb")}
+    base = {name: _score(editor, pairs[name], False, batch_size, memo) for name in ("rel", "gen", "seen", "loc", "nb")}
     bank = paraphrase_templates()
     df = pd.DataFrame([_edit_row(i, r, ed, base, bank) for i, r in enumerate(recs)])
     summary = _summarize(df, _rephrase0_held_out(editor))
     summary["n_edits"] = len(recs)
     summary.update(scope_diagnostics(editor, edits))
     if fluency_n > 0:
-        summary.update(generation_metrics(editor, EditSet(recs[:fluency_n]), max_new_tokens=fluency_tokens)[1])
+        summary.update(generation_metrics(editor, EditSet(recs[:fluency_n]), max_new_tokens=fluency_tokens, memo=memo)[1])
     return EditEvaluation(df, summary)
 
 
@@ -234,10 +259,16 @@ def _prompt_pairs(recs: list) -> dict[str, Pairs]:
     }
 
 
-def _score(editor, pairs: Pairs, edited: bool, batch_size: int) -> dict[int, list[dict]]:
-    """:func:`teacher_forced` results of ``pairs`` (through ``editor.applied`` when ``edited``), by edit."""
-    res = teacher_forced(editor.model, editor.tokenizer, [p for _, p, _ in pairs], [t for _, _, t in pairs],
-                         batch_size=batch_size, context=editor.applied if edited else None)
+def _score(editor, pairs: Pairs, edited: bool, batch_size: int, memo: UneditedMemo | None = None
+           ) -> dict[int, list[dict]]:
+    """:func:`teacher_forced` results of ``pairs`` (through ``editor.applied`` when ``edited``; the
+    unedited ones through ``memo`` when given), by edit."""
+    prompts, answers = [p for _, p, _ in pairs], [t for _, _, t in pairs]
+    if memo is not None and not edited:
+        res = memo.teacher_forced(editor, prompts, answers, batch_size)
+    else:
+        res = teacher_forced(editor.model, editor.tokenizer, prompts, answers, batch_size=batch_size,
+                             context=editor.applied if edited else None)
     grouped: dict[int, list[dict]] = {}
     for (i, _, _), r in zip(pairs, res):
         grouped.setdefault(i, []).append(r)
@@ -389,8 +420,8 @@ class EditEvaluation(NamedTuple):
         return tidy(self.per_edit, self.summary)
 
 
-def generation_metrics(editor, edits: EditSet, *, max_new_tokens: int = 30, batch_size: int = 32
-                       ) -> tuple[pd.DataFrame, dict[str, Any]]:
+def generation_metrics(editor, edits: EditSet, *, max_new_tokens: int = 30, batch_size: int = 32,
+                       memo: UneditedMemo | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Free (greedy) continuations of each edit's prompt and held-out rephrases, edited and unedited,
     scored by :func:`continuation_scores` (definitions in the module docstring).
 
@@ -411,14 +442,18 @@ def generation_metrics(editor, edits: EditSet, *, max_new_tokens: int = 30, batc
         items.append((i, "prompt", None, r.prompt))
         items += [(i, "rephrase", _form(p, r.subject), p) for p in r.rephrases[first_held:]]
     prompts = [p for *_, p in items]
-    outs = {key: editor.generate(prompts, max_new_tokens=max_new_tokens, edited=key == "", batch_size=batch_size)
-            for key in ("", "_base")}
+    def unedited(texts: list[str], tokens: int) -> list[str]:
+        if memo is not None:
+            return memo.generate(editor, texts, tokens, batch_size)
+        return editor.generate(texts, max_new_tokens=tokens, edited=False, batch_size=batch_size)
+
+    outs = {"": editor.generate(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size),
+            "_base": unedited(prompts, max_new_tokens)}
     # the unedited model given the new object: its continuations, the object's token count fewer
     forced = [f"{p} {edits[i].target}" for i, *_, p in items]
     tok = editor.tokenizer
     n_obj = [len(ids) for ids in tok([f" {edits[i].target}" for i, *_ in items], add_special_tokens=False)["input_ids"]]
-    forced_out = editor.generate(forced, max_new_tokens=max(1, max_new_tokens - min(n_obj)), edited=False,
-                                 batch_size=batch_size)
+    forced_out = unedited(forced, max(1, max_new_tokens - min(n_obj)))
     rows = []
     for j, (i, kind, form, prompt) in enumerate(items):
         r = edits[i]

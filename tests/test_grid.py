@@ -159,3 +159,25 @@ def test_grid_table_labels_every_metric_column_with_its_split():
                                    "fluency unedited [seen + held-out]", "repeat_rate [seen + held-out]"]
     assert cells["generality [seen]"].tolist() == [0.7] and cells["repeat_rate [seen + held-out]"].isna().all()
     assert list(legend.column) == list(cells.columns[4:]) and legend.definition.str.len().min() > 10
+
+
+def test_unedited_memo_gives_the_same_evaluation_and_skips_the_unedited_passes(tiny_pair, tmp_path, cache, monkeypatch):
+    import lks.metrics as M
+
+    model, tok = tiny_pair
+    prof = profile(tmp_path, methods=["memit"], sizes=[4])
+    grid = G.Grid(prof, model, tok, results_dir=tmp_path / "results", editors_dir=tmp_path / "editors", log=lambda m: None)
+    cell = G.Cell(prof.datasets[0], "memit", 4)
+    edits = grid.edits(cell)[0]
+    editor, _ = grid.editor(cell, edits)
+    plain = evaluate_edits(editor, edits, fluency_n=2, fluency_tokens=3).summary
+    memo = M.UneditedMemo()
+    first = evaluate_edits(editor, edits, fluency_n=2, fluency_tokens=3, memo=memo).summary
+    assert first == pytest.approx(plain, nan_ok=True)
+    calls = []
+    real = M.teacher_forced
+    monkeypatch.setattr(M, "teacher_forced", lambda *a, **k: calls.append((len(a[2]), k.get("context"))) or real(*a, **k))
+    again = evaluate_edits(editor, edits, fluency_n=2, fluency_tokens=3, memo=memo).summary
+    assert again == pytest.approx(first, nan_ok=True)
+    ran = [context for n, context in calls if n]
+    assert ran and all(c is not None for c in ran)  # only the edited passes ran
