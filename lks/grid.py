@@ -257,7 +257,10 @@ class Grid:
         record = {"format": FORMAT, "model": self.profile.model, "data": dataset_label(cell.dataset), "method": cell.method,
                   "n": cell.n, "n_edits": len(edits), "dropped_conflicts": dropped, "n_evaluated": len(shown),
                   "evaluated": f"the first {len(shown)} of the {len(edits)} edits",
-                  "fit_seconds": editor.fit_seconds, "editor_reused": reused, "eval_seconds": eval_seconds, **peak, **configs,
+                  "fit_seconds": editor.fit_seconds, "editor_reused": reused,
+                  # MEMIT / AlphaEdit: targets found in the cache (computed by an earlier fit) are not in fit_seconds
+                  "targets_cached": sum(h.get("targets") == "cached" for h in editor.history),
+                  "eval_seconds": eval_seconds, **peak, **configs,
                   **provenance(self.code), "summary": summary}
         write_json(self.result_path(cell), record)
         return record
