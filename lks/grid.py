@@ -387,7 +387,7 @@ def read_grid(results_dir: str | os.PathLike, model: str = "smollm2-135m") -> pd
         if rec.get("format") != FORMAT or "summary" not in rec:
             continue
         rows.append({k: rec.get(k) for k in ("data", "method", "n", "n_edits", "n_evaluated", "fit_seconds",
-                                               "eval_seconds", "peak_rss_mb")} | rec["summary"])
+                                               "targets_cached", "eval_seconds", "peak_rss_mb")} | rec["summary"])
     df = pd.DataFrame(rows)
     return df.sort_values(["data", "method", "n"], ignore_index=True) if len(df) else df
 
@@ -446,7 +446,8 @@ TABLE_METRICS = ["reliability", "generality", "locality", "specificity", "effica
 def markdown_table(table: pd.DataFrame, profile: GridProfile, dataset: str) -> str:
     """One data set's cells of ``profile`` as a markdown table (rows: method x N, in the profile's
     order; columns :data:`TABLE_METRICS` labelled with their split, fluency with the unedited
-    model's in brackets, and the fit seconds); a cell not computed yet reads "not run yet", a
+    model's in brackets, and the fit seconds, starred where MEMIT/AlphaEdit targets came from the
+    cache); a cell not computed yet reads "not run yet", a
     metric the data set lacks "n/a". :func:`markdown_legend` defines the columns."""
     label = dataset_label(dataset)
     have = table[table.data == label].set_index(["method", "n"]) if len(table) else pd.DataFrame()
@@ -462,13 +463,16 @@ def markdown_table(table: pd.DataFrame, profile: GridProfile, dataset: str) -> s
             cells = [_fmt(row.get(m), 2 if m == "fluency" else 3) for m in metrics]
             if "fluency" in metrics and cells[metrics.index("fluency")] != "n/a":
                 cells[metrics.index("fluency")] += f" ({_fmt(row.get('fluency_base'), 2)})"
-            lines.append(f"| {method} | {n:,} | " + " | ".join(cells + [_fmt(row.get("fit_seconds"), 0)]) + " |")
+            fit = _fmt(row.get("fit_seconds"), 0) + ("*" if row.get("targets_cached") else "")
+            lines.append(f"| {method} | {n:,} | " + " | ".join(cells + [fit]) + " |")
     return "\n".join(lines)
 
 
 def markdown_legend() -> str:
     """The definitions of :func:`markdown_table`'s columns, one bullet each."""
-    return "\n".join(f"- **{m}** [{GRID_METRICS[m][1]}]: {GRID_METRICS[m][0]}" for m in TABLE_METRICS)
+    return "\n".join([f"- **{m}** [{GRID_METRICS[m][1]}]: {GRID_METRICS[m][0]}" for m in TABLE_METRICS]
+                     + ["- **fit s**: seconds to fit the editor; * = without the MEMIT/AlphaEdit target optimisation, "
+                        "whose targets an earlier fit had cached (AlphaEdit shares MEMIT's)"])
 
 
 def _fmt(v: Any, digits: int) -> str:
