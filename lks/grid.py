@@ -463,7 +463,8 @@ def markdown_table(table: pd.DataFrame, profile: GridProfile, dataset: str) -> s
             cells = [_fmt(row.get(m), 2 if m == "fluency" else 3) for m in metrics]
             if "fluency" in metrics and cells[metrics.index("fluency")] != "n/a":
                 cells[metrics.index("fluency")] += f" ({_fmt(row.get('fluency_base'), 2)})"
-            fit = _fmt(row.get("fit_seconds"), 0) + ("*" if row.get("targets_cached") else "")
+            cached = row.get("targets_cached")
+            fit = _fmt(row.get("fit_seconds"), 0) + ("*" if cached is not None and not pd.isna(cached) and cached > 0 else "")
             lines.append(f"| {method} | {n:,} | " + " | ".join(cells + [fit]) + " |")
     return "\n".join(lines)
 

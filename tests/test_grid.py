@@ -78,6 +78,7 @@ def test_grid_writes_every_cell_once(tiny_pair, tmp_path, cache):
     assert len(md) == 2 + 6 and md[4].startswith("| lks | 8 | not run yet")
     lks4 = table[(table.method == "lks") & (table.n == 4)].iloc[0]
     assert md[3].startswith(f"| lks | 4 | {lks4.reliability:.3f} | {lks4.generality:.3f} |")
+    assert md[3].endswith(f"| {lks4.fit_seconds:.0f} |")  # no target cache: no star
 
 
 def test_a_cell_holds_its_saved_editors_numbers(tiny_pair, tmp_path, cache):
