@@ -240,7 +240,7 @@ class Grid:
 
     def run_cell(self, cell: Cell) -> dict[str, Any]:
         """Fit (or load), evaluate and write one cell; returns what was written."""
-        from lks.metrics import evaluate_edits, neighborhood_score
+        from lks.metrics import evaluate_edits
 
         edits, dropped = self.edits(cell)
         with peak_rss() as peak:
@@ -248,8 +248,7 @@ class Grid:
             shown = edits.head(min(len(edits), self.profile.eval_n))
             t0 = time.perf_counter()
             _, summary = evaluate_edits(editor, shown, fluency_n=min(self.profile.fluency_n, len(shown)),
-                                        fluency_tokens=self.profile.fluency_tokens, memo=self.memo)
-            summary["neighborhood_score"] = neighborhood_score(editor, shown)
+                                        fluency_tokens=self.profile.fluency_tokens, memo=self.memo, neighborhood=True)
             eval_seconds = time.perf_counter() - t0
         configs = {"config": dataclasses.asdict(editor.config)}
         if cell.method == "lks":

@@ -213,7 +213,7 @@ class UneditedMemo:
 
 def evaluate_edits(editor, edits: EditSet, *, batch_size: int = 32, fluency_n: int = 0,
                    fluency_tokens: int = 30, progress: bool = False,
-                   memo: UneditedMemo | None = None) -> EditEvaluation:
+                   memo: UneditedMemo | None = None, neighborhood: bool = False) -> EditEvaluation:
     """Evaluate a fitted editor on ``edits`` (usually the edits it was trained on).
 
     Every forward call of the edited model goes through ``editor.applied``, so these numbers
@@ -223,6 +223,10 @@ def evaluate_edits(editor, edits: EditSet, *, batch_size: int = 32, fluency_n: i
         fluency_n: the first ``fluency_n`` edits' prompts and held-out rephrases are continued
             freely (``fluency_tokens`` new tokens, greedy) for the generation-based metrics of
             :func:`generation_metrics` (0 skips generation, which is the slow part).
+        memo: the unedited model's scores and continuations, shared with other evaluations
+            (:class:`UneditedMemo`).
+        neighborhood: add ROME's ``neighborhood_score`` (:func:`neighborhood_score`), reusing the
+            specificity pass's scores of the true answers.
 
     Returns:
         An :class:`EditEvaluation`, which unpacks as ``(per_edit, summary)``: one row per edit, a
@@ -237,6 +241,9 @@ def evaluate_edits(editor, edits: EditSet, *, batch_size: int = 32, fluency_n: i
     summary = _summarize(df, _rephrase0_held_out(editor))
     summary["n_edits"] = len(recs)
     summary.update(scope_diagnostics(editor, edits))
+    if neighborhood:  # the true answers' edited scores are ed["nb"], in the same (edit, prompt) order
+        true = [res for i in sorted(ed["nb"]) for res in ed["nb"][i]]
+        summary["neighborhood_score"] = neighborhood_score(editor, edits, batch_size, true=true)
     if fluency_n > 0:
         summary.update(generation_metrics(editor, EditSet(recs[:fluency_n]), max_new_tokens=fluency_tokens, memo=memo)[1])
     return EditEvaluation(df, summary)
@@ -482,16 +489,20 @@ def generation_metrics(editor, edits: EditSet, *, max_new_tokens: int = 30, batc
     return df, summary
 
 
-def neighborhood_score(editor, edits: EditSet, batch_size: int = 32) -> float:
+def neighborhood_score(editor, edits: EditSet, batch_size: int = 32, true: list[dict] | None = None) -> float:
     """ROME's neighbourhood score (Meng et al. 2022, §3.2): on prompts about OTHER subjects with the
     edited relation, the edited model still prefers the true answer, P(true) > P(new target); the
-    mean over each edit's prompts, then over edits (nan without neighbourhood prompts)."""
+    mean over each edit's prompts, then over edits (nan without neighbourhood prompts).
+
+    ``true``: the edited model's scores of the true answers on these prompts, in order, when the
+    caller has them (:func:`evaluate_edits` scores them for specificity)."""
     pairs = [(i, p, a) for i, r in enumerate(edits) for p, a in r.neighborhood]
     if not pairs:
         return float("nan")
     prompts = [p for _, p, _ in pairs]
-    true = teacher_forced(editor.model, editor.tokenizer, prompts, [a for *_, a in pairs], batch_size=batch_size,
-                          context=editor.applied)
+    if true is None:
+        true = teacher_forced(editor.model, editor.tokenizer, prompts, [a for *_, a in pairs], batch_size=batch_size,
+                              context=editor.applied)
     new = teacher_forced(editor.model, editor.tokenizer, prompts, [edits[i].target for i, *_ in pairs],
                          batch_size=batch_size, context=editor.applied)
     per: dict[int, list[float]] = {}
