@@ -110,16 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reproduce", help="the paper's grid: methods x numbers of edits x data sets, one results file per "
                                          "cell, plus general capability at the profile's size; resumable")
     r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
-    r.add_argument("--profile", required=True, help="params/<PROFILE>/reproduce.json (e.g. cpu-full-smollm2) or a JSON file")
-    r.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda:0' (default: %(default)s)")
-    r.add_argument("--data-dir", default=None, help="benchmark data directory (default: $LKS_DATA_DIR or ~/.cache/lks/data)")
-    r.add_argument("--results", default=None, help="results directory (default: the checkout's results/)")
-    r.add_argument("--editors", default=None, help="where fitted editors are kept (default: the checkout's runs/editors/)")
-    r.add_argument("--list", action="store_true", help="print the steps still to run and exit (no model is loaded)")
-    r.add_argument("--only", default=None, help="comma-separated shell patterns of cell names to run, e.g. "
-                                                "'*/memit-*,zsre/lks-10000' (default: every cell)")
-    r.add_argument("--table", action="store_true", help="print the finished cells as markdown tables, one per data set, "
-                                                        "and exit (no model is loaded)")
+    _reproduce_options(r)
     return p
 
 
@@ -183,6 +174,20 @@ def _train_options(t: argparse.ArgumentParser) -> None:
                    help="same subject + prompt with two targets: fail (error) or keep the first (default: %(default)s)")
     t.add_argument("--resume", type=_bool, default=True, help="resume from --out if it holds a checkpoint of the same run (true/false)")
     t.add_argument("--evaluate", type=_bool, default=True, help="evaluate after training and write metrics.json (true/false)")
+
+
+def _reproduce_options(r: argparse.ArgumentParser) -> None:
+    """The options of ``reproduce``."""
+    r.add_argument("--profile", required=True, help="params/<PROFILE>/reproduce.json (e.g. cpu-full-smollm2) or a JSON file")
+    r.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda:0' (default: %(default)s)")
+    r.add_argument("--data-dir", default=None, help="benchmark data directory (default: $LKS_DATA_DIR or ~/.cache/lks/data)")
+    r.add_argument("--results", default=None, help="results directory (default: the checkout's results/)")
+    r.add_argument("--editors", default=None, help="where fitted editors are kept (default: the checkout's runs/editors/)")
+    r.add_argument("--list", action="store_true", help="print the steps still to run and exit (no model is loaded)")
+    r.add_argument("--only", default=None, help="comma-separated shell patterns of cell names to run, e.g. "
+                                                "'*/memit-*,zsre/lks-10000' (default: every cell)")
+    r.add_argument("--table", action="store_true", help="print the finished cells as markdown tables, one per data set, "
+                                                        "and exit (no model is loaded)")
 
 
 def _task_ints(text: str | None, what: str) -> int | dict[str, int] | None:

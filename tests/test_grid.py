@@ -182,3 +182,15 @@ def test_unedited_memo_gives_the_same_evaluation_and_skips_the_unedited_passes(t
     assert again == pytest.approx(first, nan_ok=True)
     ran = [context for n, context in calls if n]
     assert ran and all(c is not None for c in ran)  # only the edited passes ran
+
+
+def test_cli_lists_the_pending_steps_and_prints_tables(tmp_path, capsys):
+    from lks.cli import main
+
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"datasets": ["zsre"], "methods": ["lks", "memit"], "sizes": [10, 100], "capability_n": 100}))
+    assert main(["reproduce", "--profile", str(path), "--results", str(tmp_path / "r"), "--list", "--only", "*/memit-*"]) == 0
+    assert capsys.readouterr().out.split() == ["edit", "zsre/memit-10", "edit", "zsre/memit-100", "capability", "zsre/memit-100"]
+    assert main(["reproduce", "--profile", str(path), "--results", str(tmp_path / "r"), "--table"]) == 0
+    assert capsys.readouterr().out.count("not run yet") == 4
+    assert main(["reproduce", "--profile", str(tmp_path / "missing.json"), "--list"]) == 2
