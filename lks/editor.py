@@ -35,6 +35,8 @@ from lks.scope import ScopeIndicator
 from lks.training.fastpath import FastPath
 from lks.training.precision import fit_dtype, lower_pass, precision_used
 from lks.training.sequences import check_conflicts, drop_conflicts
+from lks.training.stored import prepared_dir
+from lks.training.stored import remove as remove_prepared
 from lks.utils import set_seed
 
 
@@ -179,9 +181,19 @@ class LKSEditor:
         self.dropped = []
         if on_conflict == "first":
             edits, self.dropped = drop_conflicts(edits)
-        trainer = Trainer(self, cfg).prepare(edits, precompute_batch_size, progress)
-        self.precompute_seconds, self.skipped = trainer.precompute_seconds, trainer.skipped
-        trainer.train(checkpoint_dir, resume, progress)
+        # with a checkpoint directory the prepared training set is kept until training ends, so
+        # that a resumed fit skips its preparation (lks.training.stored)
+        store = None if checkpoint_dir is None else prepared_dir(self.model, {
+            "editor": dataclasses.asdict(self.config), "train": dataclasses.asdict(cfg), "edits": edits.checksum(),
+            "precision": self.precision_used, "device": model_device(self.model).type})
+        try:
+            trainer = Trainer(self, cfg).prepare(edits, precompute_batch_size, progress, store)
+            self.precompute_seconds, self.skipped = trainer.precompute_seconds, trainer.skipped
+            trainer.train(checkpoint_dir, resume, progress)
+        except Exception:  # an error (a refused checkpoint, a bug): not kept; an interruption is
+            remove_prepared(store)
+            raise
+        remove_prepared(store)
         self._table = None
         self.fit_seconds = time.perf_counter() - t0
         return self.history

@@ -12,7 +12,9 @@ generation-based metrics on the first ``fluency_n``), fit and evaluation seconds
 resident memory, the configs, the git commit, the machine.
 
 Fitted editors are saved under ``editors_dir`` (not committed), so an interrupted evaluation and
-the capability runs reuse them; an interrupted LKS fit resumes from its last finished epoch.
+the capability runs reuse them. An interrupted fit resumes: LKS from its last finished epoch with
+its stored training set (:mod:`lks.training.stored`), FT-L from its last step, MEMIT and AlphaEdit
+from their last cached chunk of target vectors.
 
 **Capability** at ``capability_n`` edits: after that cell, the editor runs the general-capability
 tasks (:func:`lks.capability.evaluate_capability`) on the same items as the unedited model, which
@@ -217,8 +219,7 @@ class Grid:
 
     def editor(self, cell: Cell, edits: Any) -> tuple[Any, bool]:
         """``(editor, reused)``: the cell's fitted editor, loaded (``reused``) when a finished one with
-        these edits and settings is saved, else fitted (an LKS fit resumes from its last finished
-        epoch) and saved."""
+        these edits and settings is saved, else fitted (resuming an interrupted fit) and saved."""
         from lks.baselines import editor_class, load_editor
 
         path = self.editor_path(cell)

@@ -3,6 +3,8 @@ independent solves, the constraints, applied/save/load, and that a fitted edit t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import TINY_CORPUS, make_tiny_llama
@@ -76,7 +78,8 @@ def test_alphaedit_leaves_preserved_keys_unchanged():
 
 
 @pytest.mark.parametrize("norm,bound", [("inf", 2e-3), ("fro", 0.05)])
-def test_ft_respects_its_bound(tiny_pair, norm, bound):
+def test_ft_respects_its_bound(tiny_pair, norm, bound, tmp_path, monkeypatch):
+    monkeypatch.setenv("LKS_CACHE_DIR", str(tmp_path / "cache"))
     model, tok = tiny_pair
     ed = FTEditor(model, tok, FTConfig(layer=1, lr=0.05, steps=5, bound=bound, norm=norm))
     ed.fit(EDITS, progress=False)
@@ -246,3 +249,37 @@ def test_targets_are_cached_per_chunk_and_equal_the_whole_batch(tiny_pair, corpu
     again = MEMITEditor(model, tok, cfg)
     assert torch.equal(again._targets(EDITS, 1, prefixes, progress=False), chunked)
     assert [h["targets"] for h in again.history] == ["cached"] * len(EDITS)
+
+
+def test_an_interrupted_ft_fit_resumes_where_it_stopped(tiny_pair, corpus, monkeypatch):
+    """FT-L keeps its state (delta, Adam moments, history) after every step until the fit ends: a
+    fit interrupted at step 3 and run again ends where an uninterrupted fit ends (the oracle)."""
+    import lks.baselines.ft as ft
+
+    model, tok = tiny_pair
+    cfg = FTConfig(layer=1, lr=0.05, steps=6, bound=0.2, stop_nll=1e-9)
+    states = Path(corpus).parent / "cache" / "ft"  # the corpus fixture's LKS_CACHE_DIR
+    full = FTEditor(model, tok, cfg)
+    full.fit(EDITS, progress=False)
+    assert not list(states.glob("*.safetensors"))  # a finished fit keeps no state
+
+    real, calls = ft.project, []
+
+    def crash_at_step_3(delta, bound, norm):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(delta, bound, norm)
+
+    monkeypatch.setattr(ft, "project", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        FTEditor(model, tok, cfg).fit(EDITS, progress=False)
+    monkeypatch.setattr(ft, "project", real)
+    assert len(list(states.glob("*.safetensors"))) == 1
+
+    resumed = FTEditor(model, tok, cfg)
+    resumed.fit(EDITS, progress=False)
+    assert [h.get("step") for h in resumed.history] == [0, 1, None, 2, 3, 4, 5]  # None: "resumed_at_step"
+    assert resumed.history[2] == {"resumed_at_step": 2}
+    assert torch.allclose(resumed.deltas[1], full.deltas[1], atol=1e-7)
+    assert not list(states.glob("*.safetensors"))

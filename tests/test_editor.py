@@ -152,6 +152,7 @@ def test_load_rejects_other_model_and_corrupt_files(tiny_pair, tmp_path):
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tiny_pair, tmp_path, monkeypatch):
+    monkeypatch.setenv("LKS_CACHE_DIR", str(tmp_path / "cache"))
     model, tok = tiny_pair
     full = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
     full.fit(tiny_edits(), TRAIN, progress=False)
@@ -168,7 +169,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_pair, tmp_path
     monkeypatch.setattr(Trainer, "batch_loss", crash_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         crashing.fit(tiny_edits(), TRAIN, checkpoint_dir=tmp_path / "ck", progress=False)
-    monkeypatch.undo()
+    monkeypatch.setattr(Trainer, "batch_loss", real)
     assert json.loads((tmp_path / "ck" / "train_state.json").read_text())["epoch"] == 2
 
     resumed = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
@@ -179,6 +180,65 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_pair, tmp_path
     with pytest.raises(ValueError, match="another training config"):
         LKSEditor(model, tok, EditorConfig(layer=1, generator="residual")).fit(
             tiny_edits(), TrainConfig(**{**TRAIN.__dict__, "lr": 0.5}), checkpoint_dir=tmp_path / "ck", progress=False)
+    assert not any((tmp_path / "cache" / "prepared").iterdir())  # a failed fit keeps no prepared set
+
+
+def test_a_resumed_fit_reads_its_prepared_training_set(tiny_pair, tmp_path, monkeypatch):
+    """With a checkpoint directory the fit keeps its sequences, gate examples and layer-L cache
+    (lks.training.stored) until training ends: a fit resumed after a crash computes none of them
+    again and ends where an uninterrupted fit ends."""
+    import lks.training.trainer as trainer_module
+    from lks.training.fastpath import FastPath
+
+    monkeypatch.setenv("LKS_CACHE_DIR", str(tmp_path / "cache"))
+    model, tok = tiny_pair
+    ecfg = EditorConfig(layer=1, generator="gated")
+    cfg = TrainConfig(**{**TRAIN.__dict__, "w_after": 1.0, "after_tokens": 3, "gate_prefixes": 1, "gate_negatives": 2,
+                         "gate_steps": 5, "prefix_cache": True})
+    full = LKSEditor(model, tok, ecfg)
+    full.fit(tiny_edits(), cfg, progress=False)
+    assert not (tmp_path / "cache").exists()  # no checkpoint directory: nothing stored
+
+    real, calls = Trainer.batch_loss, []
+
+    def crash_in_epoch_2(self, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, batch)
+
+    monkeypatch.setattr(Trainer, "batch_loss", crash_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        LKSEditor(model, tok, ecfg).fit(tiny_edits(), cfg, checkpoint_dir=tmp_path / "ck", progress=False)
+    monkeypatch.setattr(Trainer, "batch_loss", real)
+    (folder,) = (tmp_path / "cache" / "prepared").iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == ["cache.safetensors", "gate.safetensors", "sequences.json"]
+
+    # the stored parts equal freshly computed ones (the oracle: a prepare with no store)
+    fresh = Trainer(LKSEditor(model, tok, ecfg), cfg).prepare(tiny_edits(), progress=False)
+
+    def never(*args, **kwargs):
+        raise AssertionError("a stored part was computed again")
+
+    for name in ("build_sequences", "gate_examples"):
+        monkeypatch.setattr(trainer_module, name, never)
+    monkeypatch.setattr(FastPath, "precompute", never)
+    loaded = Trainer(LKSEditor(model, tok, ecfg), cfg).prepare(tiny_edits(), progress=False, store=folder)
+    assert loaded.seqs == fresh.seqs and loaded.per_edit == fresh.per_edit and loaded.skipped == fresh.skipped
+    assert loaded.gate.skip == fresh.gate.skip and fresh.gate.kb.shape[0] > 0
+    for name in ("kb", "subj", "label"):
+        assert torch.equal(getattr(loaded.gate, name), getattr(fresh.gate, name))
+    assert fresh.cache.kv is not None and fresh.cache.ref_logp is not None
+    for name in ("states", "ref_logp", "ref_idx", "ref_tail", "kv"):
+        assert torch.equal(getattr(loaded.cache, name), getattr(fresh.cache, name)), name
+    assert (loaded.cache.offsets, loaded.cache.kv_offsets, loaded.cache.ref_row) == \
+        (fresh.cache.offsets, fresh.cache.kv_offsets, fresh.cache.ref_row)
+
+    resumed = LKSEditor(model, tok, ecfg)
+    hist = resumed.fit(tiny_edits(), cfg, checkpoint_dir=tmp_path / "ck", progress=False)
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    assert torch.allclose(resumed.kb_table(), full.kb_table(), atol=1e-6)
+    assert not folder.exists()  # training ended: the prepared set is deleted
 
 
 def test_bad_input_errors(tiny_pair):

@@ -16,6 +16,7 @@ same ``skip_lower_layers`` trick as LKS's training path).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -30,8 +31,8 @@ from torch import nn
 from lks.config import from_dict
 from lks.data import EditSet, find_subject, subject_token_index
 from lks.hooks import LayerHooks, StopForward
-from lks.models import get_layer, get_layers, model_device, skip_lower_layers
-from lks.utils import atomic_dir, write_json
+from lks.models import cache_dir, get_layer, get_layers, model_device, skip_lower_layers
+from lks.utils import atomic_dir, sha256_text, write_json
 
 FORMAT_VERSION = 1
 PROJ = "mlp.down_proj"  # the MLP output projection inside a Llama/Mistral/Qwen2 decoder layer
@@ -187,6 +188,7 @@ class WeightEditor:
         self.deltas: dict[int, torch.Tensor] = {}
         self.n_edits = 0
         self.fit_seconds = 0.0
+        self.prior_seconds = 0.0
         self.history: list[dict[str, float]] = []
         self.data_checksum = ""
 
@@ -204,14 +206,24 @@ class WeightEditor:
         check_conflicts(edits)
         edits.require_nonempty()
         t0 = time.perf_counter()
-        self.history = []
+        self.history, self.prior_seconds = [], 0.0  # prior: a resumed fit's earlier runs (set by _fit)
         self.deltas = {k: v.detach().float().cpu() for k, v in self._fit(edits, progress).items()}
-        self.fit_seconds = time.perf_counter() - t0
+        self.fit_seconds = self.prior_seconds + time.perf_counter() - t0
         self.n_edits, self.data_checksum = len(edits), edits.checksum()
         return self.history
 
     def _fit(self, edits: EditSet, progress: bool) -> dict[int, torch.Tensor]:
         raise NotImplementedError
+
+    def _cache_path(self, kind: str, spec: dict[str, Any]) -> Path | None:
+        """``<lks cache dir>/<kind>/<hash>.safetensors``, the hash of the model's registered name and
+        ``spec`` (MEMIT's target chunks, an interrupted FT-L fit); None for an unnamed model, which
+        has no stable key."""
+        name = getattr(self.model, "lks_name", "")
+        if not name:
+            return None
+        blob = json.dumps({"model": name, **spec}, sort_keys=True)
+        return cache_dir() / kind / f"{sha256_text(blob)[:24]}.safetensors"
 
     # -- apply ----------------------------------------------------------------------------------
     @contextmanager

@@ -24,7 +24,6 @@ The random-prefix contexts are the unedited model's greedy continuations of a fe
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,8 +48,8 @@ from lks.baselines.common import (
 from lks.baselines.stats import CORPUS, key_second_moment
 from lks.data import EditSet
 from lks.hooks import LayerHooks, StopForward
-from lks.models import cache_dir, model_device, upper_layers_dtype
-from lks.utils import resolve_dtype, resolve_precision, sha256_text
+from lks.models import model_device, upper_layers_dtype
+from lks.utils import resolve_dtype, resolve_precision, save_tensors
 
 PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You", "It", "In", "A", "When", "She")
 
@@ -263,22 +262,18 @@ class MEMITEditor(WeightEditor):
                           for i in range(0, len(edits), TARGET_CHUNK)])
 
     def _chunk_targets(self, edits: EditSet, layer: int, prefixes: Sequence[str], progress: bool) -> torch.Tensor:
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
 
         keys = ("z_steps", "z_lr", "clamp", "kl_weight", "weight_decay", "n_prefixes", "prefix_tokens", "stop_nll",
                 "precision")
-        spec = {"model": getattr(self.model, "lks_name", ""), "edits": edits.checksum(), "layer": layer,
-                **{k: getattr(self.config, k) for k in keys}}
-        path = cache_dir() / "targets" / f"{sha256_text(json.dumps(spec, sort_keys=True))[:24]}.safetensors"
-        if path.is_file() and spec["model"]:
+        spec = {"edits": edits.checksum(), "layer": layer, **{k: getattr(self.config, k) for k in keys}}
+        path = self._cache_path("targets", spec)
+        if path is not None and path.is_file():
             self.history.append({"targets": "cached", "path": str(path)})
             return load_file(str(path))["z"].to(model_device(self.model))
         z, _ = target_vectors(self.model, self.tokenizer, edits, self.config, layer, prefixes, progress, self.history)
-        if spec["model"]:  # an unnamed model has no stable cache key
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            save_file({"z": z.cpu().contiguous()}, str(tmp), metadata={"spec": json.dumps(spec)})
-            os.replace(tmp, path)
+        if path is not None:
+            save_tensors(path, {"z": z.cpu()}, metadata={"spec": json.dumps(spec)})
         return z
 
     def _fit(self, edits: EditSet, progress: bool) -> dict[int, torch.Tensor]:

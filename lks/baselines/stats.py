@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from lks.baselines.common import PROJ, down_proj
 from lks.hooks import LayerHooks, StopForward
 from lks.models import cache_dir, model_device
+from lks.utils import save_tensors
 
 CORPUS = "wikitext2/wiki.valid.tokens"
 SEQ_LEN = 256     # tokens per corpus window
@@ -82,7 +83,7 @@ def key_second_moment(model: nn.Module, tok, layers: Sequence[int], n_tokens: in
     """``E[k k^T]`` ``[intermediate, intermediate]`` of each layer's down_proj inputs over the
     corpus's first ``n_tokens`` tokens, from the cache when there (the missing layers are computed
     in one pass and cached)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     out: dict[int, torch.Tensor] = {}
     missing = []
@@ -95,11 +96,7 @@ def key_second_moment(model: nn.Module, tok, layers: Sequence[int], n_tokens: in
     if missing:
         windows = corpus_windows(tok, n_tokens, corpus, data_dir)
         for i, mom2 in _accumulate(model, windows, missing, progress).items():
-            path = stats_path(model, i, n_tokens, str(corpus))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            save_file({"mom2": mom2.contiguous()}, str(tmp),
-                      metadata={"layer": str(i), "tokens": str(windows.numel()), "corpus": str(corpus)})
-            os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache file
+            save_tensors(stats_path(model, i, n_tokens, str(corpus)), {"mom2": mom2},
+                         metadata={"layer": str(i), "tokens": str(windows.numel()), "corpus": str(corpus)})
             out[i] = mom2
     return {i: out[i] for i in layers}

@@ -6,6 +6,7 @@ import math
 import os
 import random
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,6 +14,7 @@ from tqdm.auto import tqdm
 
 from lks.config import TrainConfig
 from lks.data import EditSet
+from lks.training import stored
 from lks.training.fastpath import Cache
 from lks.training.gate import GateExamples, gate_examples, warm_gate
 from lks.training.losses import batch_loss
@@ -46,16 +48,34 @@ class Trainer:
         self.gate: GateExamples | None = None  # the gated generator's extra examples
         self.precompute_seconds = 0.0
 
-    def prepare(self, edits: EditSet, batch_size: int = 256, progress: bool = True) -> Trainer:
-        """Scope and features of ``edits`` on the editor, then the training set and its cache."""
+    def prepare(self, edits: EditSet, batch_size: int = 256, progress: bool = True,
+                store: Path | None = None) -> Trainer:
+        """Scope and features of ``edits`` on the editor, then the training set and its cache.
+
+        With ``store`` (a folder, see :mod:`lks.training.stored`) each of the three slow parts
+        (sequences, gate examples, layer-L cache) is read from it when there, else computed and
+        written to it."""
         t0 = time.perf_counter()
         ed, cfg = self.editor, self.cfg
         ed._set_edits(edits, cfg)
         assert ed.scope is not None
-        self.per_edit, self.seqs, self.skipped = build_sequences(ed.model, ed.tokenizer, ed.scope, edits, cfg)
+        got = stored.load_sequences(store) if store else None
+        if got is None:
+            got = build_sequences(ed.model, ed.tokenizer, ed.scope, edits, cfg)
+            if store:
+                stored.save_sequences(store, *got)
+        self.per_edit, self.seqs, self.skipped = got
         if ed.generator.has_gate:
-            self.gate = gate_examples(self.fast, ed.scope, edits, self.seqs, cfg)
-        self.cache = self.fast.precompute(self.seqs, cfg, batch_size, progress)
+            self.gate = stored.load_gate(store) if store else None
+            if self.gate is None:
+                self.gate = gate_examples(self.fast, ed.scope, edits, self.seqs, cfg)
+                if store:
+                    stored.save_gate(store, self.gate)
+        self.cache = stored.load_cache(store) if store else None
+        if self.cache is None:
+            self.cache = self.fast.precompute(self.seqs, cfg, batch_size, progress)
+            if store:
+                stored.save_cache(store, self.cache)
         release_memory()  # the precompute's transient tensors: return them to the OS before training
         self.precompute_seconds = time.perf_counter() - t0
         return self
