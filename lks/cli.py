@@ -448,8 +448,17 @@ def _reproduce(args: argparse.Namespace) -> int:
         for kind, cell in Grid(profile, None, None, **where).pending(only):
             print(f"{kind:10s} {cell.name}")
         return 0
-    model, tok = lks.load_model(profile.model, device=args.device)
-    Grid(profile, model, tok, data_dir=args.data_dir, **where).run(only)
+    import logging
+
+    logger, handler = logging.getLogger("lks"), logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("    %(asctime)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)  # the fits' progress: a line per prepared part, epoch, step or chunk
+    logger.setLevel(logging.INFO)
+    try:
+        model, tok = lks.load_model(profile.model, device=args.device)
+        Grid(profile, model, tok, data_dir=args.data_dir, **where).run(only)
+    finally:
+        logger.removeHandler(handler)
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import pandas as pd
 import pytest
@@ -49,16 +50,20 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LKS_CACHE_DIR", str(tmp_path / "cache"))
 
 
-def test_grid_writes_every_cell_once(tiny_pair, tmp_path, cache):
+def test_grid_writes_every_cell_once(tiny_pair, tmp_path, cache, caplog):
     model, tok = tiny_pair
     prof = profile(tmp_path)
     grid = G.Grid(prof, model, tok, results_dir=tmp_path / "results", editors_dir=tmp_path / "editors", log=lambda m: None)
     assert [c.name for _, c in grid.pending()] == ["tinyfacts/lks-2", "tinyfacts/memit-2", "tinyfacts/lks-4",
                                                    "tinyfacts/memit-4"]
+    caplog.set_level(logging.INFO, logger="lks")
     grid.run(only=["*/memit-*"])
     assert [c.name for _, c in grid.pending()] == ["tinyfacts/lks-2", "tinyfacts/lks-4"]
     grid.run()
     assert grid.pending() == []
+    # progress inside a cell: the LKS fits' prepared parts and epochs, MEMIT's target chunks
+    assert "training sequences" in caplog.text and "epoch 2/2: loss" in caplog.text
+    assert "target vectors of edits 1-2 of 2 (optimised" in caplog.text
     rec = json.loads(grid.result_path(G.Cell(prof.datasets[0], "lks", 4)).read_text())
     # 4 records, case 3 conflicts with case 1: 3 edits, the first eval_n = 2 evaluated
     assert rec["n_edits"] == 3 and rec["dropped_conflicts"] == [3] and rec["n_evaluated"] == 2

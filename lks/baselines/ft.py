@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ from lks.baselines.common import (
 from lks.data import EditSet
 from lks.models import model_device
 from lks.utils import save_tensors
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -103,6 +106,7 @@ class FTEditor(WeightEditor):
             nll = torch.cat(nll_all)
             self.history.append({"step": step, "nll_mean": float(nll.mean()), "nll_max": float(nll.max())})
             bar.set_postfix(nll=f"{float(nll.mean()):.3f}")
+            log.info("FT-L step %d/%d: mean target NLL %.3f", step + 1, cfg.steps, float(nll.mean()))
             if float(nll.max()) < cfg.stop_nll:
                 break
             opt.step()

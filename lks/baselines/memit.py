@@ -24,6 +24,8 @@ The random-prefix contexts are the unedited model's greedy continuations of a fe
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -51,6 +53,7 @@ from lks.hooks import LayerHooks, StopForward
 from lks.models import model_device, upper_layers_dtype
 from lks.utils import resolve_dtype, resolve_precision, save_tensors
 
+log = logging.getLogger(__name__)
 PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You", "It", "In", "A", "When", "She")
 
 
@@ -258,8 +261,13 @@ class MEMITEditor(WeightEditor):
         same band share them, memory stays bounded, and an interrupted 10,000-edit fit resumes at the
         first chunk not yet cached. Each edit's target is optimised on its own rows only (the chunks
         change nothing but the batching: see :func:`target_vectors`)."""
-        return torch.cat([self._chunk_targets(EditSet(edits.records[i:i + TARGET_CHUNK]), layer, prefixes, progress)
-                          for i in range(0, len(edits), TARGET_CHUNK)])
+        out = []
+        for i in range(0, len(edits), TARGET_CHUNK):
+            t = time.perf_counter()
+            out.append(self._chunk_targets(EditSet(edits.records[i:i + TARGET_CHUNK]), layer, prefixes, progress))
+            log.info("target vectors of edits %d-%d of %d (%s, %.0f s)", i + 1, i + len(out[-1]), len(edits),
+                     self.history[-1].get("targets", "optimised") if self.history else "optimised", time.perf_counter() - t)
+        return torch.cat(out)
 
     def _chunk_targets(self, edits: EditSet, layer: int, prefixes: Sequence[str], progress: bool) -> torch.Tensor:
         from safetensors.torch import load_file

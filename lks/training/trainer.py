@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from lks.editor import LKSEditor
 
 LOSS_NAMES = ("total", "edit", "equiv", "loc", "after", "gate")
+log = logging.getLogger(__name__)  # a line per prepared part and per epoch (python -m lks reproduce shows them)
 
 
 class Trainer:
@@ -59,23 +61,29 @@ class Trainer:
         ed, cfg = self.editor, self.cfg
         ed._set_edits(edits, cfg)
         assert ed.scope is not None
+        t = time.perf_counter()
         got = stored.load_sequences(store) if store else None
         if got is None:
             got = build_sequences(ed.model, ed.tokenizer, ed.scope, edits, cfg)
             if store:
                 stored.save_sequences(store, *got)
         self.per_edit, self.seqs, self.skipped = got
+        log.info("%d training sequences (%.0f s)", len(self.seqs), time.perf_counter() - t)
         if ed.generator.has_gate:
+            t = time.perf_counter()
             self.gate = stored.load_gate(store) if store else None
             if self.gate is None:
                 self.gate = gate_examples(self.fast, ed.scope, edits, self.seqs, cfg)
                 if store:
                     stored.save_gate(store, self.gate)
+            log.info("%d gate examples (%.0f s)", len(self.gate.label), time.perf_counter() - t)
+        t = time.perf_counter()
         self.cache = stored.load_cache(store) if store else None
         if self.cache is None:
             self.cache = self.fast.precompute(self.seqs, cfg, batch_size, progress)
             if store:
                 stored.save_cache(store, self.cache)
+        log.info("layer-L cache of %d tokens (%.0f s)", len(self.cache.states), time.perf_counter() - t)
         release_memory()  # the precompute's transient tensors: return them to the OS before training
         self.precompute_seconds = time.perf_counter() - t0
         return self
@@ -130,6 +138,7 @@ class Trainer:
                        **{k: sums[k] / n for k in LOSS_NAMES if k != "total"},
                        "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - te}
                 ed.history.append(rec)
+                log.info("epoch %d/%d: loss %.4f (%.0f s)", epoch + 1, cfg.epochs, rec["loss"], rec["seconds"])
                 if rec["loss"] < best - cfg.min_delta:
                     best, bad = rec["loss"], 0
                 else:
