@@ -4,7 +4,8 @@
 #                    regenerating figures/ and results/
 #   make test        set up, then run the unit/integration tests and nbval over the notebooks
 #   make reproduce   set up, then run the paper's grid (python -m lks reproduce --profile GRID; days
-#                    of CPU time, resumable: re-run to continue)
+#                    of CPU time, resumable: re-run to continue), then rewrite the tables of
+#                    README.md and docs/grid.md from the results
 #
 # Variables: PYTHON (interpreter used to create .venv), LKS_DATA_DIR (benchmark data directory),
 # TORCH_SPEC (torch requirement installed before the package; a CPU build on CPU machines),
@@ -51,6 +52,7 @@ test: setup
 
 reproduce: setup
 	$(BIN)/python -m lks reproduce --profile $(GRID)
+	$(BIN)/python -m lks reproduce --profile $(GRID) --write README.md docs/grid.md
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -rs -m "not slow" tests

@@ -188,6 +188,9 @@ def _reproduce_options(r: argparse.ArgumentParser) -> None:
                                                 "'*/memit-*,zsre/lks-10000' (default: every cell)")
     r.add_argument("--table", action="store_true", help="print the finished cells as markdown tables, one per data set, "
                                                         "and exit (no model is loaded)")
+    r.add_argument("--write", nargs="+", default=None, metavar="FILE",
+                   help="rewrite the <!-- grid-table --> / <!-- grid-summary --> blocks of these markdown files from "
+                        "the finished cells (README.md, docs/grid.md) and exit")
 
 
 def _task_ints(text: str | None, what: str) -> int | dict[str, int] | None:
@@ -433,15 +436,16 @@ def _evaluate_into(out: str, editor: Any, edits: EditSet) -> None:
 def _reproduce(args: argparse.Namespace) -> int:
     """``reproduce``: every pending step of a grid profile (:mod:`lks.grid`), or with ``--list`` the list."""
     import lks
-    from lks.grid import REPO, Grid, load_profile, markdown_legend, markdown_table, read_grid
+    from lks.grid import REPO, Grid, load_profile, read_grid, tables_markdown, write_tables
 
     profile = load_profile(args.profile)
     where = {k: Path(v) for k, v in (("results_dir", args.results), ("editors_dir", args.editors)) if v}
-    if args.table:
+    if args.table or args.write:
         table = read_grid(where.get("results_dir", REPO / "results"), profile.model)
-        for dataset in profile.datasets:
-            print(f"\n{dataset}\n\n{markdown_table(table, profile, dataset)}")
-        print(f"\n{markdown_legend()}")
+        for path in args.write or []:
+            write_tables(path, table, profile)
+        if args.table:
+            print(tables_markdown(table, profile))
         return 0
     only = [p.strip() for p in (args.only or "").split(",") if p.strip()]
     if args.list:

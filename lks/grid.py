@@ -28,6 +28,7 @@ import dataclasses
 import fnmatch
 import json
 import os
+import re
 import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -474,6 +475,49 @@ def markdown_legend() -> str:
     return "\n".join([f"- **{m}** [{GRID_METRICS[m][1]}]: {GRID_METRICS[m][0]}" for m in TABLE_METRICS]
                      + ["- **fit s**: seconds to fit the editor; * = without the MEMIT/AlphaEdit target optimisation, "
                         "whose targets an earlier fit had cached (AlphaEdit shares MEMIT's)"])
+
+
+METHOD_LABELS = {"lks": "LKS", "ft": "FT-L", "memit": "MEMIT", "alphaedit": "AlphaEdit"}
+DATASET_LABELS = {"zsre": "zsRE", "counterfact": "CounterFact"}
+
+
+def summary_table(table: pd.DataFrame, profile: GridProfile) -> str:
+    """One markdown table of every data set x N (rows) and method (columns), each cell "same-subject
+    locality [held-out] / reliability [seen]" (README's summary); "not run yet" where not computed."""
+    have = table.set_index(["data", "method", "n"]) if len(table) else pd.DataFrame()
+    lines = ["| data | edits | " + " | ".join(METHOD_LABELS.get(m, m) for m in profile.methods) + " |",
+             "|---|---|" + "---|" * len(profile.methods)]
+    for dataset in profile.datasets:
+        label = dataset_label(dataset)
+        for n in sorted(profile.sizes):
+            cells = [f"{have.loc[(label, m, n), 'locality']:.2f} / {have.loc[(label, m, n), 'reliability']:.2f}"
+                     if (label, m, n) in have.index else "not run yet" for m in profile.methods]
+            lines.append(f"| {DATASET_LABELS.get(label, label)} | {n:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def tables_markdown(table: pd.DataFrame, profile: GridProfile) -> str:
+    """Every data set's :func:`markdown_table` under its bold name, then :func:`markdown_legend`."""
+    parts = [f"**{DATASET_LABELS.get(dataset_label(d), dataset_label(d))}**\n\n{markdown_table(table, profile, d)}"
+             for d in profile.datasets]
+    return "\n\n".join([*parts, markdown_legend()])
+
+
+def write_tables(path: str | os.PathLike, table: pd.DataFrame, profile: GridProfile) -> None:
+    """Rewrite the generated blocks of a markdown file: the lines between ``<!-- grid-table ... -->``
+    and ``<!-- /grid-table -->`` get :func:`tables_markdown`, those between ``<!-- grid-summary ...
+    -->`` and ``<!-- /grid-summary -->`` :func:`summary_table`; a file with neither is refused."""
+    path = Path(path)
+    text = path.read_text()
+    blocks = {"grid-table": tables_markdown(table, profile), "grid-summary": summary_table(table, profile)}
+    found = 0
+    for tag, body in blocks.items():
+        pattern = re.compile(rf"(<!-- {tag}\b[^\n]*-->\n)(.*?)(<!-- /{tag} -->)", re.S)
+        text, k = pattern.subn(lambda m, body=body: m.group(1) + body + "\n" + m.group(3), text)
+        found += k
+    if not found:
+        raise ValueError(f"{path}: no <!-- grid-table --> or <!-- grid-summary --> block to rewrite")
+    path.write_text(text)
 
 
 def _fmt(v: Any, digits: int) -> str:

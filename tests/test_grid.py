@@ -84,6 +84,22 @@ def test_grid_writes_every_cell_once(tiny_pair, tmp_path, cache, caplog):
     lks4 = table[(table.method == "lks") & (table.n == 4)].iloc[0]
     assert md[3].startswith(f"| lks | 4 | {lks4.reliability:.3f} | {lks4.generality:.3f} |")
     assert md[3].endswith(f"| {lks4.fit_seconds:.0f} |")  # no target cache: no star
+    # the summary table and the generated blocks of a markdown file, from the cells' files themselves
+    lks2, memit2 = (json.loads(grid.result_path(G.Cell(prof.datasets[0], m, 2)).read_text())["summary"]
+                    for m in ("lks", "memit"))
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- grid-summary: how -->\nold\n<!-- /grid-summary -->\nmiddle\n"
+                   "<!-- grid-table -->\n<!-- /grid-table -->\nend\n")
+    G.write_tables(doc, table, dataclasses.replace(prof, sizes=(2, 8)))
+    lines = doc.read_text().splitlines()
+    assert lines[:4] == ["intro", "<!-- grid-summary: how -->", "| data | edits | LKS | MEMIT |", "|---|---|---|---|"]
+    assert lines[4] == (f"| tinyfacts | 2 | {lks2['locality']:.2f} / {lks2['reliability']:.2f} | "
+                        f"{memit2['locality']:.2f} / {memit2['reliability']:.2f} |")
+    assert lines[5:8] == ["| tinyfacts | 8 | not run yet | not run yet |", "<!-- /grid-summary -->", "middle"]
+    assert lines[9] == "**tinyfacts**" and lines[-2:] == ["<!-- /grid-table -->", "end"]
+    doc.write_text("no blocks\n")
+    with pytest.raises(ValueError, match="no <!-- grid-table -->"):
+        G.write_tables(doc, table, prof)
 
 
 def test_a_cell_holds_its_saved_editors_numbers(tiny_pair, tmp_path, cache):
@@ -198,4 +214,11 @@ def test_cli_lists_the_pending_steps_and_prints_tables(tmp_path, capsys):
     assert capsys.readouterr().out.split() == ["edit", "zsre/memit-10", "edit", "zsre/memit-100", "capability", "zsre/memit-100"]
     assert main(["reproduce", "--profile", str(path), "--results", str(tmp_path / "r"), "--table"]) == 0
     assert capsys.readouterr().out.count("not run yet") == 4
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- grid-summary -->\n<!-- /grid-summary -->\n")
+    assert main(["reproduce", "--profile", str(path), "--results", str(tmp_path / "r"), "--write", str(doc)]) == 0
+    assert doc.read_text().count("not run yet") == 4 and capsys.readouterr().out == ""
+    (tmp_path / "plain.md").write_text("text\n")
+    assert main(["reproduce", "--profile", str(path), "--results", str(tmp_path / "r"), "--write", str(tmp_path / "plain.md")]) == 2
+    assert "plain.md: no <!-- grid-table -->" in capsys.readouterr().err
     assert main(["reproduce", "--profile", str(tmp_path / "missing.json"), "--list"]) == 2
