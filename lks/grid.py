@@ -14,7 +14,7 @@ resident memory, the configs, the git commit, the machine.
 Fitted editors are saved under ``editors_dir`` (not committed), so an interrupted evaluation and
 the capability runs reuse them. An interrupted fit resumes: LKS from its last finished epoch with
 its stored training set (:mod:`lks.training.stored`), FT-L from its last step, MEMIT and AlphaEdit
-from their last cached chunk of target vectors.
+from their last cached chunk of target vectors; a capability run from its first unfinished task.
 
 **Capability** at ``capability_n`` edits: after that cell, the editor runs the general-capability
 tasks (:func:`lks.capability.evaluate_capability`) on the same items as the unedited model, which
@@ -30,6 +30,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -272,41 +273,64 @@ class Grid:
         return dict(tasks=list(p.capability_tasks), data_dir=self.data_dir, limit=dict(p.capability_limit) or None,
                     seed=p.seed, batch_size=p.batch_size, task_options=dict(p.capability_options) or None, progress=False)
 
-    def unedited_capability(self) -> pd.DataFrame:
-        """The unedited model's capability table (with per-item ``attrs["items"]``), run once and kept."""
+    def capability_settings(self) -> dict[str, Any]:
+        kw = self.capability_kwargs()
+        return json.loads(json.dumps({k: v for k, v in kw.items() if k not in ("data_dir", "progress")}))
+
+    def capability_table(self, editor: Any, partial: Path) -> tuple[pd.DataFrame, float]:
+        """``(table with attrs["items"], seconds)``: the capability tasks run one at a time, each
+        task's result kept in the folder ``partial`` until all are done, so that an interrupted run
+        resumes at its first unfinished task (a task's run does not depend on the others')."""
         from lks.capability import evaluate_capability
 
-        path = self.capability_path(None)
-        kw = self.capability_kwargs()
-        settings = json.loads(json.dumps({k: v for k, v in kw.items() if k not in ("data_dir", "progress")}))
+        kw, settings, parts, seconds = self.capability_kwargs(), self.capability_settings(), [], 0.0
+        for task in kw["tasks"]:
+            path = partial / f"{task}.json"
+            saved = json.loads(path.read_text()) if path.is_file() else {}
+            if saved.get("settings") != settings:
+                t0 = time.perf_counter()
+                df = evaluate_capability(self.model, self.tokenizer, editor=editor, **{**kw, "tasks": [task]})
+                saved = {"settings": settings, "seconds": time.perf_counter() - t0, "table": _records(df),
+                         "items": _records(df.attrs["items"])}
+                write_json(path, saved)
+            parts.append(saved)
+            seconds += saved["seconds"]
+        df = pd.DataFrame([row for part in parts for row in part["table"]])
+        df.attrs["items"] = pd.DataFrame([row for part in parts for row in part["items"]])
+        return df, seconds
+
+    def unedited_capability(self) -> pd.DataFrame:
+        """The unedited model's capability table (with per-item ``attrs["items"]``), run once and kept."""
+        path, settings = self.capability_path(None), self.capability_settings()
         if self.done(path):
             saved = json.loads(path.read_text())
             if saved.get("settings") == settings:
                 df = pd.DataFrame(saved["table"])
                 df.attrs["items"] = pd.DataFrame(saved["items"])
                 return df
-        t0 = time.perf_counter()
-        df = evaluate_capability(self.model, self.tokenizer, **kw)
+        partial = Path(self.editors_dir) / self.profile.model / "capability-unedited.partial"
+        df, seconds = self.capability_table(None, partial)
         write_json(path, {"format": FORMAT, "model": self.profile.model, "settings": settings,
-                          "seconds": time.perf_counter() - t0, **provenance(self.code),
+                          "seconds": seconds, **provenance(self.code),
                           "table": _records(df), "items": _records(df.attrs["items"])})
+        shutil.rmtree(partial, ignore_errors=True)
         return df
 
     def run_capability(self, cell: Cell) -> dict[str, Any]:
         """The capability tasks with the cell's editor, paired with the unedited run on the same items."""
-        from lks.capability import compare_capability, evaluate_capability
+        from lks.capability import compare_capability
 
         before = self.unedited_capability()
         edits, _ = self.edits(cell)
         editor, _ = self.editor(cell, edits)
-        t0 = time.perf_counter()
-        after = evaluate_capability(self.model, self.tokenizer, editor=editor, **self.capability_kwargs())
-        seconds = time.perf_counter() - t0
+        partial = self.editor_path(cell).with_name(f"{cell.method}-{cell.n}.capability.partial")
+        after, seconds = self.capability_table(editor, partial)
         comp = compare_capability(before, after, seed=self.profile.seed)
         record = {"format": FORMAT, "model": self.profile.model, "data": dataset_label(cell.dataset),
                   "method": cell.method, "n": cell.n, "n_edits": len(edits), "seconds": seconds, **provenance(self.code),
                   "before": _records(before), "after": _records(after), "comparison": _records(comp)}
         write_json(self.capability_path(cell), record)
+        shutil.rmtree(partial, ignore_errors=True)
         return record
 
 

@@ -140,6 +140,38 @@ def test_capability_pairs_with_one_unedited_run(tiny_pair, tmp_path, cache, capa
     assert len(grid.unedited_capability().attrs["items"]) > 0 and unedited.stat().st_mtime_ns == stamp
 
 
+def test_an_interrupted_capability_run_resumes_at_its_unfinished_task(tiny_pair, tmp_path, cache, capability_dir,
+                                                                      monkeypatch):
+    """Each task's result is kept until all are done; the resumed run equals one run of all the
+    tasks together (the oracle: lks.capability.evaluate_capability called once)."""
+    import lks.capability as cap
+
+    model, tok = tiny_pair
+    prof = profile(tmp_path, sizes=[2], capability_n=2, capability_tasks=["sst2", "rte"], capability_limit={"sst2": 4},
+                   batch_size=4)
+    grid = G.Grid(prof, model, tok, data_dir=str(capability_dir), results_dir=tmp_path / "results",
+                  editors_dir=tmp_path / "editors", log=lambda m: None)
+    real, calls = cap.evaluate_capability, []
+
+    def interrupted_at_rte(*args, **kw):
+        calls.append(kw["tasks"])
+        if kw["tasks"] == ["rte"] and len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(cap, "evaluate_capability", interrupted_at_rte)
+    with pytest.raises(KeyboardInterrupt):
+        grid.unedited_capability()
+    partial = tmp_path / "editors" / "tiny" / "capability-unedited.partial"
+    assert [p.name for p in partial.iterdir()] == ["sst2.json"]
+    resumed = grid.unedited_capability()
+    assert calls == [["sst2"], ["rte"], ["rte"]] and not partial.exists()
+    once = real(model, tok, **grid.capability_kwargs())
+    for got, want, cols in ((resumed, once, ["task", "metric", "value", "n"]),
+                            (resumed.attrs["items"], once.attrs["items"], ["task", "doc_id", "metric", "value"])):
+        assert got[cols].to_numpy().tolist() == want[cols].to_numpy().tolist()
+
+
 def test_bad_profiles_are_refused(tmp_path):
     with pytest.raises(ValueError, match="methods: unknown"):
         G.GridProfile(methods=["rome"])
