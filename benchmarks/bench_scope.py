@@ -118,10 +118,11 @@ def exhaustive_fuzzy(si: ScopeIndicator, text: str) -> int | None:
     """
     words = _WORD_RE.findall(_lower(text))
     best, best_i = -1.0, None
-    for i, sub in enumerate(si._sub_norm):
-        if not si._budget[i]:  # too short for fuzzy matching (fuzzy_min_length)
+    fz = si.fuzzy_index
+    for i, sub in enumerate(fz.sub_norm):
+        if not fz.budget[i]:  # too short for fuzzy matching (fuzzy_min_length)
             continue
-        k = si._sub_nwords[i]
+        k = fz.sub_nwords[i]
         spans = [" ".join(words[j:j + m]) for m in (k - 1, k, k + 1) if m >= 1 for j in range(len(words) - m + 1)]
         r = process.extractOne(sub, spans, scorer=fuzz.ratio, score_cutoff=si.fuzzy_threshold) if spans else None
         if r is not None and r[1] > best:
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, si, items in (("exact mention (edit prompt)", full, exact), ("misspelled mention", full, missp),
                             ("misspelled, fuzzy_min_length=0", lenient, missp),
                             ("paraphrase (generality prompt)", full, general)):
-        res = si.find_batch([p for p, _ in items])
+        res = [si.find(p) for p, _ in items]
         ok = [m for m, (_, s) in zip(res, items, strict=True) if m is not None and m.subject == s]
         anyhit = sum(m is not None for m in res)
         kinds = dict(collections.Counter(m.kind for m in ok))
@@ -223,8 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     ex = [exhaustive_fuzzy(full, p) for p, _ in ms]
     t_ex = time.perf_counter() - t0
     ex_ok = sum(i is not None and subjects[i] == s for i, (_, s) in zip(ex, ms, strict=True))
-    fz = [full._find_fuzzy(_lower(p)) for p, _ in ms]
-    fz_ok = sum(m is not None and m.subject == s for m, (_, s) in zip(fz, ms, strict=True))
+    fz = [full.fuzzy_index.find(_lower(p)) for p, _ in ms]
+    fz_ok = sum(m is not None and subjects[m[0]] == s for m, (_, s) in zip(fz, ms, strict=True))
     print(f"  fuzzy stage alone on {len(ms)} misspelled prompts: gated {fz_ok}, ungated exhaustive scan {ex_ok} "
           f"(ungated speed [EXTRAPOLATED]: {len(ms) / t_ex:,.1f} prompts/s)")
 
@@ -235,10 +236,10 @@ def main(argv: list[str] | None = None) -> None:
                 ("exact + casefold (fuzzy=False)", exact_only),
                 ("exact only (casefold=False, fuzzy=False)", ScopeIndicator(subjects, fuzzy=False, casefold=False)))
     for name, si in variants:
-        res = si.find_batch(unrelated)
+        res = [si.find(t) for t in unrelated]
         fp = [m for m in res if m is not None]
         print(f"  {name:48s} {len(fp) / len(unrelated):6.2%}  by kind {dict(collections.Counter(m.kind for m in fp))}")
-    res = full.find_batch(unrelated)
+    res = [full.find(t) for t in unrelated]
     for kind in ("exact", "casefold", "fuzzy"):
         top = collections.Counter(m.subject for m in res if m is not None and m.kind == kind).most_common(10)
         print(f"  top {kind:8s}: " + ", ".join(f"{s!r} x{c}" for s, c in top))

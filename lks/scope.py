@@ -171,7 +171,7 @@ class ScopeIndicator:
         self.fuzzy_min_length = fuzzy_min_length
         self._index = {s: i for i, s in enumerate(self.subjects)}
         self._build_automaton()
-        self._build_fuzzy_index()
+        self.fuzzy_index = FuzzyIndex(self.subjects, self.fuzzy_threshold, fuzzy_min_length)
 
     # ------------------------------------------------------------------ construction
 
@@ -188,23 +188,111 @@ class ScopeIndicator:
             self._auto.add_word(key, (len(key), key[0].isalnum(), key[-1].isalnum(), tuple(ids)))
         self._auto.make_automaton()
 
-    def _build_fuzzy_index(self) -> None:
-        n = len(self.subjects)
+    # ------------------------------------------------------------------ public API
+
+    def __len__(self) -> int:
+        return len(self.subjects)
+
+    def __contains__(self, subject: object) -> bool:
+        return subject in self._index
+
+    def index_of(self, subject: str) -> int:
+        """Index of ``subject`` in ``self.subjects``.
+
+        Raises:
+            KeyError: ``subject`` is not one of the edited subjects.
+        """
+        try:
+            return self._index[subject]
+        except KeyError:
+            raise KeyError(f"{subject!r} is not among the {len(self.subjects)} edited subjects") from None
+
+    def find(self, text: str) -> ScopeMatch | None:
+        """The best mention of an edited subject in ``text``, or None.
+
+        Exact beats casefold beats fuzzy. Within exact and casefold the longest mention wins
+        (ties: the earliest); within fuzzy the highest score (ties: the longer subject, then the
+        earliest span). The order is strict: a misspelled "Helsinki City Trnsport" yields the
+        edited subject "Helsinki" (exact), not "Helsinki City Transport" (fuzzy).
+        """
+        low = _lower(text)
+        hit = self._find_aho(text, low)
+        if hit is None and self.fuzzy:
+            found = self.fuzzy_index.find(low)
+            if found is not None:
+                i, start, end, score = found
+                hit = ScopeMatch(i, self.subjects[i], start, end, "fuzzy", score)
+        return hit
+
+    def stats(self) -> dict[str, Any]:
+        """Index statistics, for reports and benchmarks.
+
+        ``n_short`` counts subjects of <= 4 characters and ``n_single_word`` one-word subjects:
+        both still match as whole words only, but are the likeliest to occur in unrelated text.
+        ``n_fuzzy_indexed`` subjects are long enough to ever pass the fuzzy threshold;
+        ``n_fuzzy_unreachable`` of them have no hot key (only common words like "John" or words
+        of <= 3 chars), so the fuzzy stage never considers them. ``n_cold_words`` distinct
+        subject words are too common or short for the index and are required verbatim.
+        """
+        return {"n_subjects": len(self.subjects), "n_short": sum(len(s) <= 4 for s in self.subjects),
+                **self.fuzzy_index.stats()}
+
+    # ------------------------------------------------------------------ stages
+
+    def _find_aho(self, text: str, low: str) -> ScopeMatch | None:
+        """Stages 1 and 2 in one automaton pass over the lowered text."""
+        n = len(text)
+        subjects = self.subjects
+        best_exact: tuple[int, int, int] | None = None  # (start, end, subject index)
+        best_fold: tuple[int, int, int] | None = None
+        for last, (klen, left, right, ids) in self._auto.iter(low):
+            start, end = last - klen + 1, last + 1
+            if (left and start > 0 and text[start - 1].isalnum()) or (right and end < n and text[end].isalnum()):
+                continue
+            span = text[start:end]
+            # Hits arrive ordered by end, so among equal lengths the first one seen is the
+            # earliest: replace only on a strictly longer hit.
+            for i in ids:
+                if subjects[i] == span:
+                    if best_exact is None or klen > best_exact[1] - best_exact[0]:
+                        best_exact = (start, end, i)
+                    break
+            else:
+                if best_fold is None or klen > best_fold[1] - best_fold[0]:
+                    best_fold = (start, end, ids[0])
+        if best_exact is not None:
+            s, e, i = best_exact
+            return ScopeMatch(i, subjects[i], s, e, "exact", 100.0)
+        if best_fold is not None and self.casefold:
+            s, e, i = best_fold
+            return ScopeMatch(i, subjects[i], s, e, "casefold", 100.0)
+        return None
+
+
+class FuzzyIndex:
+    """Stage 3 of :class:`ScopeIndicator`: the SymSpell index of the subjects' words (built once)
+    and the fuzzy search of a lowered prompt (see the module docstring). ``subjects`` in the
+    indicator's order; ``threshold`` and ``min_length`` as its ``fuzzy_threshold`` and
+    ``fuzzy_min_length``."""
+
+    def __init__(self, subjects: Sequence[str], threshold: float, min_length: int) -> None:
+        self.threshold = threshold
+        n = len(subjects)
         # Fuzzy matching compares word sequences (lowercased words joined by one space), so that
         # punctuation and spacing ("Gian-Carlo", "D.C.", "Helsinki!") cost nothing.
-        all_words = [_WORD_RE.findall(_lower(s)) for s in self.subjects]
-        self._sub_norm = [" ".join(ws) for ws in all_words]
-        self._sub_nwords = [len(ws) for ws in all_words]
+        all_words = [_WORD_RE.findall(_lower(s)) for s in subjects]
+        self.sub_norm = [" ".join(ws) for ws in all_words]
+        self.sub_nwords = [len(ws) for ws in all_words]
         # ratio = 100 * (1 - d / (len_a + len_b)) for indel distance d, so a match with a span of
         # at most L + d chars needs d <= 2 * slack * L / (1 - slack): the typo budget. Subjects
         # with a budget under 1 ("GQ", "Paul" at 90) or under fuzzy_min_length chars can only
         # match exactly or casefold.
-        slack = 1.0 - self.fuzzy_threshold / 100.0
-        self._budget = [math.floor(2 * slack * len(s) / max(1.0 - slack, 1e-9) + 1e-9)
-                        if len(s) >= self.fuzzy_min_length else 0 for s in self._sub_norm]
+        slack = 1.0 - threshold / 100.0
+        self.budget = [math.floor(2 * slack * len(s) / max(1.0 - slack, 1e-9) + 1e-9)
+                        if len(s) >= min_length else 0 for s in self.sub_norm]
         # Each subject's distinct words of >= _MIN_KEY_WORD chars ("of", "II" tell nothing) get
         # a slot; postings map a key to the subjects and slots of the words that have it.
-        self._sub_words = [[w for w in dict.fromkeys(ws) if len(w) >= _MIN_KEY_WORD] if self._budget[i] else []
+        self._sub_words = [[w for w in dict.fromkeys(ws) if len(w) >= _MIN_KEY_WORD] if self.budget[i] else []
                            for i, ws in enumerate(all_words)]
         postings: dict[str, list[tuple[int, int, str]]] = {}  # key -> [(subject, slot, word)]
         for i, words in enumerate(self._sub_words):
@@ -220,7 +308,7 @@ class ScopeIndicator:
         # "apple"); the longer ones ("john", "university") within one typo, looked up in a small
         # index of their own keys once a candidate has been proposed by its hot words.
         self._hot3 = [sum(1 << 3 * s for s, w in enumerate(words) if w in self._hot) for words in self._sub_words]
-        cold_words = [[w for w in dict.fromkeys(ws) if w not in self._hot] if self._budget[i] else []
+        cold_words = [[w for w in dict.fromkeys(ws) if w not in self._hot] if self.budget[i] else []
                       for i, ws in enumerate(all_words)]
         self._cold_strict = [tuple(w for w in ws if len(w) < _MIN_DELETE_WORD) for ws in cold_words]
         self._cold_loose = [tuple(w for w in ws if len(w) >= _MIN_DELETE_WORD) for ws in cold_words]
@@ -232,7 +320,7 @@ class ScopeIndicator:
         # One look-up per key of a new prompt word: its hot postings and the long cold words.
         self._keymap = {k: (self._hot.get(k, ()), tuple(loose_keys.get(k, ()))) for k in {*self._hot, *loose_keys}}
         self._n_reachable = len({i for p in self._hot.values() for i, _, _ in p})
-        self._n_fuzzy_indexed = sum(1 for b in self._budget if b)
+        self._n_fuzzy_indexed = sum(1 for b in self.budget if b)
         self._cache: dict[str, tuple[tuple[tuple[int, int], ...], frozenset[str], frozenset[str]]] = {}
         # Tokens known to hit nothing (and the stopwords): removed from a prompt's token set by
         # one C-level set difference instead of a Python loop iteration each.
@@ -268,7 +356,7 @@ class ScopeIndicator:
                     near.update(entry[1])
                     for i, slot, w in () if stop else entry[0]:
                         cost = (key != x) + (key != w)
-                        if cost <= self._budget[i]:  # else hopeless
+                        if cost <= self.budget[i]:  # else hopeless
                             merged[i] = merged.get(i, 0) | 1 << (3 * slot + cost)
             if len(self._cache) + len(self._skip) >= _CACHE_LIMIT:
                 self._cache.clear()
@@ -280,94 +368,16 @@ class ScopeIndicator:
                 self._skip.add(token)
         return hit
 
-    # ------------------------------------------------------------------ public API
+    def find(self, low: str) -> tuple[int, int, int, float] | None:
+        """``(subject index, start, end, score)`` of the best fuzzy mention in the lowered text
+        ``low``, or None: the few subjects whose every word shows up within the typo budget
+        (:meth:`candidates`) are scored on the runs of prompt words around them (:meth:`best_run`)."""
+        live, cands = self.candidates(low)
+        return self.best_run(low, live, cands) if cands else None
 
-    def __len__(self) -> int:
-        return len(self.subjects)
-
-    def __contains__(self, subject: object) -> bool:
-        return subject in self._index
-
-    def index_of(self, subject: str) -> int:
-        """Index of ``subject`` in ``self.subjects``.
-
-        Raises:
-            KeyError: ``subject`` is not one of the edited subjects.
-        """
-        try:
-            return self._index[subject]
-        except KeyError:
-            raise KeyError(f"{subject!r} is not among the {len(self.subjects)} edited subjects") from None
-
-    def find(self, text: str) -> ScopeMatch | None:
-        """The best mention of an edited subject in ``text``, or None.
-
-        Exact beats casefold beats fuzzy. Within exact and casefold the longest mention wins
-        (ties: the earliest); within fuzzy the highest score (ties: the longer subject, then the
-        earliest span). The order is strict: a misspelled "Helsinki City Trnsport" yields the
-        edited subject "Helsinki" (exact), not "Helsinki City Transport" (fuzzy).
-        """
-        low = _lower(text)
-        hit = self._find_aho(text, low)
-        if hit is None and self.fuzzy:
-            hit = self._find_fuzzy(low)
-        return hit
-
-    def stats(self) -> dict[str, Any]:
-        """Index statistics, for reports and benchmarks.
-
-        ``n_short`` counts subjects of <= 4 characters and ``n_single_word`` one-word subjects:
-        both still match as whole words only, but are the likeliest to occur in unrelated text.
-        ``n_fuzzy_indexed`` subjects are long enough to ever pass the fuzzy threshold;
-        ``n_fuzzy_unreachable`` of them have no hot key (only common words like "John" or words
-        of <= 3 chars), so the fuzzy stage never considers them. ``n_cold_words`` distinct
-        subject words are too common or short for the index and are required verbatim.
-        """
-        return {
-            "n_subjects": len(self.subjects),
-            "n_short": sum(len(s) <= 4 for s in self.subjects),
-            "n_single_word": sum(w == 1 for w in self._sub_nwords),
-            "n_fuzzy_indexed": self._n_fuzzy_indexed,
-            "n_fuzzy_unreachable": self._n_fuzzy_indexed - self._n_reachable,
-            "n_hot_keys": len(self._hot),
-            "n_cold_words": len(self._cold_vocab),
-            "key_cap": self.key_cap,
-            "token_cache_size": len(self._cache) + len(self._skip) - len(_STOPWORDS),
-        }
-
-    # ------------------------------------------------------------------ stages
-
-    def _find_aho(self, text: str, low: str) -> ScopeMatch | None:
-        """Stages 1 and 2 in one automaton pass over the lowered text."""
-        n = len(text)
-        subjects = self.subjects
-        best_exact: tuple[int, int, int] | None = None  # (start, end, subject index)
-        best_fold: tuple[int, int, int] | None = None
-        for last, (klen, left, right, ids) in self._auto.iter(low):
-            start, end = last - klen + 1, last + 1
-            if (left and start > 0 and text[start - 1].isalnum()) or (right and end < n and text[end].isalnum()):
-                continue
-            span = text[start:end]
-            # Hits arrive ordered by end, so among equal lengths the first one seen is the
-            # earliest: replace only on a strictly longer hit.
-            for i in ids:
-                if subjects[i] == span:
-                    if best_exact is None or klen > best_exact[1] - best_exact[0]:
-                        best_exact = (start, end, i)
-                    break
-            else:
-                if best_fold is None or klen > best_fold[1] - best_fold[0]:
-                    best_fold = (start, end, ids[0])
-        if best_exact is not None:
-            s, e, i = best_exact
-            return ScopeMatch(i, subjects[i], s, e, "exact", 100.0)
-        if best_fold is not None and self.casefold:
-            s, e, i = best_fold
-            return ScopeMatch(i, subjects[i], s, e, "casefold", 100.0)
-        return None
-
-    def _find_fuzzy(self, low: str) -> ScopeMatch | None:
-        """Stage 3: score the few subjects whose every word shows up within the typo budget."""
+    def candidates(self, low: str) -> tuple[set[str], list[tuple[int, int]]]:
+        """``(the prompt's tokens that look anything up, [(typo cost, subject index), ...])``: at
+        most :data:`_MAX_CANDIDATES` subjects, fewest typos first when there are more."""
         # Whitespace tokens, not regex words: str.split is several times faster than a regex
         # over the whole prompt, and _token_hits splits a token into words once per vocabulary.
         codes: dict[int, int] = {}
@@ -383,12 +393,12 @@ class ScopeIndicator:
             for i, code in hot:
                 codes[i] = codes.get(i, 0) | code
         cands = []
-        hot3, budget, strict, loose = self._hot3, self._budget, self._cold_strict, self._cold_loose
+        hot3, budget, strict, loose = self._hot3, self.budget, self._cold_strict, self._cold_loose
         prompt_exact: frozenset[str] = frozenset()
         prompt_near: frozenset[str] | None = None
         for i, code in codes.items():
             # Cheapest match of each hot word (bit 3 * slot): c0 verbatim, c1 one indel, c2 two.
-            # Every hot word must match, and the cold words as set out in _build_fuzzy_index,
+            # Every hot word must match, and the cold words as set out in __init__,
             # within the subject's typo budget.
             h = hot3[i]
             if (code | code >> 1 | code >> 2) & h != h:  # some hot word not matched at all (most)
@@ -411,11 +421,13 @@ class ScopeIndicator:
                 if cost > budget[i]:
                     continue
             cands.append((cost, i))
-        if not cands:
-            return None
         if len(cands) > _MAX_CANDIDATES:  # fewest typos first
             cands = sorted(cands)[:_MAX_CANDIDATES]
+        return live, cands
 
+    def best_run(self, low: str, live: set[str], cands: list[tuple[int, int]]) -> tuple[int, int, int, float] | None:
+        """The best-scoring run of prompt words for any candidate (see :meth:`find`)."""
+        cache, token_hits, budget = self._cache, self._token_hits, self.budget
         # Score each candidate on runs of m consecutive prompt words, m within 1 of its word count
         # (a typo can split or merge words), normalised like the subjects. The best run contains
         # a token that proposed the candidate and spans at most about the subject's length, so
@@ -428,7 +440,7 @@ class ScopeIndicator:
                     anchors.setdefault(i, set()).add(tok)
         best: tuple[float, int, int, int, int] | None = None  # (score, len, -start, end, -subject)
         for _, i in cands:
-            sub, k = self._sub_norm[i], self._sub_nwords[i]
+            sub, k = self.sub_norm[i], self.sub_nwords[i]
             reach = len(sub) + budget[i] + 2  # + 2: a little punctuation is not in the normal form
             for tok in anchors[i]:
                 pos = low.find(tok)
@@ -446,7 +458,7 @@ class ScopeIndicator:
                         if m < 1 or not starts:
                             continue
                         runs = [" ".join(words[j:j + m]) for j in starts]
-                        res = process.extractOne(sub, runs, scorer=fuzz.ratio, score_cutoff=self.fuzzy_threshold)
+                        res = process.extractOne(sub, runs, scorer=fuzz.ratio, score_cutoff=self.threshold)
                         if res is not None:
                             j = starts[res[2]]
                             cand = (res[1], len(sub), -bounds[j][0], bounds[j + m - 1][1], -i)
@@ -456,4 +468,16 @@ class ScopeIndicator:
         if best is None:
             return None
         score, _, neg_start, end, neg_i = best
-        return ScopeMatch(-neg_i, self.subjects[-neg_i], -neg_start, end, "fuzzy", float(score))
+        return -neg_i, -neg_start, end, float(score)
+
+    def stats(self) -> dict[str, Any]:
+        """See :meth:`ScopeIndicator.stats`."""
+        return {
+            "n_single_word": sum(w == 1 for w in self.sub_nwords),
+            "n_fuzzy_indexed": self._n_fuzzy_indexed,
+            "n_fuzzy_unreachable": self._n_fuzzy_indexed - self._n_reachable,
+            "n_hot_keys": len(self._hot),
+            "n_cold_words": len(self._cold_vocab),
+            "key_cap": self.key_cap,
+            "token_cache_size": len(self._cache) + len(self._skip) - len(_STOPWORDS),
+        }
