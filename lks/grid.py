@@ -497,8 +497,8 @@ def markdown_table(table: pd.DataFrame, profile: GridProfile, dataset: str) -> s
 def markdown_legend() -> str:
     """The definitions of :func:`markdown_table`'s columns, one bullet each."""
     return "\n".join([f"- **{m}** [{GRID_METRICS[m][1]}]: {GRID_METRICS[m][0]}" for m in TABLE_METRICS]
-                     + ["- **fit s**: seconds to fit the editor; * = without the MEMIT/AlphaEdit target optimisation, "
-                        "whose targets an earlier fit had cached (AlphaEdit shares MEMIT's)"])
+                     + ["- **fit s**: seconds to fit the editor; * = some or all of the MEMIT/AlphaEdit target vectors "
+                        "came from an earlier fit's cache (AlphaEdit shares MEMIT's), whose optimisation these seconds leave out"])
 
 
 METHOD_LABELS = {"lks": "LKS", "ft": "FT-L", "memit": "MEMIT", "alphaedit": "AlphaEdit"}
