@@ -334,26 +334,43 @@ class Grid:
         return record
 
 
+def _start_tag(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks after boot, from /proc), None where unknown: with
+    the pid it names one process, since pids are reused."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _holder_alive(text: str) -> bool:
+    """Whether the process a lock file names (``"pid [start tag]"``) is still running."""
+    try:
+        pid, *tag = text.split()
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return not tag or _start_tag(int(pid)) in (None, tag[0])  # another process with a reused pid: not it
+
+
 @contextmanager
 def claimed(lock: Path) -> Iterator[bool]:
-    """Hold ``lock`` (a file with this process's id) for the block: yields False when a live
-    process holds it already; a lock left by a dead process is taken over."""
+    """Hold ``lock`` (a file with this process's id and start time) for the block: yields False
+    when a live process holds it already; a lock left by a dead process is taken over."""
     lock.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            try:
-                os.kill(int(lock.read_text() or 0), 0)
+            if _holder_alive(lock.read_text()):
                 yield False
                 return
-            except (ProcessLookupError, ValueError):
-                lock.unlink(missing_ok=True)  # its process is gone
-                continue
-            except PermissionError:  # alive, another user's
-                yield False
-                return
-        os.write(fd, str(os.getpid()).encode())
+            lock.unlink(missing_ok=True)  # its process is gone
+            continue
+        pid = os.getpid()
+        os.write(fd, f"{pid} {_start_tag(pid) or ''}".strip().encode())
         os.close(fd)
         try:
             yield True

@@ -194,15 +194,37 @@ def test_shipped_profile_is_the_papers_grid():
 
 
 def test_a_claimed_cell_is_left_to_its_process(tmp_path):
+    import os
+
     lock = tmp_path / "memit-10.lock"
     with G.claimed(lock) as mine:
-        assert mine and lock.read_text() == str(__import__("os").getpid())
+        assert mine and lock.read_text().split()[0] == str(os.getpid())
         with G.claimed(lock) as again:  # held by a live process (this one)
             assert not again
     assert not lock.exists()
     lock.write_text("999999999")  # a dead process's lock is taken over
     with G.claimed(lock) as mine:
         assert mine
+    # with /proc the lock names the process by pid and start time: a lock whose pid was reused by a
+    # later process (this one, with another start time) is stale
+    with G.claimed(lock):
+        held = lock.read_text().split()
+    if len(held) == 2:
+        import subprocess
+        import time
+
+        child = subprocess.Popen(["sleep", "5"])
+        try:
+            time.sleep(0.05)
+            assert int(G._start_tag(child.pid)) >= int(held[1]) == int(G._start_tag(os.getpid()))
+        finally:
+            child.kill()
+        lock.write_text(f"{held[0]} {int(held[1]) - 1}")
+        with G.claimed(lock) as mine:
+            assert mine
+        lock.write_text(" ".join(held))
+        with G.claimed(lock) as mine:
+            assert not mine
 
 
 def test_grid_table_labels_every_metric_column_with_its_split():
