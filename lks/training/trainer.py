@@ -7,8 +7,9 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -28,6 +29,18 @@ if TYPE_CHECKING:
 
 LOSS_NAMES = ("total", "edit", "equiv", "loc", "after", "gate")
 log = logging.getLogger(__name__)  # a line per prepared part and per epoch (python -m lks reproduce shows them)
+
+
+def _stored(store: Path | None, load: Callable, save: Callable, compute: Callable[[], Any], describe: Callable[[Any], str]) -> Any:
+    """One prepared part: read from ``store`` when there, else computed (and written to ``store``); logged."""
+    t = time.perf_counter()
+    got = load(store) if store else None
+    if got is None:
+        got = compute()
+        if store:
+            save(store, got)
+    log.info("%s (%.0f s)", describe(got), time.perf_counter() - t)
+    return got
 
 
 class Trainer:
@@ -61,29 +74,16 @@ class Trainer:
         ed, cfg = self.editor, self.cfg
         ed._set_edits(edits, cfg)
         assert ed.scope is not None
-        t = time.perf_counter()
-        got = stored.load_sequences(store) if store else None
-        if got is None:
-            got = build_sequences(ed.model, ed.tokenizer, ed.scope, edits, cfg)
-            if store:
-                stored.save_sequences(store, *got)
-        self.per_edit, self.seqs, self.skipped = got
-        log.info("%d training sequences (%.0f s)", len(self.seqs), time.perf_counter() - t)
+        self.per_edit, self.seqs, self.skipped = _stored(
+            store, stored.load_sequences, lambda folder, got: stored.save_sequences(folder, *got),
+            lambda: build_sequences(ed.model, ed.tokenizer, ed.scope, edits, cfg), lambda got: f"{len(got[1])} training sequences")
         if ed.generator.has_gate:
-            t = time.perf_counter()
-            self.gate = stored.load_gate(store) if store else None
-            if self.gate is None:
-                self.gate = gate_examples(self.fast, ed.scope, edits, self.seqs, cfg)
-                if store:
-                    stored.save_gate(store, self.gate)
-            log.info("%d gate examples (%.0f s)", len(self.gate.label), time.perf_counter() - t)
-        t = time.perf_counter()
-        self.cache = stored.load_cache(store) if store else None
-        if self.cache is None:
-            self.cache = self.fast.precompute(self.seqs, cfg, batch_size, progress)
-            if store:
-                stored.save_cache(store, self.cache)
-        log.info("layer-L cache of %d tokens (%.0f s)", len(self.cache.states), time.perf_counter() - t)
+            self.gate = _stored(store, stored.load_gate, stored.save_gate,
+                                lambda: gate_examples(self.fast, ed.scope, edits, self.seqs, cfg),
+                                lambda got: f"{len(got.label)} gate examples")
+        self.cache = _stored(store, stored.load_cache, stored.save_cache,
+                             lambda: self.fast.precompute(self.seqs, cfg, batch_size, progress),
+                             lambda got: f"layer-L cache of {len(got.states)} tokens")
         release_memory()  # the precompute's transient tensors: return them to the OS before training
         self.precompute_seconds = time.perf_counter() - t0
         return self
