@@ -19,7 +19,8 @@ from their last cached chunk of target vectors; a capability run from its first 
 **Capability** at ``capability_n`` edits: after that cell, the editor runs the general-capability
 tasks (:func:`lks.capability.evaluate_capability`) on the same items as the unedited model, which
 runs once per profile (``results/<model>/capability-unedited.json``, per-item scores kept for the
-pairing); the paired comparison goes to ``results/<model>/<dataset>/capability-<method>-<N>.json``.
+pairing; one process runs it, another one runs its edited tasks meanwhile and then waits); the
+paired comparison goes to ``results/<model>/<dataset>/capability-<method>-<N>.json``.
 """
 
 from __future__ import annotations
@@ -299,32 +300,54 @@ class Grid:
         df.attrs["items"] = pd.DataFrame([row for part in parts for row in part["items"]])
         return df, seconds
 
-    def unedited_capability(self) -> pd.DataFrame:
-        """The unedited model's capability table (with per-item ``attrs["items"]``), run once and kept."""
-        path, settings = self.capability_path(None), self.capability_settings()
-        if self.done(path):
-            saved = json.loads(path.read_text())
-            if saved.get("settings") == settings:
-                df = pd.DataFrame(saved["table"])
-                df.attrs["items"] = pd.DataFrame(saved["items"])
-                return df
-        partial = Path(self.editors_dir) / self.profile.model / "capability-unedited.partial"
-        df, seconds = self.capability_table(None, partial)
-        write_json(path, {"format": FORMAT, "model": self.profile.model, "settings": settings,
-                          "seconds": seconds, **provenance(self.code),
-                          "table": _records(df), "items": _records(df.attrs["items"])})
-        shutil.rmtree(partial, ignore_errors=True)
+    def saved_unedited(self) -> pd.DataFrame | None:
+        """The stored unedited capability table (per-item ``attrs["items"]``) of these settings, if any."""
+        path = self.capability_path(None)
+        if not self.done(path):
+            return None
+        saved = json.loads(path.read_text())
+        if saved.get("settings") != self.capability_settings():
+            return None
+        df = pd.DataFrame(saved["table"])
+        df.attrs["items"] = pd.DataFrame(saved["items"])
         return df
 
+    def unedited_capability(self, wait: bool = True, poll: float = 60.0) -> pd.DataFrame | None:
+        """The unedited model's capability table (with per-item ``attrs["items"]``), run once and kept.
+        One process runs it (a lock file beside the partial results); another one waits for it
+        (``wait``, polling every ``poll`` seconds) or gets None."""
+        root = Path(self.editors_dir) / self.profile.model
+        partial, lock = root / "capability-unedited.partial", root / "capability-unedited.lock"
+        while True:
+            with claimed(lock) as mine:
+                df = self.saved_unedited()  # under the lock: a finished run is never repeated
+                if df is not None:
+                    return df
+                if mine:
+                    df, seconds = self.capability_table(None, partial)
+                    write_json(self.capability_path(None), {
+                        "format": FORMAT, "model": self.profile.model, "settings": self.capability_settings(),
+                        "seconds": seconds, **provenance(self.code),
+                        "table": _records(df), "items": _records(df.attrs["items"])})
+                    shutil.rmtree(partial, ignore_errors=True)
+                    return df
+            if not wait:
+                return None
+            self.log(f"unedited capability: running in another process ({lock}); waiting")
+            time.sleep(poll)
+
     def run_capability(self, cell: Cell) -> dict[str, Any]:
-        """The capability tasks with the cell's editor, paired with the unedited run on the same items."""
+        """The capability tasks with the cell's editor, paired with the unedited run on the same items.
+        When another process is running the unedited tasks, the edited ones go first."""
         from lks.capability import compare_capability
 
-        before = self.unedited_capability()
+        before = self.unedited_capability(wait=False)
         edits, _ = self.edits(cell)
         editor, _ = self.editor(cell, edits)
         partial = self.editor_path(cell).with_name(f"{cell.method}-{cell.n}.capability.partial")
         after, seconds = self.capability_table(editor, partial)
+        if before is None:
+            before = self.unedited_capability()
         comp = compare_capability(before, after, seed=self.profile.seed)
         record = {"format": FORMAT, "model": self.profile.model, "data": dataset_label(cell.dataset),
                   "method": cell.method, "n": cell.n, "n_edits": len(edits), "seconds": seconds, **provenance(self.code),

@@ -172,6 +172,34 @@ def test_an_interrupted_capability_run_resumes_at_its_unfinished_task(tiny_pair,
         assert got[cols].to_numpy().tolist() == want[cols].to_numpy().tolist()
 
 
+def test_the_unedited_run_is_left_to_the_process_that_holds_it(tiny_pair, tmp_path, cache, capability_dir,
+                                                                monkeypatch):
+    """While another process holds the unedited run's lock, a capability step runs its edited tasks
+    first, then waits; once the lock is free it runs the unedited tasks (here: the holder died
+    without finishing) and pairs them."""
+    import contextlib
+
+    import lks.capability as cap
+
+    model, tok = tiny_pair
+    prof = profile(tmp_path, methods=["memit"], sizes=[2], capability_n=2, capability_tasks=["sst2"],
+                   capability_limit={"sst2": 4}, batch_size=4)
+    grid = G.Grid(prof, model, tok, data_dir=str(capability_dir), results_dir=tmp_path / "results",
+                  editors_dir=tmp_path / "editors", log=lambda m: None)
+    real, runs = cap.evaluate_capability, []
+    monkeypatch.setattr(cap, "evaluate_capability",
+                        lambda *a, **kw: runs.append("edited" if kw.get("editor") else "unedited") or real(*a, **kw))
+    held = contextlib.ExitStack()
+    assert held.enter_context(G.claimed(tmp_path / "editors" / "tiny" / "capability-unedited.lock"))
+    assert grid.unedited_capability(wait=False) is None and runs == []
+    waits = []
+    monkeypatch.setattr(G.time, "sleep", lambda s: waits.append(s) or held.close())  # the holder goes away
+    cell = G.cells(prof)[0]
+    record = grid.run_capability(cell)
+    assert runs == ["edited", "unedited"] and len(waits) == 1
+    assert record["comparison"][0]["n_pairs"] == 4 and grid.saved_unedited() is not None
+
+
 def test_bad_profiles_are_refused(tmp_path):
     with pytest.raises(ValueError, match="methods: unknown"):
         G.GridProfile(methods=["rome"])
