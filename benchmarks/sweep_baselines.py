@@ -1,8 +1,12 @@
-"""One point of a weight-editing baseline's sweep: fit on records that are never evaluated, score,
-print (and append) one JSON line.
+"""Points of a weight-editing baseline's sweep: fit on records that are never evaluated, score,
+print (and append) one JSON line per point.
 
     python benchmarks/sweep_baselines.py --method memit --start 5000 --n 100 --set lam=5000 layers=[3,4,5,6,7]
     python benchmarks/sweep_baselines.py --method ft --set layer=6 bound=1e-3 --out runs/sweep_baselines.jsonl
+    python benchmarks/sweep_baselines.py --method alphaedit --n 1000 --set --set threshold=0.03 --set alpha=10
+
+Each ``--set`` is one point (overrides of the registered settings; a bare ``--set`` is the
+registered point); the points run in one process and share the unedited model's scores.
 
 The records are ``[start, start + n)`` of the LKS-format file (default 5000-5099: the acceptance
 runs evaluate the first 100). Reliability and efficacy are on the edit prompt (seen in fitting);
@@ -20,7 +24,7 @@ from pathlib import Path
 
 import lks
 from lks.baselines import editor_class
-from lks.metrics import evaluate_edits
+from lks.metrics import UneditedMemo, evaluate_edits
 from lks.training.sequences import drop_conflicts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +37,8 @@ p.add_argument("--data", default="counterfact", help="counterfact | zsre | path"
 p.add_argument("--data-dir", default=os.environ.get("LKS_DATA_DIR", str(REPO.parent / "shared" / "data")))
 p.add_argument("--start", type=int, default=5000, help="first record (never evaluated elsewhere)")
 p.add_argument("--n", type=int, default=100, help="records")
-p.add_argument("--set", nargs="*", default=[], help="config overrides key=JSON value, e.g. lam=5000 layers=[3,4,5]")
+p.add_argument("--set", nargs="*", action="append", default=None,
+               help="one point: config overrides key=JSON value, e.g. lam=5000 layers=[3,4,5] (repeat for more points)")
 p.add_argument("--out", default=None, help="append the JSON line to this file")
 args = p.parse_args()
 
@@ -41,16 +46,18 @@ model, tok = lks.load_model("smollm2-135m", device="cpu")
 edits, _ = drop_conflicts(lks.load_edits(args.data, data_dir=args.data_dir)[args.start:args.start + args.n])
 cls = editor_class(args.method)
 base = cls(model, tok).config
-over = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
-cfg = type(base)(**{**dataclasses.asdict(base), **over})
-editor = cls(model, tok, cfg)
-editor.fit(edits, progress=False)
-_, s = evaluate_edits(editor, edits)
-line = {"method": args.method, "data": args.data, "records": [args.start, args.start + args.n], "set": over,
-        **{k: round(s[k], 4) for k in KEYS if k in s}, "fit_seconds": round(editor.fit_seconds, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "fit_log": [h for h in editor.history if "step" in h][-1:] + [h for h in editor.history if "step" not in h]}
-print(json.dumps(line))
-if args.out:
-    with open(args.out, "a") as f:
-        f.write(json.dumps(line) + "\n")
+memo = UneditedMemo()
+for point in args.set or [[]]:
+    over = {k: json.loads(v) for k, v in (item.split("=", 1) for item in point)}
+    cfg = type(base)(**{**dataclasses.asdict(base), **over})
+    editor = cls(model, tok, cfg)
+    editor.fit(edits, progress=False)
+    _, s = evaluate_edits(editor, edits, memo=memo)
+    line = {"method": args.method, "data": args.data, "records": [args.start, args.start + args.n], "set": over,
+            **{k: round(s[k], 4) for k in KEYS if k in s}, "fit_seconds": round(editor.fit_seconds, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "fit_log": [h for h in editor.history if "step" in h][-1:] + [h for h in editor.history if "step" not in h]}
+    print(json.dumps(line), flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(line) + "\n")
