@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import lks
-from lks.baselines.alphaedit import AlphaEditConfig
+from lks.baselines.alphaedit import AlphaEditConfig, null_space_projector
 from lks.baselines.common import method_config
 from lks.baselines.memit import _edit_rows, context_prefixes, keys_and_outputs
 from lks.baselines.stats import key_second_moment
@@ -46,11 +46,12 @@ print(f"{args.model}, {args.data}: keys of the first {len(edits)} edits; registe
 print("layer  dim  eig min / median / max      threshold  null dim  corpus energy in null  edit-key energy in null")
 for layer in cfg.layers:
     K, _ = keys_and_outputs(model, tok, rows, len(edits), layer, cfg.layers[-1], cfg.batch_rows)
-    evals, evecs = torch.linalg.eigh(stats[layer].double())
-    energy = (K.double() @ evecs) ** 2  # each key's energy along each eigenvector [n, d]
+    C, Kd = stats[layer].double(), K.double()
+    evals = torch.linalg.eigvalsh(C)
     spec = f"{float(evals.min()):.1e} / {float(evals.median()):.1e} / {float(evals.max()):.1e}"
     for t in args.thresholds:
-        null = evals < t
-        corpus = float(evals[null].sum() / evals.sum())
-        keys = float((energy[:, null].sum(1) / energy.sum(1)).mean())
-        print(f"{layer:5d} {len(evals):4d}  {spec:26s} {t:9.3g} {int(null.sum()):9d} {corpus:22.3f} {keys:24.3f}")
+        P = null_space_projector(C, t).double()  # AlphaEdit's own projector (eq. 8)
+        corpus = float(torch.trace(P @ C) / torch.trace(C))  # = eigenvalues below t / all of them
+        keys = float((((Kd @ P) * Kd).sum(1) / (Kd * Kd).sum(1)).mean())  # k^T P k / k^T k per edit
+        dim = round(float(torch.trace(P)))
+        print(f"{layer:5d} {len(evals):4d}  {spec:26s} {t:9.3g} {dim:9d} {corpus:22.3f} {keys:24.3f}")

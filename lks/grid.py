@@ -151,13 +151,17 @@ class Grid:
     def editor_path(self, cell: Cell) -> Path:
         return Path(self.editors_dir) / self.profile.model / dataset_label(cell.dataset) / f"{cell.method}-{cell.n}"
 
-    def done(self, path: Path) -> bool:
-        if not path.is_file():
-            return False
+    @staticmethod
+    def finished(path: Path) -> dict[str, Any] | None:
+        """The contents of a finished results file (valid JSON of this format), else None."""
         try:
-            return json.loads(path.read_text()).get("format") == FORMAT
-        except json.JSONDecodeError:
-            return False
+            saved = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return saved if isinstance(saved, dict) and saved.get("format") == FORMAT else None
+
+    def done(self, path: Path) -> bool:
+        return self.finished(path) is not None
 
     def pending(self, only: Sequence[str] = ()) -> list[tuple[str, Cell]]:
         """What is left: ``("edit", cell)`` and ``("capability", cell)`` steps, in run order; with
@@ -302,11 +306,8 @@ class Grid:
 
     def saved_unedited(self) -> pd.DataFrame | None:
         """The stored unedited capability table (per-item ``attrs["items"]``) of these settings, if any."""
-        path = self.capability_path(None)
-        if not self.done(path):
-            return None
-        saved = json.loads(path.read_text())
-        if saved.get("settings") != self.capability_settings():
+        saved = self.finished(self.capability_path(None))
+        if saved is None or saved.get("settings") != self.capability_settings():
             return None
         df = pd.DataFrame(saved["table"])
         df.attrs["items"] = pd.DataFrame(saved["items"])
