@@ -195,7 +195,7 @@ class LKSEditor:
             raise
         remove_prepared(store)
         self._table = None
-        self.fit_seconds = time.perf_counter() - t0
+        self.fit_seconds = trainer.prior_seconds + time.perf_counter() - t0  # a resumed fit counts its earlier processes
         return self.history
 
     @torch.inference_mode()

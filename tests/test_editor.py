@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -170,10 +171,16 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_pair, tmp_path
     with pytest.raises(KeyboardInterrupt):
         crashing.fit(tiny_edits(), TRAIN, checkpoint_dir=tmp_path / "ck", progress=False)
     monkeypatch.setattr(Trainer, "batch_loss", real)
-    assert json.loads((tmp_path / "ck" / "train_state.json").read_text())["epoch"] == 2
+    state_path = tmp_path / "ck" / "train_state.json"
+    state = json.loads(state_path.read_text())
+    assert state["epoch"] == 2
+    # the fit time counts the interrupted process: say it had run 1,000 s before the crash
+    state_path.write_text(json.dumps({**state, "seconds": 1000.0}))
 
     resumed = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
+    t0 = time.perf_counter()
     hist = resumed.fit(tiny_edits(), TRAIN, checkpoint_dir=tmp_path / "ck", progress=False)
+    assert 1000.0 < resumed.fit_seconds <= 1000.0 + time.perf_counter() - t0
     assert [h["epoch"] for h in hist] == [1, 2, 3]
     assert torch.allclose(resumed.kb_table(), full.kb_table(), atol=1e-6)
     # a checkpoint of another run is refused rather than silently mixed in

@@ -62,6 +62,8 @@ class Trainer:
         self.cache: Cache | None = None
         self.gate: GateExamples | None = None  # the gated generator's extra examples
         self.precompute_seconds = 0.0
+        self.started = time.perf_counter()  # the fit's start in this process (preparation included)
+        self.prior_seconds = 0.0  # a resumed fit's earlier processes, read from its checkpoint
 
     def prepare(self, edits: EditSet, batch_size: int = 256, progress: bool = True,
                 store: Path | None = None) -> Trainer:
@@ -110,6 +112,8 @@ class Trainer:
             state = resume_state(ed, checkpoint_dir, opt, sched)
             if state is not None:
                 start_epoch, best, bad = state["epoch"], state["best"], state["bad_epochs"]
+                # a checkpoint from before lks recorded "seconds": its epochs' seconds (preparation left out)
+                self.prior_seconds = float(state.get("seconds", sum(h.get("seconds", 0.0) for h in ed.history)))
         if start_epoch == 0 and self.gate is not None and cfg.gate_steps > 0:
             warm_gate(ed.generator, ed.features, self.cache, self.seqs, self.gate, cfg)
         rng = random.Random(cfg.seed)
@@ -144,7 +148,9 @@ class Trainer:
                 else:
                     bad += 1
                 if checkpoint_dir is not None:
-                    save_editor(ed, checkpoint_dir, train_state={"epoch": epoch + 1, "best": best, "bad_epochs": bad},
+                    seconds = self.prior_seconds + time.perf_counter() - self.started
+                    save_editor(ed, checkpoint_dir, train_state={"epoch": epoch + 1, "best": best, "bad_epochs": bad,
+                                                                 "seconds": seconds},
                                 optimizer=opt, scheduler=sched)
         ed.generator.eval()
         return ed.history
