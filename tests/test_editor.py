@@ -152,7 +152,8 @@ def test_load_rejects_other_model_and_corrupt_files(tiny_pair, tmp_path):
         LKSEditor.load(path, model, tok)
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(tiny_pair, tmp_path, monkeypatch):
+@pytest.mark.parametrize("recorded", [True, False], ids=["seconds-recorded", "checkpoint-without-seconds"])
+def test_resume_after_interruption_matches_uninterrupted_run(tiny_pair, tmp_path, monkeypatch, recorded):
     monkeypatch.setenv("LKS_CACHE_DIR", str(tmp_path / "cache"))
     model, tok = tiny_pair
     full = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
@@ -174,8 +175,16 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_pair, tmp_path
     state_path = tmp_path / "ck" / "train_state.json"
     state = json.loads(state_path.read_text())
     assert state["epoch"] == 2
-    # the fit time counts the interrupted process: say it had run 1,000 s before the crash
-    state_path.write_text(json.dumps({**state, "seconds": 1000.0}))
+    # the fit time counts the interrupted process: say it had run 1,000 s before the crash. A checkpoint
+    # written before lks recorded "seconds" counts its epochs' seconds instead (here 2 x 500 s).
+    if recorded:
+        state_path.write_text(json.dumps({**state, "seconds": 1000.0}))
+    else:
+        state_path.write_text(json.dumps({k: v for k, v in state.items() if k != "seconds"}))
+        cfg_path = tmp_path / "ck" / "config.json"
+        saved = json.loads(cfg_path.read_text())
+        assert [h["epoch"] for h in saved["history"]] == [1, 2]
+        cfg_path.write_text(json.dumps({**saved, "history": [{**h, "seconds": 500.0} for h in saved["history"]]}))
 
     resumed = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
     t0 = time.perf_counter()
