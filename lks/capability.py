@@ -31,6 +31,8 @@ PERPLEXITY = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 COLUMNS = ["task", "metric", "value", "stderr", "ci_low", "ci_high", "n", "seconds", "routed", "rows_seen"]
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 GSM8K_FILTERS = {"flexible-extract": "exact_match", "strict-match": "strict_match"}  # harness filter -> our metric
+# each task's headline metric: the one the grid's table and figure show (perplexity: lower is better)
+HEADLINE = {"sst2": "acc", "rte": "acc", "mmlu": "acc", "gsm8k": "exact_match", "wikitext2": "word_perplexity"}
 
 
 # ------------------------------------------------------------------------------ running the harness

@@ -187,10 +187,10 @@ def _reproduce_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--only", default=None, help="comma-separated shell patterns of cell names to run, e.g. "
                                                 "'*/memit-*,zsre/lks-10000' (default: every cell)")
     r.add_argument("--table", action="store_true", help="print the finished cells as markdown tables, one per data set, "
-                                                        "and exit (no model is loaded)")
+                                                        "and the capability table; exit (no model is loaded)")
     r.add_argument("--write", nargs="+", default=None, metavar="FILE",
-                   help="rewrite the <!-- grid-table --> / <!-- grid-summary --> blocks of these markdown files from "
-                        "the finished cells (README.md, docs/grid.md) and exit")
+                   help="rewrite the <!-- grid-table --> / <!-- grid-summary --> / <!-- grid-capability --> blocks "
+                        "of these markdown files from the finished files (README.md, docs/grid.md) and exit")
 
 
 def _task_ints(text: str | None, what: str) -> int | dict[str, int] | None:
@@ -436,16 +436,28 @@ def _evaluate_into(out: str, editor: Any, edits: EditSet) -> None:
 def _reproduce(args: argparse.Namespace) -> int:
     """``reproduce``: every pending step of a grid profile (:mod:`lks.grid`), or with ``--list`` the list."""
     import lks
-    from lks.grid import REPO, Grid, load_profile, read_grid, tables_markdown, write_tables
+    from lks.grid import (
+        REPO,
+        Grid,
+        capability_legend,
+        capability_markdown,
+        load_profile,
+        read_capability,
+        read_grid,
+        tables_markdown,
+        write_tables,
+    )
 
     profile = load_profile(args.profile)
     where = {k: Path(v) for k, v in (("results_dir", args.results), ("editors_dir", args.editors)) if v}
     if args.table or args.write:
-        table = read_grid(where.get("results_dir", REPO / "results"), profile.model)
+        results = where.get("results_dir", REPO / "results")
+        table, capability = read_grid(results, profile.model), read_capability(results, profile.model)
         for path in args.write or []:
-            write_tables(path, table, profile)
+            write_tables(path, table, profile, capability)
         if args.table:
             print(tables_markdown(table, profile))
+            print(f"\n**General capability**\n\n{capability_markdown(capability, profile)}\n\n{capability_legend(profile)}")
         return 0
     only = [p.strip() for p in (args.only or "").split(",") if p.strip()]
     if args.list:

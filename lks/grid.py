@@ -561,6 +561,55 @@ def summary_table(table: pd.DataFrame, profile: GridProfile) -> str:
     return "\n".join(lines)
 
 
+TASK_LABELS = {"sst2": "SST-2", "rte": "RTE", "mmlu": "MMLU", "gsm8k": "GSM8K", "wikitext2": "WikiText-2"}
+
+
+def capability_markdown(comparison: pd.DataFrame, profile: GridProfile) -> str:
+    """The capability comparisons (:func:`read_capability`) at ``profile.capability_n`` edits as one
+    markdown table: a row for the unedited model (the one run every comparison pairs with), then a
+    row per data set x method (the profile's order) with each task's headline metric
+    (:data:`lks.capability.HEADLINE`) as "after (difference, paired p)" and the rows routed to an
+    edit out of the rows the editor saw, all tasks; "not run yet" where no file exists."""
+    from lks.capability import HEADLINE
+
+    tasks = [t for t in profile.capability_tasks if t in HEADLINE]
+    c = comparison.reindex(columns=["data", "method", "n", "task", "metric", "before", "after", "diff", "p_value",
+                                    "n_pairs", "routed", "rows_seen"])  # (no columns when no file exists)
+    have = c[(c.n == profile.capability_n) & (c.metric == c.task.map(HEADLINE))]
+    digits = {t: 2 if HEADLINE[t] in ("word_perplexity", "byte_perplexity") else 3 for t in tasks}
+    items = {t: have[have.task == t].n_pairs.max() for t in tasks}
+    heads = [f"{TASK_LABELS.get(t, t)} {HEADLINE[t].replace('_', ' ')}"
+             + ("" if pd.isna(items[t]) else f" ({items[t]:,.0f} items)") for t in tasks]
+    lines = ["| data | method | " + " | ".join(heads) + " | routed / seen rows |",
+             "|---|---|" + "---|" * (len(tasks) + 1)]
+    first = {t: have[have.task == t].iloc[0] for t in tasks if (have.task == t).any()}
+    lines.append("| - | unedited | " + " | ".join(_fmt(first[t].before, digits[t]) if t in first else "not run yet"
+                                                   for t in tasks) + " | - |")
+    for dataset in profile.datasets:
+        label = dataset_label(dataset)
+        for method in profile.methods:
+            mine = have[(have.data == label) & (have.method == method)].set_index("task")
+            name = f"| {DATASET_LABELS.get(label, label)} | {METHOD_LABELS.get(method, method)} | "
+            if mine.empty:
+                lines.append(name + " | ".join(["not run yet"] + [""] * len(tasks)) + " |")
+                continue
+            cells = [f"{_fmt(mine.loc[t, 'after'], digits[t])} ({mine.loc[t, 'diff']:+.{digits[t]}f}, "
+                     f"p {mine.loc[t, 'p_value']:.2g})" if t in mine.index else "not run yet" for t in tasks]
+            routed = f"{mine.routed.sum():,.0f} / {mine.rows_seen.sum():,.0f}"
+            lines.append(name + " | ".join(cells + [routed]) + " |")
+    return "\n".join(lines)
+
+
+def capability_legend(profile: GridProfile) -> str:
+    """What :func:`capability_markdown`'s cells mean."""
+    return (f"At {profile.capability_n:,} edits, on the same items before and after (the unedited row: "
+            "the one unedited run every comparison pairs with). Each cell: the edited model's value "
+            "(difference to unedited, paired p-value: exact McNemar for accuracies, paired bootstrap over "
+            "articles for perplexity, lower is better). **routed / seen rows**: sequences the scope "
+            "indicator sent to an edit, out of those the editor saw, all tasks (a weight editor's change "
+            "acts on every row, so it counts them all).")
+
+
 def tables_markdown(table: pd.DataFrame, profile: GridProfile) -> str:
     """Every data set's :func:`markdown_table` under its bold name, then :func:`markdown_legend`."""
     parts = [f"**{DATASET_LABELS.get(dataset_label(d), dataset_label(d))}**\n\n{markdown_table(table, profile, d)}"
@@ -568,20 +617,22 @@ def tables_markdown(table: pd.DataFrame, profile: GridProfile) -> str:
     return "\n\n".join([*parts, markdown_legend()])
 
 
-def write_tables(path: str | os.PathLike, table: pd.DataFrame, profile: GridProfile) -> None:
+def write_tables(path: str | os.PathLike, table: pd.DataFrame, profile: GridProfile, capability: pd.DataFrame) -> None:
     """Rewrite the generated blocks of a markdown file: the lines between ``<!-- grid-table ... -->``
-    and ``<!-- /grid-table -->`` get :func:`tables_markdown`, those between ``<!-- grid-summary ...
-    -->`` and ``<!-- /grid-summary -->`` :func:`summary_table`; a file with neither is refused."""
+    and ``<!-- /grid-table -->`` get :func:`tables_markdown`, those of ``grid-summary``
+    :func:`summary_table`, those of ``grid-capability`` :func:`capability_markdown` of
+    ``capability`` (:func:`read_capability`) and its legend; a file with none of them is refused."""
     path = Path(path)
     text = path.read_text()
-    blocks = {"grid-table": tables_markdown(table, profile), "grid-summary": summary_table(table, profile)}
+    blocks = {"grid-table": tables_markdown(table, profile), "grid-summary": summary_table(table, profile),
+              "grid-capability": capability_markdown(capability, profile) + "\n\n" + capability_legend(profile)}
     found = 0
     for tag, body in blocks.items():
         pattern = re.compile(rf"(<!-- {tag}\b[^\n]*-->\n)(.*?)(<!-- /{tag} -->)", re.S)
         text, k = pattern.subn(lambda m, body=body: m.group(1) + body + "\n" + m.group(3), text)
         found += k
     if not found:
-        raise ValueError(f"{path}: no <!-- grid-table --> or <!-- grid-summary --> block to rewrite")
+        raise ValueError(f"{path}: no <!-- grid-table -->, <!-- grid-summary --> or <!-- grid-capability --> block to rewrite")
     path.write_text(text)
 
 

@@ -11,6 +11,8 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from lks.capability import HEADLINE
+
 CONDITION_STYLE = {"swap": ("tab:red", "swap A <- B"), "same_subject": ("tab:green", "control: same subject"),
                    "random": ("tab:gray", "control: random, same norm")}
 
@@ -174,21 +176,17 @@ def plot_grid(*, results: pd.DataFrame, metrics: list[str], path: str | Path | N
     return fig, axes
 
 
-# each capability task's headline metric (lks.capability's names); perplexity: lower is better
-CAPABILITY_HEADLINE = {"sst2": "acc", "rte": "acc", "mmlu": "acc", "gsm8k": "exact_match", "wikitext2": "word_perplexity"}
-
-
 def plot_capability_grid(*, comparison: pd.DataFrame, path: str | Path | None = None,
                          title: str = "") -> tuple[Figure, np.ndarray]:
     """Capability before and after editing (:func:`lks.grid.read_capability`), one panel per task's
-    headline metric (``CAPABILITY_HEADLINE``), one x position per method and data set: the unedited
+    headline metric (:data:`lks.capability.HEADLINE`), one x position per method and data set: the unedited
     value (hollow grey), the edited value (filled, the method's colour) with the paired 95% interval
     of the difference drawn around it (``after + [diff_ci_low, diff_ci_high] - diff``), and the
     paired p-value and routed requests written above."""
-    head = comparison[[CAPABILITY_HEADLINE.get(t) == m for t, m in zip(comparison.task, comparison.metric)]]
+    head = comparison[[HEADLINE.get(t) == m for t, m in zip(comparison.task, comparison.metric)]]
     if head.empty:
         raise ValueError("plot_capability_grid: no headline metric in the comparison")
-    tasks = [t for t in CAPABILITY_HEADLINE if t in set(head.task)]
+    tasks = [t for t in HEADLINE if t in set(head.task)]
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         rows = head[head.task == task].sort_values(["method", "data"], key=lambda c: _method_order(c) if c.name == "method"
@@ -205,7 +203,7 @@ def plot_capability_grid(*, comparison: pd.DataFrame, path: str | Path | None = 
         ax.set_xticks(range(len(rows)), [f"{_method_style(m, 0)[2]}\n{d}" for m, d in zip(rows.method, rows.data)],
                       fontsize=7)
         ppl = task == "wikitext2"
-        ax.set(title=f"{task}: {CAPABILITY_HEADLINE[task]}" + (" (lower is better)" if ppl else ""),
+        ax.set(title=f"{task}: {HEADLINE[task]}" + (" (lower is better)" if ppl else ""),
                xlim=(-0.6, len(rows) - 0.4))
         if not ppl:
             ax.set_ylim(0, 1.15)

@@ -90,7 +90,7 @@ def test_grid_writes_every_cell_once(tiny_pair, tmp_path, cache, caplog):
     doc = tmp_path / "doc.md"
     doc.write_text("intro\n<!-- grid-summary: how -->\nold\n<!-- /grid-summary -->\nmiddle\n"
                    "<!-- grid-table -->\n<!-- /grid-table -->\nend\n")
-    G.write_tables(doc, table, dataclasses.replace(prof, sizes=(2, 8)))
+    G.write_tables(doc, table, dataclasses.replace(prof, sizes=(2, 8)), pd.DataFrame())
     lines = doc.read_text().splitlines()
     assert lines[:4] == ["intro", "<!-- grid-summary: how -->", "| data | edits | LKS | MEMIT |", "|---|---|---|---|"]
     assert lines[4] == (f"| tinyfacts | 2 | {lks2['locality']:.2f} / {lks2['reliability']:.2f} | "
@@ -99,7 +99,7 @@ def test_grid_writes_every_cell_once(tiny_pair, tmp_path, cache, caplog):
     assert lines[9] == "**tinyfacts**" and lines[-2:] == ["<!-- /grid-table -->", "end"]
     doc.write_text("no blocks\n")
     with pytest.raises(ValueError, match="no <!-- grid-table -->"):
-        G.write_tables(doc, table, prof)
+        G.write_tables(doc, table, prof, pd.DataFrame())
 
 
 def test_a_cell_holds_its_saved_editors_numbers(tiny_pair, tmp_path, cache):
@@ -138,6 +138,26 @@ def test_capability_pairs_with_one_unedited_run(tiny_pair, tmp_path, cache, capa
     assert sst2.n_pairs == 4 and 0 <= sst2.p_value <= 1
     # the stored unedited run is reused (same settings), not recomputed
     assert len(grid.unedited_capability().attrs["items"]) > 0 and unedited.stat().st_mtime_ns == stamp
+    # the capability table, checked against the files themselves; a method without a file reads "not run yet"
+    files = {m: json.loads(grid.capability_path(G.Cell(prof.datasets[0], m, 2)).read_text()) for m in ("lks", "memit")}
+    acc = {m: {r["task"]: r for r in f["comparison"] if r["metric"] == "acc"} for m, f in files.items()}
+    seen = {m: [r for r in f["after"] if r["metric"] == "acc"] for m, f in files.items()}
+    md = G.capability_markdown(frame, dataclasses.replace(prof, methods=["lks", "memit", "ft"])).splitlines()
+    n_rte = acc["lks"]["rte"]["n_pairs"]
+    assert md[0] == f"| data | method | SST-2 acc (4 items) | RTE acc ({n_rte:,} items) | routed / seen rows |"
+    assert md[2] == f"| - | unedited | {acc['lks']['sst2']['before']:.3f} | {acc['lks']['rte']['before']:.3f} | - |"
+    for line, m in zip(md[3:5], ("lks", "memit")):
+        cells = [f"{acc[m][t]['after']:.3f} ({acc[m][t]['after'] - acc[m][t]['before']:+.3f}, p {acc[m][t]['p_value']:.2g})"
+                 for t in ("sst2", "rte")]
+        routed = f"{sum(r['routed'] for r in seen[m])} / {sum(r['rows_seen'] for r in seen[m])}"
+        assert line == f"| tinyfacts | {G.METHOD_LABELS[m]} | " + " | ".join(cells + [routed]) + " |"
+    assert md[5] == "| tinyfacts | FT-L | not run yet |  |  |"  # SST-2, RTE, routed
+    assert sum(r["routed"] for r in seen["memit"]) == sum(r["rows_seen"] for r in seen["memit"]) > 0  # weights: every row
+    doc = tmp_path / "doc.md"
+    doc.write_text("a\n<!-- grid-capability -->\nold\n<!-- /grid-capability -->\nb\n")
+    G.write_tables(doc, G.read_grid(tmp_path / "results", "tiny"), prof, frame)
+    lines = doc.read_text().splitlines()
+    assert lines[2:2 + 5] == md[:5] and lines[-2:] == ["<!-- /grid-capability -->", "b"] and "old" not in lines
 
 
 def test_an_interrupted_capability_run_resumes_at_its_unfinished_task(tiny_pair, tmp_path, cache, capability_dir,
@@ -295,7 +315,9 @@ def test_cli_lists_the_pending_steps_and_prints_tables(tmp_path, capsys):
     assert main(["reproduce", "--profile", str(path), "--results", str(tmp_path / "r"), "--list", "--only", "*/memit-*"]) == 0
     assert capsys.readouterr().out.split() == ["edit", "zsre/memit-10", "edit", "zsre/memit-100", "capability", "zsre/memit-100"]
     assert main(["reproduce", "--profile", str(path), "--results", str(tmp_path / "r"), "--table"]) == 0
-    assert capsys.readouterr().out.count("not run yet") == 4
+    cells, capability = capsys.readouterr().out.split("**General capability**")
+    # 2 methods x 2 sizes; the unedited row's 5 tasks and one row per method
+    assert cells.count("not run yet") == 4 and capability.count("not run yet") == 5 + 2
     doc = tmp_path / "doc.md"
     doc.write_text("<!-- grid-summary -->\n<!-- /grid-summary -->\n")
     assert main(["reproduce", "--profile", str(path), "--results", str(tmp_path / "r"), "--write", str(doc)]) == 0
