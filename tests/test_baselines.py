@@ -143,6 +143,24 @@ def test_unknown_config_key_is_refused():
         from_dict(MEMITConfig, {"lamda": 1.0})
 
 
+@pytest.mark.parametrize("name", ["smollm2-135m", "llama2-7b-chat", "mistral-7b-instruct"])
+def test_every_registered_model_has_typed_baseline_settings_inside_its_layers(name):
+    """Each shipped config's "baselines" section parses into the methods' typed configs (what
+    method_config reads for that model) and names layers the model has."""
+    from types import SimpleNamespace
+
+    from lks.baselines.common import method_config
+    from lks.config import model_spec
+
+    spec, model = model_spec(name), SimpleNamespace(lks_name=name)
+    assert set(spec.baselines) == {"ft", "memit", "alphaedit"}
+    for method, cls in (("ft", FTConfig), ("memit", MEMITConfig), ("alphaedit", AlphaEditConfig)):
+        cfg = method_config(cls, model, method)
+        assert type(cfg) is cls and cfg != cls()  # registered values, not the dataclass defaults
+        layers = [cfg.layer] if method == "ft" else cfg.layers
+        assert all(0 < layer < spec.num_layers for layer in layers), (name, method, layers)
+
+
 def test_key_statistics_are_cached(tiny_pair, corpus, monkeypatch):
     from lks.baselines import stats
 

@@ -233,11 +233,19 @@ def test_bad_profiles_are_refused(tmp_path):
         G.load_profile("no-such-profile")
 
 
-def test_shipped_profile_is_the_papers_grid():
-    p = G.load_profile("cpu-full-smollm2")
-    assert p.sizes == (10, 100, 1000, 10000) and set(p.methods) == {"lks", "ft", "memit", "alphaedit"}
+@pytest.mark.parametrize("name,model", [("cpu-full-smollm2", "smollm2-135m"), ("paper-llama2", "llama2-7b-chat"),
+                                        ("paper-mistral", "mistral-7b-instruct")])
+def test_shipped_profiles_are_the_papers_grid(name, model):
+    import yaml
+
+    p = G.load_profile(name)
+    assert p.model == model and p.sizes == (10, 100, 1000, 10000) and set(p.methods) == {"lks", "ft", "memit", "alphaedit"}
     assert set(p.datasets) == {"zsre", "counterfact"} and p.capability_n == 10000 and p.overrides == {}
     assert len(G.cells(p)) == 32
+    # the profile's notebooks 03 and 04 read this grid, on this model
+    for stem in ("03_scaling_to_10000_edits", "04_general_capability"):
+        params = yaml.safe_load((G.REPO / "params" / name / f"{stem}.yaml").read_text())
+        assert (params["grid_profile"], params["model_name"]) == (name, model), stem
 
 
 
