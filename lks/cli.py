@@ -436,28 +436,20 @@ def _evaluate_into(out: str, editor: Any, edits: EditSet) -> None:
 def _reproduce(args: argparse.Namespace) -> int:
     """``reproduce``: every pending step of a grid profile (:mod:`lks.grid`), or with ``--list`` the list."""
     import lks
-    from lks.grid import (
-        REPO,
-        Grid,
-        capability_legend,
-        capability_markdown,
-        load_profile,
-        read_capability,
-        read_grid,
-        tables_markdown,
-        write_tables,
-    )
+    from lks import report
+    from lks.grid import REPO, Grid, load_profile
 
     profile = load_profile(args.profile)
     where = {k: Path(v) for k, v in (("results_dir", args.results), ("editors_dir", args.editors)) if v}
     if args.table or args.write:
         results = where.get("results_dir", REPO / "results")
-        table, capability = read_grid(results, profile.model), read_capability(results, profile.model)
+        table, capability = report.read_grid(results, profile.model), report.read_capability(results, profile.model)
         for path in args.write or []:
-            write_tables(path, table, profile, capability)
+            report.write_tables(path, table, profile, capability)
         if args.table:
-            print(tables_markdown(table, profile))
-            print(f"\n**General capability**\n\n{capability_markdown(capability, profile)}\n\n{capability_legend(profile)}")
+            print(report.tables_markdown(table, profile))
+            print(f"\n**General capability**\n\n{report.capability_markdown(capability, profile)}\n\n"
+                  f"{report.capability_legend(profile)}")
         return 0
     only = [p.strip() for p in (args.only or "").split(",") if p.strip()]
     if args.list:

@@ -138,7 +138,7 @@ def _method_order(method: pd.Series) -> pd.Series:
 
 def plot_grid(*, results: pd.DataFrame, metrics: list[str], path: str | Path | None = None,
               title: str = "") -> tuple[Figure, np.ndarray]:
-    """The grid (:func:`lks.grid.read_grid`): one panel per data set (row) and metric (column),
+    """The grid (:func:`lks.report.read_grid`): one panel per data set (row) and metric (column),
     the metric against the number of edits (log x), one line per method. A cell that is not
     computed is a gap in its method's line; ``<metric>_base`` (the unedited model), where present,
     is a grey dashed line. Metrics with values in [0, 1] share the y range [0, 1.05]."""
@@ -178,7 +178,7 @@ def plot_grid(*, results: pd.DataFrame, metrics: list[str], path: str | Path | N
 
 def plot_capability_grid(*, comparison: pd.DataFrame, path: str | Path | None = None,
                          title: str = "") -> tuple[Figure, np.ndarray]:
-    """Capability before and after editing (:func:`lks.grid.read_capability`), one panel per task's
+    """Capability before and after editing (:func:`lks.report.read_capability`), one panel per task's
     headline metric (:data:`lks.capability.HEADLINE`), one x position per method and data set: the unedited
     value (hollow grey), the edited value (filled, the method's colour) with the paired 95% interval
     of the difference drawn around it (``after + [diff_ci_low, diff_ci_high] - diff``), and the

@@ -13,6 +13,7 @@ import pytest
 from conftest import PLAIN_TRAIN, TINY_CORPUS
 
 from lks import grid as G
+from lks import report as R
 from lks.baselines import load_editor
 from lks.data import EditSet, load_edits
 from lks.metrics import evaluate_edits, neighborhood_score
@@ -77,9 +78,9 @@ def test_grid_writes_every_cell_once(tiny_pair, tmp_path, cache, caplog):
     grid.run_cell = boom
     grid.run()
     # the table of all cells
-    table = G.read_grid(tmp_path / "results", "tiny")
+    table = R.read_grid(tmp_path / "results", "tiny")
     assert sorted(zip(table.method, table.n)) == [("lks", 2), ("lks", 4), ("memit", 2), ("memit", 4)]
-    md = G.markdown_table(table, dataclasses.replace(prof, sizes=(2, 4, 8)), prof.datasets[0]).splitlines()
+    md = R.markdown_table(table, dataclasses.replace(prof, sizes=(2, 4, 8)), prof.datasets[0]).splitlines()
     assert len(md) == 2 + 6 and md[4].startswith("| lks | 8 | not run yet")
     lks4 = table[(table.method == "lks") & (table.n == 4)].iloc[0]
     assert md[3].startswith(f"| lks | 4 | {lks4.reliability:.3f} | {lks4.generality:.3f} |")
@@ -90,7 +91,7 @@ def test_grid_writes_every_cell_once(tiny_pair, tmp_path, cache, caplog):
     doc = tmp_path / "doc.md"
     doc.write_text("intro\n<!-- grid-summary: how -->\nold\n<!-- /grid-summary -->\nmiddle\n"
                    "<!-- grid-table -->\n<!-- /grid-table -->\nend\n")
-    G.write_tables(doc, table, dataclasses.replace(prof, sizes=(2, 8)), pd.DataFrame())
+    R.write_tables(doc, table, dataclasses.replace(prof, sizes=(2, 8)), pd.DataFrame())
     lines = doc.read_text().splitlines()
     assert lines[:4] == ["intro", "<!-- grid-summary: how -->", "| data | edits | LKS | MEMIT |", "|---|---|---|---|"]
     assert lines[4] == (f"| tinyfacts | 2 | {lks2['locality']:.2f} / {lks2['reliability']:.2f} | "
@@ -99,7 +100,7 @@ def test_grid_writes_every_cell_once(tiny_pair, tmp_path, cache, caplog):
     assert lines[9] == "**tinyfacts**" and lines[-2:] == ["<!-- /grid-table -->", "end"]
     doc.write_text("no blocks\n")
     with pytest.raises(ValueError, match="no <!-- grid-table -->"):
-        G.write_tables(doc, table, prof, pd.DataFrame())
+        R.write_tables(doc, table, prof, pd.DataFrame())
 
 
 def test_a_cell_holds_its_saved_editors_numbers(tiny_pair, tmp_path, cache):
@@ -132,7 +133,7 @@ def test_capability_pairs_with_one_unedited_run(tiny_pair, tmp_path, cache, capa
     grid.run()
     unedited = grid.capability_path(None)
     stamp = unedited.stat().st_mtime_ns
-    frame = G.read_capability(tmp_path / "results", "tiny")
+    frame = R.read_capability(tmp_path / "results", "tiny")
     assert sorted(set(frame.method)) == ["lks", "memit"]
     sst2 = frame[(frame.task == "sst2") & (frame.method == "memit")].iloc[0]
     assert sst2.n_pairs == 4 and 0 <= sst2.p_value <= 1
@@ -142,7 +143,7 @@ def test_capability_pairs_with_one_unedited_run(tiny_pair, tmp_path, cache, capa
     files = {m: json.loads(grid.capability_path(G.Cell(prof.datasets[0], m, 2)).read_text()) for m in ("lks", "memit")}
     acc = {m: {r["task"]: r for r in f["comparison"] if r["metric"] == "acc"} for m, f in files.items()}
     seen = {m: [r for r in f["after"] if r["metric"] == "acc"] for m, f in files.items()}
-    md = G.capability_markdown(frame, dataclasses.replace(prof, methods=["lks", "memit", "ft"])).splitlines()
+    md = R.capability_markdown(frame, dataclasses.replace(prof, methods=["lks", "memit", "ft"])).splitlines()
     n_rte = acc["lks"]["rte"]["n_pairs"]
     assert md[0] == f"| data | method | SST-2 acc (4 items) | RTE acc ({n_rte:,} items) | routed / seen rows |"
     assert md[2] == f"| - | unedited | {acc['lks']['sst2']['before']:.3f} | {acc['lks']['rte']['before']:.3f} | - |"
@@ -150,12 +151,12 @@ def test_capability_pairs_with_one_unedited_run(tiny_pair, tmp_path, cache, capa
         cells = [f"{acc[m][t]['after']:.3f} ({acc[m][t]['after'] - acc[m][t]['before']:+.3f}, p {acc[m][t]['p_value']:.2g})"
                  for t in ("sst2", "rte")]
         routed = f"{sum(r['routed'] for r in seen[m])} / {sum(r['rows_seen'] for r in seen[m])}"
-        assert line == f"| tinyfacts | {G.METHOD_LABELS[m]} | " + " | ".join(cells + [routed]) + " |"
+        assert line == f"| tinyfacts | {R.METHOD_LABELS[m]} | " + " | ".join(cells + [routed]) + " |"
     assert md[5] == "| tinyfacts | FT-L | not run yet |  |  |"  # SST-2, RTE, routed
     assert sum(r["routed"] for r in seen["memit"]) == sum(r["rows_seen"] for r in seen["memit"]) > 0  # weights: every row
     doc = tmp_path / "doc.md"
     doc.write_text("a\n<!-- grid-capability -->\nold\n<!-- /grid-capability -->\nb\n")
-    G.write_tables(doc, G.read_grid(tmp_path / "results", "tiny"), prof, frame)
+    R.write_tables(doc, R.read_grid(tmp_path / "results", "tiny"), prof, frame)
     lines = doc.read_text().splitlines()
     assert lines[2:2 + 5] == md[:5] and lines[-2:] == ["<!-- /grid-capability -->", "b"] and "old" not in lines
 
@@ -286,7 +287,7 @@ def test_a_claimed_cell_is_left_to_its_process(tmp_path):
 def test_grid_table_labels_every_metric_column_with_its_split():
     table = pd.DataFrame({"data": ["zsre"], "method": ["lks"], "n": [10], "n_evaluated": [10], "reliability": [0.9],
                           "generality": [0.7], "generality_split": ["seen"], "fluency_base": [4.4]})
-    cells, legend = G.grid_table(table, ["reliability", "generality", "fluency_base", "repeat_rate"])
+    cells, legend = R.grid_table(table, ["reliability", "generality", "fluency_base", "repeat_rate"])
     assert list(cells.columns) == ["data", "method", "N", "evaluated", "reliability [seen]", "generality [seen]",
                                    "fluency unedited [seen + held-out]", "repeat_rate [seen + held-out]"]
     assert cells["generality [seen]"].tolist() == [0.7] and cells["repeat_rate [seen + held-out]"].isna().all()
