@@ -151,7 +151,8 @@ def capability_markdown(comparison: pd.DataFrame, profile: GridProfile) -> str:
     digits = {t: 2 if HEADLINE[t] in ("word_perplexity", "byte_perplexity") else 3 for t in tasks}
     items = {t: have[have.task == t].n_pairs.max() for t in tasks}
     heads = [f"{TASK_LABELS.get(t, t)} {HEADLINE[t].replace('_', ' ')}"
-             + ("" if pd.isna(items[t]) else f" ({items[t]:,.0f} items)") for t in tasks]
+             + ("" if pd.isna(items[t]) else f" ({items[t]:,.0f} {'articles' if t == 'wikitext2' else 'items'})")
+             for t in tasks]
     lines = ["| data | method | " + " | ".join(heads) + " | routed / seen rows |",
              "|---|---|" + "---|" * (len(tasks) + 1)]
     first = {t: have[have.task == t].iloc[0] for t in tasks if (have.task == t).any()}
@@ -166,7 +167,7 @@ def capability_markdown(comparison: pd.DataFrame, profile: GridProfile) -> str:
                 lines.append(name + " | ".join(["not run yet"] + [""] * len(tasks)) + " |")
                 continue
             cells = [f"{_fmt(mine.loc[t, 'after'], digits[t])} ({mine.loc[t, 'diff']:+.{digits[t]}f}, "
-                     f"p {mine.loc[t, 'p_value']:.2g})" if t in mine.index else "not run yet" for t in tasks]
+                     f"{_p(mine.loc[t, 'p_value'])})" if t in mine.index else "not run yet" for t in tasks]
             routed = f"{mine.routed.sum():,.0f} / {mine.rows_seen.sum():,.0f}"
             lines.append(name + " | ".join(cells + [routed]) + " |")
     return "\n".join(lines)
@@ -177,7 +178,7 @@ def capability_legend(profile: GridProfile) -> str:
     return (f"At {profile.capability_n:,} edits, on the same items before and after (the unedited row: "
             "the one unedited run every comparison pairs with). Each cell: the edited model's value "
             "(difference to unedited, paired p-value: exact McNemar for accuracies, paired bootstrap over "
-            "articles for perplexity, lower is better). **routed / seen rows**: sequences the scope "
+            "articles for perplexity, lower is better; 2,000 resamples, so its smallest p is 0.001). **routed / seen rows**: sequences the scope "
             "indicator sent to an edit, out of those the editor saw, all tasks (a weight editor's change "
             "acts on every row, so it counts them all).")
 
@@ -206,6 +207,11 @@ def write_tables(path: str | os.PathLike, table: pd.DataFrame, profile: GridProf
     if not found:
         raise ValueError(f"{path}: no <!-- grid-table -->, <!-- grid-summary --> or <!-- grid-capability --> block to rewrite")
     path.write_text(text)
+
+
+def _p(p: float) -> str:
+    """A p-value for a table: 0 (no bootstrap resample of 2,000 crossed zero) reads "p < 0.001"."""
+    return "p n/a" if pd.isna(p) else "p < 0.001" if p < 0.001 else f"p {p:.3f}" if p < 0.01 else f"p {p:.2f}"
 
 
 def _fmt(v: Any, digits: int) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 
 import pandas as pd
 import pytest
@@ -148,10 +149,15 @@ def test_capability_pairs_with_one_unedited_run(tiny_pair, tmp_path, cache, capa
     assert md[0] == f"| data | method | SST-2 acc (4 items) | RTE acc ({n_rte:,} items) | routed / seen rows |"
     assert md[2] == f"| - | unedited | {acc['lks']['sst2']['before']:.3f} | {acc['lks']['rte']['before']:.3f} | - |"
     for line, m in zip(md[3:5], ("lks", "memit")):
-        cells = [f"{acc[m][t]['after']:.3f} ({acc[m][t]['after'] - acc[m][t]['before']:+.3f}, p {acc[m][t]['p_value']:.2g})"
-                 for t in ("sst2", "rte")]
-        routed = f"{sum(r['routed'] for r in seen[m])} / {sum(r['rows_seen'] for r in seen[m])}"
-        assert line == f"| tinyfacts | {R.METHOD_LABELS[m]} | " + " | ".join(cells + [routed]) + " |"
+        data, method, *cells, routed = [c.strip() for c in line.strip("|").split("|")]
+        assert (data, method) == ("tinyfacts", R.METHOD_LABELS[m])
+        for cell, t in zip(cells, ("sst2", "rte")):  # "after (difference, p P)"
+            after, diff, p = re.fullmatch(r"([\d.]+) \(([+-][\d.]+), p ([\d.]+)\)", cell).groups()
+            row = acc[m][t]
+            assert float(after) == pytest.approx(row["after"], abs=5e-4)
+            assert float(diff) == pytest.approx(row["after"] - row["before"], abs=5e-4)
+            assert float(p) == pytest.approx(row["p_value"], abs=5e-3)
+        assert routed == f"{sum(r['routed'] for r in seen[m])} / {sum(r['rows_seen'] for r in seen[m])}"
     assert md[5] == "| tinyfacts | FT-L | not run yet |  |  |"  # SST-2, RTE, routed
     assert sum(r["routed"] for r in seen["memit"]) == sum(r["rows_seen"] for r in seen["memit"]) > 0  # weights: every row
     doc = tmp_path / "doc.md"
@@ -159,6 +165,22 @@ def test_capability_pairs_with_one_unedited_run(tiny_pair, tmp_path, cache, capa
     R.write_tables(doc, R.read_grid(tmp_path / "results", "tiny"), prof, frame)
     lines = doc.read_text().splitlines()
     assert lines[2:2 + 5] == md[:5] and lines[-2:] == ["<!-- /grid-capability -->", "b"] and "old" not in lines
+
+
+def test_capability_table_reads_perplexity_in_articles_and_a_bootstrap_p_of_zero_as_below_its_resolution():
+    """Hand-made comparison rows: WikiText-2's items are articles; a paired-bootstrap p of 0 (no
+    resample of 2,000 crossed zero) is written "p < 0.001", a small McNemar p with three decimals."""
+    prof = G.GridProfile(datasets=["zsre"], methods=["lks"], capability_tasks=["wikitext2", "rte"])
+    rows = [dict(data="zsre", method="lks", n=10000, task="wikitext2", metric="word_perplexity", before=39.6,
+                 after=39.66, diff=0.06, p_value=0.0, n_pairs=20, routed=90, rows_seen=101),
+            dict(data="zsre", method="lks", n=10000, task="wikitext2", metric="bits_per_byte", before=1.0,
+                 after=1.1, diff=0.1, p_value=0.5, n_pairs=20, routed=90, rows_seen=101),  # not a headline metric
+            dict(data="zsre", method="lks", n=10000, task="rte", metric="acc", before=0.5, after=0.4, diff=-0.1,
+                 p_value=0.0042, n_pairs=277, routed=7, rows_seen=277)]
+    md = R.capability_markdown(pd.DataFrame(rows), prof).splitlines()
+    assert md[0] == "| data | method | WikiText-2 word perplexity (20 articles) | RTE acc (277 items) | routed / seen rows |"
+    assert md[2] == "| - | unedited | 39.60 | 0.500 | - |"
+    assert md[3] == "| zsRE | LKS | 39.66 (+0.06, p < 0.001) | 0.400 (-0.100, p 0.004) | 97 / 378 |"
 
 
 def test_an_interrupted_capability_run_resumes_at_its_unfinished_task(tiny_pair, tmp_path, cache, capability_dir,
