@@ -188,6 +188,14 @@ def _paired_row(task: str, metric: str, vb: np.ndarray, va: np.ndarray, units: n
             "test": "exact McNemar", "only_before": b, "only_after": c}
 
 
+def p_label(p: float) -> str:
+    """A paired p-value for tables and figures: below 0.001, the paired bootstrap's resolution
+    (2,000 resamples; 0 when none crossed zero), it reads "p < 0.001"."""
+    if p is None or p != p:
+        return "p n/a"
+    return "p < 0.001" if p < 0.001 else f"p {p:.3f}" if p < 0.01 else f"p {p:.2f}"
+
+
 def compare_capability(before: pd.DataFrame, after: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     """``after - before`` per (task, metric) on the SAME items, paired by document id.
 

@@ -11,7 +11,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from lks.capability import HEADLINE
+from lks.capability import HEADLINE, p_label
 
 CONDITION_STYLE = {"swap": ("tab:red", "swap A <- B"), "same_subject": ("tab:green", "control: same subject"),
                    "random": ("tab:gray", "control: random, same norm")}
@@ -182,7 +182,7 @@ def plot_capability_grid(*, comparison: pd.DataFrame, path: str | Path | None = 
     headline metric (:data:`lks.capability.HEADLINE`), one x position per method and data set: the unedited
     value (hollow grey), the edited value (filled, the method's colour) with the paired 95% interval
     of the difference drawn around it (``after + [diff_ci_low, diff_ci_high] - diff``), and the
-    paired p-value and routed requests written above."""
+    paired p-value (:func:`lks.capability.p_label`) and the routed rows (of those seen) written above."""
     head = comparison[[HEADLINE.get(t) == m for t, m in zip(comparison.task, comparison.metric)]]
     if head.empty:
         raise ValueError("plot_capability_grid: no headline metric in the comparison")
@@ -198,7 +198,8 @@ def plot_capability_grid(*, comparison: pd.DataFrame, path: str | Path | None = 
             ax.errorbar(x, row.after, yerr=np.nan_to_num(err), marker=marker, color=color, capsize=3, ls="none",
                         label=label)
             top = np.nanmax([row.before, row.after, row.after + row.diff_ci_high - row["diff"]])
-            ax.annotate(f"p={row.p_value:.2g}\nrouted {row.routed:.0f}", (x, top),
+            seen = f"/{row.rows_seen:.0f}" if "rows_seen" in row and pd.notna(row.rows_seen) else ""
+            ax.annotate(f"{p_label(row.p_value)}\nrouted {row.routed:.0f}{seen}", (x, top),
                         xytext=(0, 8), textcoords="offset points", ha="center", fontsize=6)
         ax.set_xticks(range(len(rows)), [f"{_method_style(m, 0)[2]}\n{d}" for m, d in zip(rows.method, rows.data)],
                       fontsize=7)

@@ -142,7 +142,7 @@ def capability_markdown(comparison: pd.DataFrame, profile: GridProfile) -> str:
     row per data set x method (the profile's order) with each task's headline metric
     (:data:`lks.capability.HEADLINE`) as "after (difference, paired p)" and the rows routed to an
     edit out of the rows the editor saw, all tasks; "not run yet" where no file exists."""
-    from lks.capability import HEADLINE
+    from lks.capability import HEADLINE, p_label
 
     tasks = [t for t in profile.capability_tasks if t in HEADLINE]
     c = comparison.reindex(columns=["data", "method", "n", "task", "metric", "before", "after", "diff", "p_value",
@@ -167,7 +167,7 @@ def capability_markdown(comparison: pd.DataFrame, profile: GridProfile) -> str:
                 lines.append(name + " | ".join(["not run yet"] + [""] * len(tasks)) + " |")
                 continue
             cells = [f"{_fmt(mine.loc[t, 'after'], digits[t])} ({mine.loc[t, 'diff']:+.{digits[t]}f}, "
-                     f"{_p(mine.loc[t, 'p_value'])})" if t in mine.index else "not run yet" for t in tasks]
+                     f"{p_label(mine.loc[t, 'p_value'])})" if t in mine.index else "not run yet" for t in tasks]
             routed = f"{mine.routed.sum():,.0f} / {mine.rows_seen.sum():,.0f}"
             lines.append(name + " | ".join(cells + [routed]) + " |")
     return "\n".join(lines)
@@ -207,11 +207,6 @@ def write_tables(path: str | os.PathLike, table: pd.DataFrame, profile: GridProf
     if not found:
         raise ValueError(f"{path}: no <!-- grid-table -->, <!-- grid-summary --> or <!-- grid-capability --> block to rewrite")
     path.write_text(text)
-
-
-def _p(p: float) -> str:
-    """A p-value for a table: 0 (no bootstrap resample of 2,000 crossed zero) reads "p < 0.001"."""
-    return "p n/a" if pd.isna(p) else "p < 0.001" if p < 0.001 else f"p {p:.3f}" if p < 0.01 else f"p {p:.2f}"
 
 
 def _fmt(v: Any, digits: int) -> str:

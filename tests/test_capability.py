@@ -216,6 +216,13 @@ def test_paired_bootstrap_by_hand():
     assert lo == pytest.approx(-cap.Z95 * se, abs=0.05) and hi == pytest.approx(cap.Z95 * se, abs=0.05) and p > 0.5
 
 
+@pytest.mark.parametrize("p,label", [(0.0, "p < 0.001"), (0.0009, "p < 0.001"), (0.001, "p 0.001"), (0.0042, "p 0.004"),
+                                     (0.05, "p 0.05"), (1.0, "p 1.00"), (float("nan"), "p n/a")])
+def test_p_label_stops_at_the_bootstrap_resolution(p, label):
+    # 2,000 paired-bootstrap resamples: the smallest nonzero two-sided p is 2 / 2,000 = 0.001
+    assert cap.p_label(p) == label
+
+
 def test_compare_capability_paired_rows():
     items = lambda vals, task="sst2": pd.DataFrame({"task": task, "doc_id": range(len(vals)), "metric": "acc",  # noqa: E731
                                                      "value": vals, "units": np.nan})

@@ -80,7 +80,7 @@ def comparison_rows() -> pd.DataFrame:
         ]
     df = pd.DataFrame(rows, columns=["method", "task", "metric", "before", "after", "diff_ci_low", "diff_ci_high",
                                      "p_value", "routed"])
-    return df.assign(diff=df.after - df.before, data="counterfact", n=10000, n_pairs=32)
+    return df.assign(diff=df.after - df.before, data="counterfact", n=10000, n_pairs=32, rows_seen=32)
 
 
 def test_plot_capability_grid_one_panel_per_headline_metric_with_ci_and_p_value():
@@ -90,7 +90,7 @@ def test_plot_capability_grid_one_panel_per_headline_metric_with_ci_and_p_value(
         sst2, ppl = axes[0]
         assert sst2.get_ylim() == pytest.approx((0, 1.15)) and ppl.get_ylim()[1] > 75
         texts = [t.get_text() for t in sst2.texts]
-        assert texts == ["p=1\nrouted 0", "p=0.5\nrouted 3"]
+        assert texts == ["p 1.00\nrouted 0/32", "p 0.50\nrouted 3/32"]
         # the error bar around MEMIT's edited value is the paired CI of the difference, moved onto it
         bars = [c for c in sst2.containers if c.get_label() == "MEMIT"]
         (segment,) = bars[0].lines[2][0].get_segments()
