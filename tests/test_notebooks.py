@@ -418,3 +418,5 @@ def test_04_every_grid_capability_file_is_computed_or_listed_as_pending():
                 for d in prof.datasets for m in prof.methods}
     assert expected <= computed | pending
     assert f"{p['model_name']}/capability-unedited.json" in pending | computed  # the unedited run, paired with all
+    # what the run found is committed (a pending file may land after the run: the grid grows)
+    assert all((REPO / "results" / path).is_file() for path in computed), computed
