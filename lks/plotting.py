@@ -11,7 +11,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from lks.capability import HEADLINE, p_label
+from lks.capability import HEADLINE, PERPLEXITY, p_label
 
 CONDITION_STYLE = {"swap": ("tab:red", "swap A <- B"), "same_subject": ("tab:green", "control: same subject"),
                    "random": ("tab:gray", "control: random, same norm")}
@@ -198,12 +198,12 @@ def plot_capability_grid(*, comparison: pd.DataFrame, path: str | Path | None = 
             ax.errorbar(x, row.after, yerr=np.nan_to_num(err), marker=marker, color=color, capsize=3, ls="none",
                         label=label)
             top = np.nanmax([row.before, row.after, row.after + row.diff_ci_high - row["diff"]])
-            seen = f"/{row.rows_seen:.0f}" if "rows_seen" in row and pd.notna(row.rows_seen) else ""
+            seen = "" if pd.isna(row.rows_seen) else f"/{row.rows_seen:.0f}"
             ax.annotate(f"{p_label(row.p_value)}\nrouted {row.routed:.0f}{seen}", (x, top),
                         xytext=(0, 8), textcoords="offset points", ha="center", fontsize=6)
         ax.set_xticks(range(len(rows)), [f"{_method_style(m, 0)[2]}\n{d}" for m, d in zip(rows.method, rows.data)],
                       fontsize=7)
-        ppl = task == "wikitext2"
+        ppl = HEADLINE[task] in PERPLEXITY
         ax.set(title=f"{task}: {HEADLINE[task]}" + (" (lower is better)" if ppl else ""),
                xlim=(-0.6, len(rows) - 0.4))
         if not ppl:

@@ -142,16 +142,16 @@ def capability_markdown(comparison: pd.DataFrame, profile: GridProfile) -> str:
     row per data set x method (the profile's order) with each task's headline metric
     (:data:`lks.capability.HEADLINE`) as "after (difference, paired p)" and the rows routed to an
     edit out of the rows the editor saw, all tasks; "not run yet" where no file exists."""
-    from lks.capability import HEADLINE, p_label
+    from lks.capability import HEADLINE, PERPLEXITY, p_label
 
     tasks = [t for t in profile.capability_tasks if t in HEADLINE]
     c = comparison.reindex(columns=["data", "method", "n", "task", "metric", "before", "after", "diff", "p_value",
                                     "n_pairs", "routed", "rows_seen"])  # (no columns when no file exists)
     have = c[(c.n == profile.capability_n) & (c.metric == c.task.map(HEADLINE))]
-    digits = {t: 2 if HEADLINE[t] in ("word_perplexity", "byte_perplexity") else 3 for t in tasks}
+    digits = {t: 2 if HEADLINE[t] in PERPLEXITY else 3 for t in tasks}
     items = {t: have[have.task == t].n_pairs.max() for t in tasks}
     heads = [f"{TASK_LABELS.get(t, t)} {HEADLINE[t].replace('_', ' ')}"
-             + ("" if pd.isna(items[t]) else f" ({items[t]:,.0f} {'articles' if t == 'wikitext2' else 'items'})")
+             + ("" if pd.isna(items[t]) else f" ({items[t]:,.0f} {'articles' if HEADLINE[t] in PERPLEXITY else 'items'})")
              for t in tasks]
     lines = ["| data | method | " + " | ".join(heads) + " | routed / seen rows |",
              "|---|---|" + "---|" * (len(tasks) + 1)]
