@@ -17,15 +17,17 @@ from lks.grid import FORMAT, GridProfile, dataset_label
 
 
 def read_grid(results_dir: str | os.PathLike, model: str = "smollm2-135m") -> pd.DataFrame:
-    """Every finished cell under ``results_dir/<model>`` as one row: data, method, n, n_evaluated,
-    fit_seconds, peak_rss_mb and the summary's metrics (sorted by data, method, n)."""
+    """Every finished cell under ``results_dir/<model>`` as one row: data, method, n, n_edits (the
+    edits fitted), n_evaluated, fit_seconds, peak_rss_mb and the summary's metrics (sorted by data,
+    method, n)."""
     rows = []
     for path in sorted((Path(results_dir) / model).glob("*/*-*.json")):
         rec = json.loads(path.read_text())
         if rec.get("format") != FORMAT or "summary" not in rec:
             continue
-        rows.append({k: rec.get(k) for k in ("data", "method", "n", "n_edits", "n_evaluated", "fit_seconds",
-                                               "targets_cached", "eval_seconds", "peak_rss_mb")} | rec["summary"])
+        # the cell's own counts win: the summary's "n_edits" counts the edits it evaluated
+        rows.append(rec["summary"] | {k: rec.get(k) for k in ("data", "method", "n", "n_edits", "n_evaluated",
+                                                              "fit_seconds", "targets_cached", "eval_seconds", "peak_rss_mb")})
     df = pd.DataFrame(rows)
     return df.sort_values(["data", "method", "n"], ignore_index=True) if len(df) else df
 

@@ -81,6 +81,8 @@ def test_grid_writes_every_cell_once(tiny_pair, tmp_path, cache, caplog):
     # the table of all cells
     table = R.read_grid(tmp_path / "results", "tiny")
     assert sorted(zip(table.method, table.n)) == [("lks", 2), ("lks", 4), ("memit", 2), ("memit", 4)]
+    # edits fitted and edits evaluated, as the cell's file has them (3 and 2 at N = 4)
+    assert table.set_index(["method", "n"]).loc[("lks", 4), ["n_edits", "n_evaluated"]].tolist() == [3, 2]
     md = R.markdown_table(table, dataclasses.replace(prof, sizes=(2, 4, 8)), prof.datasets[0]).splitlines()
     assert len(md) == 2 + 6 and md[4].startswith("| lks | 8 | not run yet")
     lks4 = table[(table.method == "lks") & (table.n == 4)].iloc[0]
