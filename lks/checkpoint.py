@@ -24,6 +24,7 @@ from torch import nn
 
 from lks.config import EditorConfig, TrainConfig, from_dict
 from lks.models import get_layers, model_device
+from lks.scope import ScopeIndicator
 from lks.utils import atomic_dir, write_json
 
 if TYPE_CHECKING:
@@ -74,8 +75,6 @@ def save_editor(editor: LKSEditor, path: str | os.PathLike, *, train_state: dict
 def load_editor(cls: type[LKSEditor], path: str | os.PathLike, model: nn.Module, tokenizer: Any) -> LKSEditor:
     """Read a saved editor for ``model``; a clear error if it was made for another model or a file
     is missing or corrupt."""
-    from lks.scope import ScopeIndicator
-
     path = Path(path)
     cfg = read_json(path / "config.json")
     check_model(cfg.get("model", {}), model, path)

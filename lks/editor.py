@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lks.config import EditorConfig, TrainConfig
+from lks.checkpoint import load_editor, save_editor
+from lks.config import EditorConfig, TrainConfig, named_recipe, registered_models
 from lks.data import EditSet
 from lks.hooks import LayerHooks, Replacement
 from lks.hypernet import KBGenerator, make_generator
@@ -37,6 +38,7 @@ from lks.training.precision import fit_dtype, lower_pass, precision_used
 from lks.training.sequences import check_conflicts, drop_conflicts
 from lks.training.stored import prepared_dir
 from lks.training.stored import remove as remove_prepared
+from lks.training.trainer import Trainer
 from lks.utils import set_seed
 
 
@@ -53,8 +55,6 @@ def recipe(model: nn.Module) -> tuple[EditorConfig, TrainConfig]:
     """The default editor and training configs for ``model``: its registered recipe
     (``lks/configs/<name>.json``) when ``model.lks_name`` is registered, else the dataclasses'
     defaults with the edit layer at two thirds of the depth."""
-    from lks.config import named_recipe, registered_models
-
     name = getattr(model, "lks_name", "")
     editor, train = named_recipe(name)
     if name not in registered_models():
@@ -166,8 +166,6 @@ class LKSEditor:
         Returns:
             The per-epoch history: ``epoch, loss, edit, equiv, loc, after, gate, lr, seconds``.
         """
-        from lks.training.trainer import Trainer
-
         cfg = config or recipe(self.model)[1]
         if on_conflict not in ("error", "first"):
             raise ValueError(f"on_conflict must be 'error' or 'first', got {on_conflict!r}")
@@ -302,16 +300,12 @@ class LKSEditor:
     def save(self, path: str | os.PathLike) -> Path:
         """Save to a directory (``config.json``, ``generator.safetensors``, ``scope.safetensors``,
         ``subjects.json``; see :mod:`lks.checkpoint`). The write is atomic."""
-        from lks.checkpoint import save_editor
-
         return save_editor(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module, tokenizer: Any) -> LKSEditor:
         """Load a saved editor for ``model``; fails clearly if it was made for another model or a
         file is missing or corrupt."""
-        from lks.checkpoint import load_editor
-
         return load_editor(cls, path, model, tokenizer)
 
 

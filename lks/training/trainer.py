@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
+from lks.checkpoint import resume_state, save_editor
 from lks.config import TrainConfig
 from lks.data import EditSet
 from lks.training import stored
@@ -99,8 +100,6 @@ class Trainer:
     def train(self, checkpoint_dir: str | os.PathLike | None = None, resume: bool = True,
               progress: bool = True) -> list[dict[str, float]]:
         """The epochs (AdamW, linear decay, early stopping on the training loss); returns the history."""
-        from lks.checkpoint import resume_state, save_editor
-
         assert self.cache is not None, "call prepare(edits) first"
         ed, cfg = self.editor, self.cfg
         batches = length_batches(self.per_edit, self.seqs, cfg.batch_size)
