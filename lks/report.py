@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from lks.capability import HEADLINE, PERPLEXITY, p_label
 from lks.grid import FORMAT, GridProfile, dataset_label
 
 
@@ -144,8 +145,6 @@ def capability_markdown(comparison: pd.DataFrame, profile: GridProfile) -> str:
     row per data set x method (the profile's order) with each task's headline metric
     (:data:`lks.capability.HEADLINE`) as "after (difference, paired p)" and the rows routed to an
     edit out of the rows the editor saw, all tasks; "not run yet" where no file exists."""
-    from lks.capability import HEADLINE, PERPLEXITY, p_label
-
     tasks = [t for t in profile.capability_tasks if t in HEADLINE]
     c = comparison.reindex(columns=["data", "method", "n", "task", "metric", "before", "after", "diff", "p_value",
                                     "n_pairs", "routed", "rows_seen"])  # (no columns when no file exists)
