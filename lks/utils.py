@@ -169,20 +169,22 @@ def release_memory(collect: bool = True) -> None:
         pass
 
 
-def _git(*args: str) -> str | None:
+def _git(root: Path, *args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), *args], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def git_state() -> dict[str, Any]:
-    """The commit of the checkout holding ``lks`` and whether files (tracked, or untracked and not ignored) outside ``notebooks/``,
-    ``results/`` and ``figures/`` (which a notebook run rewrites) differ from it."""
-    commit = _git("rev-parse", "HEAD")
-    changed = _git("status", "--porcelain", "--", ".",
-                   ":(exclude)notebooks", ":(exclude)results", ":(exclude)figures")
+def git_state(root: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The commit of the checkout ``root`` (default: the one holding ``lks``) and whether files (tracked, or untracked and
+    not ignored) outside ``notebooks/``, ``results/`` and ``figures/`` (which a notebook run rewrites) and ``runs/`` (a
+    running grid's carried state) differ from it."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+    commit = _git(root, "rev-parse", "HEAD")
+    changed = _git(root, "status", "--porcelain", "--", ".",
+                   ":(exclude)notebooks", ":(exclude)results", ":(exclude)figures", ":(exclude)runs")
     return {"commit": commit, "dirty": None if changed is None else bool(changed)}
 
 

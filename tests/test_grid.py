@@ -308,6 +308,40 @@ def test_a_claimed_cell_is_left_to_its_process(tmp_path):
             assert not mine
 
 
+def test_a_grids_carried_state_is_committable_and_leaves_the_code_clean(tmp_path):
+    """runs/carried/ holds what a later machine needs to resume (the repository's .gitignore keeps the rest
+    out), and its changes, like results/, do not mark a cell's code as dirty."""
+    import shutil
+    import subprocess
+
+    from lks.utils import git_state
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    shutil.copy(G.REPO / ".gitignore", tmp_path / ".gitignore")
+    (tmp_path / "lks").mkdir()
+    (tmp_path / "lks" / "a.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "code")
+    carried = ["runs/carried/cache/ft/s.safetensors", "runs/carried/cache/targets/z.safetensors",
+               "runs/carried/editors/m/zsre/ft-10000/deltas.safetensors",
+               "runs/carried/editors/m/zsre/memit-10000.capability.partial/sst2.json"]
+    rebuilt = ["runs/carried/cache/models/m/model.safetensors", "runs/carried/cache/stats/m/L4.safetensors",
+               "runs/carried/editors/m/zsre/memit-10000/deltas.safetensors",
+               "runs/carried/editors/m/zsre/alphaedit-100/deltas.safetensors",
+               "runs/carried/editors/m/zsre/ft-10000.lock", "runs/editors/m/zsre/lks-10/config.json"]
+    for name in carried + rebuilt + ["results/m/zsre/ft-10.json"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}")
+    untracked = git("status", "--porcelain", "--untracked-files=all").split("\n")
+    assert sorted(line[3:] for line in untracked if line.startswith("?? runs/")) == sorted(carried)
+    assert git_state(tmp_path) == {"commit": git("rev-parse", "HEAD").strip(), "dirty": False}
+    (tmp_path / "lks" / "a.py").write_text("x = 2\n")
+    assert git_state(tmp_path)["dirty"] is True
+
+
 def test_grid_table_labels_every_metric_column_with_its_split():
     table = pd.DataFrame({"data": ["zsre"], "method": ["lks"], "n": [10], "n_evaluated": [10], "reliability": [0.9],
                           "generality": [0.7], "generality_split": ["seen"], "fluency_base": [4.4]})
