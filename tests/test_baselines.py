@@ -88,6 +88,27 @@ def test_ft_respects_its_bound(tiny_pair, norm, bound, tmp_path, monkeypatch):
     assert 0.5 * bound < size <= bound * (1 + 1e-5)
 
 
+def test_ft_does_not_depend_on_how_rows_are_chunked(tiny_pair, tmp_path, monkeypatch):
+    """FT-L's loss is a sum over rows: chunks of rows sorted by length (padded to their longest row)
+    give the fit of one row at a time (no padding at all)."""
+    monkeypatch.setenv("LKS_CACHE_DIR", str(tmp_path / "cache"))
+    model, tok = tiny_pair
+    edits = EditSet([*EDITS, EditRecord("Paris", "Paris is the capital of", "Italy", "France"),
+                     EditRecord("Toko Yasuda", "Toko Yasuda, a musician who plays the", "piano", "guitar")])
+    assert len({len(tok(f"{r.prompt} {r.target}")["input_ids"]) for r in edits}) == len(edits)  # padding happens
+    fits, losses = {}, {}
+    for rows in (1, 3, 64):
+        ed = FTEditor(model, tok, FTConfig(layer=1, lr=0.05, steps=4, bound=0.2, batch_rows=rows))
+        ed.fit(edits, progress=False)
+        fits[rows], losses[rows] = ed.deltas[1], torch.tensor([h["nll_mean"] for h in ed.history])
+    assert float(fits[1].abs().max()) > 0.01 and float(losses[1][0] - losses[1][-1]) > 0.1
+    for rows in (3, 64):
+        assert torch.allclose(losses[rows], losses[1], rtol=1e-6)
+        # Adam divides by the root of the squared gradient: where that is ~0, float rounding of
+        # the sums moves an element by up to ~1e-5 (seen: 1 of 4,608 by 5e-6)
+        assert torch.allclose(fits[rows], fits[1], atol=3e-5)
+
+
 @pytest.mark.parametrize("method", ["ft", "memit", "alphaedit"])
 def test_fitted_edit_changes_the_prediction(tiny_pair, corpus, method):
     model, tok = tiny_pair

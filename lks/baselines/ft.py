@@ -6,7 +6,8 @@ and used again as a baseline in MEMIT (Meng et al. 2023, §4): the change ``delt
 ``mlp.down_proj.weight`` at ``layer`` minimises the mean NLL of each edit's target tokens given its
 prompt (teacher-forced), with Adam; after every step ``delta`` is projected back onto the
 constraint set (clamped elementwise to ``[-bound, bound]``, or rescaled to Frobenius norm
-``bound`` with ``norm="fro"``). All edits train together, one chunked forward/backward per step.
+``bound`` with ``norm="fro"``). All edits train together, one forward/backward per step in chunks
+of rows of similar length.
 After every step the state (``delta``, Adam's moments) is kept in the lks cache directory until
 the fit ends, so that an interrupted fit resumes from its last step.
 """
@@ -19,12 +20,15 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
+from torch import nn
 from tqdm.auto import tqdm
 
 from lks.baselines.common import (
+    Row,
     WeightEditor,
     chunks,
     down_proj,
@@ -70,6 +74,47 @@ def project(delta: torch.Tensor, bound: float, norm: str) -> torch.Tensor:
     return delta.mul_(min(1.0, bound / max(float(delta.norm()), 1e-12)))
 
 
+def by_length(rows: list[Row], size: int) -> list[list[Row]]:
+    """``rows`` in chunks of ``size``, shortest first, so that padding each chunk to its longest row
+    costs little (10,000 edits in chunks of 64: 1.7x fewer token positions than in data order)."""
+    order = sorted(range(len(rows)), key=lambda j: len(rows[j].ids))
+    return [[rows[order[j]] for j in idx] for idx in chunks(len(rows), size)]
+
+
+@dataclass
+class Part:
+    """One chunk of rows with the output of decoder ``layer - 1``, which runs once per fit."""
+
+    rows: list[Row]
+    hidden: torch.Tensor
+    mask: torch.Tensor
+    as_tuple: bool
+
+
+def lower_parts(model: nn.Module, tok: Any, chunked: list[list[Row]], layer: int) -> list[Part]:
+    """Each chunk padded and run through the layers below ``layer`` (which FT-L does not change)."""
+    parts = []
+    for rows in chunked:
+        ids, mask = pad(rows, tok.pad_token_id, model_device(model))
+        h, as_tuple = lower_states(model, ids, mask, layer - 1)
+        parts.append(Part(rows, h, mask, as_tuple))
+    return parts
+
+
+def backward_nll(model: nn.Module, parts: list[Part], layer: int, delta: torch.Tensor) -> torch.Tensor:
+    """Each row's mean target NLL ``[rows]`` with ``delta`` added to ``layer``'s down_proj weight,
+    accumulating the gradient of their mean into ``delta.grad`` one chunk at a time."""
+    W = down_proj(model, layer).weight
+    name = next(n for n, p in model.base_model.named_parameters() if p is W)
+    n, out = sum(len(p.rows) for p in parts), []
+    for p in parts:
+        fin = upper_hidden(model, layer - 1, p.hidden, p.mask, p.as_tuple, params={name: W + delta})
+        nll = target_nll(model, fin, p.rows)
+        (nll.sum() / n).backward()
+        out.append(nll.detach())
+    return torch.cat(out)
+
+
 class FTEditor(WeightEditor):
     """FT-L baseline behind the :class:`lks.LKSEditor` interface (see the module docstring)."""
 
@@ -78,32 +123,19 @@ class FTEditor(WeightEditor):
 
     def _fit(self, edits: EditSet, progress: bool) -> dict[int, torch.Tensor]:
         cfg, model, tok = self.config, self.model, self.tokenizer
-        dev = model_device(model)
         W = down_proj(model, cfg.layer).weight
-        name = next(n for n, p in model.base_model.named_parameters() if p is W)
         rows = encode_rows(tok, [r.prompt for r in edits], [r.subject for r in edits], list(range(len(edits))),
                            [r.target for r in edits])
-        parts = []  # the layers below `layer` run once
-        for idx in chunks(len(rows), cfg.batch_rows):
-            sub = [rows[j] for j in idx]
-            ids, mask = pad(sub, tok.pad_token_id, dev)
-            h, as_tuple = lower_states(model, ids, mask, cfg.layer - 1)
-            parts.append((sub, h, mask, as_tuple))
+        parts = lower_parts(model, tok, by_length(rows, cfg.batch_rows), cfg.layer)
         delta = torch.zeros_like(W, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=cfg.lr)
-        # an interrupted fit resumes at its last step (10,000 edits: ~13 min a step on one CPU thread)
+        # an interrupted fit resumes at its last step (10,000 edits: minutes a step on one CPU thread)
         state = self._cache_path("ft", {"edits": edits.checksum(), **dataclasses.asdict(cfg)})
         first, t0 = self._resume(state, delta, opt), time.perf_counter()
         bar = tqdm(range(first, cfg.steps), desc="FT-L", disable=not progress)
         for step in bar:
             opt.zero_grad()
-            nll_all = []
-            for sub, h, mask, as_tuple in parts:
-                fin = upper_hidden(model, cfg.layer - 1, h, mask, as_tuple, params={name: W + delta})
-                nll = target_nll(model, fin, sub)
-                (nll.sum() / len(rows)).backward()
-                nll_all.append(nll.detach())
-            nll = torch.cat(nll_all)
+            nll = backward_nll(model, parts, cfg.layer, delta)
             self.history.append({"step": step, "nll_mean": float(nll.mean()), "nll_max": float(nll.max())})
             bar.set_postfix(nll=f"{float(nll.mean()):.3f}")
             log.info("FT-L step %d/%d: mean target NLL %.3f", step + 1, cfg.steps, float(nll.mean()))
