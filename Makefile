@@ -9,7 +9,9 @@
 #
 # Variables: PYTHON (interpreter used to create .venv), LKS_DATA_DIR (benchmark data directory),
 # TORCH_SPEC (torch requirement installed before the package; a CPU build on CPU machines),
-# PROFILE (a folder of params/: paper-llama2, paper-mistral, cpu-full-smollm2; one yaml per notebook).
+# PROFILE (a folder of params/: paper-llama2, paper-mistral, cpu-full-smollm2; one yaml per notebook),
+# GRID (reproduce's profile), ONLY (reproduce's --only cell patterns, e.g. 'zsre/*': one process's share),
+# CARRY (a folder for the grid's resumable state, e.g. runs/carried: docs/grid.md, "Carrying a grid").
 
 PYTHON     ?= python3
 VENV       ?= .venv
@@ -19,6 +21,8 @@ STAMP      := $(VENV)/.lks-installed
 NOTEBOOKS  := $(sort $(wildcard notebooks/0*.ipynb))
 PROFILE    ?=
 GRID       ?= cpu-full-smollm2
+ONLY       ?=
+CARRY      ?=
 export PATH := $(abspath $(BIN)):$(PATH)
 export PYTHONUNBUFFERED := 1
 
@@ -51,7 +55,8 @@ test: setup
 		--nbval-sanitize-with tests/sanitize.cfg --nbval-current-env $(NOTEBOOKS)
 
 reproduce: setup
-	$(BIN)/python -m lks reproduce --profile $(GRID)
+	$(if $(CARRY),LKS_CACHE_DIR=$(CARRY)/cache) $(BIN)/python -m lks reproduce --profile $(GRID) \
+		$(if $(CARRY),--editors $(CARRY)/editors) $(if $(ONLY),--only '$(ONLY)')
 	$(BIN)/python -m lks reproduce --profile $(GRID) --write README.md docs/grid.md
 
 test-fast: setup
