@@ -64,6 +64,7 @@ import torch
 
 from lks.data import EditSet, paraphrase_templates, rephrase_form, subject_template
 from lks.models import model_device
+from lks.utils import length_batches
 
 
 @torch.inference_mode()
@@ -91,9 +92,7 @@ def teacher_forced(model, tokenizer, prompts: Sequence[str], targets: Sequence[s
         tgt = [j for j, (s, e) in enumerate(offs) if s >= len(p) and e > s and j > 0]
         items.append((ids, tgt))
     out: list[dict[str, Any]] = [{}] * len(items)
-    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
+    for idx in length_batches([len(ids) for ids, _ in items], batch_size):
         T = max(len(items[i][0]) for i in idx)
         ids = torch.full((len(idx), T), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros(len(idx), T, dtype=torch.long)

@@ -9,7 +9,7 @@ import platform
 import random
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,14 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+
+def length_batches(lengths: Sequence[int], size: int) -> list[list[int]]:
+    """Indices into ``lengths``, shortest first, in batches of ``size``: padding a batch to its
+    longest item then costs little. The sort is stable (equal lengths keep their order), so the
+    batches, and every padded tensor built from them, are the same on every run."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[b:b + size] for b in range(0, len(order), size)]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -34,3 +34,20 @@ def test_tidy_rows_by_hand():
     forced = t[t.model == "unedited, given the new object"].iloc[0]
     assert forced.value == 0.125 and forced.n == 8 and math.isnan(forced.ci_low)
     assert "specificity" not in set(t.metric)  # no such column: no row
+
+
+@pytest.mark.parametrize("n,size", [(0, 4), (1, 4), (10, 3), (37, 8), (64, 64)])
+def test_length_batches_are_short_first_stable_and_cover_every_index_once(n, size):
+    """Checked by properties, not by a second sort: every index once, lengths never fall, equal
+    lengths keep their input order, and every batch but the last is full."""
+    import random
+
+    from lks.utils import length_batches
+
+    lengths = [random.Random(i * 7 + n).randint(1, 5) for i in range(n)]  # few values: many ties
+    batches = length_batches(lengths, size)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(n))
+    for a, b in zip(flat, flat[1:]):
+        assert lengths[a] < lengths[b] or (lengths[a] == lengths[b] and a < b)
+    assert all(len(b) == size for b in batches[:-1]) and all(0 < len(b) <= size for b in batches)

@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 from lks.baselines.common import (
     Row,
     WeightEditor,
-    chunks,
     down_proj,
     encode_rows,
     lower_states,
@@ -40,7 +39,7 @@ from lks.baselines.common import (
 )
 from lks.data import EditSet
 from lks.models import model_device
-from lks.utils import save_tensors
+from lks.utils import length_batches, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +77,7 @@ def by_length(rows: list[Row], size: int) -> list[list[Row]]:
     """``rows`` in chunks of ``size``, shortest first, so that padding each chunk to its longest row
     costs little (zsRE's / CounterFact's 10,000 edits in chunks of 64: 1.68x / 1.66x fewer token
     positions than in data order, ``benchmarks/bench_ft.py --n 10000 --reps 0``)."""
-    order = sorted(range(len(rows)), key=lambda j: len(rows[j].ids))
-    return [[rows[order[j]] for j in idx] for idx in chunks(len(rows), size)]
+    return [[rows[j] for j in idx] for idx in length_batches([len(r.ids) for r in rows], size)]
 
 
 @dataclass

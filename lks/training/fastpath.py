@@ -39,7 +39,7 @@ from lks.training.precision import (
     upper_pass,
 )
 from lks.training.sequences import Seq, pad, starts
-from lks.utils import release_memory
+from lks.utils import length_batches, release_memory
 
 LENGTH_BUCKETS = 2  # blocks per training step (see step_blocks): fewer, longer op chains; 2 was fastest of 1-4 (benchmarks/README)
 
@@ -101,12 +101,10 @@ class FastPath:
         little padding): yields ``(indices into ids, states [b, T, d], mask [b, T])``; ``desc``
         shows a progress bar. The glibc heap is trimmed every ``TRIM_EVERY`` batches."""
         dev = model_device(self.model)
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        for b in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None):
-            idx = order[b:b + batch_size]
+        for k, idx in enumerate(tqdm(length_batches([len(x) for x in ids], batch_size), desc=desc, disable=desc is None)):
             x, mask = pad([ids[i] for i in idx], self.tokenizer.pad_token_id, dev)
             yield idx, self.run_to_layer(x, mask), mask
-            if (b // batch_size) % TRIM_EVERY == TRIM_EVERY - 1:
+            if k % TRIM_EVERY == TRIM_EVERY - 1:
                 release_memory(collect=False)  # see lks.utils.release_memory
 
     @torch.no_grad()  # not inference_mode: these tensors are inputs of training steps later
