@@ -42,7 +42,14 @@ from typing import Any
 
 import pandas as pd
 
+from lks.baselines import METHODS, editor_class, load_editor
+from lks.baselines.common import method_config
+from lks.capability import compare_capability, evaluate_capability
 from lks.config import from_dict
+from lks.data import load_edits
+from lks.editor import recipe
+from lks.metrics import UneditedMemo, evaluate_edits
+from lks.training.sequences import drop_conflicts
 from lks.utils import git_state, machine, write_json
 
 FORMAT = "lks-grid-1"  # a results file without it (an older run) is recomputed
@@ -71,8 +78,6 @@ class GridProfile:
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from lks.baselines import METHODS
-
         for name in ("datasets", "methods", "sizes", "capability_tasks"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         bad = [m for m in self.methods if m != "lks" and m not in METHODS]
@@ -135,8 +140,6 @@ class Grid:
     log: Callable[[str], None] = print
 
     def __post_init__(self) -> None:
-        from lks.metrics import UneditedMemo
-
         self.code = code_version()  # of the code this process runs: taken before any later edit of the checkout
         self.memo = UneditedMemo()  # the unedited model's scores, shared by the cells of this process
 
@@ -205,18 +208,11 @@ class Grid:
 
     # -- one cell -------------------------------------------------------------------------------
     def edits(self, cell: Cell) -> tuple[Any, list[int]]:
-        from lks.data import load_edits
-        from lks.training.sequences import drop_conflicts
-
         return drop_conflicts(load_edits(cell.dataset, data_dir=self.data_dir, n=cell.n))
 
     def configs(self, cell: Cell) -> tuple[Any, Any]:
         """The method's registered settings with the profile's overrides: ``(EditorConfig,
         TrainConfig)`` for LKS, ``(method config, None)`` for a weight editor."""
-        from lks.baselines import editor_class
-        from lks.baselines.common import method_config
-        from lks.editor import recipe
-
         over = dict(self.profile.overrides.get(cell.method, {}))
         if cell.method == "lks":
             ecfg, tcfg = recipe(self.model)
@@ -228,8 +224,6 @@ class Grid:
     def editor(self, cell: Cell, edits: Any) -> tuple[Any, bool]:
         """``(editor, reused)``: the cell's fitted editor, loaded (``reused``) when a finished one with
         these edits and settings is saved, else fitted (resuming an interrupted fit) and saved."""
-        from lks.baselines import editor_class, load_editor
-
         path = self.editor_path(cell)
         cfg, tcfg = self.configs(cell)
         # a finished save has no train_state.json (an LKS fit's per-epoch checkpoint has one)
@@ -249,8 +243,6 @@ class Grid:
 
     def run_cell(self, cell: Cell) -> dict[str, Any]:
         """Fit (or load), evaluate and write one cell; returns what was written."""
-        from lks.metrics import evaluate_edits
-
         edits, dropped = self.edits(cell)
         with peak_rss() as peak:
             editor, reused = self.editor(cell, edits)
@@ -287,8 +279,6 @@ class Grid:
         """``(table with attrs["items"], seconds)``: the capability tasks run one at a time, each
         task's result kept in the folder ``partial`` until all are done, so that an interrupted run
         resumes at its first unfinished task (a task's run does not depend on the others')."""
-        from lks.capability import evaluate_capability
-
         kw, settings, parts, seconds = self.capability_kwargs(), self.capability_settings(), [], 0.0
         for task in kw["tasks"]:
             path = partial / f"{task}.json"
@@ -341,8 +331,6 @@ class Grid:
     def run_capability(self, cell: Cell) -> dict[str, Any]:
         """The capability tasks with the cell's editor, paired with the unedited run on the same items.
         When another process is running the unedited tasks, the edited ones go first."""
-        from lks.capability import compare_capability
-
         before = self.unedited_capability(wait=False)
         edits, _ = self.edits(cell)
         editor, _ = self.editor(cell, edits)

@@ -204,7 +204,7 @@ def test_an_interrupted_capability_run_resumes_at_its_unfinished_task(tiny_pair,
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(cap, "evaluate_capability", interrupted_at_rte)
+    monkeypatch.setattr(G, "evaluate_capability", interrupted_at_rte)
     with pytest.raises(KeyboardInterrupt):
         grid.unedited_capability()
     partial = tmp_path / "editors" / "tiny" / "capability-unedited.partial"
@@ -232,7 +232,7 @@ def test_the_unedited_run_is_left_to_the_process_that_holds_it(tiny_pair, tmp_pa
     grid = G.Grid(prof, model, tok, data_dir=str(capability_dir), results_dir=tmp_path / "results",
                   editors_dir=tmp_path / "editors", log=lambda m: None)
     real, runs = cap.evaluate_capability, []
-    monkeypatch.setattr(cap, "evaluate_capability",
+    monkeypatch.setattr(G, "evaluate_capability",
                         lambda *a, **kw: runs.append("edited" if kw.get("editor") else "unedited") or real(*a, **kw))
     held = contextlib.ExitStack()
     assert held.enter_context(G.claimed(tmp_path / "editors" / "tiny" / "capability-unedited.lock"))
