@@ -69,6 +69,31 @@ def test_fast_path_equals_hooked_forward(tiny_pair, kind, prefix_cache):
     assert (plain - ref).abs().max().item() > 1e-3
 
 
+@pytest.mark.parametrize("prefix_cache", [False, True])
+def test_precompute_is_the_same_in_any_batching(tiny_pair, prefix_cache):
+    """The cache holds, per sequence, what a batch of that sequence alone gives (no padding):
+    length-sorted batches of 2 or of everything only change the order the rows are filled in."""
+    model, tok = tiny_pair
+    editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="gated"))
+    cfg = TrainConfig(**{**TRAIN.__dict__, "epochs": 1, "prefix_cache": prefix_cache})
+    seqs = Trainer(editor, cfg).prepare(tiny_edits(), progress=False).seqs
+    assert len({len(s.ids) for s in seqs}) > 2  # lengths differ: the batches are padded and reordered
+    alone, *others = (editor.fast.precompute(seqs, cfg, batch_size=b, progress=False) for b in (1, 2, len(seqs)))
+    kl = [j for j in range(len(seqs)) if j in alone.ref_row]
+    assert kl and sorted(kl) == sorted(alone.ref_row)
+    for cache in others:
+        assert (cache.states - alone.states).abs().max().item() < 1e-5
+        assert sorted(cache.ref_row) == kl
+        for j in kl:
+            n = len(seqs[j].loss_pos) - len(seqs[j].loss_tgt)
+            a, c = alone.ref_row[j], cache.ref_row[j]
+            assert torch.equal(cache.ref_idx[c:c + n], alone.ref_idx[a:a + n])
+            assert (cache.ref_logp[c:c + n] - alone.ref_logp[a:a + n]).abs().max().item() < 1e-4
+        assert (cache.kv is None) == (not prefix_cache)
+        if prefix_cache:
+            assert (cache.kv - alone.kv).abs().max().item() < 1e-5
+
+
 @pytest.mark.parametrize("kind", ["residual", "residual_mlp", "gated"])
 def test_residual_untrained_changes_nothing(tiny_pair, kind):
     model, tok = tiny_pair

@@ -123,7 +123,6 @@ class FastPath:
     @torch.no_grad()  # not inference_mode: the cache feeds autograd-tracked training steps
     def precompute(self, seqs: list[Seq], cfg: TrainConfig, batch_size: int = 256, progress: bool = True) -> Cache:
         """Cache layer-L states of every sequence and the reference distributions at its KL rows."""
-        order = sorted(range(len(seqs)), key=lambda j: len(seqs[j].ids))  # length-bucketed batches
         offsets, total = starts(len(s.ids) for s in seqs)
         # filled in place: one [sum T, d] tensor, never a second copy (10,000 edits: 1.4 GB float32)
         # stored in the lower pass's dtype (bfloat16 halves the largest cache; the values are bf16 anyway)
@@ -137,10 +136,11 @@ class FastPath:
         # one pass through layers L+1..N (no edit): reference distributions at the KL rows (locality
         # sequences; after the target with TrainConfig.w_after) and, with prefix_cache, the
         # keys/values of every sequence's prefix
-        loc = {j for j in order if len(seqs[j].loss_pos) > len(seqs[j].loss_tgt)}
+        loc = {j for j, s in enumerate(seqs) if len(s.loss_pos) > len(s.loss_tgt)}
         # (no upper layers when L is the last layer: nothing to cache)
         prefix_cache = cfg.prefix_cache and self.layer + 1 < len(get_layers(self.model))
-        todo = order if prefix_cache else [j for j in order if j in loc]
+        todo = list(range(len(seqs))) if prefix_cache else sorted(loc)
+        batches = [[todo[i] for i in b] for b in length_batches([len(seqs[j].ids) for j in todo], batch_size)]
         kv_offsets, total = starts(s.subj_pos for s in seqs)
 
         def put_kv(j: int, kv: torch.Tensor) -> None:  # into one preallocated tensor, in sequence order
@@ -149,11 +149,11 @@ class FastPath:
             cache.kv[kv_offsets[j]:kv_offsets[j] + len(kv)] = kv
         logps, idxs, tails, n_ref = [], [], [], 0
         with upper_pass(self, cfg.precision):  # the same precision as the training steps: KL 0 for an unchanged block
-            for b in tqdm(range(0, len(todo), batch_size), desc="upper-layer pass (references"
-                          + (", prefix keys/values)" if prefix_cache else ")"), disable=not progress or not todo):
-                batch = todo[b:b + batch_size]
+            for k, batch in enumerate(tqdm(batches, desc="upper-layer pass (references"
+                                           + (", prefix keys/values)" if prefix_cache else ")"),
+                                           disable=not progress or not batches)):
                 hidden = self.upper_hidden(cache, seqs, batch, None, kv_out=put_kv if prefix_cache else None)
-                if (b // batch_size) % TRIM_EVERY == TRIM_EVERY - 1:
+                if k % TRIM_EVERY == TRIM_EVERY - 1:
                     release_memory(collect=False)
                 at, rows, lbatch = 0, [], []
                 for j in batch:
