@@ -617,8 +617,11 @@ def _open_url(url: str, timeout: float):
 def _download(url: str, dest: Path, sha256: str, timeout: float = 15.0) -> None:
     """Stream ``url`` into a temporary sibling of ``dest``, check its hash, then rename into place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
+    from lks.utils import umasked
+
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
     try:
+        os.fchmod(fd, umasked(0o666))
         h = hashlib.sha256()
         with os.fdopen(fd, "wb") as f, _open_url(url, timeout) as resp:
             while block := resp.read(1 << 20):

@@ -55,6 +55,15 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return table[dtype]
 
 
+def umasked(mode: int) -> int:
+    """``mode`` less the process umask: the permissions ``open`` or ``mkdir`` would give a new file.
+    ``tempfile`` creates its files 0600 and directories 0700; the atomic writers below chmod their
+    temporary to this, so a result, editor or download is as readable as any other new file."""
+    mask = os.umask(0)  # the only portable way to read the umask is to set it and put it back
+    os.umask(mask)
+    return mode & ~mask
+
+
 @contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Write a directory atomically: yield a temporary sibling, then swap it into place.
@@ -66,6 +75,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(umasked(0o777))
     try:
         yield tmp
         backup = final.parent / f".{final.name}.old"
@@ -93,6 +103,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, umasked(0o666))
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=False, default=str)
             f.write("\n")

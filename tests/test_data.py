@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import stat
 import urllib.error
 import warnings
 from pathlib import Path
@@ -238,6 +240,31 @@ def test_data_file_download_is_verified_and_atomic(tmp_path, monkeypatch):
     with pytest.raises(D.DataChecksumError):
         D.data_file("gsm8k/test.jsonl", data_dir=tmp_path)
     assert list((tmp_path / "gsm8k").iterdir()) == []  # temp file removed
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_atomic_writes_honour_the_umask(tmp_path, monkeypatch, mask):
+    """Results, saved editors and downloads get the permissions of any new file (tempfile alone
+    would leave them 0600 / 0700, unreadable to the rest of a shared machine)."""
+    from lks.utils import atomic_dir, write_json
+
+    payload = b"{}\n"
+    monkeypatch.delenv("LKS_OFFLINE", raising=False)
+    monkeypatch.setattr(D, "_open_url", lambda url, timeout: io.BytesIO(payload))
+    monkeypatch.setitem(D.KNOWN_FILES, "gsm8k/test.jsonl",
+                        D.KNOWN_FILES["gsm8k/test.jsonl"]._replace(sha256=hashlib.sha256(payload).hexdigest()))
+    old = os.umask(mask)
+    try:
+        write_json(tmp_path / "r.json", {"a": 1})
+        with atomic_dir(tmp_path / "ed") as d:
+            (d / "x").write_text("x")
+        got = D.data_file("gsm8k/test.jsonl", data_dir=tmp_path / "data")
+    finally:
+        os.umask(old)
+    file_mode, dir_mode = {0o022: (0o644, 0o755), 0o077: (0o600, 0o700)}[mask]
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == file_mode
+    assert stat.S_IMODE(got.stat().st_mode) == file_mode
+    assert stat.S_IMODE((tmp_path / "ed").stat().st_mode) == dir_mode
 
 
 def test_data_file_checksum_mismatch_and_cache(tmp_path, monkeypatch):
