@@ -57,8 +57,9 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def umasked(mode: int) -> int:
     """``mode`` less the process umask: the permissions ``open`` or ``mkdir`` would give a new file.
-    ``tempfile`` creates its files 0600 and directories 0700; the atomic writers below chmod their
-    temporary to this, so a result, editor or download is as readable as any other new file."""
+    ``tempfile`` (and safetensors) create files 0600 and directories 0700; the atomic writers
+    below chmod their temporary to this, so a result, editor or download is as readable as any
+    other new file."""
     mask = os.umask(0)  # the only portable way to read the umask is to set it and put it back
     os.umask(mask)
     return mode & ~mask
@@ -122,6 +123,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        tmp.chmod(umasked(0o666))  # safetensors creates its files 0600
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

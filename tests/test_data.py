@@ -244,9 +244,11 @@ def test_data_file_download_is_verified_and_atomic(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("mask", [0o022, 0o077])
 def test_atomic_writes_honour_the_umask(tmp_path, monkeypatch, mask):
-    """Results, saved editors and downloads get the permissions of any new file (tempfile alone
-    would leave them 0600 / 0700, unreadable to the rest of a shared machine)."""
-    from lks.utils import atomic_dir, write_json
+    """Results, saved editors and downloads get the permissions of any new file (tempfile and
+    safetensors alone would leave them 0600 / 0700, unreadable to the rest of a shared machine)."""
+    import torch
+
+    from lks.utils import atomic_dir, save_tensors, write_json
 
     payload = b"{}\n"
     monkeypatch.delenv("LKS_OFFLINE", raising=False)
@@ -257,13 +259,14 @@ def test_atomic_writes_honour_the_umask(tmp_path, monkeypatch, mask):
     try:
         write_json(tmp_path / "r.json", {"a": 1})
         with atomic_dir(tmp_path / "ed") as d:
-            (d / "x").write_text("x")
+            save_tensors(d / "t.safetensors", {"z": torch.zeros(2)})
         got = D.data_file("gsm8k/test.jsonl", data_dir=tmp_path / "data")
     finally:
         os.umask(old)
     file_mode, dir_mode = {0o022: (0o644, 0o755), 0o077: (0o600, 0o700)}[mask]
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == file_mode
     assert stat.S_IMODE(got.stat().st_mode) == file_mode
+    assert stat.S_IMODE((tmp_path / "ed" / "t.safetensors").stat().st_mode) == file_mode
     assert stat.S_IMODE((tmp_path / "ed").stat().st_mode) == dir_mode
 
 
