@@ -76,8 +76,8 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    tmp.chmod(umasked(0o777))
     try:
+        tmp.chmod(umasked(0o777))
         yield tmp
         backup = final.parent / f".{final.name}.old"
         if backup.exists():
