@@ -27,7 +27,6 @@ import operator
 import os
 import random
 import re
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -617,11 +616,10 @@ def _open_url(url: str, timeout: float):
 def _download(url: str, dest: Path, sha256: str, timeout: float = 15.0) -> None:
     """Stream ``url`` into a temporary sibling of ``dest``, check its hash, then rename into place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    from lks.utils import umasked
+    from lks.utils import temp_sibling
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    fd, tmp = temp_sibling(dest)
     try:
-        os.fchmod(fd, umasked(0o666))
         h = hashlib.sha256()
         with os.fdopen(fd, "wb") as f, _open_url(url, timeout) as resp:
             while block := resp.read(1 << 20):

@@ -65,6 +65,14 @@ def umasked(mode: int) -> int:
     return mode & ~mask
 
 
+def temp_sibling(path: Path) -> tuple[int, str]:
+    """``(fd, name)`` of a new temporary file beside ``path`` (same file system, so ``os.replace``
+    is atomic), with the permissions a new file gets (:func:`umasked`), not tempfile's 0600."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.fchmod(fd, umasked(0o666))
+    return fd, tmp
+
+
 @contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Write a directory atomically: yield a temporary sibling, then swap it into place.
@@ -102,9 +110,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON atomically (temp file + rename) with stable formatting."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = temp_sibling(path)
     try:
-        os.fchmod(fd, umasked(0o666))
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=False, default=str)
             f.write("\n")

@@ -79,8 +79,8 @@ def test_precompute_is_the_same_in_any_batching(tiny_pair, prefix_cache):
     seqs = Trainer(editor, cfg).prepare(tiny_edits(), progress=False).seqs
     assert len({len(s.ids) for s in seqs}) > 2  # lengths differ: the batches are padded and reordered
     alone, *others = (editor.fast.precompute(seqs, cfg, batch_size=b, progress=False) for b in (1, 2, len(seqs)))
-    kl = [j for j in range(len(seqs)) if j in alone.ref_row]
-    assert kl and sorted(kl) == sorted(alone.ref_row)
+    kl = sorted(alone.ref_row)
+    assert kl and len(kl) < len(seqs)  # some sequences have KL rows, some (edit prompts) none
     for cache in others:
         assert (cache.states - alone.states).abs().max().item() < 1e-5
         assert sorted(cache.ref_row) == kl
