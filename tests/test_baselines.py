@@ -322,3 +322,32 @@ def test_an_interrupted_ft_fit_resumes_where_it_stopped(tiny_pair, corpus, monke
     assert resumed.history[2] == {"resumed_at_step": 2}
     assert torch.allclose(resumed.deltas[1], full.deltas[1], atol=1e-7)
     assert not list(states.glob("*.safetensors"))
+
+
+def test_keys_and_outputs_match_one_row_at_a_time(tiny_pair):
+    """MEMIT's key pass (rows batched shortest first) against each row run alone through plain
+    torch hooks: keys are the down_proj inputs at the subject averaged over an edit's rows, outputs
+    the layer's hidden state at the subject of the edit's FIRST row, here its longest one."""
+    from lks.baselines.common import encode_rows
+    from lks.baselines.memit import keys_and_outputs
+    model, tok = tiny_pair
+    pre = ["A few words of context come first. ", "", "Then: "]  # each edit's first row is its longest
+    rows = encode_rows(tok, [p + r.prompt for r in EDITS for p in pre], [r.subject for r in EDITS for _ in pre],
+                       [i for i in range(len(EDITS)) for _ in pre])
+    K, h = keys_and_outputs(model, tok, rows, len(EDITS), 0, 1, batch_rows=2)
+
+    layers = model.model.layers  # the tiny Llama's
+    want_k, want_h = torch.zeros_like(K), torch.zeros_like(h)
+    for j, r in enumerate(rows):
+        got = {}
+        hooks = [down_proj(model, 0).register_forward_pre_hook(lambda m, a: got.__setitem__("k", a[0])),
+                 layers[1].register_forward_hook(lambda m, a, o: got.__setitem__("h", o[0] if isinstance(o, tuple) else o))]
+        with torch.no_grad():
+            model(input_ids=torch.tensor([r.ids]))
+        for hk in hooks:
+            hk.remove()
+        want_k[r.edit] += got["k"][0, r.subj] / len(pre)
+        if j % len(pre) == 0:
+            want_h[r.edit] = got["h"][0, r.subj]
+    assert torch.allclose(K, want_k, atol=1e-5)
+    assert torch.allclose(h, want_h, atol=1e-5)

@@ -51,7 +51,7 @@ from lks.baselines.stats import CORPUS, key_second_moment
 from lks.data import EditSet
 from lks.hooks import LayerHooks, StopForward
 from lks.models import model_device, upper_layers_dtype
-from lks.utils import resolve_dtype, resolve_precision, save_tensors
+from lks.utils import length_batches, resolve_dtype, resolve_precision, save_tensors
 
 log = logging.getLogger(__name__)
 PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You", "It", "In", "A", "When", "She")
@@ -218,13 +218,16 @@ def keys_and_outputs(model: nn.Module, tok, rows: Sequence[Row], n: int, key_lay
                      batch_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys ``[n, d_in]`` (down_proj inputs of ``key_layer`` at the subject's last token, averaged
     over each edit's rows) and outputs of ``out_layer`` ``[n, d]`` at the same token of each
-    edit's FIRST row (its plain prompt), under the model's current weights."""
+    edit's FIRST row (its plain prompt), under the model's current weights. Rows run shortest
+    first (:func:`lks.utils.length_batches`), so a batch pads little."""
     dev = model_device(model)
     keys = torch.zeros(n, down_proj(model, key_layer).in_features, device=dev)
     counts = torch.zeros(n, device=dev)
     outs = torch.zeros(n, model.config.hidden_size, device=dev)
-    seen: set[int] = set()
-    for idx in chunks(len(rows), batch_rows):
+    first: dict[int, int] = {}
+    for j, r in enumerate(rows):
+        first.setdefault(r.edit, j)
+    for idx in length_batches([len(r.ids) for r in rows], batch_rows):
         sub = [rows[j] for j in idx]
         ids, mask = pad(sub, tok.pad_token_id, dev)
         with LayerHooks(model, capture=[out_layer], capture_inputs=[(key_layer, PROJ)], stop_after_capture=True) as hk:
@@ -233,11 +236,10 @@ def keys_and_outputs(model: nn.Module, tok, rows: Sequence[Row], n: int, key_lay
             except StopForward:
                 pass
         k_all, h_all = hk.captured_inputs[(key_layer, PROJ)], hk.captured[out_layer]
-        for b, r in enumerate(sub):
+        for b, (j, r) in enumerate(zip(idx, sub)):
             keys[r.edit] += k_all[b, r.subj].float()
             counts[r.edit] += 1
-            if r.edit not in seen:
-                seen.add(r.edit)
+            if first[r.edit] == j:
                 outs[r.edit] = h_all[b, r.subj].float()
     return keys / counts[:, None], outs
 
