@@ -11,7 +11,7 @@
 # TORCH_SPEC (torch requirement installed before the package; a CPU build on CPU machines),
 # PROFILE (a folder of params/: paper-llama2, paper-mistral, cpu-full-smollm2; one yaml per notebook),
 # GRID (reproduce's profile), ONLY (reproduce's --only cell patterns, e.g. 'zsre/*': one process's share),
-# CARRY (a folder for the grid's resumable state, e.g. runs/carried: docs/grid.md, "Carrying a grid").
+# CARRY (a folder for the grid's resumable state, e.g. runs/carried: docs/grid.md, "Resuming and carrying a grid").
 
 PYTHON     ?= python3
 VENV       ?= .venv
