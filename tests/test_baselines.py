@@ -338,16 +338,18 @@ def test_keys_and_outputs_match_one_row_at_a_time(tiny_pair):
 
     layers = model.model.layers  # the tiny Llama's
     want_k, want_h = torch.zeros_like(K), torch.zeros_like(h)
-    for j, r in enumerate(rows):
-        got = {}
-        hooks = [down_proj(model, 0).register_forward_pre_hook(lambda m, a: got.__setitem__("k", a[0])),
-                 layers[1].register_forward_hook(lambda m, a, o: got.__setitem__("h", o[0] if isinstance(o, tuple) else o))]
-        with torch.no_grad():
-            model(input_ids=torch.tensor([r.ids]))
+    got: dict[str, torch.Tensor] = {}
+    hooks = [down_proj(model, 0).register_forward_pre_hook(lambda m, a: got.__setitem__("k", a[0])),
+             layers[1].register_forward_hook(lambda m, a, o: got.__setitem__("h", o[0] if isinstance(o, tuple) else o))]
+    try:
+        for j, r in enumerate(rows):
+            with torch.no_grad():
+                model(input_ids=torch.tensor([r.ids]))
+            want_k[r.edit] += got["k"][0, r.subj] / len(pre)
+            if j % len(pre) == 0:
+                want_h[r.edit] = got["h"][0, r.subj]
+    finally:
         for hk in hooks:
             hk.remove()
-        want_k[r.edit] += got["k"][0, r.subj] / len(pre)
-        if j % len(pre) == 0:
-            want_h[r.edit] = got["h"][0, r.subj]
     assert torch.allclose(K, want_k, atol=1e-5)
     assert torch.allclose(h, want_h, atol=1e-5)
