@@ -14,7 +14,8 @@ resident memory, the configs, the git commit, the machine.
 Fitted editors are saved under ``editors_dir`` (not committed), so an interrupted evaluation and
 the capability runs reuse them. An interrupted fit resumes: LKS from its last finished epoch with
 its stored training set (:mod:`lks.training.stored`), FT-L from its last step, MEMIT and AlphaEdit
-from their last cached chunk of target vectors; a capability run from its first unfinished task.
+from their last cached chunk of target vectors; a capability run from its first unfinished task
+(a finished task counts only with the same saved editor: a refitted one runs every task again).
 
 **Capability** at ``capability_n`` edits: after that cell, the editor runs the general-capability
 tasks (:func:`lks.capability.evaluate_capability`) on the same items as the unedited model, which
@@ -50,7 +51,7 @@ from lks.data import load_edits
 from lks.editor import recipe
 from lks.metrics import UneditedMemo, evaluate_edits
 from lks.training.sequences import drop_conflicts
-from lks.utils import git_state, machine, write_json
+from lks.utils import git_state, machine, sha256_file, sha256_text, write_json
 
 FORMAT = "lks-grid-1"  # a results file without it (an older run) is recomputed
 REPO = Path(__file__).resolve().parents[1]
@@ -275,19 +276,20 @@ class Grid:
         kw = self.capability_kwargs()
         return json.loads(json.dumps({k: v for k, v in kw.items() if k not in ("data_dir", "progress")}))
 
-    def capability_table(self, editor: Any, partial: Path) -> tuple[pd.DataFrame, float]:
+    def capability_table(self, editor: Any, partial: Path, editor_id: str | None = None) -> tuple[pd.DataFrame, float]:
         """``(table with attrs["items"], seconds)``: the capability tasks run one at a time, each
         task's result kept in the folder ``partial`` until all are done, so that an interrupted run
-        resumes at its first unfinished task (a task's run does not depend on the others')."""
+        resumes at its first unfinished task (a task's run does not depend on the others'). A kept
+        result counts only with the same settings and ``editor_id`` (:func:`editor_digest`)."""
         kw, settings, parts, seconds = self.capability_kwargs(), self.capability_settings(), [], 0.0
         for task in kw["tasks"]:
             path = partial / f"{task}.json"
             saved = json.loads(path.read_text()) if path.is_file() else {}
-            if saved.get("settings") != settings:
+            if saved.get("settings") != settings or saved.get("editor") != editor_id:
                 t0 = time.perf_counter()
                 df = evaluate_capability(self.model, self.tokenizer, editor=editor, **{**kw, "tasks": [task]})
-                saved = {"settings": settings, "seconds": time.perf_counter() - t0, "table": _records(df),
-                         "items": _records(df.attrs["items"])}
+                saved = {"settings": settings, "editor": editor_id, "seconds": time.perf_counter() - t0,
+                         "table": _records(df), "items": _records(df.attrs["items"])}
                 write_json(path, saved)
             parts.append(saved)
             seconds += saved["seconds"]
@@ -335,7 +337,7 @@ class Grid:
         edits, _ = self.edits(cell)
         editor, _ = self.editor(cell, edits)
         partial = self.editor_path(cell).with_name(f"{cell.method}-{cell.n}.capability.partial")
-        after, seconds = self.capability_table(editor, partial)
+        after, seconds = self.capability_table(editor, partial, editor_digest(self.editor_path(cell)))
         if before is None:
             before = self.unedited_capability()
         comp = compare_capability(before, after, seed=self.profile.seed)
@@ -345,6 +347,12 @@ class Grid:
         write_json(self.capability_path(cell), record)
         shutil.rmtree(partial, ignore_errors=True)
         return record
+
+
+def editor_digest(path: Path) -> str:
+    """sha256 over a saved editor's files, names and contents: which fit a kept capability result
+    belongs to (an editor fitted again on another machine, e.g. FT-L's, is another fit)."""
+    return sha256_text(json.dumps({p.name: sha256_file(p) for p in sorted(path.iterdir()) if p.is_file()}))
 
 
 def _start_tag(pid: int) -> str | None:

@@ -217,6 +217,46 @@ def test_an_interrupted_capability_run_resumes_at_its_unfinished_task(tiny_pair,
         assert got[cols].to_numpy().tolist() == want[cols].to_numpy().tolist()
 
 
+def test_kept_capability_tasks_count_only_with_the_editor_that_ran_them(tiny_pair, tmp_path, cache, capability_dir,
+                                                                         monkeypatch):
+    """An edited capability run stopped after its first task resumes there with the same saved
+    editor; when the editor is fitted again (here: other settings, as an FT-L fit started afresh on
+    another machine is another fit), the kept task is run again with the new editor."""
+    import lks.capability as cap
+
+    model, tok = tiny_pair
+    kw = dict(methods=["memit"], sizes=[2], capability_n=2, capability_tasks=["sst2", "rte"],
+              capability_limit={"sst2": 4}, batch_size=4)
+    prof = profile(tmp_path, **kw)
+    grid = G.Grid(prof, model, tok, data_dir=str(capability_dir), results_dir=tmp_path / "results",
+                  editors_dir=tmp_path / "editors", log=lambda m: None)
+    grid.unedited_capability()
+    real, calls = cap.evaluate_capability, []
+
+    def stops_at_rte(*args, **kw):
+        calls.append((kw["tasks"], kw["editor"]))
+        if kw["tasks"] == ["rte"] and len(calls) in (2, 3):
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(G, "evaluate_capability", stops_at_rte)
+    cell = G.cells(prof)[0]
+    with pytest.raises(KeyboardInterrupt):
+        grid.run_capability(cell)  # fits the editor, runs sst2, stops in rte
+    with pytest.raises(KeyboardInterrupt):
+        grid.run_capability(cell)  # the same saved editor: sst2 is kept, rte stops again
+    assert [t for t, _ in calls] == [["sst2"], ["rte"], ["rte"]]
+    other = dataclasses.replace(prof, overrides={**prof.overrides, "memit": {**prof.overrides["memit"], "z_steps": 7}})
+    grid2 = G.Grid(other, model, tok, data_dir=str(capability_dir), results_dir=tmp_path / "results",
+                   editors_dir=tmp_path / "editors", log=lambda m: None)
+    record = grid2.run_capability(cell)  # fitted again: sst2 runs again, with the new editor
+    assert [t for t, _ in calls] == [["sst2"], ["rte"], ["rte"], ["sst2"], ["rte"]]
+    assert calls[3][1] is not calls[0][1] and calls[3][1].config.z_steps == 7
+    once = real(model, tok, editor=calls[3][1], **grid2.capability_kwargs())
+    after = pd.DataFrame(record["after"])
+    assert after[["task", "metric", "value"]].to_numpy().tolist() == once[["task", "metric", "value"]].to_numpy().tolist()
+
+
 def test_the_unedited_run_is_left_to_the_process_that_holds_it(tiny_pair, tmp_path, cache, capability_dir,
                                                                 monkeypatch):
     """While another process holds the unedited run's lock, a capability step runs its edited tasks
