@@ -178,8 +178,8 @@ def plot_grid(*, results: pd.DataFrame, metrics: list[str], path: str | Path | N
 
 def plot_capability_grid(*, comparison: pd.DataFrame, path: str | Path | None = None,
                          title: str = "") -> tuple[Figure, np.ndarray]:
-    """Capability before and after editing (:func:`lks.report.read_capability`), one panel per task's
-    headline metric (:data:`lks.capability.HEADLINE`), one x position per method and data set: the unedited
+    """Capability before and after editing (:func:`lks.report.read_capability`), one panel (row) per
+    task's headline metric (:data:`lks.capability.HEADLINE`), one x position per method and data set: the unedited
     value (hollow grey), the edited value (filled, the method's colour) with the paired 95% interval
     of the difference drawn around it (``after + [diff_ci_low, diff_ci_high] - diff``), and the
     paired p-value (:func:`lks.capability.p_label`) and the routed rows (of those seen) written above."""
@@ -187,8 +187,10 @@ def plot_capability_grid(*, comparison: pd.DataFrame, path: str | Path | None = 
     if head.empty:
         raise ValueError("plot_capability_grid: no headline metric in the comparison")
     tasks = [t for t in HEADLINE if t in set(head.task)]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    # one row per task, one x position per method and data set: wide enough for 8 labelled points
+    n_x = max(int((head.task == t).sum()) for t in tasks)
+    fig, axes = plt.subplots(len(tasks), 1, figsize=(max(6.0, 1.3 * n_x + 1.5), 2.4 * len(tasks)), squeeze=False)
+    for ax, task in zip(axes[:, 0], tasks):
         rows = head[head.task == task].sort_values(["method", "data"], key=lambda c: _method_order(c) if c.name == "method"
                                                    else c).reset_index(drop=True)
         for x, row in rows.iterrows():
@@ -201,20 +203,23 @@ def plot_capability_grid(*, comparison: pd.DataFrame, path: str | Path | None = 
             seen = "" if pd.isna(row.rows_seen) else f"/{row.rows_seen:.0f}"
             ax.annotate(f"{p_label(row.p_value)}\nrouted {row.routed:.0f}{seen}", (x, top),
                         xytext=(0, 8), textcoords="offset points", ha="center", fontsize=6)
-        ax.set_xticks(range(len(rows)), [f"{_method_style(m, 0)[2]}\n{d}" for m, d in zip(rows.method, rows.data)],
+        ax.set_xticks(range(len(rows)), [f"{_method_style(m, 0)[2]}, {d}" for m, d in zip(rows.method, rows.data)],
                       fontsize=7)
         ppl = HEADLINE[task] in PERPLEXITY
         ax.set(title=f"{task}: {HEADLINE[task]}" + (" (lower is better)" if ppl else ""),
                xlim=(-0.6, len(rows) - 0.4))
+        ax.margins(y=0.2)
         if not ppl:
             ax.set_ylim(0, 1.15)
-        ax.margins(y=0.2)
+        else:  # headroom for the labels above the highest point
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(lo, hi + 0.2 * (hi - lo))
         ax.grid(axis="y", alpha=0.3)
     handles = {h.get_label(): h for ax in axes.flat for h in ax.get_legend_handles_labels()[0]}
     fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8,
-               bbox_to_anchor=(0.5, -0.03))
+               bbox_to_anchor=(0.5, 0.0))
     n = ", ".join(f"{v:,}" for v in sorted(head.n.unique()))
     fig.suptitle(title or f"General capability before and after {n} edits (bars: paired 95% CI of the difference)")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.tight_layout(rect=(0, 0.2 / len(tasks), 1, 1))
     save_figure(fig, path)
     return fig, axes

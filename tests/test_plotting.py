@@ -86,8 +86,9 @@ def comparison_rows() -> pd.DataFrame:
 def test_plot_capability_grid_one_panel_per_headline_metric_with_ci_and_p_value():
     fig, axes = plot_capability_grid(comparison=comparison_rows())
     try:
-        assert [ax.get_title() for ax in axes[0]] == ["sst2: acc", "wikitext2: word_perplexity (lower is better)"]
-        sst2, ppl = axes[0]
+        assert axes.shape == (2, 1)  # one row per task
+        assert [ax.get_title() for ax in axes[:, 0]] == ["sst2: acc", "wikitext2: word_perplexity (lower is better)"]
+        sst2, ppl = axes[:, 0]
         assert sst2.get_ylim() == pytest.approx((0, 1.15)) and ppl.get_ylim()[1] > 75
         texts = [t.get_text() for t in sst2.texts]
         assert texts == ["p 1.00\nrouted 0/32", "p 0.50\nrouted 3/32"]
