@@ -406,7 +406,7 @@ def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 class peak_rss:
-    """Context manager: the peak resident memory (MB) of the process within the block, as
+    """Context manager: the peak resident memory (MiB) of the process within the block, as
     ``{"peak_rss_mb": ..., "peak_rss_scope": ...}``. Linux resets the high-water mark
     (``/proc/self/clear_refs``), so the peak is the block's own; elsewhere it is the process's."""
 
