@@ -5,9 +5,10 @@ Usage::
     python benchmarks/bench_memory.py [--data-dir DIR] [--n 1000] [--epochs 1] [--threads 1]
     python benchmarks/bench_memory.py --n 100,1000          # several sizes, one subprocess each
     python benchmarks/bench_memory.py --n 10000             # the full run (long on CPU)
+    python benchmarks/bench_memory.py --data zsre --n 100,1000   # zsRE's edits instead of CounterFact's
 
 Every N runs in its own subprocess, so peaks do not mix: load the embedded model, load the first N
-CounterFact edits (skipping the records ``fit`` rejects as conflicts), ``fit`` them (the registered recipe, ``--epochs`` epochs, default 1), save the
+edits of ``--data`` (CounterFact by default; skipping the records ``fit`` rejects as conflicts), ``fit`` them (the registered recipe, ``--epochs`` epochs, default 1), save the
 editor to a temporary directory. Reported per N:
 
 * peak RSS of the subprocess (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, the kernel's high-water
@@ -62,7 +63,7 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def first_without_conflicts(edits, n: int):
+def first_without_conflicts(edits, n: int, name: str = "counterfact"):
     """The first ``n`` records, skipping any that ``fit`` would reject as a conflict (same subject
     and prompt as an earlier record, another target: 79 such records in CounterFact's 10,000)."""
     from lks.data import EditSet
@@ -76,7 +77,7 @@ def first_without_conflicts(edits, n: int):
         keep.append(r)
         if len(keep) == n:
             break
-    return EditSet(keep, name=f"counterfact-{n}"), dropped
+    return EditSet(keep, name=f"{name}-{n}"), dropped
 
 
 def run_child(cmd: list[str], what: str) -> dict:
@@ -104,7 +105,7 @@ def child(n: int, args: argparse.Namespace) -> dict:
     out["rss_model"], _ = rss_now()
     out["peak_model"] = peak_rss()
     edits, out["dropped_conflicts"] = first_without_conflicts(
-        lks.load_edits("counterfact", data_dir=args.data_dir), n)
+        lks.load_edits(args.data, data_dir=args.data_dir), n, args.data)
     spec = model_spec(MODEL)
     cfg = dataclasses.replace(spec.train, epochs=args.epochs)
     editor = LKSEditor(model, tok, spec.editor)
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     default_dir = os.environ.get("LKS_DATA_DIR", str(REPO.parent / "shared" / "data"))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default=default_dir)
+    ap.add_argument("--data", choices=("counterfact", "zsre"), default="counterfact", help="edit set (its first N records)")
     ap.add_argument("--n", default="1000", help="numbers of edits, comma-separated (one subprocess each)")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--keep", default=None, help="checkpoint and keep the editors under this directory")
@@ -166,12 +168,13 @@ def main(argv: list[str] | None = None) -> None:
 
     t_start = time.perf_counter()
     print(f"model {MODEL} (float32, CPU); {args.threads} torch thread(s) (--threads; default 1 because the machine "
-          f"is shared); fit with the registered recipe, epochs={args.epochs}; load average {os.getloadavg()[0]:.2f} "
+          f"is shared); fit with the registered recipe, epochs={args.epochs}; edits: {args.data}; load average {os.getloadavg()[0]:.2f} "
           f"on {os.cpu_count()} CPUs")
     results = []
     runs = [(int(x), q) for x in args.n.split(",") for q in (("off", "on") if args.quantize == "both" else (args.quantize,))]
     for n, q in runs:
-        cmd = [sys.executable, __file__, "--child", str(n), "--data-dir", args.data_dir, "--epochs", str(args.epochs),
+        cmd = [sys.executable, __file__, "--child", str(n), "--data", args.data, "--data-dir", args.data_dir,
+               "--epochs", str(args.epochs),
                "--threads", str(args.threads), "--quantize", q] + (["--keep", args.keep] if args.keep else [])
         t0 = time.perf_counter()
         r = run_child(cmd, f"N={n}")
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  N={n}: done in {r['wall_s']:.0f} s (fit {r['fit_s']:.0f} s, of which precompute "
               f"{r['precompute_s']:.0f} s; epochs {r['epoch_s']} s; precision {r['precision_used']}; shapes quantised: "
               f"{q}); "
-              f"{r['dropped_conflicts']} conflicting CounterFact records skipped")
+              f"{r['dropped_conflicts']} conflicting {args.data} records skipped")
 
     if args.quantize == "both":
         print("\nshape quantisation (same N, same edits, one subprocess each; epoch 1 builds new oneDNN primitives):")
