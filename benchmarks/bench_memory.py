@@ -64,20 +64,17 @@ def dir_size(path: Path) -> int:
 
 
 def first_without_conflicts(edits, n: int, name: str = "counterfact"):
-    """The first ``n`` records, skipping any that ``fit`` would reject as a conflict (same subject
-    and prompt as an earlier record, another target: 79 such records in CounterFact's 10,000)."""
+    """The first ``n`` records that ``fit`` accepts (:func:`lks.training.sequences.drop_conflicts`:
+    a later record with the same subject and prompt and another target is skipped; 79 such records
+    in CounterFact's 10,000) and how many were skipped before the n-th."""
     from lks.data import EditSet
+    from lks.training.sequences import drop_conflicts
 
-    seen, keep, dropped = {}, [], 0
-    for r in edits:
-        key = (r.subject, r.prompt.strip().lower())
-        if seen.setdefault(key, r.target) != r.target:
-            dropped += 1
-            continue
-        keep.append(r)
-        if len(keep) == n:
-            break
-    return EditSet(keep, name=f"{name}-{n}"), dropped
+    kept, dropped = drop_conflicts(edits)
+    d = 0  # drops before the n-th kept record, which sits at index n - 1 + d
+    while d < len(dropped) and dropped[d] < n + d:
+        d += 1
+    return EditSet(list(kept)[:n], name=f"{name}-{n}"), d
 
 
 def run_child(cmd: list[str], what: str) -> dict:
