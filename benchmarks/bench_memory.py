@@ -118,6 +118,8 @@ def child(n: int, args: argparse.Namespace) -> dict:
                           if t is not None)
         seen["ref_rows"] = 0 if cache.ref_logp is None else int(cache.ref_logp.shape[0])
         seen["kv"] = 0 if cache.kv is None else cache.kv.numel() * cache.kv.element_size()  # prefix keys/values
+        seen["kv_rows"] = 0 if cache.kv is None else int(cache.kv.shape[0])  # one per distinct token prefix
+        seen["prefix_tokens"] = sum(q.subj_pos for q in a[0])  # the rows without that sharing
         seen["sequences"] = len(cache.offsets)
         seen["rss_after_precompute"], _ = rss_now()
         seen["peak_after_precompute"] = peak_rss()
@@ -203,7 +205,9 @@ def main(argv: list[str] | None = None) -> None:
         n = r["n_edits"]
         fixed = sum(v for k, v in r["saved_files"].items() if k.startswith(("generator", "config")))
         print(f"  N={n:6d}: L-states {r['states'] / n / 1024:7.1f} KiB ({r['tokens'] / n:.1f} tokens/edit), top-k refs "
-              f"{r['ref'] / n / 1024:6.1f} KiB ({r['ref_rows'] / n:.1f} positions/edit), saved editor beyond the "
+              f"{r['ref'] / n / 1024:6.1f} KiB ({r['ref_rows'] / n:.1f} positions/edit), prefix K/V "
+              f"{r['kv'] / n / 1024:6.1f} KiB ({r['kv_rows']} rows for {r['prefix_tokens']} prefix tokens: "
+              f"{r['prefix_tokens'] / max(r['kv_rows'], 1):.2f}x shared), saved editor beyond the "
               f"generator {(r['saved'] - fixed) / n / 1024:5.2f} KiB, peak above the model "
               f"{(r['peak_fit'] - r['rss_model']) / n / 1024:7.1f} KiB")
         print("           saved files: " + ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in r["saved_files"].items()))
@@ -211,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     # projections for a larger N. The peak is (model) + (caches, linear in N) + (one training step's
     # transient, set by the batch size, not by N), so a slope between two sizes only means something
     # when both are well above the batch size; the cache-based projection adds the per-edit caches
-    # once (``FastPath.precompute`` fills one preallocated tensor).
+    # once (``FastPath.precompute`` fills one preallocated tensor). The prefix K/V holds one row per
+    # distinct token prefix, and more edits share more prefixes, so its linear projection is high.
     big = [r for r in results if r["n_edits"] == max(x["n_edits"] for x in results)][-1]  # with "both": quantised
     P, n = args.project, big["n_edits"]
     if P > n:

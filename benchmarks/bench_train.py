@@ -414,7 +414,7 @@ def run(args, spec, model, tok, edits, cfg: TrainConfig, stack: ExitStack, t_sta
         ed.generator.load_state_dict(init_state)
         cache_v = tv.cache
         extra = "" if cache_v.kv is None else (f", prefix keys/values {cache_v.kv.numel() * cache_v.kv.element_size() / 2**20:.1f} MiB "
-                                               f"for {cache_v.kv.shape[0]} prefix tokens")
+                                               f"for {cache_v.kv.shape[0]} distinct prefixes of {sum(q.subj_pos for q in tv.seqs)} prefix tokens")
         print(f"  {name} precompute: {tv.precompute_seconds:.2f} s wall{extra}")
         if precision == "bfloat16":
             stack.enter_context(upper_pass(ed.fast, cfg_v.precision))

@@ -270,7 +270,7 @@ def test_a_resumed_fit_reads_its_prepared_training_set(tiny_pair, tmp_path, monk
     for name in ("kb", "subj", "label"):
         assert torch.equal(getattr(loaded.gate, name), getattr(fresh.gate, name))
     assert fresh.cache.kv is not None and fresh.cache.ref_logp is not None
-    for name in ("states", "ref_logp", "ref_idx", "ref_tail", "kv"):
+    for name in ("states", "ref_logp", "ref_idx", "ref_tail", "kv", "kv_index"):
         assert torch.equal(getattr(loaded.cache, name), getattr(fresh.cache, name)), name
     assert (loaded.cache.offsets, loaded.cache.kv_offsets, loaded.cache.ref_row) == \
         (fresh.cache.offsets, fresh.cache.kv_offsets, fresh.cache.ref_row)
@@ -412,6 +412,35 @@ def test_prefix_cache_gives_the_same_losses_and_gradients(tiny_pair):
         assert out[True][0][k] == pytest.approx(v, rel=1e-4, abs=1e-6)
     for a, b in zip(out[False][1], out[True][1], strict=True):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_prefix_rows_are_shared_exactly_by_equal_token_prefixes(tiny_pair):
+    """Two prefix tokens of the training sequences share a key/value row exactly when the token
+    lists up to them are equal (oracle: the token tuples themselves); the tiny edits' sequences
+    do share some (several begin with their subject), and each shared row holds the keys/values
+    that every sequence using it would compute alone."""
+    from lks.training.fastpath import prefix_rows
+    from lks.training.sequences import starts
+
+    model, tok = tiny_pair
+    editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="gated"))
+    cfg = TrainConfig(**{**TRAIN.__dict__, "epochs": 1, "prefix_cache": True})
+    seqs = Trainer(editor, cfg).prepare(tiny_edits(), progress=False).seqs
+    index, n_rows = prefix_rows(seqs)
+    offsets, total = starts(s.subj_pos for s in seqs)
+    assert index.shape == (total,)
+    key_of = {}  # row -> the token tuple it stands for
+    for s, o in zip(seqs, offsets):
+        for t in range(s.subj_pos):
+            assert key_of.setdefault(int(index[o + t]), tuple(s.ids[:t + 1])) == tuple(s.ids[:t + 1])
+    assert len(key_of) == n_rows == len({tuple(s.ids[:t + 1]) for s in seqs for t in range(s.subj_pos)})
+    assert n_rows < total  # some rows really are shared
+    alone = [editor.fast.precompute([s], cfg, progress=False) for s in seqs]
+    cache = editor.fast.precompute(seqs, cfg, progress=False)
+    assert cache.kv.shape[0] == n_rows
+    for j, (s, o) in enumerate(zip(seqs, offsets)):
+        if s.subj_pos:
+            assert (cache.kv[index[o:o + s.subj_pos]] - alone[j].kv).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("prefix_cache", [False, True])

@@ -55,10 +55,12 @@ class Cache:
     ref_tail: torch.Tensor | None = None   # [n_kl_rows] log of the remaining probability mass
     ref_row: dict[int, int] = field(default_factory=dict)  # sequence index -> its first row in ref_*
     # TrainConfig.prefix_cache: keys/values of layers L+1..N at the tokens before each subject's last
-    # token, [sum of prefix lengths, n_upper, 2, kv_heads, head_dim], sequence i's rows from
-    # kv_offsets[i]; training then runs only the suffix
+    # token, one row per distinct token prefix (prefix_rows: sequences that begin alike share rows),
+    # [n_rows, n_upper, 2, kv_heads, head_dim]; sequence i's prefix rows are
+    # kv_index[kv_offsets[i]:kv_offsets[i] + subj_pos]; training then runs only the suffix
     kv: torch.Tensor | None = None
     kv_offsets: list[int] = field(default_factory=list)
+    kv_index: torch.Tensor | None = None
 
 
 class FastPath:
@@ -141,12 +143,14 @@ class FastPath:
         prefix_cache = cfg.prefix_cache and self.layer + 1 < len(get_layers(self.model))
         todo = list(range(len(seqs))) if prefix_cache else sorted(loc)
         batches = [[todo[i] for i in b] for b in length_batches([len(seqs[j].ids) for j in todo], batch_size)]
-        kv_offsets, total = starts(s.subj_pos for s in seqs)
+        kv_offsets, _ = starts(s.subj_pos for s in seqs)
+        kv_index, n_rows = prefix_rows(seqs)
 
-        def put_kv(j: int, kv: torch.Tensor) -> None:  # into one preallocated tensor, in sequence order
+        def put_kv(j: int, kv: torch.Tensor) -> None:  # into one preallocated tensor of the distinct prefixes
             if cache.kv is None:
-                cache.kv, cache.kv_offsets = torch.empty(total, *kv.shape[1:], dtype=kv.dtype), kv_offsets
-            cache.kv[kv_offsets[j]:kv_offsets[j] + len(kv)] = kv
+                cache.kv = torch.empty(n_rows, *kv.shape[1:], dtype=kv.dtype)
+                cache.kv_offsets, cache.kv_index = kv_offsets, kv_index
+            cache.kv[kv_index[kv_offsets[j]:kv_offsets[j] + len(kv)]] = kv
         logps, idxs, tails, n_ref = [], [], [], 0
         with upper_pass(self, cfg.precision):  # the same precision as the training steps: KL 0 for an unchanged block
             for k, batch in enumerate(tqdm(batches, desc="upper-layer pass (references"
@@ -235,12 +239,12 @@ class FastPath:
     def _prefix_inputs(self, cache: Cache, batch: list[int], first: list[int], P: int, T: int,
                        dtype: torch.dtype, dev: torch.device) -> dict[str, Any]:
         """Model kwargs that make a suffix-only pass attend to the cached prefix keys/values."""
-        assert cache.kv is not None
+        assert cache.kv is not None and cache.kv_index is not None
         _, n_upper, _, n_kv, hd = cache.kv.shape
         kv = torch.zeros(len(first), P, n_upper, 2, n_kv, hd, dtype=dtype)
         for row, (j, p) in enumerate(zip(batch, first)):  # zip: dummy rows keep zero keys/values
             o = cache.kv_offsets[j]
-            kv[row, P - p:] = cache.kv[o:o + p]
+            kv[row, P - p:] = cache.kv[cache.kv_index[o:o + p]]
         kv = kv.to(dev).permute(2, 3, 0, 4, 1, 5)  # [n_upper, 2, batch, kv_heads, P, head_dim]
         dummy = torch.zeros(len(first), n_kv, P, hd, dtype=dtype, device=dev)  # layers 0..L never read it
         past = make_past([(dummy, dummy)] * (self.layer + 1) + [(kv[i, 0], kv[i, 1]) for i in range(n_upper)])
@@ -270,6 +274,25 @@ class FastPath:
     def upper_logits(self, cache: Cache, seqs: list[Seq], batch: list[int], table: Any, combine: Callable | None = None) -> torch.Tensor:
         """Logits ``[n_positions, vocab]`` (float32) at every ``loss_pos`` of the sequences in ``batch``."""
         return self.logits(self.upper_hidden(cache, seqs, batch, table, combine))
+
+
+def prefix_rows(seqs: Sequence[Seq]) -> tuple[torch.Tensor, int]:
+    """Rows of the prefix key/value cache: ``(index, n_rows)``, where ``index[kv_offsets[j] + t]``
+    (``kv_offsets`` from :func:`starts` over the ``subj_pos``) is the row of token ``t`` of sequence
+    ``j``'s prefix, and two tokens share a row exactly when the token lists up to them are equal.
+
+    The keys/values of a token depend only on the tokens up to it (causal attention, positions
+    from 0), so such tokens have the same keys/values and one row serves them all. Training
+    sequences often begin alike (a subject, a relation template), so far fewer rows are needed
+    than prefix tokens (``benchmarks/bench_memory.py`` prints both)."""
+    rows: dict[tuple[int, int], int] = {}  # (row of the tokens before, token id) -> row
+    index: list[int] = []
+    for s in seqs:
+        row = -1
+        for tok in s.ids[:s.subj_pos]:
+            row = rows.setdefault((row, tok), len(rows))
+            index.append(row)
+    return torch.tensor(index, dtype=torch.long), len(rows)
 
 
 def log_tail(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

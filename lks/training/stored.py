@@ -34,7 +34,7 @@ from lks.utils import save_tensors
 # the modules whose code computes the stored parts (paths relative to the lks package)
 SOURCES = ("data.py", "scope.py", "hooks.py", "models.py", "training/sequences.py", "training/gate.py",
            "training/fastpath.py", "training/precision.py", "training/stored.py")
-FORMAT = "lks-prepared-1"
+FORMAT = "lks-prepared-2"  # 2: prefix keys/values one row per distinct prefix (kv_index)
 
 
 def prepared_dir(model: Any, spec: dict[str, Any]) -> Path | None:
@@ -89,7 +89,7 @@ def save_cache(folder: Path, cache: Cache) -> None:
                "ref_row_seq": torch.tensor(list(cache.ref_row), dtype=torch.long),
                "ref_row_at": torch.tensor(list(cache.ref_row.values()), dtype=torch.long),
                "kv_offsets": torch.tensor(cache.kv_offsets, dtype=torch.long)}
-    for name in ("ref_logp", "ref_idx", "ref_tail", "kv"):
+    for name in ("ref_logp", "ref_idx", "ref_tail", "kv", "kv_index"):
         if getattr(cache, name) is not None:
             tensors[name] = getattr(cache, name)
     save_tensors(folder / "cache.safetensors", tensors)
@@ -100,7 +100,8 @@ def load_cache(folder: Path) -> Cache | None:
     if t is None:
         return None
     return Cache(t["states"], t["offsets"].tolist(), t.get("ref_logp"), t.get("ref_idx"), t.get("ref_tail"),
-                 dict(zip(t["ref_row_seq"].tolist(), t["ref_row_at"].tolist())), t.get("kv"), t["kv_offsets"].tolist())
+                 dict(zip(t["ref_row_seq"].tolist(), t["ref_row_at"].tolist())), t.get("kv"), t["kv_offsets"].tolist(),
+                 t.get("kv_index"))
 
 
 def remove(folder: Path | None) -> None:
