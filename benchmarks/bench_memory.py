@@ -110,8 +110,8 @@ def child(n: int, args: argparse.Namespace) -> dict:
     out["quantize"] = args.quantize
     real_precompute, seen = editor.fast.precompute, {}
 
-    def capture(*a, **kw):  # record the cache fit() builds (sizes only)
-        cache = real_precompute(*a, **kw)
+    def capture(seqs, *a, **kw):  # record the cache fit() builds (sizes only)
+        cache = real_precompute(seqs, *a, **kw)
         seen["states"] = cache.states.numel() * cache.states.element_size()
         seen["tokens"] = int(cache.states.shape[0])
         seen["ref"] = sum(t.numel() * t.element_size() for t in (cache.ref_logp, cache.ref_idx, cache.ref_tail)
@@ -119,7 +119,7 @@ def child(n: int, args: argparse.Namespace) -> dict:
         seen["ref_rows"] = 0 if cache.ref_logp is None else int(cache.ref_logp.shape[0])
         seen["kv"] = 0 if cache.kv is None else cache.kv.numel() * cache.kv.element_size()  # prefix keys/values
         seen["kv_rows"] = 0 if cache.kv is None else int(cache.kv.shape[0])  # one per distinct token prefix
-        seen["prefix_tokens"] = sum(q.subj_pos for q in a[0])  # the rows without that sharing
+        seen["prefix_tokens"] = sum(q.subj_pos for q in seqs)  # the rows without that sharing
         seen["sequences"] = len(cache.offsets)
         seen["rss_after_precompute"], _ = rss_now()
         seen["peak_after_precompute"] = peak_rss()
