@@ -22,7 +22,6 @@ import torch
 
 import lks
 from lks.baselines.memit import MEMITEditor, context_prefixes, target_vectors
-from lks.training.sequences import drop_conflicts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +33,7 @@ p.add_argument("--data-dir", default=os.environ.get("LKS_DATA_DIR", str(REPO.par
 args = p.parse_args()
 
 model, tok = lks.load_model("smollm2-135m", device="cpu")
-edits, _ = drop_conflicts(lks.load_edits("counterfact", data_dir=args.data_dir)[5000:5000 + args.n])
+edits, _ = lks.load_edits("counterfact", data_dir=args.data_dir)[5000:5000 + args.n].drop_conflicts()
 cfg = dataclasses.replace(MEMITEditor(model, tok).config, z_steps=args.steps, stop_nll=0.0,
                           precision=args.precision)
 layer = cfg.layers[-1]

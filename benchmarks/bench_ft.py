@@ -24,7 +24,6 @@ import torch
 import lks
 from lks.baselines.common import chunks, down_proj, encode_rows
 from lks.baselines.ft import FTEditor, backward_nll, by_length, lower_parts
-from lks.training.sequences import drop_conflicts
 from lks.utils import machine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +39,7 @@ torch.set_num_threads(args.threads)
 
 model, tok = lks.load_model("smollm2-135m", device="cpu")
 cfg = FTEditor(model, tok).config  # the registered layer and chunk size
-edits, _ = drop_conflicts(lks.load_edits(args.data, data_dir=args.data_dir, n=args.n))
+edits, _ = lks.load_edits(args.data, data_dir=args.data_dir, n=args.n).drop_conflicts()
 rows = encode_rows(tok, [r.prompt for r in edits], [r.subject for r in edits], list(range(len(edits))),
                    [r.target for r in edits])
 arrangements = {"data_order": [[rows[j] for j in idx] for idx in chunks(len(rows), cfg.batch_rows)],

@@ -42,7 +42,7 @@ from lks.config import model_spec  # noqa: E402
 from lks.editor import LKSEditor  # noqa: E402
 from lks.training import Trainer  # noqa: E402
 from lks.training.precision import upper_pass  # noqa: E402
-from lks.training.sequences import drop_conflicts, length_batches  # noqa: E402
+from lks.training.sequences import length_batches  # noqa: E402
 
 MODEL = "smollm2-135m"
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = model_spec(MODEL)
     cfg = spec.train
     model, tok = lks.load_model(MODEL, device="cpu")
-    edits, dropped = drop_conflicts(lks.load_edits("counterfact", data_dir=args.data_dir, n=args.n))
+    edits, dropped = lks.load_edits("counterfact", data_dir=args.data_dir, n=args.n).drop_conflicts()
     editor = LKSEditor(model, tok, spec.editor)
     editor.train_config = cfg  # as fit() does
     g = torch.Generator().manual_seed(cfg.seed)

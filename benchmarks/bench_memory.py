@@ -64,13 +64,12 @@ def dir_size(path: Path) -> int:
 
 
 def first_without_conflicts(edits, n: int, name: str = "counterfact"):
-    """The first ``n`` records that ``fit`` accepts (:func:`lks.training.sequences.drop_conflicts`:
+    """The first ``n`` records that ``fit`` accepts (:meth:`lks.data.EditSet.drop_conflicts`:
     a later record with the same subject and prompt and another target is skipped; 79 such records
     in CounterFact's 10,000) and how many were skipped before the n-th."""
     from lks.data import EditSet
-    from lks.training.sequences import drop_conflicts
 
-    kept, dropped = drop_conflicts(edits)
+    kept, dropped = edits.drop_conflicts()
     d = 0  # drops before the n-th kept record, which sits at index n - 1 + d
     while d < len(dropped) and dropped[d] < n + d:
         d += 1

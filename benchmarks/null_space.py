@@ -24,7 +24,6 @@ from lks.baselines.alphaedit import AlphaEditConfig, null_space_projector
 from lks.baselines.common import method_config
 from lks.baselines.memit import _edit_rows, context_prefixes, keys_and_outputs
 from lks.baselines.stats import key_second_moment
-from lks.training.sequences import drop_conflicts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +38,7 @@ args = p.parse_args()
 model, tok = lks.load_model(args.model, device="cpu")
 cfg = method_config(AlphaEditConfig, model, "alphaedit")
 stats = key_second_moment(model, tok, cfg.layers, cfg.cov_tokens, corpus=cfg.corpus, progress=False)
-edits, _ = drop_conflicts(lks.load_edits(args.data, data_dir=args.data_dir, n=args.n))
+edits, _ = lks.load_edits(args.data, data_dir=args.data_dir, n=args.n).drop_conflicts()
 rows = _edit_rows(tok, edits, context_prefixes(model, tok, cfg.n_prefixes, cfg.prefix_tokens), with_target=False)
 print(f"{args.model}, {args.data}: keys of the first {len(edits)} edits; registered threshold {cfg.threshold:g}; "
       f"E[kk^T] from {cfg.cov_tokens} tokens of {cfg.corpus}")

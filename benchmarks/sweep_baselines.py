@@ -23,9 +23,8 @@ import resource
 from pathlib import Path
 
 import lks
-from lks.baselines import editor_class
+from lks.methods import editor_class
 from lks.metrics import UneditedMemo, evaluate_edits
-from lks.training.sequences import drop_conflicts
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("reliability", "efficacy", "generality", "generality_seen", "generality_paraphrase_form", "paraphrase_success",
@@ -43,7 +42,7 @@ p.add_argument("--out", default=None, help="append the JSON line to this file")
 args = p.parse_args()
 
 model, tok = lks.load_model("smollm2-135m", device="cpu")
-edits, _ = drop_conflicts(lks.load_edits(args.data, data_dir=args.data_dir)[args.start:args.start + args.n])
+edits, _ = lks.load_edits(args.data, data_dir=args.data_dir)[args.start:args.start + args.n].drop_conflicts()
 cls = editor_class(args.method)
 base = cls(model, tok).config
 memo = UneditedMemo()

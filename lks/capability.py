@@ -134,7 +134,7 @@ def evaluate_capability(model: Any, tokenizer: Any, tasks: Sequence[str] = TASKS
         for task in tasks:
             opts = dict((task_options or {}).get(task, {}))
             cfgs = task_configs(task, data_dir, num_fewshot=pick(num_fewshot, task), options=opts, workdir=work)
-            seen0, routed0 = getattr(stats, "rows_seen", None), getattr(stats, "rows_routed", None)
+            seen0, routed0 = (0, 0) if stats is None else (stats.rows_seen, stats.rows_routed)
             t0 = time.perf_counter()
             out = run_harness(model, tokenizer, cfgs, samples=item_samples(task, cfgs, pick(limit, task), seed, data_root(data_dir)),
                               batch_size=batch_size, seed=seed, max_length=opts.get("max_length"))

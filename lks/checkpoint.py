@@ -47,6 +47,7 @@ def save_editor(editor: LKSEditor, path: str | os.PathLike, *, train_state: dict
     cfg = {
         "format_version": FORMAT_VERSION,
         "lks_version": lks.__version__,
+        "method": editor.method,
         "model": model_identity(editor.model) | {"class": type(editor.model).__name__},
         "editor": dataclasses.asdict(editor.config),
         "train": dataclasses.asdict(editor.train_config) if editor.train_config else None,

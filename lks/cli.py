@@ -16,7 +16,6 @@ Bad input (a missing or malformed file, an invalid option value) is reported as 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -131,13 +130,14 @@ INPUT_ERRORS: tuple[type[BaseException], ...] = (UsageError, ValueError, OSError
 
 def _train_options(t: argparse.ArgumentParser) -> None:
     """The ``train`` subcommand's own options (every recipe option defaults to None: the recipe's)."""
-    from lks.baselines import METHODS as BASELINES
     from lks.config import GENERATOR_KINDS
+    from lks.methods import method_names
 
     t.add_argument("--out", required=True, help="directory to save the editor to (also the checkpoint for resuming)")
-    t.add_argument("--method", choices=("lks", *BASELINES), default="lks",
+    t.add_argument("--method", choices=method_names(), default="lks",
                    help="lks, or a weight-editing baseline with the model's registered hyperparameters "
-                        "(configs/<model>.json 'baselines'); the options below are LKS's (default: %(default)s)")
+                        "(configs/<model>.json 'baselines'); the options below are LKS's recipe, and set a "
+                        "baseline's setting of the same name where it has one (default: %(default)s)")
     t.add_argument("--layer", type=int, default=None, help="decoder layer whose output holds the knowledge block")
     t.add_argument("--generator", choices=GENERATOR_KINDS, default=None, help="KB generator kind")
     t.add_argument("--lr", type=float, default=None, help="AdamW learning rate")
@@ -256,7 +256,7 @@ def _edits(args: argparse.Namespace) -> EditSet:
 def _load_editor(path: str, model: Any, tok: Any) -> LKSEditor:
     """The saved editor of ``--editor`` (LKS or a baseline, by its config's ``method``), naming the
     option and directory where the errors do not."""
-    from lks.baselines import load_editor
+    from lks.methods import load_editor
 
     try:
         return load_editor(path, model, tok)
@@ -335,10 +335,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     """The subcommand's work (see :func:`main`)."""
     import lks
-    from lks.config import EditorConfig, TrainConfig
-    from lks.editor import LKSEditor, recipe
     from lks.metrics import evaluate_edits
-    from lks.models import check_layer
 
     # the checks of files and option values come before the model: loading a 7B model takes minutes
     _check_model_options(args)
@@ -348,11 +345,14 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"--editor {args.editor}: no such directory; pass the --out directory of an 'lks train' run")
     if args.command == "train" and Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out}: exists and is not a directory; pass a directory for the editor")
-    if args.command == "train" and args.method != "lks":
-        lks_only = _given(args, LKS_TRAIN_OPTIONS + ["layer", "generator"])
-        if lks_only:
-            raise UsageError(f"--{sorted(lks_only)[0].replace('_', '-')}: an LKS training option; --method {args.method} "
-                             "takes its hyperparameters from configs/<model>.json 'baselines'")
+    if args.command == "train":
+        from lks.methods import editor_class
+
+        names = editor_class(args.method).setting_names()
+        foreign = sorted(set(_given(args, TRAIN_OPTIONS)) - names)
+        if foreign:
+            raise UsageError(f"--{foreign[0].replace('_', '-')}: not a setting of --method {args.method} (its settings: "
+                             f"{', '.join(sorted(names))}); the rest come from configs/<model>.json")
     if args.command == "stats" and args.layers is not None:
         try:
             args.layers = [int(x) for x in args.layers.split(",") if x.strip()]
@@ -363,8 +363,6 @@ def _run(args: argparse.Namespace) -> int:
     model, tok = lks.load_model(args.model, device=args.device, dtype=args.dtype)
     if args.command == "stats":
         return _stats(args, model, tok)
-    if args.command == "train" and args.method != "lks":
-        return _train_baseline(args, model, tok, edits)
     if args.command == "generate":
         editor = _load_editor(args.editor, model, tok)
         edited = editor.generate(args.prompts, max_new_tokens=args.max_new_tokens)
@@ -376,24 +374,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "capability":
         return _capability(args, model, tok, kw)
     if args.command == "train":
-        ecfg, tcfg = recipe(model)
-        try:
-            ecfg = EditorConfig(**{**dataclasses.asdict(ecfg), **_given(args, ["layer", "generator"])})
-            tcfg = TrainConfig(**{**dataclasses.asdict(tcfg), **_given(args, LKS_TRAIN_OPTIONS)})
-        except ValueError as e:  # the configs' validation names the field, not the option
-            raise UsageError(f"invalid training option: {e}; set it with the option of that name (lks train --help)") from None
-        try:
-            check_layer(model, ecfg.layer)
-        except IndexError as e:  # the registered default layer too may not fit a model given by path
-            raise UsageError(f"--layer: {e}") from None
-        editor = LKSEditor(model, tok, ecfg)
-        history = editor.fit(edits, tcfg, checkpoint_dir=args.out, resume=args.resume, on_conflict=args.on_conflict)
-        editor.save(args.out)
-        print(json.dumps({"epochs": len(history), "final_loss": history[-1]["loss"] if history else None,
-                          "fit_seconds": round(editor.fit_seconds, 1)}))
-        if args.evaluate:
-            _evaluate_into(args.out, editor, edits)
-        return 0
+        return _train(args, model, tok, edits)
     editor = _load_editor(args.editor, model, tok)
     _, summary = evaluate_edits(editor, edits, fluency_n=args.fluency_n, fluency_tokens=args.fluency_tokens)
     print(json.dumps(summary, indent=2))
@@ -404,19 +385,29 @@ def _given(args: argparse.Namespace, names: list[str]) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
-LKS_TRAIN_OPTIONS = ["lr", "epochs", "batch_size", "loc_per_subject", "para_per_edit", "train_rephrase", "w_loc",
-                     "w_after", "after_tokens", "w_gate", "gate_negatives", "gate_prefixes", "gate_steps", "seed",
-                     "loc_templates", "precision", "prefix_cache"]
+# train's options that set a method's setting of the same name
+TRAIN_OPTIONS = ["layer", "generator", "lr", "epochs", "batch_size", "loc_per_subject", "para_per_edit", "train_rephrase",
+                 "w_loc", "w_after", "after_tokens", "w_gate", "gate_negatives", "gate_prefixes", "gate_steps", "seed",
+                 "loc_templates", "precision", "prefix_cache"]
 
 
-def _train_baseline(args: argparse.Namespace, model: Any, tok: Any, edits: EditSet) -> int:
-    """``train --method ft|memit|alphaedit``: fit, save to ``--out``, evaluate into metrics.json."""
-    from lks.baselines import editor_class
+def _train(args: argparse.Namespace, model: Any, tok: Any, edits: EditSet) -> int:
+    """``train``: the method's registered settings with the given options, fit (resuming from
+    ``--out``), save to ``--out``, evaluate into metrics.json."""
+    from lks.methods import editor_class
 
-    editor = editor_class(args.method)(model, tok)
-    editor.fit(edits, on_conflict=args.on_conflict)
+    cls = editor_class(args.method)
+    try:
+        ecfg, fcfg = cls.configs(model, _given(args, TRAIN_OPTIONS))
+        editor = cls(model, tok, ecfg)
+    except ValueError as e:  # the configs' validation names the field, not the option
+        raise UsageError(f"invalid training option: {e}; set it with the option of that name (lks train --help)") from None
+    except IndexError as e:  # the registered default layer too may not fit a model given by path
+        raise UsageError(f"--layer: {e}") from None
+    history = editor.fit(edits, fcfg, checkpoint_dir=args.out, resume=args.resume, on_conflict=args.on_conflict)
     editor.save(args.out)
-    print(json.dumps({"method": args.method, "fit_seconds": round(editor.fit_seconds, 1)}))
+    print(json.dumps({"method": args.method, "steps": len(history), "fit_seconds": round(editor.fit_seconds, 1),
+                      "final_loss": history[-1].get("loss") if history else None}))
     if args.evaluate:
         _evaluate_into(args.out, editor, edits)
     return 0
@@ -472,8 +463,8 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 def _stats(args: argparse.Namespace, model: Any, tok: Any) -> int:
     """``stats``: compute (or find in the cache) the key statistics of a method's layer band."""
-    from lks.baselines import editor_class
     from lks.baselines.stats import key_second_moment, stats_path
+    from lks.methods import editor_class
 
     cfg = editor_class(args.method)(model, tok).config
     layers, tokens = args.layers or cfg.layers, args.tokens or cfg.cov_tokens

@@ -288,6 +288,31 @@ class EditSet(Sequence[EditRecord]):
                              "(check the data file, the `n` limit or the filters used to build it)")
         return self
 
+    def drop_conflicts(self) -> tuple[EditSet, list[int]]:
+        """The set without conflicts, and the indices dropped: of the edits with the same subject and
+        prompt (case and outer spaces ignored) but another target, the first is kept."""
+        seen: dict[tuple[str, str], str] = {}
+        keep, dropped = [], []
+        for i, r in enumerate(self.records):
+            key = (r.subject, r.prompt.strip().lower())
+            if key in seen and seen[key] != r.target:
+                dropped.append(i)
+                continue
+            seen.setdefault(key, r.target)
+            keep.append(r)
+        return EditSet(keep, name=self.name), dropped
+
+    def check_conflicts(self) -> EditSet:
+        """Return ``self``; raise ``ValueError`` naming the first conflict (see :meth:`drop_conflicts`)."""
+        seen: dict[tuple[str, str], str] = {}
+        for r in self.records:
+            key = (r.subject, r.prompt.strip().lower())
+            if key in seen and seen[key] != r.target:
+                raise ValueError(f"conflicting edits for subject {r.subject!r}: prompt {r.prompt!r} has targets "
+                                 f"{seen[key]!r} and {r.target!r}; keep one of them")
+            seen[key] = r.target
+        return self
+
     def to_json(self, path: str | os.PathLike) -> None:
         """Write the records as a JSON list (atomically)."""
         from lks.utils import write_json

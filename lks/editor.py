@@ -19,7 +19,6 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,24 +30,15 @@ from lks.config import EditorConfig, TrainConfig, named_recipe, registered_model
 from lks.data import EditSet
 from lks.hooks import LayerHooks, Replacement
 from lks.hypernet import KBGenerator, make_generator
+from lks.methods import ApplyStats, Editor, accepted_edits, replace_settings
 from lks.models import check_layer, get_layers, model_device
-from lks.scope import ScopeIndicator
+from lks.scope import ScopeIndicator, scope_diagnostics
 from lks.training.fastpath import FastPath
 from lks.training.precision import fit_dtype, lower_pass, precision_used
-from lks.training.sequences import check_conflicts, drop_conflicts
 from lks.training.stored import prepared_dir
 from lks.training.stored import remove as remove_prepared
 from lks.training.trainer import Trainer
 from lks.utils import set_seed
-
-
-@dataclass
-class ApplyStats:
-    """Counters of an ``applied`` block (non-decode forward calls only)."""
-
-    rows_seen: int = 0    # batch rows the replacer looked at
-    rows_routed: int = 0  # rows in which an edited subject was found and its block replaced
-    calls: int = 0        # forward calls of the model
 
 
 def recipe(model: nn.Module) -> tuple[EditorConfig, TrainConfig]:
@@ -63,7 +53,7 @@ def recipe(model: nn.Module) -> tuple[EditorConfig, TrainConfig]:
     return editor, train
 
 
-class LKSEditor:
+class LKSEditor(Editor):
     """Latent Knowledge Scalpel editor for one frozen causal LM.
 
     Args:
@@ -81,6 +71,9 @@ class LKSEditor:
             model(**batch)          # any forward/generate call sees the edits
         editor.save("runs/cf-100")
     """
+
+    method = "lks"
+    label = "LKS"
 
     def __init__(self, model: nn.Module, tokenizer: Any, config: EditorConfig | None = None) -> None:
         if config is None:
@@ -116,8 +109,7 @@ class LKSEditor:
         """Subjects, feature texts, scope indicator and feature vectors of ``edits`` (an untrained
         generator on them is a valid, if useless, editor). With ``cfg`` (from :meth:`fit`) the
         feature pass runs in the fit's precision (:func:`lks.training.precision.lower_pass`)."""
-        edits.require_nonempty()
-        check_conflicts(edits)  # fit() has already dropped conflicts when asked to
+        edits.require_nonempty().check_conflicts()  # fit() has already dropped conflicts when asked to
         by_subject: dict[str, list[str]] = {}
         for r in edits:
             by_subject.setdefault(r.subject, [])
@@ -167,8 +159,7 @@ class LKSEditor:
             The per-epoch history: ``epoch, loss, edit, equiv, loc, after, gate, lr, seconds``.
         """
         cfg = config or recipe(self.model)[1]
-        if on_conflict not in ("error", "first"):
-            raise ValueError(f"on_conflict must be 'error' or 'first', got {on_conflict!r}")
+        edits, dropped = accepted_edits(edits, on_conflict)
         self.train_config = cfg
         self.precision_used = precision_used(self.model, cfg.precision)
         set_seed(cfg.seed)
@@ -176,9 +167,7 @@ class LKSEditor:
         # a previous fit by accident (resuming is explicit, through checkpoint_dir)
         self.generator = make_generator(self.config.generator, self.d, self.config.mlp_ratio).to(model_device(self.model))
         t0 = time.perf_counter()
-        self.dropped = []
-        if on_conflict == "first":
-            edits, self.dropped = drop_conflicts(edits)
+        self.dropped = dropped
         # with a checkpoint directory the prepared training set is kept until training ends, so
         # that a resumed fit skips its preparation (lks.training.stored)
         store = None if checkpoint_dir is None else prepared_dir(self.model, {
@@ -195,6 +184,43 @@ class LKSEditor:
         self._table = None
         self.fit_seconds = trainer.prior_seconds + time.perf_counter() - t0  # a resumed fit counts its earlier processes
         return self.history
+
+    @classmethod
+    def configs(cls, model: nn.Module, overrides=None, *, seed: int | None = None) -> tuple[EditorConfig, TrainConfig]:
+        """The model's recipe (:func:`recipe`) with ``overrides``: a field of :class:`EditorConfig`
+        goes to the editor config, any other to the :class:`TrainConfig`; ``seed`` sets the fit's seed."""
+        ecfg, tcfg = recipe(model)
+        over = dict(overrides or {})
+        if seed is not None:
+            over.setdefault("seed", seed)
+        editor_names = {f.name for f in dataclasses.fields(EditorConfig)}
+        mine = {k: over.pop(k) for k in list(over) if k in editor_names}
+        return (replace_settings(ecfg, mine, "lks editor config"), replace_settings(tcfg, over, "lks training config"))
+
+    @classmethod
+    def setting_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(EditorConfig)} | {f.name for f in dataclasses.fields(TrainConfig)}
+
+    @property
+    def fit_config(self) -> TrainConfig | None:
+        return self.train_config
+
+    @property
+    def rephrase_seen(self) -> bool:
+        """``rephrases[0]`` is a training prompt unless the fit had ``train_rephrase=False``."""
+        return self.train_config is None or self.train_config.train_rephrase
+
+    def routes(self, prompts: Sequence[str]) -> list[bool]:
+        """Whether the scope indicator finds an edited subject in each prompt."""
+        self._require_fitted()
+        assert self.scope is not None
+        return [self.scope.find(p) is not None for p in prompts]
+
+    def diagnostics(self, edits: EditSet) -> dict[str, float]:
+        """The scope indicator's recall and precision on ``edits``' prompts (:func:`lks.scope.scope_diagnostics`)."""
+        self._require_fitted()
+        assert self.scope is not None
+        return scope_diagnostics(self.scope, edits)
 
     @torch.inference_mode()
     def kb_table(self) -> torch.Tensor:
@@ -292,11 +318,6 @@ class LKSEditor:
         with LayerHooks(model, edit_layer=self.config.layer, replacer=replacer):
             yield stats
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 20, edited: bool = True,
-                 batch_size: int = 16, **gen_kwargs: Any) -> list[str]:
-        """Greedy continuations of ``prompts`` (edited by default), without the prompt text."""
-        return greedy_continuations(self, prompts, max_new_tokens, edited, batch_size, **gen_kwargs)
-
     def save(self, path: str | os.PathLike) -> Path:
         """Save to a directory (``config.json``, ``generator.safetensors``, ``scope.safetensors``,
         ``subjects.json``; see :mod:`lks.checkpoint`). The write is atomic."""
@@ -307,21 +328,3 @@ class LKSEditor:
         """Load a saved editor for ``model``; fails clearly if it was made for another model or a
         file is missing or corrupt."""
         return load_editor(cls, path, model, tokenizer)
-
-
-@torch.inference_mode()
-def greedy_continuations(editor: Any, prompts: Sequence[str], max_new_tokens: int = 20, edited: bool = True,
-                         batch_size: int = 16, **gen_kwargs: Any) -> list[str]:
-    """Greedy continuations of ``prompts`` by ``editor.model``, inside ``editor.applied`` when
-    ``edited`` (any editor: LKS or a weight editor), left-padded in batches, without the prompt text."""
-    model, tok = editor.model, editor.tokenizer
-    out: list[str] = []
-    dev = model_device(model)
-    for i in range(0, len(prompts), batch_size):
-        enc = tok(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True, padding_side="left").to(dev)
-        enc = {k: enc[k] for k in ("input_ids", "attention_mask")}
-        kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tok.pad_token_id, **gen_kwargs}
-        with editor.applied(model) if edited else nullcontext():
-            seq = model.generate(**enc, **kw)
-        out += tok.batch_decode(seq[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return out

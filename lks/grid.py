@@ -5,7 +5,7 @@
 A profile (``params/<name>/reproduce.json``, or any JSON file) names the model, methods, sizes and
 data sets (:class:`GridProfile`). Each **cell** fits one method on the first N records of a data
 set (a later record with the same subject and prompt as an earlier one but another target is
-dropped: :func:`lks.training.sequences.drop_conflicts`), evaluates the first ``min(N, eval_n)`` of
+dropped: :meth:`lks.data.EditSet.drop_conflicts`), evaluates the first ``min(N, eval_n)`` of
 those edits with :func:`lks.metrics.evaluate_edits` (so the sizes share their evaluated items),
 and writes ``results/<model>/<dataset>/<method>-<N>.json``: the summary (both metric families,
 generation-based metrics on the first ``fluency_n``), fit and evaluation seconds, the cell's peak
@@ -28,7 +28,6 @@ paired comparison goes to ``results/<model>/<dataset>/capability-<method>-<N>.js
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import json
 import os
@@ -43,14 +42,11 @@ from typing import Any
 
 import pandas as pd
 
-from lks.baselines import METHODS, editor_class, load_editor
-from lks.baselines.common import method_config
 from lks.capability import compare_capability, evaluate_capability
 from lks.config import from_dict
 from lks.data import load_edits
-from lks.editor import recipe
+from lks.methods import editor_class, load_editor, method_names
 from lks.metrics import UneditedMemo, evaluate_edits
-from lks.training.sequences import drop_conflicts
 from lks.utils import git_state, machine, sha256_file, sha256_text, write_json
 
 FORMAT = "lks-grid-1"  # a results file without it (an older run) is recomputed
@@ -81,9 +77,9 @@ class GridProfile:
     def __post_init__(self) -> None:
         for name in ("datasets", "methods", "sizes", "capability_tasks"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        bad = [m for m in self.methods if m != "lks" and m not in METHODS]
+        bad = [m for m in self.methods if m not in method_names()]
         if bad:
-            raise ValueError(f"methods: unknown {bad}; choose from {['lks', *METHODS]}")
+            raise ValueError(f"methods: unknown {bad}; choose from {method_names()}")
         if not self.sizes or any(not isinstance(n, int) or n < 1 for n in self.sizes):
             raise ValueError(f"sizes: need positive integers, got {list(self.sizes)}")
         if self.eval_n < 1 or self.fluency_n < 0 or self.fluency_tokens < 1:
@@ -209,18 +205,13 @@ class Grid:
 
     # -- one cell -------------------------------------------------------------------------------
     def edits(self, cell: Cell) -> tuple[Any, list[int]]:
-        return drop_conflicts(load_edits(cell.dataset, data_dir=self.data_dir, n=cell.n))
+        return load_edits(cell.dataset, data_dir=self.data_dir, n=cell.n).drop_conflicts()
 
     def configs(self, cell: Cell) -> tuple[Any, Any]:
-        """The method's registered settings with the profile's overrides: ``(EditorConfig,
-        TrainConfig)`` for LKS, ``(method config, None)`` for a weight editor."""
-        over = dict(self.profile.overrides.get(cell.method, {}))
-        if cell.method == "lks":
-            ecfg, tcfg = recipe(self.model)
-            mine = {k: over.pop(k) for k in list(over) if k in {f.name for f in dataclasses.fields(ecfg)}}
-            return dataclasses.replace(ecfg, **mine), dataclasses.replace(tcfg, **{"seed": self.profile.seed, **over})
-        cls = editor_class(cell.method)
-        return dataclasses.replace(method_config(cls.config_class, self.model, cls.method), **over), None
+        """``(editor config, fit config)``: the method's registered settings with the profile's
+        overrides and seed (:meth:`lks.methods.Editor.configs`)."""
+        over = self.profile.overrides.get(cell.method, {})
+        return editor_class(cell.method).configs(self.model, over, seed=self.profile.seed)
 
     def editor(self, cell: Cell, edits: Any) -> tuple[Any, bool]:
         """``(editor, reused)``: the cell's fitted editor, loaded (``reused``) when a finished one with
@@ -230,15 +221,11 @@ class Grid:
         # a finished save has no train_state.json (an LKS fit's per-epoch checkpoint has one)
         if (path / "config.json").is_file() and not (path / "train_state.json").is_file():
             saved = load_editor(str(path), self.model, self.tokenizer)
-            if (saved.data_checksum == edits.checksum() and saved.config == cfg
-                    and getattr(saved, "train_config", None) == tcfg):
+            if saved.data_checksum == edits.checksum() and saved.config == cfg and saved.fit_config == tcfg:
                 return saved, True
             self.log(f"{path}: another run's editor (other edits or settings); fitting afresh")
         editor = editor_class(cell.method)(self.model, self.tokenizer, cfg)
-        if cell.method == "lks":
-            editor.fit(edits, tcfg, checkpoint_dir=path, progress=False)
-        else:
-            editor.fit(edits, progress=False)
+        editor.fit(edits, tcfg, checkpoint_dir=path, progress=False)
         editor.save(path)
         return editor, False
 
@@ -252,9 +239,7 @@ class Grid:
             _, summary = evaluate_edits(editor, shown, fluency_n=min(self.profile.fluency_n, len(shown)),
                                         fluency_tokens=self.profile.fluency_tokens, memo=self.memo, neighborhood=True)
             eval_seconds = time.perf_counter() - t0
-        configs = {"config": dataclasses.asdict(editor.config)}
-        if cell.method == "lks":
-            configs["train_config"] = dataclasses.asdict(editor.train_config)
+        configs = editor.settings()
         record = {"format": FORMAT, "model": self.profile.model, "data": dataset_label(cell.dataset), "method": cell.method,
                   "n": cell.n, "n_edits": len(edits), "dropped_conflicts": dropped, "n_evaluated": len(shown),
                   "evaluated": f"the first {len(shown)} of the {len(edits)} edits",

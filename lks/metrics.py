@@ -176,16 +176,6 @@ def _form(text: str, subject: str) -> str | None:
         return None
 
 
-def _rephrase0_held_out(editor) -> bool:
-    """``rephrases[0]`` is seen in training unless the editor was trained with
-    ``TrainConfig(train_rephrase=False)``; an editor without a ``train_config`` (the weight-editing
-    baselines of :mod:`lks.baselines`, which train on the edit prompt only) never saw it."""
-    if not hasattr(editor, "train_config"):
-        return True
-    trained = getattr(editor, "train_config", None)
-    return trained is not None and not trained.train_rephrase
-
-
 class UneditedMemo:
     """The unedited model's teacher-forced scores and greedy continuations, kept across evaluations.
 
@@ -237,9 +227,9 @@ def evaluate_edits(editor, edits: EditSet, *, batch_size: int = 32, fluency_n: i
     base = {name: _score(editor, pairs[name], False, batch_size, memo) for name in ("rel", "gen", "seen", "loc", "nb")}
     bank = paraphrase_templates()
     df = pd.DataFrame([_edit_row(i, r, ed, base, bank) for i, r in enumerate(recs)])
-    summary = _summarize(df, _rephrase0_held_out(editor))
+    summary = _summarize(df, not editor.rephrase_seen)
     summary["n_edits"] = len(recs)
-    summary.update(scope_diagnostics(editor, edits))
+    summary.update(editor.diagnostics(edits))
     if neighborhood:  # the true answers' edited scores are ed["nb"], in the same (edit, prompt) order
         true = [res for i in sorted(ed["nb"]) for res in ed["nb"][i]]
         summary["neighborhood_score"] = neighborhood_score(editor, edits, batch_size, true=true)
@@ -442,7 +432,7 @@ def generation_metrics(editor, edits: EditSet, *, max_new_tokens: int = 30, batc
         ``repeat_rate``, ``fluency``, ``distinct_1``, ``distinct_2`` (each with ``_base`` and ``_n``),
         plus ``gen_generality_paraphrase_form`` / ``_generation_form`` where rephrases have them.
     """
-    first_held = 0 if _rephrase0_held_out(editor) else 1
+    first_held = 1 if editor.rephrase_seen else 0
     items = []  # (edit index, kind, form, prompt)
     for i, r in enumerate(edits):
         items.append((i, "prompt", None, r.prompt))
@@ -508,38 +498,3 @@ def neighborhood_score(editor, edits: EditSet, batch_size: int = 32, true: list[
     for (i, *_), t, n in zip(pairs, true, new):
         per.setdefault(i, []).append(float(t["logprob"] > n["logprob"]))
     return sum(sum(v) / len(v) for v in per.values()) / len(per)
-
-
-def scope_diagnostics(editor, edits: EditSet) -> dict[str, float]:
-    """Precision/recall of the scope indicator by prompt kind.
-
-    Recall on same-subject prompts (edit prompt, paraphrases, locality prompts): the prompt is
-    routed to its own subject. ``neighborhood_routed``: fraction of other-subject prompts routed to
-    some edited subject (only right when that other subject is itself edited). ``precision``: of
-    all routings on same-subject prompts, the fraction that chose the right subject.
-    """
-    scope = getattr(editor, "scope", None)
-    out: dict[str, float] = {}
-    if scope is None:  # an editor without a scope indicator (lks.baselines) edits every prompt
-        return out
-    right = wrong = 0
-    for name, get in [("prompt", lambda r: [r.prompt]), ("rephrase", lambda r: list(r.rephrases)),
-                      ("locality", lambda r: [p for p, _ in r.locality])]:
-        hits = total = 0
-        for r in edits:
-            for text in get(r):
-                m = scope.find(text)
-                total += 1
-                if m is not None:
-                    if m.subject == r.subject:
-                        hits += 1
-                        right += 1
-                    else:
-                        wrong += 1
-        if total:
-            out[f"scope_recall_{name}"] = hits / total
-    nb = [p for r in edits for p, _ in r.neighborhood]
-    if nb:
-        out["scope_neighborhood_routed"] = sum(scope.find(p) is not None for p in nb) / len(nb)
-    out["scope_precision"] = right / (right + wrong) if right + wrong else float("nan")
-    return out

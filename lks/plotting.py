@@ -12,6 +12,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from lks.capability import HEADLINE, PERPLEXITY, p_label
+from lks.methods import method_label
 
 CONDITION_STYLE = {"swap": ("tab:red", "swap A <- B"), "same_subject": ("tab:green", "control: same subject"),
                    "random": ("tab:gray", "control: random, same norm")}
@@ -122,13 +123,15 @@ def plot_capability(*, before: pd.DataFrame, after: pd.DataFrame, path: str | Pa
     return fig, ax
 
 
-# one colour and marker per editing method, the same in every grid figure
-METHOD_STYLE = {"lks": ("tab:blue", "o", "LKS"), "ft": ("tab:orange", "s", "FT-L"), "memit": ("tab:green", "^", "MEMIT"),
-                "alphaedit": ("tab:red", "D", "AlphaEdit")}
+# one colour and marker per editing method, the same in every grid figure (names: lks.methods.method_label)
+METHOD_STYLE = {"lks": ("tab:blue", "o"), "ft": ("tab:orange", "s"), "memit": ("tab:green", "^"),
+                "alphaedit": ("tab:red", "D")}
 
 
 def _method_style(method: str, i: int) -> tuple[str, str, str]:
-    return METHOD_STYLE.get(method, (f"C{4 + i % 6}", "v", method))
+    """``(colour, marker, label)`` of a method; a method without a style gets a free colour."""
+    colour, marker = METHOD_STYLE.get(method, (f"C{4 + i % 6}", "v"))
+    return colour, marker, method_label(method)
 
 
 def _method_order(method: pd.Series) -> pd.Series:

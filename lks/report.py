@@ -15,6 +15,7 @@ import pandas as pd
 
 from lks.capability import HEADLINE, PERPLEXITY, p_label
 from lks.grid import FORMAT, GridProfile, dataset_label
+from lks.methods import method_label
 
 
 def read_grid(results_dir: str | os.PathLike, model: str = "smollm2-135m") -> pd.DataFrame:
@@ -117,7 +118,6 @@ def markdown_legend() -> str:
                         "came from an earlier fit's cache (AlphaEdit shares MEMIT's), whose optimisation these seconds leave out"])
 
 
-METHOD_LABELS = {"lks": "LKS", "ft": "FT-L", "memit": "MEMIT", "alphaedit": "AlphaEdit"}
 DATASET_LABELS = {"zsre": "zsRE", "counterfact": "CounterFact"}
 
 
@@ -125,7 +125,7 @@ def summary_table(table: pd.DataFrame, profile: GridProfile) -> str:
     """One markdown table of every data set x N (rows) and method (columns), each cell "same-subject
     locality [held-out] / reliability [seen]" (README's summary); "not run yet" where not computed."""
     have = table.set_index(["data", "method", "n"]) if len(table) else pd.DataFrame()
-    lines = ["| data | edits | " + " | ".join(METHOD_LABELS.get(m, m) for m in profile.methods) + " |",
+    lines = ["| data | edits | " + " | ".join(method_label(m) for m in profile.methods) + " |",
              "|---|---|" + "---|" * len(profile.methods)]
     for dataset in profile.datasets:
         label = dataset_label(dataset)
@@ -163,7 +163,7 @@ def capability_markdown(comparison: pd.DataFrame, profile: GridProfile) -> str:
         label = dataset_label(dataset)
         for method in profile.methods:
             mine = have[(have.data == label) & (have.method == method)].set_index("task")
-            name = f"| {DATASET_LABELS.get(label, label)} | {METHOD_LABELS.get(method, method)} | "
+            name = f"| {DATASET_LABELS.get(label, label)} | {method_label(method)} | "
             if mine.empty:
                 lines.append(name + " | ".join(["not run yet"] + [""] * len(tasks)) + " |")
                 continue

@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import TINY_CORPUS, make_tiny_llama
 
-from lks.baselines import load_editor
 from lks.baselines.alphaedit import AlphaEditConfig, AlphaEditEditor, alphaedit_update, null_space_projector
 from lks.baselines.common import down_proj
 from lks.baselines.ft import FTConfig, FTEditor
 from lks.baselines.memit import MEMITConfig, MEMITEditor, memit_update
 from lks.data import EditRecord, EditSet
+from lks.methods import load_editor
 
 # the subject ends each prompt: on a random 3-layer model a change at an earlier token barely
 # reaches the last position's prediction
@@ -226,7 +226,7 @@ def test_cli_train_and_evaluate_a_baseline(tiny_pair, corpus, tmp_path, monkeypa
     assert json.loads(capsys.readouterr().out)["n_edits"] == 2
     assert cli.main(["train", "--method", "memit", "--lr", "1", "--data", str(data), "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith("lks: error: --lr: an LKS training option"), err
+    assert len(err) == 1 and err[0].startswith("lks: error: --lr: not a setting of --method memit"), err
 
 
 def test_suffix_pass_equals_the_full_pass(tiny_pair):

@@ -15,8 +15,8 @@ from conftest import PLAIN_TRAIN, TINY_CORPUS
 
 from lks import grid as G
 from lks import report as R
-from lks.baselines import load_editor
 from lks.data import EditSet, load_edits
+from lks.methods import load_editor, method_label
 from lks.metrics import evaluate_edits, neighborhood_score
 
 RECORDS = [
@@ -152,7 +152,7 @@ def test_capability_pairs_with_one_unedited_run(tiny_pair, tmp_path, cache, capa
     assert md[2] == f"| - | unedited | {acc['lks']['sst2']['before']:.3f} | {acc['lks']['rte']['before']:.3f} | - |"
     for line, m in zip(md[3:5], ("lks", "memit")):
         data, method, *cells, routed = [c.strip() for c in line.strip("|").split("|")]
-        assert (data, method) == ("tinyfacts", R.METHOD_LABELS[m])
+        assert (data, method) == ("tinyfacts", method_label(m))
         for cell, t in zip(cells, ("sst2", "rte")):  # "after (difference, p P)"
             after, diff, p = re.fullmatch(r"([\d.]+) \(([+-][\d.]+), p ([\d.]+)\)", cell).groups()
             row = acc[m][t]

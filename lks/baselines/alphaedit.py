@@ -56,6 +56,7 @@ class AlphaEditEditor(MEMITEditor):
     """AlphaEdit baseline: MEMIT with the null-space-projected update (module docstring)."""
 
     method = "alphaedit"
+    label = "AlphaEdit"
     config_class = AlphaEditConfig
 
     def _solve(self, K: torch.Tensor, R: torch.Tensor, layer: int, C: torch.Tensor) -> torch.Tensor:

@@ -31,22 +31,12 @@ from torch import nn
 from lks.config import from_dict
 from lks.data import EditSet, find_subject, subject_token_index
 from lks.hooks import LayerHooks, StopForward
+from lks.methods import ApplyStats, Editor, accepted_edits, method_names, replace_settings
 from lks.models import cache_dir, get_layer, get_layers, model_device, skip_lower_layers
 from lks.utils import atomic_dir, sha256_text, write_json
 
 FORMAT_VERSION = 1
 PROJ = "mlp.down_proj"  # the MLP output projection inside a Llama/Mistral/Qwen2 decoder layer
-
-
-@dataclass
-class ApplyStats:
-    """Counters of an ``applied`` block, compatible with :class:`lks.editor.ApplyStats`.
-
-    A weight edit acts on every row of every call, so ``rows_routed == rows_seen``."""
-
-    rows_seen: int = 0
-    rows_routed: int = 0
-    calls: int = 0
 
 
 def down_proj(model: nn.Module, layer: int) -> nn.Linear:
@@ -70,9 +60,9 @@ def method_config(cls: type, model: nn.Module, method: str) -> Any:
     if name not in registered_models():
         return cls()
     spec = model_spec(name)
-    unknown = sorted(set(spec.baselines) - {"ft", "memit", "alphaedit"})
+    unknown = sorted(set(spec.baselines) - set(method_names()))
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in configs/{name}.json:baselines; valid keys: ['alphaedit', 'ft', 'memit']")
+        raise ValueError(f"unknown key(s) {unknown} in configs/{name}.json:baselines; valid keys: {sorted(method_names())}")
     return from_dict(cls, dict(spec.baselines.get(method, {})), f"configs/{name}.json:baselines.{method}")
 
 
@@ -164,9 +154,9 @@ def target_nll(model: nn.Module, final: torch.Tensor, rows: Sequence[Row]) -> to
 # --------------------------------------------------------------------------------------------
 # The editor interface
 # --------------------------------------------------------------------------------------------
-class WeightEditor:
-    """Base class of the weight-editing baselines; subclasses set ``method``, ``config_class`` and
-    implement ``_fit(edits) -> {layer: delta}``.
+class WeightEditor(Editor):
+    """Base class of the weight-editing baselines; subclasses set ``method``, ``label``,
+    ``config_class`` and implement ``_fit(edits) -> {layer: delta}``.
 
     Args:
         model: a frozen Llama-family causal LM (see :func:`lks.load_model`).
@@ -192,19 +182,33 @@ class WeightEditor:
         self.history: list[dict[str, float]] = []
         self.data_checksum = ""
 
+    @classmethod
+    def configs(cls, model: nn.Module, overrides=None, *, seed: int | None = None) -> tuple[Any, None]:
+        """``(method config, None)``: the model's registered ``"baselines"`` entry with ``overrides``
+        (the fits draw no random numbers: ``seed`` changes nothing)."""
+        registered = method_config(cls.config_class, model, cls.method)
+        return replace_settings(registered, dict(overrides or {}), f"{cls.method} config"), None
+
+    @classmethod
+    def setting_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls.config_class)}
+
+    def routes(self, prompts: Sequence[str]) -> list[bool]:
+        """A weight edit acts on every prompt."""
+        return [True] * len(prompts)
+
     # -- fit ------------------------------------------------------------------------------------
-    def fit(self, edits: EditSet, *, on_conflict: str = "error", progress: bool = True) -> list[dict[str, float]]:
+    def fit(self, edits: EditSet, config: Any = None, *, on_conflict: str = "error",
+            checkpoint_dir: str | os.PathLike | None = None, resume: bool = True,
+            progress: bool = True) -> list[dict[str, float]]:
         """Compute the weight change for ``edits`` (the model's weights are left as they were).
 
-        ``on_conflict="first"`` drops later edits of the same subject and prompt with another target."""
-        from lks.training.sequences import check_conflicts, drop_conflicts
-
-        if on_conflict == "first":
-            edits, _ = drop_conflicts(edits)
-        elif on_conflict != "error":
-            raise ValueError(f"on_conflict must be 'error' or 'first', got {on_conflict!r}")
-        check_conflicts(edits)
-        edits.require_nonempty()
+        ``config`` replaces the editor's method config for this fit; ``on_conflict="first"`` drops
+        later edits of the same subject and prompt with another target. An interrupted fit resumes
+        from the lks cache (FT-L's last step, MEMIT's target chunks), not from ``checkpoint_dir``."""
+        if config is not None:
+            self.config = config
+        edits, _ = accepted_edits(edits, on_conflict)
         t0 = time.perf_counter()
         self.history, self.prior_seconds = [], 0.0  # prior: a resumed fit's earlier runs (set by _fit)
         self.deltas = {k: v.detach().float().cpu() for k, v in self._fit(edits, progress).items()}
@@ -245,13 +249,6 @@ class WeightEditor:
         with added_weights(model, self.deltas):
             with LayerHooks(model, edit_layer=min(self.deltas), replacer=count):
                 yield stats
-
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 20, edited: bool = True,
-                 batch_size: int = 16, **gen_kwargs: Any) -> list[str]:
-        """Greedy continuations of ``prompts`` (edited by default), without the prompt text."""
-        from lks.editor import greedy_continuations
-
-        return greedy_continuations(self, prompts, max_new_tokens, edited, batch_size, **gen_kwargs)
 
     # -- save / load ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:

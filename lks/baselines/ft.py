@@ -118,6 +118,7 @@ class FTEditor(WeightEditor):
     """FT-L baseline behind the :class:`lks.LKSEditor` interface (see the module docstring)."""
 
     method = "ft"
+    label = "FT-L"
     config_class = FTConfig
 
     def _fit(self, edits: EditSet, progress: bool) -> dict[int, torch.Tensor]:

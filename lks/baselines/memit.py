@@ -51,7 +51,7 @@ from lks.baselines.stats import CORPUS, key_second_moment
 from lks.data import EditSet
 from lks.hooks import LayerHooks, StopForward
 from lks.models import model_device, upper_layers_dtype
-from lks.utils import length_batches, resolve_dtype, resolve_precision, save_tensors
+from lks.utils import length_batches, resolve_dtype, resolve_precision, save_tensors, take_rows
 
 log = logging.getLogger(__name__)
 PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You", "It", "In", "A", "When", "She")
@@ -186,7 +186,7 @@ def _optimise(model, parts, ref, h0, delta, dtype, cfg: MEMITConfig, n_ctx: int,
                 continue
             rows = part.rows
             owner = torch.tensor([r.edit for r in rows], device=dev)
-            fin = suffix_hidden(model, part, delta[owner], dtype).float()
+            fin = suffix_hidden(model, part, take_rows(delta, owner), dtype).float()  # owners repeat
             ctx = (~is_kl).nonzero()[:, 0]
             nll = target_nll(model, fin[ctx], [rows[k] for k in ctx.tolist()])
             nll_g = torch.zeros(n, device=dev).index_add(0, owner[ctx], nll)[g] / n_ctx
@@ -252,6 +252,7 @@ class MEMITEditor(WeightEditor):
     ``save``, ``load``). See the module docstring for the method."""
 
     method = "memit"
+    label = "MEMIT"
     config_class = MEMITConfig
 
     def _solve(self, K: torch.Tensor, R: torch.Tensor, layer: int, C: torch.Tensor) -> torch.Tensor:

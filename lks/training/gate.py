@@ -21,6 +21,7 @@ from lks.scope import ScopeIndicator
 from lks.training.fastpath import Cache, FastPath
 from lks.training.precision import fit_dtype, lower_pass
 from lks.training.sequences import KIND_LOC, Seq, equiv_prompts, paraphrase_bank, subject_span
+from lks.utils import take_rows
 
 
 @dataclass
@@ -102,7 +103,8 @@ def warm_gate(generator: KBGenerator, features: torch.Tensor, cache: Cache, seqs
     for _ in range(cfg.gate_steps):
         idx = torch.randint(0, len(kb), (batch,), generator=gen)
         uniq, inv = subj[idx].unique(return_inverse=True)  # the gate MLP once per subject
-        logit = generator.gate_logit(kb[idx].to(dev).float(), generator.gate(features[uniq.to(dev)])[inv.to(dev)])
+        gate_rows = take_rows(generator.gate(features[uniq.to(dev)]), inv.to(dev))  # subjects repeat: deterministic backward
+        logit = generator.gate_logit(kb[idx].to(dev).float(), gate_rows)
         w = weight[idx].to(dev)
         loss = (F.binary_cross_entropy_with_logits(logit, label[idx].to(dev), reduction="none") * w).sum() / w.sum()
         opt.zero_grad(set_to_none=True)

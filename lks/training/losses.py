@@ -14,6 +14,7 @@ from lks.training.fastpath import Cache, FastPath, step_blocks
 from lks.training.gate import GateExamples, gate_loss
 from lks.training.precision import HEAD_CHUNK
 from lks.training.sequences import KIND_EDIT, KIND_EQUIV, KIND_LOC, Seq
+from lks.utils import take_rows
 
 
 class RowsOf:
@@ -24,7 +25,8 @@ class RowsOf:
         self.where = {s: i for i, s in enumerate(subjects)}
 
     def __getitem__(self, subj: torch.Tensor) -> torch.Tensor:
-        return self.rows[torch.tensor([self.where[int(s)] for s in subj.tolist()], device=self.rows.device)]
+        index = torch.tensor([self.where[int(s)] for s in subj.tolist()], device=self.rows.device)
+        return take_rows(self.rows, index)  # subjects repeat: a deterministic backward
 
 
 def batch_loss(fast: FastPath, generator: KBGenerator, features: torch.Tensor, cache: Cache, seqs: list[Seq],

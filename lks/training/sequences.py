@@ -164,28 +164,3 @@ def starts(lengths: Iterable[int]) -> tuple[list[int], int]:
         out.append(total)
         total += n
     return out, total
-
-
-def drop_conflicts(edits: EditSet) -> tuple[EditSet, list[int]]:
-    """Keep the first edit of each (subject, prompt) and drop later ones with another target."""
-    seen: dict[tuple[str, str], str] = {}
-    keep, dropped = [], []
-    for i, r in enumerate(edits):
-        key = (r.subject, r.prompt.strip().lower())
-        if key in seen and seen[key] != r.target:
-            dropped.append(i)
-            continue
-        seen.setdefault(key, r.target)
-        keep.append(r)
-    return EditSet(keep, name=edits.name), dropped
-
-
-def check_conflicts(edits: EditSet) -> None:
-    """Rule: the same subject with the same prompt and a different target is a conflict."""
-    seen: dict[tuple[str, str], str] = {}
-    for r in edits:
-        key = (r.subject, r.prompt.strip().lower())
-        if key in seen and seen[key] != r.target:
-            raise ValueError(f"conflicting edits for subject {r.subject!r}: prompt {r.prompt!r} has targets "
-                             f"{seen[key]!r} and {r.target!r}; keep one of them")
-        seen[key] = r.target
