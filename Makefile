@@ -63,7 +63,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -rs -m "not slow" tests
 
 lint: setup
-	$(BIN)/ruff check lks tests benchmarks notebooks
+	$(BIN)/ruff check lks tests benchmarks experiments notebooks
 
 bench: setup
 	for b in scope train inference memory; do $(BIN)/python benchmarks/bench_$$b.py || exit 1; done

@@ -41,8 +41,7 @@ import lks.training.losses as E  # noqa: E402
 from lks.config import model_spec  # noqa: E402
 from lks.editor import LKSEditor  # noqa: E402
 from lks.training import Trainer  # noqa: E402
-from lks.training.precision import upper_pass  # noqa: E402
-from lks.training.sequences import length_batches  # noqa: E402
+from lks.training.sequences import edit_batches  # noqa: E402
 
 MODEL = "smollm2-135m"
 
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     trainer = Trainer(editor, cfg).prepare(edits, 256, progress=False)
     seqs = trainer.seqs
-    batches = length_batches(trainer.per_edit, seqs, cfg.batch_size)
+    batches = edit_batches(trainer.per_edit, seqs, cfg.batch_size)
     random.Random(cfg.seed).shuffle(batches)  # fit's first-epoch order
     timed = batches[1:1 + args.steps]
     print(f"model {MODEL}, {len(edits)} CounterFact edits ({len(dropped)} conflicting dropped), {len(seqs)} sequences; "
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         return float(losses["total"].detach())
 
     times: dict[str, list[float]] = {k: [] for k in variants}
-    with upper_pass(editor.fast, cfg.precision):
+    with editor.fast.upper_pass(cfg.precision):
         first = {}
         for name, fns in variants.items():
             E.head_nll, E.head_topk_kl = fns

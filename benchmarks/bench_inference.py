@@ -26,8 +26,8 @@ so its knowledge blocks equal the original ones, every replacement is still writ
 
 Because the added latency is small next to a forward pass and this machine is shared, the
 overhead is also measured directly, component by component (noise-free next to the end-to-end
-difference): ``LKSEditor.route`` per prompt (token-piece decoding ``_piece`` + joining, and
-``ScopeIndicator.find`` on the decoded text), the cold cost of ``_piece`` for a token id seen for
+difference): ``LKSEditor.route`` per prompt (token-piece decoding ``TokenRouter.piece`` + joining, and
+``ScopeIndicator.find`` on the decoded text), the cold cost of ``TokenRouter.piece`` for a token id seen for
 the first time, and the hook's ``apply_replacement``.
 """
 
@@ -229,9 +229,9 @@ def main(argv: list[str] | None = None) -> None:
             for e in enc1:  # warm the piece cache
                 ed.route(e["input_ids"], e["attention_mask"])
             ids = [e["input_ids"][0].tolist() for e in enc1]
-            texts = ["".join(ed._piece(t) for t in row) for row in ids]
+            texts = ["".join(ed.router.piece(t) for t in row) for row in ids]
             t_route = per_call(lambda ed=ed, enc1=enc1: [ed.route(e["input_ids"], e["attention_mask"]) for e in enc1]) / len(enc1)
-            t_piece = per_call(lambda ed=ed, ids=ids: ["".join(ed._piece(t) for t in row) for row in ids]) / len(ids)
+            t_piece = per_call(lambda ed=ed, ids=ids: ["".join(ed.router.piece(t) for t in row) for row in ids]) / len(ids)
             t_find = per_call(lambda ed=ed, texts=texts: [ed.scope.find(t) for t in texts]) / len(texts)
             print(f"  {w:10s} {n:6d} edits: route {t_route * 1e6:7.1f} us/prompt = piece decoding+join "
                   f"{t_piece * 1e6:6.1f} us + scope.find {t_find * 1e6:6.1f} us + rest "
@@ -250,12 +250,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"    batch {bs:2d} {mode:8s}: {(t_r + t_a) * 1e6:6.1f} us per prompt / {base * 1e3:8.2f} ms "
                   f"= {(t_r + t_a) / base:.3%}")
     vocab_ids = list(range(200, 2200))
-    ed._pieces = {}
+    ed.router.pieces = {}
     t0 = time.perf_counter()
     for i in vocab_ids:
-        ed._piece(i)
+        ed.router.piece(i)
     t_cold = (time.perf_counter() - t0) / len(vocab_ids)
-    print(f"  _piece, cold (first time a token id is seen; tokenizer decode): {t_cold * 1e6:.1f} us per token id "
+    print(f"  TokenRouter.piece, cold (first time a token id is seen; tokenizer decode): {t_cold * 1e6:.1f} us per token id "
           f"(warm: a dict look-up); its cache grows up to the vocabulary ({len(tok)} ids)")
     for bs in bss:
         T = 24

@@ -71,14 +71,14 @@ def count(args: argparse.Namespace) -> None:
     from lks.scope import ScopeIndicator
     from lks.training.fastpath import step_blocks
     from lks.training.precision import quantized_shape, round_up
-    from lks.training.sequences import build_sequences, length_batches
+    from lks.training.sequences import build_sequences, edit_batches
 
     model, tok = lks.load_model("smollm2-135m", device="cpu")
     edits, _ = first_without_conflicts(lks.load_edits("counterfact", data_dir=args.data_dir), args.n)
     spec = model_spec("smollm2-135m")
     scope = ScopeIndicator(list(dict.fromkeys(r.subject for r in edits)))  # no feature pass
     per_edit, seqs, _ = build_sequences(model, tok, scope, edits, spec.train)
-    batches = length_batches(per_edit, seqs, spec.train.batch_size)
+    batches = edit_batches(per_edit, seqs, spec.train.batch_size)
     print(f"N={len(edits)} CounterFact edits, {len(seqs)} sequences, {len(batches)} steps per epoch (prefix cache on)")
     for setting in args.settings:
         n_buckets, quanta = parse(setting)

@@ -65,15 +65,15 @@ sys.path.insert(0, str(REPO))  # runnable from a checkout without installing
 
 import lks  # noqa: E402
 from lks.config import TrainConfig, model_spec  # noqa: E402
-from lks.data import EditRecord, subject_positions, training_locality_prompts  # noqa: E402
+from lks.data import EditRecord, subject_positions  # noqa: E402
 from lks.editor import LKSEditor  # noqa: E402
 from lks.hooks import LayerHooks  # noqa: E402
 from lks.hypernet import KBGenerator, make_generator  # noqa: E402
 from lks.training import Trainer  # noqa: E402
 from lks.training.fastpath import LENGTH_BUCKETS, log_tail, step_blocks  # noqa: E402
 from lks.training.losses import topk_kl  # noqa: E402
-from lks.training.precision import upper_pass  # noqa: E402
-from lks.training.sequences import KIND_LOC, length_batches, subject_span  # noqa: E402
+from lks.training.prompts import training_locality_prompts  # noqa: E402
+from lks.training.sequences import KIND_LOC, edit_batches, subject_span  # noqa: E402
 
 MODEL = "smollm2-135m"
 
@@ -85,7 +85,7 @@ class NaiveLoop:
     """Training losses computed the straightforward way: every loss is a full hooked forward pass.
 
     Nothing is cached between steps except the edit records themselves and the grouping of edit
-    statements per subject (pure data preparation, the same grouping as ``LKSEditor._set_edits``).
+    statements per subject (pure data preparation, the same grouping as ``LKSEditor.set_edits``).
     It implements the paper's three losses (edit, equivalence on ``rephrases[0]``, locality).
     """
 
@@ -352,10 +352,10 @@ def run(args, spec, model, tok, edits, cfg: TrainConfig, stack: ExitStack, t_sta
           f"tokens, {0 if cache.ref_logp is None else cache.ref_logp.shape[0]} reference positions; skipped "
           f"{skipped}; {pre_wall:.2f} s wall, {pre_cpu:.2f} s CPU")
 
-    batches = length_batches(per_edit, seqs, cfg.batch_size)
+    batches = edit_batches(per_edit, seqs, cfg.batch_size)
     random.Random(cfg.seed).shuffle(batches)  # fit's first-epoch order
     seq_edit = {j: i for i, js in enumerate(per_edit) for j in js}
-    edit_batches = [sorted({seq_edit[j] for j in b}) for b in batches]
+    batch_edits = [sorted({seq_edit[j] for j in b}) for b in batches]
 
     # the same random non-zero initial generator for both paths (the seeded residual init is zero,
     # which would make the locality KL trivially 0 in the loss check)
@@ -374,7 +374,7 @@ def run(args, spec, model, tok, edits, cfg: TrainConfig, stack: ExitStack, t_sta
     naive, naive_gen = naives["naive"]
 
     # --- loss check on the first batch ---------------------------------------------------------
-    b0, e0 = batches[0], [edits[i] for i in edit_batches[0]]
+    b0, e0 = batches[0], [edits[i] for i in batch_edits[0]]
     with torch.no_grad():
         fl = trainer.batch_loss(b0)
         nl = naive.loss(naive_gen, e0, kl="both")
@@ -397,7 +397,7 @@ def run(args, spec, model, tok, edits, cfg: TrainConfig, stack: ExitStack, t_sta
           f" (locality KL {float(nl['loc_topk']):.6f} vs {float(nl['loc_full']):.6f})")
     print(f"  total: fast vs naive full-vocabulary KL (both effects): rel. diff {d_all:.2e}")
     # variants of the fast path (same initial generator, same batches): precision x prefix cache.
-    # TrainConfig.precision="bfloat16" runs on its own copy of the model: lks.training.precision.upper_pass
+    # TrainConfig.precision="bfloat16" runs on its own copy of the model: FastPath.upper_pass
     # holds the upper layers in bfloat16 for a whole fit, which would change the float32 paths' model
     variants: dict[str, Trainer] = {}
     model_b = None
@@ -417,7 +417,7 @@ def run(args, spec, model, tok, edits, cfg: TrainConfig, stack: ExitStack, t_sta
                                                f"for {cache_v.kv.shape[0]} distinct prefixes of {sum(q.subj_pos for q in tv.seqs)} prefix tokens")
         print(f"  {name} precompute: {tv.precompute_seconds:.2f} s wall{extra}")
         if precision == "bfloat16":
-            stack.enter_context(upper_pass(ed.fast, cfg_v.precision))
+            stack.enter_context(ed.fast.upper_pass(cfg_v.precision))
         with torch.no_grad():
             vl = tv.batch_loss(b0)
         print(f"  total: {name} (precision {precision}, prefix_cache {pc}) vs fast: rel. diff "
@@ -463,7 +463,7 @@ def run(args, spec, model, tok, edits, cfg: TrainConfig, stack: ExitStack, t_sta
           "'-pc' = TrainConfig.prefix_cache=True; "
           "'naive-1' = naive with one forward pass per sequence):")
     for i in range(args.warmup + args.steps):
-        b, recs = batches[i % len(batches)], [edits[k] for k in edit_batches[i % len(batches)]]
+        b, recs = batches[i % len(batches)], [edits[k] for k in batch_edits[i % len(batches)]]
         msg = []
         for name, (fn, (opt, sch)) in paths.items():
             w, c, _ = step(lambda fn=fn, b=b, recs=recs: fn(b, recs), opt, sch)

@@ -1,118 +1,86 @@
 """Saving, loading and resuming editors: safetensors for tensors, JSON for everything else.
 
-A saved editor is a directory::
+An LKS editor (:meth:`lks.editor.LKSEditor.save`) is a directory::
 
     config.json              format version, the model it was made for, editor + train configs, history
     generator.safetensors    the generator's weights
     scope.safetensors        the feature vector of every subject
     subjects.json            the subjects and their feature texts
-    train_state.*            (checkpoints of a running fit only) optimizer, scheduler, epoch
+
+A running fit's checkpoint (``LKSEditor.fit(checkpoint_dir=...)``, written by
+:class:`lks.training.Trainer` after every epoch) is a directory of two files, replaced by the
+editor when the fit ends::
+
+    train_state.json         epoch, best loss, history, edits' checksum, training config, optimizer layout, scheduler
+    train_state.safetensors  the generator's weights (generator.*) and the optimizer's tensors (optimizer.*)
 
 Writes are atomic (a crash mid-save leaves the previous save intact); nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from lks.config import EditorConfig, TrainConfig, from_dict
-from lks.models import get_layers, model_device
-from lks.scope import ScopeIndicator
+from lks.models import get_layers
 from lks.utils import atomic_dir, write_json
-
-if TYPE_CHECKING:
-    from lks.editor import LKSEditor
 
 FORMAT_VERSION = 1
 
 
-def save_editor(editor: LKSEditor, path: str | os.PathLike, *, train_state: dict | None = None,
-                optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None) -> Path:
-    """Write ``editor`` to the directory ``path`` (with ``train_state`` and the optimizer: a resumable checkpoint)."""
-    import transformers
+def write_checkpoint(path: str | os.PathLike, config: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]],
+                     documents: dict[str, dict[str, Any]]) -> Path:
+    """Write an editor to the directory ``path``, atomically: ``config.json`` (``config`` with the
+    format version), ``<name>.safetensors`` for each entry of ``tensors``, ``<name>.json`` for each
+    of ``documents``."""
     from safetensors.torch import save_file
 
-    import lks
-
-    editor._require_fitted()
-    assert editor.features is not None
     path = Path(path)
-    cfg = {
-        "format_version": FORMAT_VERSION,
-        "lks_version": lks.__version__,
-        "method": editor.method,
-        "model": model_identity(editor.model) | {"class": type(editor.model).__name__},
-        "editor": dataclasses.asdict(editor.config),
-        "train": dataclasses.asdict(editor.train_config) if editor.train_config else None,
-        "n_edits": editor.n_edits,
-        "n_subjects": len(editor.subjects),
-        "data_checksum": editor.data_checksum,
-        "history": editor.history,
-        "fit_seconds": editor.fit_seconds,
-        "precision_used": editor.precision_used,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-    }
     with atomic_dir(path) as tmp:
-        write_json(tmp / "config.json", cfg)
-        save_file({k: v.detach().cpu().contiguous() for k, v in editor.generator.state_dict().items()},
-                  str(tmp / "generator.safetensors"))
-        save_file({"features": editor.features.detach().cpu().contiguous()}, str(tmp / "scope.safetensors"))
-        write_json(tmp / "subjects.json", {"subjects": editor.subjects, "feature_texts": editor.feature_texts})
-        if train_state is not None and optimizer is not None:
-            tensors, meta = optimizer_to_flat(optimizer)
-            save_file(tensors, str(tmp / "train_state.safetensors"))
-            write_json(tmp / "train_state.json", {**train_state, "optimizer": meta,
-                                                  "scheduler": scheduler.state_dict() if scheduler else None})
+        write_json(tmp / "config.json", {"format_version": FORMAT_VERSION, **config})
+        for name, named in tensors.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in named.items()}, str(tmp / f"{name}.safetensors"))
+        for name, doc in documents.items():
+            write_json(tmp / f"{name}.json", doc)
     return path
 
 
-def load_editor(cls: type[LKSEditor], path: str | os.PathLike, model: nn.Module, tokenizer: Any) -> LKSEditor:
-    """Read a saved editor for ``model``; a clear error if it was made for another model or a file
-    is missing or corrupt."""
-    path = Path(path)
-    cfg = read_json(path / "config.json")
-    check_model(cfg.get("model", {}), model, path)
-    editor = cls(model, tokenizer, from_dict(EditorConfig, cfg["editor"], f"{path}/config.json:editor"))
-    editor.generator.load_state_dict(read_tensors(path / "generator.safetensors"))
-    editor.generator.to(model_device(model)).eval()
-    subj = read_json(path / "subjects.json")
-    editor.subjects, editor.feature_texts = subj["subjects"], subj["feature_texts"]
-    editor.features = read_tensors(path / "scope.safetensors")["features"].to(model_device(model))
-    if editor.features.shape != (len(editor.subjects), editor.d):
-        raise ValueError(f"corrupt checkpoint {path}: {len(editor.subjects)} subjects but features of shape "
-                         f"{tuple(editor.features.shape)}")
-    editor.scope = ScopeIndicator(editor.subjects, fuzzy_threshold=editor.config.fuzzy_threshold)
-    editor.train_config = from_dict(TrainConfig, cfg["train"], "train") if cfg.get("train") else None
-    editor.history, editor.data_checksum, editor.n_edits = cfg.get("history", []), cfg.get("data_checksum", ""), cfg.get("n_edits", 0)
-    editor.precision_used = cfg.get("precision_used", "")
-    editor.fit_seconds = cfg.get("fit_seconds")  # None: saved before lks recorded it
-    return editor
+def write_train_state(path: str | os.PathLike, state: dict[str, Any], tensors: dict[str, torch.Tensor],
+                      optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    """A running fit's checkpoint in the directory ``path``, atomically: ``train_state.json``
+    (``state``, the optimizer's layout, the scheduler) and ``train_state.safetensors`` (``tensors``
+    and the optimizer's tensors, ``optimizer.<name>``)."""
+    from safetensors.torch import save_file
+
+    flat, meta = optimizer_to_flat(optimizer)
+    with atomic_dir(Path(path)) as tmp:
+        save_file({**{k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                   **{f"optimizer.{k}": v for k, v in flat.items()}}, str(tmp / "train_state.safetensors"))
+        write_json(tmp / "train_state.json", {**state, "optimizer": meta, "scheduler": scheduler.state_dict()})
 
 
-def resume_state(editor: LKSEditor, path: str | os.PathLike, opt: torch.optim.Optimizer, sched: Any) -> dict | None:
-    """Load the generator, optimizer and scheduler of a running fit's checkpoint into ``editor``
-    (``None`` when ``path`` holds none); refuses a checkpoint of other edits or another config."""
+def read_train_state(path: str | os.PathLike, running: dict[str, Any], optimizer: torch.optim.Optimizer,
+                     scheduler: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """``(state, tensors)`` of the running fit checkpointed in ``path``, with the optimizer and
+    scheduler loaded from it; None when it holds none. A checkpoint whose state differs from
+    ``running`` in any of its keys (the edits' checksum, the training config) is refused."""
     path = Path(path)
     if not (path / "train_state.json").is_file():
         return None
-    cfg = read_json(path / "config.json")
-    if cfg.get("data_checksum") != editor.data_checksum or cfg.get("train") != dataclasses.asdict(editor.train_config):
+    state = read_json(path / "train_state.json")
+    if any(state.get(k) != v for k, v in running.items()):
         raise ValueError(f"checkpoint {path} holds a run on other edits or another training config; "
                          "use another checkpoint_dir or resume=False")
-    state = read_json(path / "train_state.json")
-    editor.generator.load_state_dict(read_tensors(path / "generator.safetensors"))
-    optimizer_from_flat(opt, read_tensors(path / "train_state.safetensors"), state["optimizer"])
-    if state.get("scheduler"):
-        sched.load_state_dict(state["scheduler"])
-    editor.history = list(cfg.get("history", []))
-    return state
+    tensors = read_tensors(path / "train_state.safetensors")
+    optimizer_from_flat(optimizer, {k[len("optimizer."):]: v for k, v in tensors.items() if k.startswith("optimizer.")},
+                        state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state, {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
 
 
 def model_identity(model: nn.Module) -> dict[str, Any]:

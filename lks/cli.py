@@ -36,28 +36,34 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+DEBUG_HELP = "on bad input, show the full Python traceback instead of the one-line 'lks: error:' message"
+
+
+def _common_options(sp: argparse.ArgumentParser) -> None:
+    """``--debug``, ``--model``, ``--device``, ``--dtype``."""
+    # also accepted after the subcommand; SUPPRESS keeps the subparser's default from
+    # overwriting a --debug given before it
+    sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    sp.add_argument("--model", default="smollm2-135m",
+                    help="registered model name (smollm2-135m, llama2-7b-chat, mistral-7b-instruct), "
+                         "Hugging Face id or local directory (default: %(default)s)")
+    sp.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda:0' (default: %(default)s)")
+    sp.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the model's registered dtype)")
+
+
+def _data_options(sp: argparse.ArgumentParser) -> None:
+    """``--data``, ``--data-dir``, ``--n``."""
+    sp.add_argument("--data", default="counterfact",
+                    help="edit set: counterfact | zsre | builtin | path to a JSON file (default: %(default)s)")
+    sp.add_argument("--data-dir", default=None, help="benchmark data directory (default: $LKS_DATA_DIR or ~/.cache/lks/data)")
+    sp.add_argument("--n", type=int, default=None, help="use the first N edits (default: all)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-
     p = argparse.ArgumentParser(prog="lks", description="Latent Knowledge Scalpel: edit facts in a frozen LLM's activations.")
-    debug_help = "on bad input, show the full Python traceback instead of the one-line 'lks: error:' message"
-    p.add_argument("--debug", action="store_true", help=debug_help)
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = p.add_subparsers(dest="command", required=True)
-
-    def common(sp: argparse.ArgumentParser) -> None:
-        # also accepted after the subcommand; SUPPRESS keeps the subparser's default from
-        # overwriting a --debug given before it
-        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
-        sp.add_argument("--model", default="smollm2-135m",
-                        help="registered model name (smollm2-135m, llama2-7b-chat, mistral-7b-instruct), "
-                             "Hugging Face id or local directory (default: %(default)s)")
-        sp.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda:0' (default: %(default)s)")
-        sp.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the model's registered dtype)")
-
-    def data_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--data", default="counterfact",
-                        help="edit set: counterfact | zsre | builtin | path to a JSON file (default: %(default)s)")
-        sp.add_argument("--data-dir", default=None, help="benchmark data directory (default: $LKS_DATA_DIR or ~/.cache/lks/data)")
-        sp.add_argument("--n", type=int, default=None, help="use the first N edits (default: all)")
+    common, data_args = _common_options, _data_options
 
     t = sub.add_parser("train", help="fit an editor on an edit set and save it")
     common(t)
@@ -94,6 +100,31 @@ def build_parser() -> argparse.ArgumentParser:
                                           "lm-evaluation-harness, unedited and, with --editor, edited; prints "
                                           "before/after with 95%% CIs and paired p-values")
     common(c)
+    _capability_options(c)
+    r = sub.add_parser("reproduce", help="the paper's grid: methods x numbers of edits x data sets, one results file per "
+                                         "cell, plus general capability at the profile's size; resumable")
+    r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    _reproduce_options(r)
+    return p
+
+
+class UsageError(SystemExit):
+    """An option value that the command line itself rejects; the message says what to pass instead.
+
+    A ``SystemExit`` so that a helper such as :func:`_task_ints` called outside :func:`main` still
+    stops with its message; :func:`main` reports it like any other bad input.
+    """
+
+
+# Exceptions that mean bad input rather than a bug: main() reports them in one line, exit status 2.
+# ValueError covers json.JSONDecodeError, UnicodeDecodeError, lks.data.InvalidEditError and
+# DataChecksumError and the configs' validation; OSError covers FileNotFoundError, PermissionError
+# and IsADirectoryError. Anything else (RuntimeError, TypeError, IndexError, ...) keeps its traceback.
+INPUT_ERRORS: tuple[type[BaseException], ...] = (UsageError, ValueError, OSError, KeyError)
+
+
+def _capability_options(c: argparse.ArgumentParser) -> None:
+    """The ``capability`` subcommand's own options."""
     c.add_argument("--editor", default=None, help="directory of a saved editor (omit: unedited model only)")
     c.add_argument("--tasks", default=",".join(("gsm8k", "sst2", "rte", "wikitext2", "mmlu")),
                    help="comma-separated tasks, run in this order (default: %(default)s)")
@@ -106,26 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: %(default)s)")
     c.add_argument("--seed", type=int, default=0, help="seed of the subsets, the harness's few-shot sampling and the bootstrap (default: %(default)s)")
     c.add_argument("--out", default=None, help="write the tidy results (and the comparison) as CSV files with this prefix")
-    r = sub.add_parser("reproduce", help="the paper's grid: methods x numbers of edits x data sets, one results file per "
-                                         "cell, plus general capability at the profile's size; resumable")
-    r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
-    _reproduce_options(r)
-    return p
-
-
-class UsageError(SystemExit):
-    """An option value that the command line itself rejects; the message says what to pass instead.
-
-    A ``SystemExit`` so that a helper such as :func:`_task_ints` called outside :func:`main` still
-    stops with its message, as it always has; :func:`main` reports it like any other bad input.
-    """
-
-
-# Exceptions that mean bad input rather than a bug: main() reports them in one line, exit status 2.
-# ValueError covers json.JSONDecodeError, UnicodeDecodeError, lks.data.InvalidEditError and
-# DataChecksumError and the configs' validation; OSError covers FileNotFoundError, PermissionError
-# and IsADirectoryError. Anything else (RuntimeError, TypeError, IndexError, ...) keeps its traceback.
-INPUT_ERRORS: tuple[type[BaseException], ...] = (UsageError, ValueError, OSError, KeyError)
 
 
 def _train_options(t: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, TypeVar
@@ -31,7 +32,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
 # Defaults. The field defaults of EditorConfig and TrainConfig ARE the recipe measured on the
 # embedded model, SmolLM2-135M-Instruct (README "Results", docs/experiments.md): one recipe, the
 # default everywhere. A model's file in lks/configs/ overrides only what differs for that model
-# (its edit layer, at least); lks.recipe(model) gives a model's configs, and a model with no file
+# (its edit layer, at least); lks.recipe(name) gives a model's configs, and a model with no file
 # gets these defaults with the edit layer at two thirds of its depth. Where the paper (Liu et al.
 # 2025, 7B models) states another value, the comment says so.
 
@@ -155,10 +156,28 @@ def model_spec(name: str) -> ModelSpec:
     return ModelSpec.from_json_dict(json.loads(path.read_text()), where=f"configs/{name}.json")
 
 
-def named_recipe(name: str) -> tuple[EditorConfig, TrainConfig]:
-    """A model's editor and training configs by name: its registered recipe, else the defaults
-    (``lks.recipe(model)`` also places the edit layer of an unregistered model)."""
+def recipe(name: str, overrides: Mapping[str, Any] | None = None, *,
+           n_layers: int | None = None) -> tuple[EditorConfig, TrainConfig]:
+    """A model's editor and training configs: its registered recipe (``lks/configs/<name>.json``),
+    else the defaults with the edit layer at two thirds of ``n_layers`` (when given); then each
+    override applied to whichever config has that field.
+
+    Raises:
+        ValueError: an override names a field of neither config, or a value the configs reject.
+    """
     if name in registered_models():
         spec = model_spec(name)
-        return spec.editor, spec.train
-    return EditorConfig(), TrainConfig()
+        editor, train = spec.editor, spec.train
+    else:
+        editor, train = EditorConfig(), TrainConfig()
+        if n_layers:
+            editor = dataclasses.replace(editor, layer=min(n_layers - 1, (2 * n_layers) // 3))
+    over = dict(overrides or {})
+    editor_fields = {f.name for f in dataclasses.fields(EditorConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(over) - editor_fields - train_fields)
+    if unknown:
+        raise ValueError(f"{unknown} set neither an EditorConfig nor a TrainConfig field; "
+                         f"valid: {sorted(editor_fields | train_fields)}")
+    return (dataclasses.replace(editor, **{k: v for k, v in over.items() if k in editor_fields}),
+            dataclasses.replace(train, **{k: v for k, v in over.items() if k in train_fields}))

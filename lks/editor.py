@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -25,32 +25,33 @@ from typing import Any
 import torch
 from torch import nn
 
-from lks.checkpoint import load_editor, save_editor
-from lks.config import EditorConfig, TrainConfig, named_recipe, registered_models
+from lks.checkpoint import (
+    check_model,
+    model_identity,
+    read_json,
+    read_tensors,
+    write_checkpoint,
+)
+from lks.config import EditorConfig, TrainConfig, from_dict, recipe
 from lks.data import EditSet
 from lks.hooks import LayerHooks, Replacement
 from lks.hypernet import KBGenerator, make_generator
-from lks.methods import ApplyStats, Editor, accepted_edits, replace_settings
+from lks.methods import ApplyStats, Editor, accepted_edits
 from lks.models import check_layer, get_layers, model_device
-from lks.scope import ScopeIndicator, scope_diagnostics
+from lks.routing import TokenRouter, scope_diagnostics
+from lks.scope import ScopeIndicator
 from lks.training.fastpath import FastPath
-from lks.training.precision import fit_dtype, lower_pass, precision_used
+from lks.training.precision import fit_dtype, precision_used
 from lks.training.stored import prepared_dir
 from lks.training.stored import remove as remove_prepared
 from lks.training.trainer import Trainer
 from lks.utils import set_seed
 
 
-def recipe(model: nn.Module) -> tuple[EditorConfig, TrainConfig]:
-    """The default editor and training configs for ``model``: its registered recipe
-    (``lks/configs/<name>.json``) when ``model.lks_name`` is registered, else the dataclasses'
-    defaults with the edit layer at two thirds of the depth."""
-    name = getattr(model, "lks_name", "")
-    editor, train = named_recipe(name)
-    if name not in registered_models():
-        n = len(get_layers(model))
-        editor = dataclasses.replace(editor, layer=min(n - 1, (2 * n) // 3))
-    return editor, train
+def recipe_of(model: nn.Module, overrides: Mapping[str, Any] | None = None) -> tuple[EditorConfig, TrainConfig]:
+    """:func:`lks.config.recipe` of a loaded model (by its ``lks_name``; an unregistered model gets
+    the edit layer at two thirds of its depth)."""
+    return recipe(getattr(model, "lks_name", ""), overrides, n_layers=len(get_layers(model)))
 
 
 class LKSEditor(Editor):
@@ -60,7 +61,7 @@ class LKSEditor(Editor):
         model: a frozen causal LM (see :func:`lks.load_model`).
         tokenizer: its tokenizer (pad token set).
         config: architecture (layer, generator kind, fuzzy threshold). Defaults to the model's
-            recipe (:func:`recipe`).
+            recipe (:func:`recipe_of`).
 
     Typical use::
 
@@ -77,7 +78,7 @@ class LKSEditor(Editor):
 
     def __init__(self, model: nn.Module, tokenizer: Any, config: EditorConfig | None = None) -> None:
         if config is None:
-            config = recipe(model)[0]
+            config = recipe_of(model)[0]
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
@@ -101,14 +102,14 @@ class LKSEditor(Editor):
         self.precision_used = ""           # TrainConfig.precision as resolved by the last fit
         self.precompute_seconds = 0.0
         self.fit_seconds = 0.0
+        self.fit_threads = 0               # torch threads of the last fit: a fit is bit-reproducible at the same count
         self._table: torch.Tensor | None = None   # cached generator table for inference
-        self._pieces: dict[int, str] = {}          # token id -> surface text (applied mode)
-        self._special_ids = set(tokenizer.all_special_ids)
+        self.router = TokenRouter(tokenizer)       # token ids -> the subject a row mentions (applied mode)
 
-    def _set_edits(self, edits: EditSet, cfg: TrainConfig | None = None) -> None:
+    def set_edits(self, edits: EditSet, cfg: TrainConfig | None = None) -> None:
         """Subjects, feature texts, scope indicator and feature vectors of ``edits`` (an untrained
         generator on them is a valid, if useless, editor). With ``cfg`` (from :meth:`fit`) the
-        feature pass runs in the fit's precision (:func:`lks.training.precision.lower_pass`)."""
+        feature pass runs in the fit's precision (:meth:`lks.training.fastpath.FastPath.lower_pass`)."""
         edits.require_nonempty().check_conflicts()  # fit() has already dropped conflicts when asked to
         by_subject: dict[str, list[str]] = {}
         for r in edits:
@@ -121,7 +122,7 @@ class LKSEditor(Editor):
         self.feature_texts = [" ".join(stmts) for stmts in by_subject.values()]
         self.scope = ScopeIndicator(self.subjects, fuzzy_threshold=self.config.fuzzy_threshold)
         bf16 = cfg is not None and fit_dtype(self.model, cfg.precision) is not None
-        with lower_pass(self.fast, cfg.precision) if cfg is not None else nullcontext():
+        with self.fast.lower_pass(cfg.precision) if cfg is not None else nullcontext():
             # 1,000 CounterFact subjects: bfloat16 in batches of 256 2.8 s; float32 in batches of 64
             # 6.8 s (of 256: 8.5 s)
             self.features = self.fast.states_at_last_token(self.feature_texts, batch_size=256 if bf16 else 64)
@@ -129,23 +130,15 @@ class LKSEditor(Editor):
         self.n_edits = len(edits)
         self._table = None
 
-    def fit(
-        self,
-        edits: EditSet,
-        config: TrainConfig | None = None,
-        *,
-        checkpoint_dir: str | os.PathLike | None = None,
-        resume: bool = True,
-        progress: bool = True,
-        precompute_batch_size: int = 256,
-        on_conflict: str = "error",
-    ) -> list[dict[str, float]]:
+    def fit(self, edits: EditSet, config: TrainConfig | None = None, *, checkpoint_dir: str | os.PathLike | None = None,
+            resume: bool = True, progress: bool = True, precompute_batch_size: int = 256,
+            on_conflict: str = "error") -> list[dict[str, float]]:
         """Train the generator on ``edits`` (the base model stays frozen).
 
         Args:
             edits: the edit set (non-empty; same subject + same prompt with different targets is
                 rejected as a conflict; different facts about one subject share one KB).
-            config: training recipe; defaults to the model's (:func:`recipe`).
+            config: training recipe; defaults to the model's (:func:`recipe_of`).
             checkpoint_dir: if given, the editor is saved there after every epoch (atomically), and
                 ``resume=True`` continues from the last saved epoch when it holds the same edits.
             progress: show tqdm bars.
@@ -158,10 +151,11 @@ class LKSEditor(Editor):
         Returns:
             The per-epoch history: ``epoch, loss, edit, equiv, loc, after, gate, lr, seconds``.
         """
-        cfg = config or recipe(self.model)[1]
+        cfg = config or recipe_of(self.model)[1]
         edits, dropped = accepted_edits(edits, on_conflict)
         self.train_config = cfg
         self.precision_used = precision_used(self.model, cfg.precision)
+        self.fit_threads = torch.get_num_threads()
         set_seed(cfg.seed)
         # a fresh generator, initialised under the seed: fit() is reproducible and never continues
         # a previous fit by accident (resuming is explicit, through checkpoint_dir)
@@ -176,7 +170,7 @@ class LKSEditor(Editor):
         try:
             trainer = Trainer(self, cfg).prepare(edits, precompute_batch_size, progress, store)
             self.precompute_seconds, self.skipped = trainer.precompute_seconds, trainer.skipped
-            trainer.train(checkpoint_dir, resume, progress)
+            self.history = trainer.train(checkpoint_dir, resume, progress)
         except Exception:  # an error (a refused checkpoint, a bug): not kept; an interruption is
             remove_prepared(store)
             raise
@@ -187,15 +181,12 @@ class LKSEditor(Editor):
 
     @classmethod
     def configs(cls, model: nn.Module, overrides=None, *, seed: int | None = None) -> tuple[EditorConfig, TrainConfig]:
-        """The model's recipe (:func:`recipe`) with ``overrides``: a field of :class:`EditorConfig`
+        """The model's recipe (:func:`recipe_of`) with ``overrides``: a field of :class:`EditorConfig`
         goes to the editor config, any other to the :class:`TrainConfig`; ``seed`` sets the fit's seed."""
-        ecfg, tcfg = recipe(model)
         over = dict(overrides or {})
         if seed is not None:
             over.setdefault("seed", seed)
-        editor_names = {f.name for f in dataclasses.fields(EditorConfig)}
-        mine = {k: over.pop(k) for k in list(over) if k in editor_names}
-        return (replace_settings(ecfg, mine, "lks editor config"), replace_settings(tcfg, over, "lks training config"))
+        return recipe_of(model, over)
 
     @classmethod
     def setting_names(cls) -> set[str]:
@@ -235,58 +226,11 @@ class LKSEditor(Editor):
         if self.features is None or self.scope is None:
             raise RuntimeError("this editor has no edits yet: call fit(edits) or LKSEditor.load(path, model, tok)")
 
-    def _piece(self, tok_id: int) -> str:
-        """Surface text of one token id (with its leading space), cached."""
-        p = self._pieces.get(tok_id)
-        if p is None:
-            tk = self.tokenizer
-            if tok_id in self._special_ids:
-                p = ""
-            else:
-                # decode after an anchor token so a leading space is not stripped (SentencePiece)
-                anchor = tk.convert_tokens_to_ids(tk.tokenize("a"))[-1:]
-                p = tk.decode(anchor + [tok_id])[len(tk.decode(anchor)):]
-            self._pieces[tok_id] = p
-        return p
-
     def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[list[int], list[int], list[int]]:
-        """Scope detection on token ids: ``(rows, positions, subject ids)`` of routed rows."""
-        assert self.scope is not None
-        rows, positions, subjects = [], [], []
-        ids = input_ids.tolist()
-        mask = attention_mask.tolist() if attention_mask is not None else None
-        for r, row in enumerate(ids):
-            keep = [j for j in range(len(row)) if mask is None or mask[r][j]]
-            pieces = [self._piece(row[j]) for j in keep]
-            text = "".join(pieces)
-            split_chars = "\ufffd" in text  # a character split across byte-level tokens ("é" = 2 tokens)
-            if split_chars:
-                text = self.tokenizer.decode([row[j] for j in keep], skip_special_tokens=True)
-            m = self.scope.find(text)
-            if m is None:
-                continue
-            pos = self._token_at_char(row, keep, pieces, m.end - 1, split_chars)
-            if pos is not None:
-                rows.append(r)
-                positions.append(pos)
-                subjects.append(m.index)
-        return rows, positions, subjects
-
-    def _token_at_char(self, row: list[int], keep: list[int], pieces: list[str], char: int, split_chars: bool) -> int | None:
-        """Position of the token whose text contains character ``char`` of the row's text."""
-        if not split_chars:
-            acc = 0
-            for k, p in zip(keep, pieces):
-                acc += len(p)
-                if acc > char:
-                    return k
-            return None
-        # rare (non-ASCII subjects on byte-level tokenizers): decode growing prefixes of the row,
-        # a dangling partial character (U+FFFD at the end) does not count yet
-        for n, k in enumerate(keep, start=1):
-            if len(self.tokenizer.decode([row[j] for j in keep[:n]], skip_special_tokens=True).rstrip("\ufffd")) > char:
-                return k
-        return None
+        """Scope detection on token ids: ``(rows, positions, subject ids)`` of routed rows
+        (:meth:`lks.routing.TokenRouter.route` with this editor's scope indicator)."""
+        assert self.scope is not None, "this editor has no edits yet"
+        return self.router.route(self.scope, input_ids, attention_mask)
 
     @contextmanager
     def applied(self, model: nn.Module | None = None) -> Iterator[ApplyStats]:
@@ -320,11 +264,53 @@ class LKSEditor(Editor):
 
     def save(self, path: str | os.PathLike) -> Path:
         """Save to a directory (``config.json``, ``generator.safetensors``, ``scope.safetensors``,
-        ``subjects.json``; see :mod:`lks.checkpoint`). The write is atomic."""
-        return save_editor(self, path)
+        ``subjects.json``; see :mod:`lks.checkpoint`), atomically."""
+        self._require_fitted()
+        config = saved_config(self)
+        return write_checkpoint(path, config, {"generator": self.generator.state_dict(), "scope": {"features": self.features}},
+                                {"subjects": {"subjects": self.subjects, "feature_texts": self.feature_texts}})
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module, tokenizer: Any) -> LKSEditor:
         """Load a saved editor for ``model``; fails clearly if it was made for another model or a
         file is missing or corrupt."""
-        return load_editor(cls, path, model, tokenizer)
+        path = Path(path)
+        cfg = read_json(path / "config.json")
+        check_model(cfg.get("model", {}), model, path)
+        editor = cls(model, tokenizer, from_dict(EditorConfig, cfg["editor"], f"{path}/config.json:editor"))
+        editor._restore(path, cfg)
+        return editor
+
+    def _restore(self, path: Path, cfg: dict[str, Any]) -> None:
+        """The state of the editor saved in ``path`` (``cfg``: its config.json)."""
+        self.generator.load_state_dict(read_tensors(path / "generator.safetensors"))
+        self.generator.to(model_device(self.model)).eval()
+        subj = read_json(path / "subjects.json")
+        self.subjects, self.feature_texts = subj["subjects"], subj["feature_texts"]
+        self.features = read_tensors(path / "scope.safetensors")["features"].to(model_device(self.model))
+        if self.features.shape != (len(self.subjects), self.d):
+            raise ValueError(f"corrupt checkpoint {path}: {len(self.subjects)} subjects but features of shape "
+                             f"{tuple(self.features.shape)}")
+        self.scope = ScopeIndicator(self.subjects, fuzzy_threshold=self.config.fuzzy_threshold)
+        self.train_config = from_dict(TrainConfig, cfg["train"], "train") if cfg.get("train") else None
+        self.history, self.data_checksum, self.n_edits = cfg.get("history", []), cfg.get("data_checksum", ""), cfg.get("n_edits", 0)
+        self.precision_used = cfg.get("precision_used", "")
+        self.fit_seconds = cfg.get("fit_seconds")  # None: saved before lks recorded it
+        self.fit_threads = cfg.get("fit_threads", 0)
+        self._table = None
+
+
+def saved_config(editor: LKSEditor) -> dict[str, Any]:
+    """What an LKS editor's ``config.json`` records (besides the format version)."""
+    import transformers
+
+    import lks
+
+    return {"lks_version": lks.__version__, "method": editor.method,
+            "model": model_identity(editor.model) | {"class": type(editor.model).__name__},
+            "editor": dataclasses.asdict(editor.config),
+            "train": dataclasses.asdict(editor.train_config) if editor.train_config else None,
+            "n_edits": editor.n_edits, "n_subjects": len(editor.subjects), "data_checksum": editor.data_checksum,
+            "history": editor.history, "fit_seconds": editor.fit_seconds, "precision_used": editor.precision_used,
+            "fit_threads": editor.fit_threads,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}

@@ -44,7 +44,7 @@ import pandas as pd
 
 from lks.capability import compare_capability, evaluate_capability
 from lks.config import from_dict
-from lks.data import load_edits
+from lks.formats import load_edits
 from lks.methods import editor_class, load_editor, method_names
 from lks.metrics import UneditedMemo, evaluate_edits
 from lks.utils import git_state, machine, sha256_file, sha256_text, write_json
@@ -218,7 +218,7 @@ class Grid:
         these edits and settings is saved, else fitted (resuming an interrupted fit) and saved."""
         path = self.editor_path(cell)
         cfg, tcfg = self.configs(cell)
-        # a finished save has no train_state.json (an LKS fit's per-epoch checkpoint has one)
+        # a finished save has a config.json and no train_state.json (a running LKS fit's checkpoint)
         if (path / "config.json").is_file() and not (path / "train_state.json").is_file():
             saved = load_editor(str(path), self.model, self.tokenizer)
             if saved.data_checksum == edits.checksum() and saved.config == cfg and saved.fit_config == tcfg:

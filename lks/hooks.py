@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lks.models import check_layer, get_layer
+from lks.models import check_layer, get_layer, get_layers
 
 
 @dataclass
@@ -219,3 +219,25 @@ def apply_replacement(hidden: torch.Tensor, rep: Replacement) -> torch.Tensor:
     if rep.additive:
         vec = hidden[idx] + vec
     return hidden.index_put(idx, vec)
+
+
+@torch.no_grad()
+def layer_output(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 layer: int) -> tuple[torch.Tensor, bool]:
+    """Output ``[batch, seq, d]`` of decoder ``layer`` (the layers above it never run), and whether
+    the decoder layers return tuples (what :func:`lks.models.skip_lower_layers` must mimic).
+
+    When the decoder layers hold another dtype than the input embedding (bfloat16 lower layers
+    inside :meth:`lks.training.fastpath.FastPath.lower_pass`, the embedding float32 because the
+    output layer may share it), the embeddings are cast to the layers' dtype."""
+    inputs: dict[str, torch.Tensor] = {"input_ids": input_ids}
+    dtype = next(get_layers(model)[0].parameters()).dtype
+    emb = model.get_input_embeddings()
+    if emb.weight.dtype != dtype:
+        inputs = {"inputs_embeds": emb(input_ids).to(dtype)}
+    with LayerHooks(model, capture=[layer], stop_after_capture=True) as hooks:
+        try:
+            model(**inputs, attention_mask=attention_mask, use_cache=False)
+        except StopForward:
+            pass
+    return hooks.captured[layer], bool(hooks.output_is_tuple)

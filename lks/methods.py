@@ -47,8 +47,9 @@ class Editor(ABC):
 
     Subclasses set ``method`` (the registry name) and ``label`` (the name in tables and figures),
     and implement ``configs``, ``fit``, ``applied``, ``routes``, ``save`` and ``load``. After a fit
-    or a load an editor holds ``n_edits``, ``fit_seconds``, ``data_checksum`` (of the edits it
-    was fitted on) and ``history`` (one dict per epoch or step).
+    or a load an editor holds ``n_edits``, ``fit_seconds``, ``fit_threads`` (torch threads: a fit is
+    the same bit for bit at the same count), ``data_checksum`` (of the edits it was fitted on) and
+    ``history`` (one dict per epoch or step).
     """
 
     method: ClassVar[str] = ""
@@ -59,6 +60,7 @@ class Editor(ABC):
     config: Any
     n_edits: int
     fit_seconds: float
+    fit_threads: int
     data_checksum: str
     history: list[dict[str, Any]]
 

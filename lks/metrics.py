@@ -64,7 +64,7 @@ import torch
 
 from lks.data import EditSet, paraphrase_templates, rephrase_form, subject_template
 from lks.models import model_device
-from lks.utils import length_batches
+from lks.utils import length_batches, pad_ids
 
 
 @torch.inference_mode()
@@ -93,14 +93,9 @@ def teacher_forced(model, tokenizer, prompts: Sequence[str], targets: Sequence[s
         items.append((ids, tgt))
     out: list[dict[str, Any]] = [{}] * len(items)
     for idx in length_batches([len(ids) for ids, _ in items], batch_size):
-        T = max(len(items[i][0]) for i in idx)
-        ids = torch.full((len(idx), T), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(idx), T, dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, : len(items[i][0])] = torch.tensor(items[i][0])
-            mask[r, : len(items[i][0])] = 1
+        ids, mask = pad_ids([items[i][0] for i in idx], tokenizer.pad_token_id, dev)
         with (context() if context else nullcontext()):
-            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         logp = torch.log_softmax(logits.float(), -1)
         for r, i in enumerate(idx):
             tgt = items[i][1]

@@ -74,12 +74,12 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     """The benchmark data directory a notebook reads.
 
     ``data_dir`` if given, else ``$LKS_DATA_DIR`` (even when it does not exist: that is how a run
-    asks for no data), else ``~/.cache/lks/data`` (:func:`lks.data.data_dir`) when it exists,
+    asks for no data), else ``~/.cache/lks/data`` (:func:`lks.datadir.data_dir`) when it exists,
     else the checkout's sibling ``../shared/data`` when it exists (the layout ``tests/conftest.py``
     uses), else ``~/.cache/lks/data``.
     """
-    from lks.data import ENV_DATA_DIR
-    from lks.data import data_dir as default_dir
+    from lks.datadir import ENV_DATA_DIR
+    from lks.datadir import data_dir as default_dir
 
     if data_dir is not None:
         return Path(data_dir).expanduser()
@@ -181,25 +181,11 @@ def capability_tasks(tasks: Sequence[str], data_dir: Path) -> list[str]:
 # the recipe
 # --------------------------------------------------------------------------------------------
 def recipe(model_name: str, **overrides: Any) -> tuple[EditorConfig, TrainConfig]:
-    """The registered editor and training recipe of ``model_name`` (the config defaults for an
-    unregistered model), with each override that is not ``None`` applied to whichever of
-    :class:`~lks.config.EditorConfig` / :class:`~lks.config.TrainConfig` has that field.
+    """:func:`lks.config.recipe` with a notebook's parameters as overrides; ``None`` means "the
+    recipe's value" (the parameter cells' default)."""
+    from lks.config import recipe
 
-    Raises:
-        ValueError: an override names a field of neither config, or a value the configs reject.
-    """
-    from lks.config import EditorConfig, TrainConfig, named_recipe
-
-    editor, train = named_recipe(model_name)
-    editor_fields = {f.name for f in dataclasses.fields(EditorConfig)}
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(overrides) - editor_fields - train_fields)
-    if unknown:
-        raise ValueError(f"{unknown} set neither an EditorConfig nor a TrainConfig field")
-    set_ = {k: v for k, v in overrides.items() if v is not None}
-    editor = dataclasses.replace(editor, **{k: v for k, v in set_.items() if k in editor_fields})
-    train = dataclasses.replace(train, **{k: v for k, v in set_.items() if k in train_fields})
-    return editor, train
+    return recipe(model_name, {k: v for k, v in overrides.items() if v is not None})
 
 
 # --------------------------------------------------------------------------------------------

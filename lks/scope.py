@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -481,35 +481,3 @@ class FuzzyIndex:
             "key_cap": self.key_cap,
             "token_cache_size": len(self._cache) + len(self._skip) - len(_STOPWORDS),
         }
-
-
-def scope_diagnostics(scope: ScopeIndicator, edits: Iterable[Any]) -> dict[str, float]:
-    """Precision/recall of ``scope`` on the prompts of ``edits`` (:class:`lks.data.EditRecord`), by prompt kind.
-
-    Recall on same-subject prompts (edit prompt, paraphrases, locality prompts): the prompt is
-    routed to its own subject. ``neighborhood_routed``: fraction of other-subject prompts routed to
-    some edited subject (only right when that other subject is itself edited). ``precision``: of
-    all routings on same-subject prompts, the fraction that chose the right subject.
-    """
-    out: dict[str, float] = {}
-    right = wrong = 0
-    for name, get in [("prompt", lambda r: [r.prompt]), ("rephrase", lambda r: list(r.rephrases)),
-                      ("locality", lambda r: [p for p, _ in r.locality])]:
-        hits = total = 0
-        for r in edits:
-            for text in get(r):
-                m = scope.find(text)
-                total += 1
-                if m is not None:
-                    if m.subject == r.subject:
-                        hits += 1
-                        right += 1
-                    else:
-                        wrong += 1
-        if total:
-            out[f"scope_recall_{name}"] = hits / total
-    nb = [p for r in edits for p, _ in r.neighborhood]
-    if nb:
-        out["scope_neighborhood_routed"] = sum(scope.find(p) is not None for p in nb) / len(nb)
-    out["scope_precision"] = right / (right + wrong) if right + wrong else float("nan")
-    return out

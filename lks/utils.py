@@ -39,6 +39,20 @@ def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.index_select(0, index)
 
 
+def pad_ids(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str,
+            left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists right-padded (``left``: left-padded, for generation) to one batch:
+    ``(input_ids [b, T], attention_mask [b, T])``."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        span = slice(T - len(s), T) if left else slice(0, len(s))
+        ids[i, span] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, span] = 1
+    return ids.to(device), mask.to(device)
+
+
 def length_batches(lengths: Sequence[int], size: int) -> list[list[int]]:
     """Indices into ``lengths``, shortest first, in batches of ``size``: padding a batch to its
     longest item then costs little. The sort is stable (equal lengths keep their order), so the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -148,3 +149,24 @@ def capability_dir(tmp_path_factory) -> Path:
     shutil.copytree(CAPABILITY_FIXTURES, root, dirs_exist_ok=True)
     (root / "wikitext2" / "wiki_test_fixture.txt").rename(root / "wikitext2" / "wiki.test.raw")
     return root
+
+
+@contextlib.contextmanager
+def interrupted_at_step(step: int):
+    """Inside the block, training step number ``step`` (counted from 1 across the fit) raises
+    KeyboardInterrupt, as a fit killed mid-epoch would stop."""
+    from lks.training import Trainer
+
+    real, calls = Trainer.batch_loss, []
+
+    def crashing(self, batch):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return real(self, batch)
+
+    Trainer.batch_loss = crashing
+    try:
+        yield
+    finally:
+        Trainer.batch_loss = real

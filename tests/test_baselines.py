@@ -232,7 +232,9 @@ def test_cli_train_and_evaluate_a_baseline(tiny_pair, corpus, tmp_path, monkeypa
 def test_suffix_pass_equals_the_full_pass(tiny_pair):
     """The target optimisation's suffix-only pass (prefix keys/values cached) gives the same final
     hidden states at the target positions as the plain pass of the upper layers."""
-    from lks.baselines.common import encode_rows, lower_states, pad, suffix_hidden, suffix_part, upper_hidden
+    from lks.baselines.common import encode_rows, suffix_hidden, suffix_part, upper_hidden
+    from lks.hooks import layer_output
+    from lks.utils import pad_ids
 
     model, tok = tiny_pair
     texts = ["The mother tongue of Danielle Darrieux is", "Paris is the capital. Toko Yasuda plays the"]
@@ -241,8 +243,8 @@ def test_suffix_pass_equals_the_full_pass(tiny_pair):
     add = torch.randn(2, model.config.hidden_size)
     part = suffix_part(model, 1, rows, tok.pad_token_id, torch.float32)
     fast = suffix_hidden(model, part, add, torch.float32)
-    ids, mask = pad(rows, tok.pad_token_id, torch.device("cpu"))
-    h, as_tuple = lower_states(model, ids, mask, 1)
+    ids, mask = pad_ids([r.ids for r in rows], tok.pad_token_id, torch.device("cpu"))
+    h, as_tuple = layer_output(model, ids, mask, 1)
     h = h.clone()
     for b, r in enumerate(rows):
         h[b, r.subj] += add[b]

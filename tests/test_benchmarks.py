@@ -14,6 +14,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
 from bench_train import NaiveLoop, padded_tokens  # noqa: E402
 from conftest import PLAIN_TRAIN, data_file, prepared_editor  # noqa: E402
@@ -21,7 +22,7 @@ from conftest import PLAIN_TRAIN, data_file, prepared_editor  # noqa: E402
 from lks.config import EditorConfig, TrainConfig  # noqa: E402
 from lks.data import EditRecord, EditSet  # noqa: E402
 from lks.training.fastpath import length_buckets  # noqa: E402
-from lks.training.sequences import length_batches, subject_span  # noqa: E402
+from lks.training.sequences import edit_batches, subject_span  # noqa: E402
 
 
 def _edits() -> EditSet:
@@ -41,7 +42,7 @@ def test_naive_losses_equal_fast_path(tiny_pair, loc_positions):
     cfg = TrainConfig(**PLAIN_TRAIN, batch_size=3, loc_per_subject=2, loc_topk=50, loc_positions=loc_positions, seed=0)
     edits = _edits()
     editor, tr = prepared_editor(model, tok, edits, cfg, EditorConfig(layer=1, generator="residual"), 0.5)
-    batch = length_batches(tr.per_edit, tr.seqs, cfg.batch_size)[0]
+    batch = edit_batches(tr.per_edit, tr.seqs, cfg.batch_size)[0]
 
     def span(prompt, subject):
         return subject_span(editor.scope, prompt, subject)

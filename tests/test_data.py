@@ -1,4 +1,4 @@
-"""Tests for lks.data: records, loaders, the data directory, subject token positions, built-in edits."""
+"""Tests for lks.data, lks.formats and lks.datadir: records, loaders, the data directory, subject token positions, built-in edits."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from lks import data as D
+from lks import datadir, formats
 from lks.data import EditRecord, EditSet, find_subject, subject_token_index
+from lks.training import prompts
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -85,7 +87,7 @@ def test_empty_set_allowed_but_require_nonempty_raises():
 
 def test_load_lks_json_skips_invalid_with_one_counted_warning():
     with pytest.warns(UserWarning, match=r"skipped 1 invalid record.*Lake Baikal"):
-        s = D.load_lks_json(FIX / "lks_cf.json")
+        s = formats.load_lks_json(FIX / "lks_cf.json")
     assert s.name == "lks_cf" and len(s) == 4
     assert [r.case_id for r in s] == [0, 1, 3, 4]  # list index, kept across the skipped record
     r = s[0]
@@ -94,11 +96,11 @@ def test_load_lks_json_skips_invalid_with_one_counted_warning():
     assert r.locality == [("Ada Lovelace was born in the city of", "London")] and r.neighborhood == []
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert D.load_lks_json(FIX / "lks_cf.json", n=2).subjects() == ["Ada Lovelace", "Toyota Corolla"]
+        assert formats.load_lks_json(FIX / "lks_cf.json", n=2).subjects() == ["Ada Lovelace", "Toyota Corolla"]
 
 
 def test_load_mend_counterfact():
-    s = D.load_mend_counterfact(FIX / "mend_cf.json")
+    s = formats.load_mend_counterfact(FIX / "mend_cf.json")
     assert [r.case_id for r in s] == [0, 3, 7]
     r = s[2]
     assert (r.subject, r.target, r.ground_truth) == ("Quebec", "English", "French")
@@ -107,7 +109,7 @@ def test_load_mend_counterfact():
 
 
 def test_load_rome_counterfact():
-    s = D.load_rome_counterfact(FIX / "rome_cf.json")
+    s = formats.load_rome_counterfact(FIX / "rome_cf.json")
     r = s[0]
     assert r.case_id == 11 and r.subject == "Hardangerfjord"
     assert r.prompt == "Hardangerfjord, which is located in"
@@ -119,7 +121,7 @@ def test_load_rome_counterfact():
 
 
 def test_load_mend_zsre():
-    s = D.load_mend_zsre(FIX / "mend_zsre.json")
+    s = formats.load_mend_zsre(FIX / "mend_zsre.json")
     assert len(s) == 3 and [r.case_id for r in s] == [0, 1, 2]
     r = s[0]
     assert (r.target, r.ground_truth) == ("Kenya", "Tanzania")
@@ -129,41 +131,41 @@ def test_load_mend_zsre():
 
 def test_join_by_case_id():
     with pytest.warns(UserWarning):
-        lks_set = D.load_lks_json(FIX / "lks_cf.json")
-    mend = D.load_mend_counterfact(FIX / "mend_cf.json")
-    j = D.join_by_case_id(lks_set, mend)
+        lks_set = formats.load_lks_json(FIX / "lks_cf.json")
+    mend = formats.load_mend_counterfact(FIX / "mend_cf.json")
+    j = formats.join_by_case_id(lks_set, mend)
     assert [r.case_id for r in j] == [0, 1, 3, 4]  # LKS order and records kept, case 7 (not in LKS) ignored
     ada = j[0]
     assert ada.rephrases == ["The discipline Ada Lovelace is known for is", "In her career, Ada Lovelace specialised in"]
     assert ada.neighborhood == [("Carl Friedrich Gauss worked in the field of", "mathematics")]
     assert ada.locality == lks_set[0].locality  # LKS locality (same subject) untouched
     assert j[1] == lks_set[1]  # unmatched records unchanged
-    assert [r.case_id for r in D.join_by_case_id(lks_set, mend, inner=True)] == [0, 3]
+    assert [r.case_id for r in formats.join_by_case_id(lks_set, mend, inner=True)] == [0, 3]
     bad = EditSet([EditRecord(subject="Quebec", prompt="Quebec is in", target="x", case_id=0)])
     with pytest.warns(UserWarning, match="not merged"):
-        assert D.join_by_case_id(lks_set, bad)[0] == lks_set[0]
+        assert formats.join_by_case_id(lks_set, bad)[0] == lks_set[0]
 
 
-@pytest.mark.parametrize("fname,loader", [("lks_cf.json", D.load_lks_json), ("mend_cf.json", D.load_mend_counterfact),
-                                          ("rome_cf.json", D.load_rome_counterfact), ("mend_zsre.json", D.load_mend_zsre)])
+@pytest.mark.parametrize("fname,loader", [("lks_cf.json", formats.load_lks_json), ("mend_cf.json", formats.load_mend_counterfact),
+                                          ("rome_cf.json", formats.load_rome_counterfact), ("mend_zsre.json", formats.load_mend_zsre)])
 def test_load_edits_detects_format(fname, loader):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert D.load_edits(FIX / fname) == loader(FIX / fname)
-        assert D.load_edits(str(FIX / fname), n=1) == loader(FIX / fname, n=1)
+        assert formats.load_edits(FIX / fname) == loader(FIX / fname)
+        assert formats.load_edits(str(FIX / fname), n=1) == loader(FIX / fname, n=1)
 
 
 def test_load_edits_own_format_and_errors(tmp_path):
     _set().to_json(tmp_path / "mine.json")
-    assert D.load_edits(tmp_path / "mine.json") == _set()
+    assert formats.load_edits(tmp_path / "mine.json") == _set()
     with pytest.raises(FileNotFoundError, match="neither a known edit set"):
-        D.load_edits("no-such-set")
+        formats.load_edits("no-such-set")
     (tmp_path / "odd.json").write_text(json.dumps([{"foo": 1}]))
     with pytest.raises(ValueError, match="unrecognised record format"):
-        D.load_edits(tmp_path / "odd.json")
+        formats.load_edits(tmp_path / "odd.json")
     (tmp_path / "broken.json").write_text(json.dumps([{"generality": "g", "subject": "s"}]))
     with pytest.raises(ValueError, match="record 0 is not in the expected format"):
-        D.load_edits(tmp_path / "broken.json")
+        formats.load_edits(tmp_path / "broken.json")
 
 
 def test_load_edits_counterfact_by_name(tmp_path, monkeypatch):
@@ -171,14 +173,14 @@ def test_load_edits_counterfact_by_name(tmp_path, monkeypatch):
     for rel, fix in [("lks/cf_eval_data.json", "lks_cf.json"), ("counterfact_mend/counterfact-edit.json", "mend_cf.json")]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes((FIX / fix).read_bytes())
-        monkeypatch.setitem(D.KNOWN_FILES, rel, D.KNOWN_FILES[rel]._replace(sha256=_sha(FIX / fix)))
+        monkeypatch.setitem(datadir.KNOWN_FILES, rel, datadir.KNOWN_FILES[rel]._replace(sha256=_sha(FIX / fix)))
     with pytest.warns(UserWarning, match="skipped 1"):
-        s = D.load_edits("counterfact", data_dir=tmp_path)
+        s = formats.load_edits("counterfact", data_dir=tmp_path)
     assert s.name == "counterfact" and len(s) == 4 and len(s[0].rephrases) == 2
     (tmp_path / "counterfact_mend/counterfact-edit.json").unlink()
     with pytest.warns(UserWarning, match="MEND CounterFact not found"):
         monkeypatch.setenv("LKS_OFFLINE", "1")
-        assert len(D.load_edits("counterfact", data_dir=tmp_path, n=2)) == 2
+        assert len(formats.load_edits("counterfact", data_dir=tmp_path, n=2)) == 2
 
 
 # ---------------------------------------------------------------- data directory and files
@@ -186,24 +188,24 @@ def test_load_edits_counterfact_by_name(tmp_path, monkeypatch):
 def test_data_dir_resolution_order(tmp_path, monkeypatch):
     monkeypatch.delenv("LKS_DATA_DIR", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert D.data_dir() == tmp_path / "home" / ".cache" / "lks" / "data"
+    assert datadir.data_dir() == tmp_path / "home" / ".cache" / "lks" / "data"
     monkeypatch.setenv("LKS_DATA_DIR", str(tmp_path / "env"))
-    assert D.data_dir() == tmp_path / "env"
-    assert D.data_dir(tmp_path / "arg") == tmp_path / "arg"
-    assert D.data_dir(str(tmp_path / "arg")) == tmp_path / "arg"
+    assert datadir.data_dir() == tmp_path / "env"
+    assert datadir.data_dir(tmp_path / "arg") == tmp_path / "arg"
+    assert datadir.data_dir(str(tmp_path / "arg")) == tmp_path / "arg"
 
 
 def test_data_file_missing_without_download(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "_open_url", lambda *a, **k: pytest.fail("no network call expected"))
+    monkeypatch.setattr(datadir, "_open_url", lambda *a, **k: pytest.fail("no network call expected"))
     with pytest.raises(FileNotFoundError) as e:
-        D.data_file("lks/cf_eval_data.json", data_dir=tmp_path, download=False)
+        datadir.data_file("lks/cf_eval_data.json", data_dir=tmp_path, download=False)
     msg = str(e.value)
     for part in ("lks/cf_eval_data.json", str(tmp_path), "LKS_DATA_DIR", "github.com/Linuxin-xxx/LKS"):
         assert part in msg
     with pytest.raises(FileNotFoundError, match="cais/mmlu"):
-        D.data_file("mmlu/test/anatomy_test.csv", data_dir=tmp_path)
+        datadir.data_file("mmlu/test/anatomy_test.csv", data_dir=tmp_path)
     with pytest.raises(ValueError):
-        D.data_file("../etc/passwd", data_dir=tmp_path)
+        datadir.data_file("../etc/passwd", data_dir=tmp_path)
 
 
 def test_data_file_failed_download_is_reported(tmp_path, monkeypatch):
@@ -214,31 +216,31 @@ def test_data_file_failed_download_is_reported(tmp_path, monkeypatch):
         raise urllib.error.URLError("network unreachable")
 
     monkeypatch.delenv("LKS_OFFLINE", raising=False)
-    monkeypatch.setattr(D, "_open_url", offline)
+    monkeypatch.setattr(datadir, "_open_url", offline)
     with pytest.raises(FileNotFoundError, match="network unreachable") as e:
-        D.data_file("gsm8k/test.jsonl", data_dir=tmp_path)
+        datadir.data_file("gsm8k/test.jsonl", data_dir=tmp_path)
     assert calls and calls[0][0].endswith("grade_school_math/data/test.jsonl") and calls[0][1] <= 30
     assert "openai/grade-school-math" in str(e.value)
     assert not list(tmp_path.rglob("*"))[1:]  # at most the created folder, no partial file
     monkeypatch.setenv("LKS_OFFLINE", "1")
     calls.clear()
     with pytest.raises(FileNotFoundError):
-        D.data_file("gsm8k/test.jsonl", data_dir=tmp_path)
+        datadir.data_file("gsm8k/test.jsonl", data_dir=tmp_path)
     assert not calls
 
 
 def test_data_file_download_is_verified_and_atomic(tmp_path, monkeypatch):
     payload = b'{"question": "1+1?", "answer": "#### 2"}\n'
     monkeypatch.delenv("LKS_OFFLINE", raising=False)
-    monkeypatch.setattr(D, "_open_url", lambda url, timeout: io.BytesIO(payload))
-    monkeypatch.setitem(D.KNOWN_FILES, "gsm8k/test.jsonl",
-                        D.KNOWN_FILES["gsm8k/test.jsonl"]._replace(sha256=hashlib.sha256(payload).hexdigest()))
-    p = D.data_file("gsm8k/test.jsonl", data_dir=tmp_path)
+    monkeypatch.setattr(datadir, "_open_url", lambda url, timeout: io.BytesIO(payload))
+    monkeypatch.setitem(datadir.KNOWN_FILES, "gsm8k/test.jsonl",
+                        datadir.KNOWN_FILES["gsm8k/test.jsonl"]._replace(sha256=hashlib.sha256(payload).hexdigest()))
+    p = datadir.data_file("gsm8k/test.jsonl", data_dir=tmp_path)
     assert p.read_bytes() == payload and p == tmp_path / "gsm8k" / "test.jsonl"
     p.unlink()
-    monkeypatch.setattr(D, "_open_url", lambda url, timeout: io.BytesIO(b"tampered"))
+    monkeypatch.setattr(datadir, "_open_url", lambda url, timeout: io.BytesIO(b"tampered"))
     with pytest.raises(D.DataChecksumError):
-        D.data_file("gsm8k/test.jsonl", data_dir=tmp_path)
+        datadir.data_file("gsm8k/test.jsonl", data_dir=tmp_path)
     assert list((tmp_path / "gsm8k").iterdir()) == []  # temp file removed
 
 
@@ -252,15 +254,15 @@ def test_atomic_writes_honour_the_umask(tmp_path, monkeypatch, mask):
 
     payload = b"{}\n"
     monkeypatch.delenv("LKS_OFFLINE", raising=False)
-    monkeypatch.setattr(D, "_open_url", lambda url, timeout: io.BytesIO(payload))
-    monkeypatch.setitem(D.KNOWN_FILES, "gsm8k/test.jsonl",
-                        D.KNOWN_FILES["gsm8k/test.jsonl"]._replace(sha256=hashlib.sha256(payload).hexdigest()))
+    monkeypatch.setattr(datadir, "_open_url", lambda url, timeout: io.BytesIO(payload))
+    monkeypatch.setitem(datadir.KNOWN_FILES, "gsm8k/test.jsonl",
+                        datadir.KNOWN_FILES["gsm8k/test.jsonl"]._replace(sha256=hashlib.sha256(payload).hexdigest()))
     old = os.umask(mask)
     try:
         write_json(tmp_path / "r.json", {"a": 1})
         with atomic_dir(tmp_path / "ed") as d:
             save_tensors(d / "t.safetensors", {"z": torch.zeros(2)})
-        got = D.data_file("gsm8k/test.jsonl", data_dir=tmp_path / "data")
+        got = datadir.data_file("gsm8k/test.jsonl", data_dir=tmp_path / "data")
     finally:
         os.umask(old)
     file_mode, dir_mode = {0o022: (0o644, 0o755), 0o077: (0o600, 0o700)}[mask]
@@ -275,32 +277,32 @@ def test_data_file_checksum_mismatch_and_cache(tmp_path, monkeypatch):
     f.parent.mkdir()
     f.write_text("[]")
     with pytest.raises(D.DataChecksumError, match="checksum mismatch") as e:
-        D.data_file("lks/cf_eval_data.json", data_dir=tmp_path)
-    assert D.KNOWN_FILES["lks/cf_eval_data.json"].sha256 in str(e.value)
+        datadir.data_file("lks/cf_eval_data.json", data_dir=tmp_path)
+    assert datadir.KNOWN_FILES["lks/cf_eval_data.json"].sha256 in str(e.value)
     # a good file is hashed once per (path, mtime, size)
-    monkeypatch.setitem(D.KNOWN_FILES, "lks/cf_eval_data.json",
-                        D.KNOWN_FILES["lks/cf_eval_data.json"]._replace(sha256=_sha(f)))
+    monkeypatch.setitem(datadir.KNOWN_FILES, "lks/cf_eval_data.json",
+                        datadir.KNOWN_FILES["lks/cf_eval_data.json"]._replace(sha256=_sha(f)))
     n = []
-    real = D._sha256_stream
-    monkeypatch.setattr(D, "_sha256_stream", lambda p: n.append(p) or real(p))
+    real = datadir._sha256_stream
+    monkeypatch.setattr(datadir, "_sha256_stream", lambda p: n.append(p) or real(p))
     for _ in range(3):
-        assert D.data_file("lks/cf_eval_data.json", data_dir=tmp_path) == f
+        assert datadir.data_file("lks/cf_eval_data.json", data_dir=tmp_path) == f
     assert len(n) == 1
     f.write_text("[ ]")  # size changes: verified again, and now it mismatches
     with pytest.raises(D.DataChecksumError):
-        D.data_file("lks/cf_eval_data.json", data_dir=tmp_path)
+        datadir.data_file("lks/cf_eval_data.json", data_dir=tmp_path)
 
 
 def test_data_file_unpinned_files_use_sha256sums(tmp_path):
     csv = tmp_path / "mmlu" / "dev" / "a_dev.csv"
     csv.parent.mkdir(parents=True)
     csv.write_text("q,a,b,c,d,0\n")
-    assert D.data_file("mmlu/dev/a_dev.csv", data_dir=tmp_path) == csv  # no sums: unchecked
+    assert datadir.data_file("mmlu/dev/a_dev.csv", data_dir=tmp_path) == csv  # no sums: unchecked
     (tmp_path / "mmlu" / "SHA256SUMS").write_text(f"{_sha(csv)}  ./dev/a_dev.csv\n")
-    assert D.data_file("mmlu/dev/a_dev.csv", data_dir=tmp_path) == csv
+    assert datadir.data_file("mmlu/dev/a_dev.csv", data_dir=tmp_path) == csv
     (tmp_path / "mmlu" / "SHA256SUMS").write_text(f"{'0' * 64}  ./dev/a_dev.csv\n")
     with pytest.raises(D.DataChecksumError):
-        D.data_file("mmlu/dev/a_dev.csv", data_dir=tmp_path)
+        datadir.data_file("mmlu/dev/a_dev.csv", data_dir=tmp_path)
 
 
 # ---------------------------------------------------------------- find_subject
@@ -452,22 +454,22 @@ def test_subject_positions_padding(smol, side):
 def test_training_locality_prompts():
     r = EditRecord(subject="Ada Lovelace", prompt="Ada Lovelace was born in", target="Paris",
                    rephrases=["The native language of ada lovelace is "], locality=[("Ada Lovelace is a citizen of", "UK")])
-    a = D.training_locality_prompts(r, 8, seed=0)
-    assert a == D.training_locality_prompts(r, 8, seed=0) and len(a) == 8 and len(set(a)) == 8
-    assert a != D.training_locality_prompts(r, 8, seed=1)
+    a = prompts.training_locality_prompts(r, 8, seed=0)
+    assert a == prompts.training_locality_prompts(r, 8, seed=0) and len(a) == 8 and len(set(a)) == 8
+    assert a != prompts.training_locality_prompts(r, 8, seed=1)
     assert all("Ada Lovelace" in p for p in a)
-    every = D.training_locality_prompts(r, 1000)
-    assert len(every) == len(D.LOCALITY_TEMPLATES) - 3  # prompt, rephrase, locality prompt excluded
+    every = prompts.training_locality_prompts(r, 1000)
+    assert len(every) == len(prompts.LOCALITY_TEMPLATES) - 3  # prompt, rephrase, locality prompt excluded
     banned = {"ada lovelace was born in", "the native language of ada lovelace is", "ada lovelace is a citizen of"}
     assert not banned & {p.casefold() for p in every}
-    assert D.training_locality_prompts(r, 0) == []
-    assert 20 <= len(D.LOCALITY_TEMPLATES) and all(t.count("{}") == 1 for t in D.LOCALITY_TEMPLATES)
+    assert prompts.training_locality_prompts(r, 0) == []
+    assert 20 <= len(prompts.LOCALITY_TEMPLATES) and all(t.count("{}") == 1 for t in prompts.LOCALITY_TEMPLATES)
 
 
 # ---------------------------------------------------------------- built-in edits
 
 def test_builtin_edits_are_well_formed():
-    s = D.builtin_edits()
+    s = formats.builtin_edits()
     assert s.name == "builtin" and len(s) >= 60
     subjects = s.subjects()
     assert len(set(subjects)) == len(subjects)
@@ -483,7 +485,7 @@ def test_builtin_edits_are_well_formed():
             if other != r.subject:
                 assert not [t for t in texts if other.casefold() in t.casefold()], (r.subject, other)
         assert not [p for p, _ in r.neighborhood if r.subject.casefold() in p.casefold()]
-    assert D.load_edits("builtin", n=7) == s.head(7)
+    assert formats.load_edits("builtin", n=7) == s.head(7)
 
 
 @pytest.mark.slow
@@ -492,7 +494,7 @@ def test_builtin_edits_are_known_by_the_embedded_model(smol):
     import torch
 
     model, tok = smol
-    s = D.builtin_edits()
+    s = formats.builtin_edits()
     enc, _ = D.subject_positions(tok, [r.prompt for r in s], s.subjects(), padding_side="right")
     with torch.inference_mode():
         logits = model(**enc).logits
@@ -506,18 +508,18 @@ def test_builtin_edits_are_known_by_the_embedded_model(smol):
 # ---------------------------------------------------------------- real benchmark files (when present)
 
 def test_real_files_verify(data_root):
-    for rel in D.KNOWN_FILES:
+    for rel in datadir.KNOWN_FILES:
         if (data_root / rel).is_file():
-            assert D.data_file(rel, data_dir=data_root, download=False) == data_root / rel
+            assert datadir.data_file(rel, data_dir=data_root, download=False) == data_root / rel
 
 
 def test_real_lks_and_mend_files(data_root):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the real files have no invalid records
-        cf = D.load_lks_json(D.data_file("lks/cf_eval_data.json", data_root))
-        zs = D.load_lks_json(D.data_file("lks/zsre_eval_data.json", data_root))
-        mend = D.load_mend_counterfact(D.data_file("counterfact_mend/counterfact-edit.json", data_root))
-        joined = D.load_edits("counterfact", data_dir=data_root)
+        cf = formats.load_lks_json(datadir.data_file("lks/cf_eval_data.json", data_root))
+        zs = formats.load_lks_json(datadir.data_file("lks/zsre_eval_data.json", data_root))
+        mend = formats.load_mend_counterfact(datadir.data_file("counterfact_mend/counterfact-edit.json", data_root))
+        joined = formats.load_edits("counterfact", data_dir=data_root)
     assert len(cf) == len(zs) == len(mend) == len(joined) == 10_000
     assert all(len(r.rephrases) == 1 and len(r.locality) == 1 for r in cf)
     mend_by_id = {r.case_id: r for r in mend}
@@ -529,25 +531,25 @@ def test_real_lks_and_mend_files(data_root):
     assert {r.case_id for r in two} == shared - dups and len(shared) > 4000 and len(dups) < 50
     assert all(len(r.neighborhood) == 1 for r in joined if r.case_id in shared)
     assert all(len(r.rephrases) == 1 and not r.neighborhood for r in joined if r.case_id not in shared)
-    assert D.load_edits("zsre", data_dir=data_root, n=5) == zs.head(5)
+    assert formats.load_edits("zsre", data_dir=data_root, n=5) == zs.head(5)
 
 
 def test_harvested_locality_templates_exclude_evaluation_prompts():
     recs = [EditRecord(subject=s, prompt=f"{s} plays", target="x", locality=[(f"The birthplace of {s} is", "y")])
             for s in ("Ada Lovelace", "Alan Turing", "Grace Hopper")]
-    assert D.harvest_locality_templates(recs, min_count=3) == {"The birthplace of {} is": 3}
-    assert D.harvest_locality_templates(recs, min_count=4) == {}
-    shipped = D.harvested_locality_templates()
+    assert prompts.harvest_locality_templates(recs, min_count=3) == {"The birthplace of {} is": 3}
+    assert prompts.harvest_locality_templates(recs, min_count=4) == {}
+    shipped = prompts.harvested_locality_templates()
     assert len(shipped) >= 50 and all(t.count("{}") == 1 for t in shipped)
-    both = D.locality_templates("both")
-    assert set(D.LOCALITY_TEMPLATES) <= set(both) and set(shipped) <= set(both) and len(set(both)) == len(both)
+    both = prompts.locality_templates("both")
+    assert set(prompts.LOCALITY_TEMPLATES) <= set(both) and set(shipped) <= set(both) and len(set(both)) == len(both)
     r = EditRecord(subject="Ada Lovelace", prompt="Ada Lovelace plays", target="x",
                    locality=[("The birthplace of Ada Lovelace is", "London")])
-    every = D.training_locality_prompts(r, 10_000, templates="harvested")
+    every = prompts.training_locality_prompts(r, 10_000, templates="harvested")
     assert "The birthplace of Ada Lovelace is" in [t.replace("{}", "Ada Lovelace") for t in shipped]
     assert "the birthplace of ada lovelace is" not in {p.casefold() for p in every}  # evaluation prompt held out
     with pytest.raises(ValueError, match="locality template set"):
-        D.locality_templates("nope")
+        prompts.locality_templates("nope")
 
 
 def test_paraphrase_bank_links_prompt_and_rephrase_templates_and_holds_out_evaluation_prompts():
@@ -562,13 +564,13 @@ def test_paraphrase_bank_links_prompt_and_rephrase_templates_and_holds_out_evalu
                     "{} speaks": {"The mother tongue of {} is": 1}}
     r = EditRecord(subject="Kurt Gödel", prompt="The mother tongue of Kurt Gödel is", target="y",
                    rephrases=["kurt gödel speaks", "Kurt Gödel's native language is"])  # both scored by evaluation
-    assert D.training_paraphrase_prompts(r, 5, bank) == []
+    assert prompts.training_paraphrase_prompts(r, 5, bank) == []
     r2 = EditRecord(subject="Kurt Gödel", prompt="The mother tongue of Kurt Gödel is", target="y")
-    assert D.training_paraphrase_prompts(r2, 5, bank) == ["Kurt Gödel's native language is", "Kurt Gödel speaks"]
-    assert D.training_paraphrase_prompts(r2, 1, bank) == ["Kurt Gödel's native language is"]  # most frequent first
-    assert D.training_paraphrase_prompts(r2, 0, bank) == []
+    assert prompts.training_paraphrase_prompts(r2, 5, bank) == ["Kurt Gödel's native language is", "Kurt Gödel speaks"]
+    assert prompts.training_paraphrase_prompts(r2, 1, bank) == ["Kurt Gödel's native language is"]  # most frequent first
+    assert prompts.training_paraphrase_prompts(r2, 0, bank) == []
     with pytest.raises(ValueError, match="k must be >= 0"):
-        D.training_paraphrase_prompts(r2, -1, bank)
+        prompts.training_paraphrase_prompts(r2, -1, bank)
     shipped = D.paraphrase_templates()
     assert len(shipped) > 1000 and all(t.count("{}") == 1 and all(u.count("{}") == 1 for u in d) for t, d in shipped.items())
 
@@ -595,6 +597,6 @@ def test_rephrase_forms_of_the_real_counterfact_file(data_root):
     """The split that README and the closing notes report for the first 1,000 edits."""
     from collections import Counter
 
-    joined = D.load_edits("counterfact", data_dir=data_root, n=1000)
+    joined = formats.load_edits("counterfact", data_dir=data_root, n=1000)
     forms = Counter(D.rephrase_form(p, r.subject) for r in joined for p in r.rephrases[1:])
     assert forms == {"paraphrase": 69, "generation": 379}

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PLAIN_TRAIN, make_tiny_llama, prepared_editor
+from conftest import PLAIN_TRAIN, interrupted_at_step, make_tiny_llama, prepared_editor
 
 from lks.config import EditorConfig, TrainConfig
 from lks.data import EditRecord, EditSet, paraphrase_templates, subject_template
@@ -18,7 +18,7 @@ from lks.editor import LKSEditor
 from lks.headloss import head_nll, head_topk_kl
 from lks.training import Trainer
 from lks.training.losses import topk_kl
-from lks.training.sequences import pad
+from lks.utils import pad_ids
 
 
 def tiny_edits() -> EditSet:
@@ -55,7 +55,7 @@ def test_fast_path_equals_hooked_forward(tiny_pair, kind, prefix_cache):
     batch = list(range(len(seqs)))
     with torch.no_grad():
         fast = editor.fast.upper_logits(cache, seqs, batch, editor.kb_table(), editor.generator.combine)
-    ids, mask = pad([seqs[j].ids for j in batch], tok.pad_token_id, "cpu")
+    ids, mask = pad_ids([seqs[j].ids for j in batch], tok.pad_token_id, "cpu")
     with torch.no_grad(), editor.applied(model) as stats:
         full = model(input_ids=ids, attention_mask=mask).logits
     rows = [r for r, j in enumerate(batch) for _ in seqs[j].loss_pos]
@@ -98,7 +98,7 @@ def test_precompute_is_the_same_in_any_batching(tiny_pair, prefix_cache):
 def test_residual_untrained_changes_nothing(tiny_pair, kind):
     model, tok = tiny_pair
     editor = LKSEditor(model, tok, EditorConfig(layer=1, generator=kind))
-    editor._set_edits(tiny_edits())
+    editor.set_edits(tiny_edits())
     prompts = ["Toko Yasuda plays the", "The capital of France is"]
     assert editor.generate(prompts, max_new_tokens=5) == editor.generate(prompts, max_new_tokens=5, edited=False)
 
@@ -177,46 +177,29 @@ def test_load_rejects_other_model_and_corrupt_files(tiny_pair, tmp_path):
         LKSEditor.load(path, model, tok)
 
 
-@pytest.mark.parametrize("recorded", [True, False], ids=["seconds-recorded", "checkpoint-without-seconds"])
-def test_resume_after_interruption_matches_uninterrupted_run(tiny_pair, tmp_path, monkeypatch, recorded):
+def test_resume_after_interruption_matches_uninterrupted_run(tiny_pair, tmp_path, monkeypatch):
     monkeypatch.setenv("LKS_CACHE_DIR", str(tmp_path / "cache"))
     model, tok = tiny_pair
     full = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
     full.fit(tiny_edits(), TRAIN, progress=False)
 
     crashing = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
-    real, calls = Trainer.batch_loss, []
-
-    def crash_in_epoch_3(self, batch):
-        calls.append(1)
-        if len(calls) == 5:  # 2 batches per epoch: the first batch of epoch 3
-            raise KeyboardInterrupt
-        return real(self, batch)
-
-    monkeypatch.setattr(Trainer, "batch_loss", crash_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_step(5), pytest.raises(KeyboardInterrupt):  # 2 steps per epoch: the first of epoch 3
         crashing.fit(tiny_edits(), TRAIN, checkpoint_dir=tmp_path / "ck", progress=False)
-    monkeypatch.setattr(Trainer, "batch_loss", real)
     state_path = tmp_path / "ck" / "train_state.json"
     state = json.loads(state_path.read_text())
     assert state["epoch"] == 2
-    # the fit time counts the interrupted process: say it had run 1,000 s before the crash. A checkpoint
-    # written before lks recorded "seconds" counts its epochs' seconds instead (here 2 x 500 s).
-    if recorded:
-        state_path.write_text(json.dumps({**state, "seconds": 1000.0}))
-    else:
-        state_path.write_text(json.dumps({k: v for k, v in state.items() if k != "seconds"}))
-        cfg_path = tmp_path / "ck" / "config.json"
-        saved = json.loads(cfg_path.read_text())
-        assert [h["epoch"] for h in saved["history"]] == [1, 2]
-        cfg_path.write_text(json.dumps({**saved, "history": [{**h, "seconds": 500.0} for h in saved["history"]]}))
+    # the fit time counts the interrupted process: say it had run 1,000 s before the crash
+    assert [h["epoch"] for h in state["history"]] == [1, 2]
+    assert not (tmp_path / "ck" / "config.json").exists()  # a running fit's checkpoint is its train state only
+    state_path.write_text(json.dumps({**state, "seconds": 1000.0}))
 
     resumed = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
     t0 = time.perf_counter()
     hist = resumed.fit(tiny_edits(), TRAIN, checkpoint_dir=tmp_path / "ck", progress=False)
     assert 1000.0 < resumed.fit_seconds <= 1000.0 + time.perf_counter() - t0
     assert [h["epoch"] for h in hist] == [1, 2, 3]
-    assert torch.allclose(resumed.kb_table(), full.kb_table(), atol=1e-6)
+    assert torch.equal(resumed.kb_table(), full.kb_table())  # bit for bit (tests/test_determinism.py: on 2 threads too)
     # a checkpoint of another run is refused rather than silently mixed in
     with pytest.raises(ValueError, match="another training config"):
         LKSEditor(model, tok, EditorConfig(layer=1, generator="residual")).fit(
@@ -240,18 +223,8 @@ def test_a_resumed_fit_reads_its_prepared_training_set(tiny_pair, tmp_path, monk
     full.fit(tiny_edits(), cfg, progress=False)
     assert not (tmp_path / "cache").exists()  # no checkpoint directory: nothing stored
 
-    real, calls = Trainer.batch_loss, []
-
-    def crash_in_epoch_2(self, batch):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(self, batch)
-
-    monkeypatch.setattr(Trainer, "batch_loss", crash_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_step(3), pytest.raises(KeyboardInterrupt):  # in epoch 2
         LKSEditor(model, tok, ecfg).fit(tiny_edits(), cfg, checkpoint_dir=tmp_path / "ck", progress=False)
-    monkeypatch.setattr(Trainer, "batch_loss", real)
     (folder,) = (tmp_path / "cache" / "prepared").iterdir()
     assert sorted(p.name for p in folder.iterdir()) == ["cache.safetensors", "gate.safetensors", "sequences.json"]
 
@@ -483,10 +456,10 @@ def test_route_finds_non_ascii_subjects_split_across_byte_tokens(tiny_pair):
     editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
     edits = EditSet([EditRecord(subject="Zoë Café", prompt="Zoë Café plays the", target="piano", case_id=0),
                      EditRecord(subject="Toko Yasuda", prompt="Toko Yasuda plays the", target="harp", case_id=1)])
-    editor._set_edits(edits)
+    editor.set_edits(edits)
     prompts = ["The friend of Zoë Café plays the", "Toko Yasuda plays the", "Nobody here"]
     enc = tok(prompts, return_tensors="pt", padding=True)
-    assert any("\ufffd" in editor._piece(int(t)) for t in tok("é")["input_ids"])  # really split
+    assert any("\ufffd" in editor.router.piece(int(t)) for t in tok("é")["input_ids"])  # really split
     rows, pos, subj = editor.route(enc["input_ids"], enc["attention_mask"])
     assert rows == [0, 1] and [editor.subjects[i] for i in subj] == ["Zoë Café", "Toko Yasuda"]
     ids = enc["input_ids"][0].tolist()
@@ -600,13 +573,13 @@ def test_batch_loss_with_fused_head_equals_the_autograd_losses(tiny_pair, quanti
 
 
 def test_para_per_edit_adds_bank_paraphrases_to_the_equivalence_loss(tiny_pair):
-    from lks.data import training_paraphrase_prompts
+    from lks.training.prompts import training_paraphrase_prompts
     from lks.training.sequences import KIND_EQUIV, build_sequences
 
     model, tok = tiny_pair
     editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
     edits = tiny_edits()
-    editor._set_edits(edits)
+    editor.set_edits(edits)
     counts = {}
     for k in (0, 2):
         per_edit, seqs, _ = build_sequences(model, tok, editor.scope, edits, TrainConfig(**{**TRAIN.__dict__, "para_per_edit": k}))
@@ -647,8 +620,9 @@ def test_gated_generator_learns_its_gate_from_the_gate_loss(tiny_pair, tmp_path)
     """The gate opens on the edit prompts and closes on the gate-only locality prompts; their
     cached blocks are the model's own layer-L states at the subject's last token, and a prompt
     that shares an edit prompt's tokens up to the subject (so its block) is no negative."""
-    from lks.data import subject_positions, training_locality_prompts
+    from lks.data import subject_positions
     from lks.hooks import LayerHooks
+    from lks.training.prompts import training_locality_prompts
     model, tok = tiny_pair
     editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="gated", mlp_ratio=2))
     edits = tiny_edits()

@@ -71,7 +71,7 @@ def test_after_target_rows_follow_the_unedited_greedy_continuation(tiny_pair):
     model, tok = tiny_pair
     editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
     edits = tiny_edits()
-    editor._set_edits(edits)
+    editor.set_edits(edits)
     cfg = after_cfg(after_tokens=3)
     _, seqs, _ = build_sequences(model, tok, editor.scope, edits, cfg)
     _, plain, _ = build_sequences(model, tok, editor.scope, edits, TRAIN)

@@ -15,7 +15,8 @@ from conftest import PLAIN_TRAIN, TINY_CORPUS
 
 from lks import grid as G
 from lks import report as R
-from lks.data import EditSet, load_edits
+from lks.data import EditSet
+from lks.formats import load_edits
 from lks.methods import load_editor, method_label
 from lks.metrics import evaluate_edits, neighborhood_score
 

@@ -9,7 +9,7 @@ weights are restored bit for bit, also after an exception), ``generate``, ``save
 ``n_edits``, ``fit_seconds``.
 
 The forward passes of the optimisation loops run the frozen lower layers once (their output is
-cached, :func:`lower_states`) and only the layers above it each step (:func:`upper_hidden`, the
+cached, :func:`lks.hooks.layer_output`) and only the layers above it each step (:func:`upper_hidden`, the
 same ``skip_lower_layers`` trick as LKS's training path).
 """
 
@@ -20,7 +20,7 @@ import json
 import os
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,10 +30,11 @@ from torch import nn
 
 from lks.config import from_dict
 from lks.data import EditSet, find_subject, subject_token_index
-from lks.hooks import LayerHooks, StopForward
+from lks.hooks import LayerHooks, layer_output
 from lks.methods import ApplyStats, Editor, accepted_edits, method_names, replace_settings
 from lks.models import cache_dir, get_layer, get_layers, model_device, skip_lower_layers
-from lks.utils import atomic_dir, sha256_text, write_json
+from lks.suffix import suffix_forward, upper_keys_values
+from lks.utils import atomic_dir, pad_ids, sha256_text, write_json
 
 FORMAT_VERSION = 1
 PROJ = "mlp.down_proj"  # the MLP output projection inside a Llama/Mistral/Qwen2 decoder layer
@@ -98,17 +99,6 @@ def encode_rows(tok: Any, texts: Sequence[str], subjects: Sequence[str], edit_of
     return rows
 
 
-def pad(rows: Sequence[Row], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids`` and ``attention_mask`` ``[batch, T]``."""
-    T = max(len(r.ids) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r.ids)] = torch.tensor(r.ids)
-        mask[i, : len(r.ids)] = 1
-    return ids.to(device), mask.to(device)
-
-
 def chunks(n: int, size: int) -> list[list[int]]:
     return [list(range(i, min(n, i + size))) for i in range(0, n, size)]
 
@@ -116,16 +106,6 @@ def chunks(n: int, size: int) -> list[list[int]]:
 # --------------------------------------------------------------------------------------------
 # Forward passes in two parts
 # --------------------------------------------------------------------------------------------
-@torch.no_grad()
-def lower_states(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, layer: int) -> tuple[torch.Tensor, bool]:
-    """Output ``[batch, T, d]`` of decoder ``layer`` (the layers above never run), and whether the
-    decoder layers return tuples (what :func:`lks.models.skip_lower_layers` must mimic)."""
-    with LayerHooks(model, capture=[layer], stop_after_capture=True) as hooks:
-        with suppress(StopForward):
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-    return hooks.captured[layer], bool(hooks.output_is_tuple)
-
-
 def upper_hidden(model: nn.Module, layer: int, hidden: torch.Tensor, mask: torch.Tensor, as_tuple: bool,
                  params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Final (normed) hidden states ``[batch, T, d]`` when decoder ``layer`` outputs ``hidden``:
@@ -178,6 +158,7 @@ class WeightEditor(Editor):
         self.deltas: dict[int, torch.Tensor] = {}
         self.n_edits = 0
         self.fit_seconds = 0.0
+        self.fit_threads = 0  # torch threads of the fit: bit-reproducible at the same count
         self.prior_seconds = 0.0
         self.history: list[dict[str, float]] = []
         self.data_checksum = ""
@@ -209,6 +190,7 @@ class WeightEditor(Editor):
         if config is not None:
             self.config = config
         edits, _ = accepted_edits(edits, on_conflict)
+        self.fit_threads = torch.get_num_threads()
         t0 = time.perf_counter()
         self.history, self.prior_seconds = [], 0.0  # prior: a resumed fit's earlier runs (set by _fit)
         self.deltas = {k: v.detach().float().cpu() for k, v in self._fit(edits, progress).items()}
@@ -263,7 +245,7 @@ class WeightEditor(Editor):
             raise RuntimeError(f"{type(self).__name__} is not fitted: nothing to save")
         cfg = {"format_version": FORMAT_VERSION, "lks_version": lks.__version__, "method": self.method,
                "model": model_identity(self.model) | {"class": type(self.model).__name__}, "config": dataclasses.asdict(self.config),
-               "layers": sorted(self.deltas), "n_edits": self.n_edits, "fit_seconds": self.fit_seconds,
+               "layers": sorted(self.deltas), "n_edits": self.n_edits, "fit_seconds": self.fit_seconds, "fit_threads": self.fit_threads,
                "data_checksum": self.data_checksum, "history": self.history,
                "versions": {"torch": torch.__version__}}
         path = Path(path)
@@ -298,6 +280,7 @@ class WeightEditor(Editor):
                                  f"of {have['name']!r}")
             editor.deltas[layer] = delta
         editor.n_edits, editor.fit_seconds = cfg.get("n_edits", 0), cfg.get("fit_seconds", 0.0)
+        editor.fit_threads = cfg.get("fit_threads", 0)
         editor.history, editor.data_checksum = cfg.get("history", []), cfg.get("data_checksum", "")
         return editor
 
@@ -345,11 +328,9 @@ class SuffixPart:
 def suffix_part(model: nn.Module, layer: int, rows: Sequence[Row], pad_id: int, dtype: torch.dtype) -> SuffixPart:
     """Run ``rows`` once (lower layers, then the upper ones with a cache) and keep what the
     suffix-only passes need (see :class:`SuffixPart`). ``dtype``: the upper layers' dtype."""
-    from lks.models import past_key_value
-
     dev = model_device(model)
-    ids, mask = pad(rows, pad_id, dev)
-    h, as_tuple = lower_states(model, ids, mask, layer)
+    ids, mask = pad_ids([r.ids for r in rows], pad_id, dev)
+    h, as_tuple = layer_output(model, ids, mask, layer)
     with skip_lower_layers(model, layer, h.to(dtype), as_tuple):
         out = model.base_model(inputs_embeds=torch.zeros_like(h, dtype=dtype), attention_mask=mask, use_cache=True)
     starts = [r.subj for r in rows]
@@ -358,8 +339,7 @@ def suffix_part(model: nn.Module, layer: int, rows: Sequence[Row], pad_id: int, 
     hs = torch.zeros(B, Ts, h.shape[-1], device=dev)
     m = torch.zeros(B, P + Ts, dtype=torch.long, device=dev)
     kv = []
-    for i in range(layer + 1, len(get_layers(model))):
-        k, v = past_key_value(out.cache, i)
+    for k, v in upper_keys_values(out.cache, model, layer):
         kp, vp = k.new_zeros(B, k.shape[1], P, k.shape[3]), v.new_zeros(B, v.shape[1], P, v.shape[3])
         for b, s in enumerate(starts):
             kp[b, :, P - s:], vp[b, :, P - s:] = k[b, :, :s], v[b, :, :s]
@@ -375,16 +355,6 @@ def suffix_part(model: nn.Module, layer: int, rows: Sequence[Row], pad_id: int, 
 
 def suffix_hidden(model: nn.Module, part: SuffixPart, add: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """Final hidden states ``[B, Ts, d]`` of the suffixes with ``add`` ``[B, d]`` added to each
-    row's edited token (suffix position 0) in the output of ``part.layer``."""
-    from lks.models import make_past
-
+    row's edited token (suffix position 0) in the output of ``part.layer`` (:func:`lks.suffix.suffix_forward`)."""
     h = part.h if add is None else torch.cat([part.h[:, :1] + add[:, None], part.h[:, 1:]], 1)
-    h = h.to(dtype)
-    B, P = h.shape[0], part.mask.shape[1] - h.shape[1]
-    k0 = part.kv[0][0]
-    dummy = k0.new_zeros(B, k0.shape[1], P, k0.shape[3])  # layers 0..layer are skipped and never read it
-    past = make_past([(dummy, dummy)] * (part.layer + 1) + list(part.kv))
-    with skip_lower_layers(model, part.layer, h, part.as_tuple):
-        out = model.base_model(inputs_embeds=torch.zeros_like(h), attention_mask=part.mask, cache=past,
-                               use_cache=True, position_ids=part.position_ids)
-    return out.last_hidden_state
+    return suffix_forward(model, part.layer, h.to(dtype), part.mask, part.position_ids, part.kv, part.as_tuple)

@@ -32,14 +32,13 @@ from lks.baselines.common import (
     WeightEditor,
     down_proj,
     encode_rows,
-    lower_states,
-    pad,
     target_nll,
     upper_hidden,
 )
 from lks.data import EditSet
+from lks.hooks import layer_output
 from lks.models import model_device
-from lks.utils import length_batches, save_tensors
+from lks.utils import length_batches, pad_ids, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +93,8 @@ def lower_parts(model: nn.Module, tok: Any, chunked: list[list[Row]], layer: int
     """Each chunk padded and run through the layers below ``layer`` (which FT-L does not change)."""
     parts = []
     for rows in chunked:
-        ids, mask = pad(rows, tok.pad_token_id, model_device(model))
-        h, as_tuple = lower_states(model, ids, mask, layer - 1)
+        ids, mask = pad_ids([r.ids for r in rows], tok.pad_token_id, model_device(model))
+        h, as_tuple = layer_output(model, ids, mask, layer - 1)
         parts.append(Part(rows, h, mask, as_tuple))
     return parts
 

@@ -42,7 +42,6 @@ from lks.baselines.common import (
     chunks,
     down_proj,
     encode_rows,
-    pad,
     suffix_hidden,
     suffix_part,
     target_nll,
@@ -51,7 +50,7 @@ from lks.baselines.stats import CORPUS, key_second_moment
 from lks.data import EditSet
 from lks.hooks import LayerHooks, StopForward
 from lks.models import model_device, upper_layers_dtype
-from lks.utils import length_batches, resolve_dtype, resolve_precision, save_tensors, take_rows
+from lks.utils import length_batches, pad_ids, resolve_dtype, resolve_precision, save_tensors, take_rows
 
 log = logging.getLogger(__name__)
 PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You", "It", "In", "A", "When", "She")
@@ -229,7 +228,7 @@ def keys_and_outputs(model: nn.Module, tok, rows: Sequence[Row], n: int, key_lay
         first.setdefault(r.edit, j)
     for idx in length_batches([len(r.ids) for r in rows], batch_rows):
         sub = [rows[j] for j in idx]
-        ids, mask = pad(sub, tok.pad_token_id, dev)
+        ids, mask = pad_ids([r.ids for r in sub], tok.pad_token_id, dev)
         with LayerHooks(model, capture=[out_layer], capture_inputs=[(key_layer, PROJ)], stop_after_capture=True) as hk:
             try:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)

@@ -45,7 +45,7 @@ def corpus_windows(tok, n_tokens: int, corpus: str | os.PathLike = CORPUS, data_
     """The corpus's first ``n_tokens`` tokens as ``[windows, SEQ_LEN]`` (the last window may be
     shorter than SEQ_LEN and is dropped unless it is the only one). ``corpus`` is a path or a file
     of the data directory."""
-    from lks.data import data_file
+    from lks.datadir import data_file
 
     if "test" in Path(corpus).name:  # the capability suite scores WikiText-2 test: statistics never see it
         raise ValueError(f"corpus {corpus}: a test split; use the validation split ({CORPUS})")

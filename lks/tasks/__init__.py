@@ -23,8 +23,8 @@ _WIKI_TITLE = re.compile(r"^ = [^=].* = $")
 
 
 def data_root(data_dir: str | os.PathLike | None) -> Path:
-    """The benchmark data directory (``lks.data.data_dir``)."""
-    from lks.data import data_dir as resolve  # explicit > $LKS_DATA_DIR > ~/.cache/lks/data
+    """The benchmark data directory (``lks.datadir.data_dir``)."""
+    from lks.datadir import data_dir as resolve  # explicit > $LKS_DATA_DIR > ~/.cache/lks/data
 
     return Path(resolve(data_dir))
 

@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,19 +27,19 @@ from tqdm.auto import tqdm
 
 from lks.config import TrainConfig
 from lks.headloss import pad_rows
-from lks.hooks import LayerHooks, Replacement, StopForward, apply_replacement
-from lks.models import get_layers, make_past, model_device, past_key_value, skip_lower_layers
-from lks.training import precision
-from lks.training.precision import (
-    TRIM_EVERY,
-    fit_dtype,
-    lower_pass,
-    pads_shapes,
-    quantized_shape,
-    upper_pass,
+from lks.hooks import Replacement, apply_replacement, layer_output
+from lks.models import (
+    get_layers,
+    lower_layers_dtype,
+    model_device,
+    skip_lower_layers,
+    upper_layers_dtype,
 )
-from lks.training.sequences import Seq, pad, starts
-from lks.utils import length_batches, release_memory
+from lks.suffix import suffix_forward, upper_keys_values
+from lks.training import precision
+from lks.training.precision import TRIM_EVERY, fit_dtype, pads_shapes, quantized_shape
+from lks.training.sequences import Seq, starts
+from lks.utils import length_batches, pad_ids, release_memory
 
 LENGTH_BUCKETS = 2  # blocks per training step (see step_blocks): fewer, longer op chains; 2 was fastest of 1-4 (benchmarks/README)
 
@@ -80,22 +80,47 @@ class FastPath:
         self.layer = layer
         self.d = int(model.config.hidden_size)
         self.quantize_shapes = quantize_shapes
-        self.lm_weight: torch.Tensor | None = None  # bfloat16 copy of the output embedding (lks.training.precision.upper_pass)
+        self.lm_weight: torch.Tensor | None = None  # bfloat16 copy of the output embedding (upper_pass)
         self.as_tuple = False                        # whether decoder layers return tuples (seen by the first lower pass)
+
+    # ---- precision of a fit's passes ------------------------------------------------------------
+    @contextmanager
+    def lower_pass(self, precision: str) -> Iterator[None]:
+        """Precision of the one-time layer-L passes (precompute, features, gate examples): in bfloat16
+        the cached states carry bfloat16 rounding, like the upper pass. The feature vectors run in it
+        too: computed once and stored with the editor, so inference reads the very vectors training
+        saw (1,000 CounterFact subjects: within 1.1% of the float32 vectors on average, 4.5% at most,
+        relative L2)."""
+        if fit_dtype(self.model, precision) is None:
+            yield
+            return
+        with lower_layers_dtype(self.model, self.layer, torch.bfloat16, attn_implementation="eager"):
+            yield
+
+    @contextmanager
+    def upper_pass(self, precision: str) -> Iterator[None]:
+        """Precision of the upper pass for one fit.
+
+        bfloat16 on a float32 model: layers L+1..N and the final norm hold bfloat16 weights inside the
+        block (:func:`lks.models.upper_layers_dtype`, originals restored on exit), eager attention, and
+        a bfloat16 copy of the output embedding for the logits (it may be tied to the input embedding,
+        which the block must not change). Losses stay in float32.
+        """
+        if fit_dtype(self.model, precision) is None:
+            yield
+            return
+        self.lm_weight = self.model.get_output_embeddings().weight.detach().to(torch.bfloat16)
+        try:
+            with upper_layers_dtype(self.model, self.layer, torch.bfloat16, attn_implementation="eager"):
+                yield
+        finally:
+            self.lm_weight = None
 
     # ---- layers 0..L -------------------------------------------------------------------------
     def run_to_layer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Layer-L output ``[batch, seq, d]``; the layers above L are never run."""
-        inputs: dict[str, torch.Tensor] = {"input_ids": input_ids}
-        dtype = next(get_layers(self.model)[0].parameters()).dtype
-        emb = self.model.get_input_embeddings()
-        if emb.weight.dtype != dtype:  # inside lower_pass: bfloat16 layers, float32 (tied) embeddings
-            inputs = {"inputs_embeds": emb(input_ids).to(dtype)}
-        with LayerHooks(self.model, capture=[self.layer], stop_after_capture=True) as hooks:
-            with suppress(StopForward):
-                self.model(**inputs, attention_mask=attention_mask, use_cache=False)
-        self.as_tuple = bool(hooks.output_is_tuple)
-        return hooks.captured[self.layer]
+        """Layer-L output ``[batch, seq, d]``; the layers above L are never run (:func:`lks.hooks.layer_output`)."""
+        hidden, self.as_tuple = layer_output(self.model, input_ids, attention_mask, self.layer)
+        return hidden
 
     def lower_batches(self, ids: Sequence[list[int]], batch_size: int, desc: str | None = None
                       ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
@@ -104,7 +129,7 @@ class FastPath:
         shows a progress bar. The glibc heap is trimmed every ``TRIM_EVERY`` batches."""
         dev = model_device(self.model)
         for k, idx in enumerate(tqdm(length_batches([len(x) for x in ids], batch_size), desc=desc, disable=desc is None)):
-            x, mask = pad([ids[i] for i in idx], self.tokenizer.pad_token_id, dev)
+            x, mask = pad_ids([ids[i] for i in idx], self.tokenizer.pad_token_id, dev)
             yield idx, self.run_to_layer(x, mask), mask
             if k % TRIM_EVERY == TRIM_EVERY - 1:
                 release_memory(collect=False)  # see lks.utils.release_memory
@@ -129,7 +154,7 @@ class FastPath:
         # filled in place: one [sum T, d] tensor, never a second copy (10,000 edits: 1.4 GB float32)
         # stored in the lower pass's dtype (bfloat16 halves the largest cache; the values are bf16 anyway)
         cache = Cache(torch.zeros(total, self.d, dtype=fit_dtype(self.model, cfg.precision) or torch.float32), offsets)
-        with lower_pass(self, cfg.precision):
+        with self.lower_pass(cfg.precision):
             for idx, states, _ in self.lower_batches([s.ids for s in seqs], batch_size,
                                                      "cache layer-L states" if progress else None):
                 for row, j in enumerate(idx):
@@ -152,7 +177,7 @@ class FastPath:
                 cache.kv_offsets, cache.kv_index = kv_offsets, kv_index
             cache.kv[kv_index[kv_offsets[j]:kv_offsets[j] + len(kv)]] = kv
         logps, idxs, tails, n_ref = [], [], [], 0
-        with upper_pass(self, cfg.precision):  # the same precision as the training steps: KL 0 for an unchanged block
+        with self.upper_pass(cfg.precision):  # the same precision as the training steps: KL 0 for an unchanged block
             for k, batch in enumerate(tqdm(batches, desc="upper-layer pass (references"
                                            + (", prefix keys/values)" if prefix_cache else ")"),
                                            disable=not progress or not batches)):
@@ -220,14 +245,15 @@ class FastPath:
         # the upper layers' own dtype: bfloat16 inside upper_pass when TrainConfig.precision asks
         dtype = next(layers[L + 1].parameters()).dtype if L + 1 < len(layers) else next(self.model.parameters()).dtype
         h = h.to(dtype)
-        kwargs: dict[str, Any] = {"use_cache": kv_out is not None}
         if use_prefix:
-            kwargs.update(self._prefix_inputs(cache, batch, first, P, T, dtype, dev))
-        with skip_lower_layers(self.model, L, h, self.as_tuple):
-            out = self.model.base_model(inputs_embeds=torch.zeros_like(h), attention_mask=mask, **kwargs)
-        last = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            kv, positions = self._prefix_kv(cache, batch, first, P, T, dtype, dev)
+            last = suffix_forward(self.model, L, h, mask, positions, kv, self.as_tuple)
+        else:
+            with skip_lower_layers(self.model, L, h, self.as_tuple):
+                out = self.model.base_model(inputs_embeds=torch.zeros_like(h), attention_mask=mask, use_cache=kv_out is not None)
+            last = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         if kv_out is not None:
-            kv = [past_key_value(out.cache, i) for i in range(L + 1, len(layers))]
+            kv = upper_keys_values(out.cache, self.model, L)
             for row, j in enumerate(batch):
                 p = seqs[j].subj_pos  # [p, n_upper, 2, kv_heads, head_dim]
                 kv_out(j, torch.stack([torch.stack([k[row, :, :p], v[row, :, :p]]) for k, v in kv])
@@ -236,9 +262,10 @@ class FastPath:
         g_pos = torch.tensor([p - s0 for j, s0 in zip(batch, first) for p in seqs[j].loss_pos], device=dev)
         return last[g_rows, g_pos]
 
-    def _prefix_inputs(self, cache: Cache, batch: list[int], first: list[int], P: int, T: int,
-                       dtype: torch.dtype, dev: torch.device) -> dict[str, Any]:
-        """Model kwargs that make a suffix-only pass attend to the cached prefix keys/values."""
+    def _prefix_kv(self, cache: Cache, batch: list[int], first: list[int], P: int, T: int,
+                   dtype: torch.dtype, dev: torch.device) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """The cached prefix keys/values of the rows of ``batch`` (left-padded to ``P``) as
+        :func:`lks.suffix.suffix_forward` reads them, and the suffix tokens' positions ``[B, T]``."""
         assert cache.kv is not None and cache.kv_index is not None
         _, n_upper, _, n_kv, hd = cache.kv.shape
         kv = torch.zeros(len(first), P, n_upper, 2, n_kv, hd, dtype=dtype)
@@ -246,13 +273,8 @@ class FastPath:
             o = cache.kv_offsets[j]
             kv[row, P - p:] = cache.kv[cache.kv_index[o:o + p]]
         kv = kv.to(dev).permute(2, 3, 0, 4, 1, 5)  # [n_upper, 2, batch, kv_heads, P, head_dim]
-        dummy = torch.zeros(len(first), n_kv, P, hd, dtype=dtype, device=dev)  # layers 0..L never read it
-        past = make_past([(dummy, dummy)] * (self.layer + 1) + [(kv[i, 0], kv[i, 1]) for i in range(n_upper)])
         first_t = torch.tensor(first, device=dev)
-        # the suffix fills cache slots P..P+T-1 (the mask's query offset is the cache length P);
-        # position_ids give each row's true positions for the rotary embedding
-        return {"cache": past, "use_cache": True,
-                "position_ids": first_t[:, None] + torch.arange(T, device=dev)[None, :]}
+        return [(kv[i, 0], kv[i, 1]) for i in range(n_upper)], first_t[:, None] + torch.arange(T, device=dev)[None, :]
 
     # ---- the output layer --------------------------------------------------------------------
     def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from lks.config import TrainConfig
-from lks.data import EditSet, subject_token_index, training_locality_prompts
+from lks.data import EditSet, subject_token_index
 from lks.hypernet import KBGenerator
 from lks.models import model_device
 from lks.scope import ScopeIndicator
 from lks.training.fastpath import Cache, FastPath
-from lks.training.precision import fit_dtype, lower_pass
-from lks.training.sequences import KIND_LOC, Seq, equiv_prompts, paraphrase_bank, subject_span
+from lks.training.precision import fit_dtype
+from lks.training.prompts import EditPrompts, edit_prompts
+from lks.training.sequences import KIND_LOC, Seq, subject_span
 from lks.utils import take_rows
 
 
@@ -36,11 +37,12 @@ class GateExamples:
 
 @torch.no_grad()
 def gate_examples(fast: FastPath, scope: ScopeIndicator, edits: EditSet, seqs: list[Seq], cfg: TrainConfig,
-                  batch_size: int = 256) -> GateExamples:
+                  prompts: list[EditPrompts] | None = None, batch_size: int = 256) -> GateExamples:
     """Examples of the gate loss beyond the training sequences:
 
     * ``cfg.gate_negatives`` more locality prompts per edit (0), after the KL prompts in the list
-      of :func:`lks.data.training_locality_prompts`, so never one of them;
+      of ``prompts`` (:func:`lks.training.prompts.edit_prompts`, the prompts the training
+      sequences were built from), so never one of them;
     * ``cfg.gate_prefixes`` = k: k copies of the edit prompt and its training paraphrases (1) and
       of k locality prompts (0), each behind an unrelated sentence - another edit's prompt with its
       original answer ("The mother tongue of Danielle Darrieux is French.") - as ROME's paraphrase
@@ -50,15 +52,13 @@ def gate_examples(fast: FastPath, scope: ScopeIndicator, edits: EditSet, seqs: l
     A negative whose tokens up to the subject equal a positive's ("X was born in" and "X's mother
     tongue is") has that positive's very block: no gate can tell them apart, so it is dropped, and
     so are such KL locality sequences (``skip``); the KL loss still keeps them local."""
-    bank = paraphrase_bank(cfg)
     rng = random.Random(f"{cfg.seed}\x00gate prefixes")
     items: list[tuple[str, int, float]] = []  # (text, subject id, label)
-    k = cfg.loc_per_subject if cfg.w_loc > 0 else 0
-    for r in edits:
+    for r, pr in zip(edits, prompts or edit_prompts(edits, cfg)):
         sid = scope.index_of(r.subject)
-        locs = training_locality_prompts(r, k + cfg.gate_negatives, cfg.seed, cfg.loc_templates)
-        items += [(q, sid, 0.0) for q in locs[k:]]
-        positives = [r.prompt, *equiv_prompts(r, cfg, bank)]
+        locs = pr.locality
+        items += [(q, sid, 0.0) for q in locs[pr.n_kl:]]
+        positives = [r.prompt, *pr.equiv]
         for m in range(cfg.gate_prefixes):
             other = edits[rng.randrange(len(edits))]
             prefix = f"{other.prompt} {other.ground_truth}."
@@ -78,7 +78,7 @@ def gate_examples(fast: FastPath, scope: ScopeIndicator, edits: EditSet, seqs: l
     ids = [enc["input_ids"][j] for j in keep]
     # in the cache's dtype (bfloat16 when the fit runs in it: 10,000 edits x 16 negatives ~ 180 MB)
     kb = torch.empty(len(keep), fast.d, dtype=fit_dtype(fast.model, cfg.precision) or torch.float32)
-    with lower_pass(fast, cfg.precision):
+    with fast.lower_pass(cfg.precision):
         for idx, states, _ in fast.lower_batches(ids, batch_size):
             at = torch.tensor([pos[keep[i]] for i in idx], device=states.device)
             kb[torch.tensor(idx)] = states[torch.arange(len(idx), device=states.device), at].to(kb.dtype).cpu()
@@ -90,8 +90,8 @@ def warm_gate(generator: KBGenerator, features: torch.Tensor, cache: Cache, seqs
               cfg: TrainConfig, batch: int = 2048) -> None:
     """``cfg.gate_steps`` steps of the gate loss alone on the cached blocks (seconds: no upper
     layers), before the epochs: the gate needs far more updates than the training steps give it
-    (without them an earlier version was open on 47% of the held-out zsRE locality prompts, with
-    them 12%; docs/experiments.md, the context-gated generator)."""
+    (without them the gate was open on 47% of the held-out zsRE locality prompts in one
+    measurement, with them 12%; docs/experiments.md, the context-gated generator)."""
     dev = features.device
     rows = [j for j in range(len(seqs)) if j not in gate.skip]
     kb = torch.cat([torch.stack([cache.states[cache.offsets[j] + seqs[j].subj_pos] for j in rows]), gate.kb])

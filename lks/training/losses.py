@@ -29,6 +29,27 @@ class RowsOf:
         return take_rows(self.rows, index)  # subjects repeat: a deterministic backward
 
 
+def loss_rows(seqs: list[Seq], batch: list[int], cache: Cache) -> tuple[list[int], ...]:
+    """Where the losses of ``batch`` (in this order) read the upper pass's rows: the NLL rows with
+    their target tokens, sequence and the sequences' kinds; the KL rows with their reference rows
+    and whether each is a locality row. The NLL and KL rows go through the output layer separately."""
+    at, kl_rows, kl_ref, kl_loc = 0, [], [], []
+    nll_rows, nll_tgt, nll_seq, seq_kind = [], [], [], []
+    for j in batch:
+        s, n, n_nll = seqs[j], len(seqs[j].loss_pos), len(seqs[j].loss_tgt)
+        if n_nll:
+            nll_rows.extend(range(at, at + n_nll))
+            nll_tgt.extend(s.loss_tgt)
+            nll_seq.extend([len(seq_kind)] * n_nll)
+            seq_kind.append(s.kind)
+        if n > n_nll:  # locality KL, or the KL after the target (TrainConfig.w_after)
+            kl_rows.extend(range(at + n_nll, at + n))
+            kl_ref.extend(range(cache.ref_row[j], cache.ref_row[j] + n - n_nll))
+            kl_loc.extend([s.kind == KIND_LOC] * (n - n_nll))
+        at += n
+    return nll_rows, nll_tgt, nll_seq, seq_kind, kl_rows, kl_ref, kl_loc
+
+
 def batch_loss(fast: FastPath, generator: KBGenerator, features: torch.Tensor, cache: Cache, seqs: list[Seq],
                batch: list[int], cfg: TrainConfig, gate: GateExamples | None = None) -> dict[str, torch.Tensor]:
     """Losses of one step on the sequences ``batch``: ``edit``, ``equiv`` (mean NLL of the target
@@ -47,21 +68,7 @@ def batch_loss(fast: FastPath, generator: KBGenerator, features: torch.Tensor, c
     hidden = torch.cat([fast.upper_hidden(cache, seqs, block, table, generator.combine) for block in blocks])
     losses: dict[str, torch.Tensor] = {}
     zero = hidden.sum() * 0.0
-    # the NLL rows and the KL rows go through the output layer separately (lks.headloss)
-    at, kl_rows, kl_ref, kl_loc = 0, [], [], []
-    nll_rows, nll_tgt, nll_seq, seq_kind = [], [], [], []
-    for j in batch:
-        s, n, n_nll = seqs[j], len(seqs[j].loss_pos), len(seqs[j].loss_tgt)
-        if n_nll:
-            nll_rows.extend(range(at, at + n_nll))
-            nll_tgt.extend(s.loss_tgt)
-            nll_seq.extend([len(seq_kind)] * n_nll)
-            seq_kind.append(s.kind)
-        if n > n_nll:  # locality KL, or the KL after the target (TrainConfig.w_after)
-            kl_rows.extend(range(at + n_nll, at + n))
-            kl_ref.extend(range(cache.ref_row[j], cache.ref_row[j] + n - n_nll))
-            kl_loc.extend([s.kind == KIND_LOC] * (n - n_nll))
-        at += n
+    nll_rows, nll_tgt, nll_seq, seq_kind, kl_rows, kl_ref, kl_loc = loss_rows(seqs, batch, cache)
     dev = hidden.device
     # output layer + loss fused (lks.headloss): vocabulary-sized logits only HEAD_CHUNK rows at
     # a time, their gradient taken in closed form; only [rows, d] is kept for the backward

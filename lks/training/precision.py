@@ -1,11 +1,12 @@
-"""CPU tuning of the fast path, in one place: bfloat16 passes and padded step shapes.
+"""CPU tuning of the fast path, in one place: the fit's precision and padded step shapes.
 
 Nothing here changes what training computes beyond floating-point rounding; each knob was kept
 because a benchmark showed it pays (``benchmarks/README.md``):
 
 * ``TrainConfig.precision`` ``"bfloat16"`` (or ``"auto"`` on a CPU with AMX / AVX-512-BF16, or a
   bf16 GPU): the frozen model's passes of a fit hold bfloat16 weights (restored bit for bit on
-  exit); losses stay float32. ~1.9x faster steps on AMX.
+  exit; :meth:`lks.training.fastpath.FastPath.lower_pass` / ``upper_pass``); losses stay float32.
+  ~1.9x faster steps on AMX.
 * shape quantisation (``SHAPE_QUANTA``): oneDNN builds and caches a kernel per distinct matmul
   shape in bfloat16 on CPU; padding rows and tokens to a few quanta keeps it hitting that cache.
 * heap trims (``TRIM_EVERY``): the length-sorted precompute fragments glibc's heap
@@ -14,17 +15,12 @@ because a benchmark showed it pays (``benchmarks/README.md``):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import torch
 
-from lks.models import lower_layers_dtype, model_device, upper_layers_dtype
+from lks.models import model_device
 from lks.utils import resolve_precision
-
-if TYPE_CHECKING:
-    from lks.training.fastpath import FastPath
 
 # Padding quanta of the fast path's shapes: (batch rows, suffix tokens, prefix tokens, logit rows).
 # oneDNN (bf16 on CPU) builds and caches a primitive per distinct matmul shape; a new shape costs
@@ -71,37 +67,3 @@ def fit_dtype(model: torch.nn.Module, precision: str) -> torch.dtype | None:
     """bfloat16 when the fit's precision asks for it and the model is float32, else None."""
     return torch.bfloat16 if precision_used(model, precision) == "bfloat16" and \
         next(model.parameters()).dtype == torch.float32 else None
-
-
-@contextmanager
-def lower_pass(fast: FastPath, precision: str) -> Iterator[None]:
-    """Precision of the one-time layer-L passes (precompute, features, gate examples): in bfloat16
-    the cached states carry bfloat16 rounding, like the upper pass. The feature vectors run in it
-    too: computed once and stored with the editor, so inference reads the very vectors training
-    saw (1,000 CounterFact subjects: within 1.1% of the float32 vectors on average, 4.5% at most,
-    relative L2)."""
-    if fit_dtype(fast.model, precision) is None:
-        yield
-        return
-    with lower_layers_dtype(fast.model, fast.layer, torch.bfloat16, attn_implementation="eager"):
-        yield
-
-
-@contextmanager
-def upper_pass(fast: FastPath, precision: str) -> Iterator[None]:
-    """Precision of the fast path's upper pass for one fit.
-
-    bfloat16 on a float32 model: layers L+1..N and the final norm hold bfloat16 weights inside the
-    block (:func:`lks.models.upper_layers_dtype`, originals restored on exit), eager attention, and
-    a bfloat16 copy of the output embedding for the logits (it may be tied to the input embedding,
-    which the block must not change). Losses stay in float32.
-    """
-    if fit_dtype(fast.model, precision) is None:
-        yield
-        return
-    fast.lm_weight = fast.model.get_output_embeddings().weight.detach().to(torch.bfloat16)
-    try:
-        with upper_layers_dtype(fast.model, fast.layer, torch.bfloat16, attn_implementation="eager"):
-            yield
-    finally:
-        fast.lm_weight = None

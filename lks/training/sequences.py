@@ -9,7 +9,7 @@ also covers those positions (so free generation does not repeat the new object).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,17 +17,11 @@ import torch
 from torch import nn
 
 from lks.config import TrainConfig
-from lks.data import (
-    EditRecord,
-    EditSet,
-    find_subject,
-    paraphrase_templates,
-    subject_token_index,
-    training_locality_prompts,
-    training_paraphrase_prompts,
-)
+from lks.data import EditSet, find_subject, subject_token_index
 from lks.models import model_device
 from lks.scope import ScopeIndicator
+from lks.training.prompts import EditPrompts, edit_prompts
+from lks.utils import length_batches, pad_ids
 
 KIND_EDIT, KIND_EQUIV, KIND_LOC = 0, 1, 2
 
@@ -46,19 +40,18 @@ class Seq:
     loss_tgt: list[int]     # target token ids for NLL (empty for locality sequences)
 
 
-def build_sequences(model: nn.Module, tokenizer: Any, scope: ScopeIndicator, edits: EditSet, cfg: TrainConfig
-                    ) -> tuple[list[list[int]], list[Seq], dict[str, int]]:
-    """Tokenise the training sequences of ``edits``: ``(per-edit sequence ids, sequences, skipped counts)``."""
+def build_sequences(model: nn.Module, tokenizer: Any, scope: ScopeIndicator, edits: EditSet, cfg: TrainConfig,
+                    prompts: list[EditPrompts] | None = None) -> tuple[list[list[int]], list[Seq], dict[str, int]]:
+    """Tokenise the training sequences of ``edits``: ``(per-edit sequence ids, sequences, skipped
+    counts)``; ``prompts``: each edit's training prompts (default: :func:`lks.training.prompts.edit_prompts`)."""
     texts: list[tuple[str, int, int, str, str]] = []  # (text, edit idx, kind, prompt, subject)
     skipped = {"equiv_without_subject": 0}
-    bank = paraphrase_bank(cfg)  # parsed once per fit
-    for i, r in enumerate(edits):
+    for i, (r, pr) in enumerate(zip(edits, prompts or edit_prompts(edits, cfg))):
         texts.append((f"{r.prompt} {r.target}", i, KIND_EDIT, r.prompt, r.subject))
-        for q in equiv_prompts(r, cfg, bank):
+        for q in pr.equiv:
             texts.append((f"{q} {r.target}", i, KIND_EQUIV, q, r.subject))
-        if cfg.w_loc > 0:
-            for p in training_locality_prompts(r, cfg.loc_per_subject, cfg.seed, cfg.loc_templates):
-                texts.append((p, i, KIND_LOC, p, r.subject))
+        for p in pr.kl_locality:
+            texts.append((p, i, KIND_LOC, p, r.subject))
     per_edit: list[list[int]] = [[] for _ in edits]
     seqs: list[Seq] = []
     bs = 256
@@ -104,7 +97,7 @@ def continue_unedited(model: nn.Module, tokenizer: Any, seqs: list[Seq], n: int,
     dev = model_device(model)
     for b in range(0, len(todo), batch_size):
         idx = todo[b:b + batch_size]
-        ids, mask = pad([seqs[j].ids for j in idx], tokenizer.pad_token_id, dev, left=True)
+        ids, mask = pad_ids([seqs[j].ids for j in idx], tokenizer.pad_token_id, dev, left=True)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)[:, ids.shape[1]:].tolist()
         for r, j in enumerate(idx):
@@ -125,36 +118,13 @@ def subject_span(scope: ScopeIndicator | None, prompt: str, subject: str) -> tup
         return (m.start, m.end) if m is not None and m.subject == subject else None
 
 
-def paraphrase_bank(cfg: TrainConfig) -> dict[str, dict[str, int]] | None:
-    """The paraphrase bank when ``cfg`` trains bank paraphrases, else None."""
-    return paraphrase_templates() if cfg.para_per_edit and cfg.w_equiv > 0 else None
-
-
-def equiv_prompts(record: EditRecord, cfg: TrainConfig, bank: dict[str, dict[str, int]] | None) -> list[str]:
-    """The equivalence loss's prompts of an edit: its own first rephrase (unless held out), then
-    phrasings of its relation from the bank; none when the loss is off."""
-    if cfg.w_equiv <= 0:
-        return []
-    return [*record.rephrases[:int(cfg.train_rephrase)], *training_paraphrase_prompts(record, cfg.para_per_edit, bank)]
-
-
-def length_batches(per_edit: list[list[int]], seqs: list[Seq], batch_size: int) -> list[list[int]]:
-    """Group edits of similar length into batches (less padding); each batch lists sequence ids."""
-    order = sorted((i for i in range(len(per_edit)) if per_edit[i]),
-                   key=lambda i: max(len(seqs[j].ids) for j in per_edit[i]))
-    return [[j for i in order[b:b + batch_size] for j in per_edit[i]] for b in range(0, len(order), batch_size)]
-
-
-def pad(seqs: Sequence[list[int]], pad_id: int, device, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad (``left``: left-pad, for generation) token lists: ``(ids [b, T], attention_mask [b, T])``."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        span = slice(T - len(s), T) if left else slice(0, len(s))
-        ids[i, span] = torch.tensor(s)
-        mask[i, span] = 1
-    return ids.to(device), mask.to(device)
+def edit_batches(per_edit: list[list[int]], seqs: list[Seq], batch_size: int) -> list[list[int]]:
+    """Training steps: ``batch_size`` edits of similar length each (less padding), every edit with
+    all its sequences; each step lists sequence ids (:func:`lks.utils.length_batches` over the edits'
+    longest sequences)."""
+    edits = [i for i in range(len(per_edit)) if per_edit[i]]
+    longest = [max(len(seqs[j].ids) for j in per_edit[i]) for i in edits]
+    return [[j for k in batch for j in per_edit[edits[k]]] for batch in length_batches(longest, batch_size)]
 
 
 def starts(lengths: Iterable[int]) -> tuple[list[int], int]:

@@ -33,7 +33,7 @@ from lks.utils import save_tensors
 
 # the modules whose code computes the stored parts (paths relative to the lks package)
 SOURCES = ("data.py", "scope.py", "hooks.py", "models.py", "training/sequences.py", "training/gate.py",
-           "training/fastpath.py", "training/precision.py", "training/stored.py")
+           "training/prompts.py", "training/fastpath.py", "training/precision.py", "training/stored.py")
 FORMAT = "lks-prepared-2"  # 2: prefix keys/values one row per distinct prefix (kv_index)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -9,24 +10,37 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from lks.checkpoint import resume_state, save_editor
+from lks.checkpoint import read_train_state, write_train_state
 from lks.config import TrainConfig
 from lks.data import EditSet
+from lks.hypernet import KBGenerator
+from lks.scope import ScopeIndicator
 from lks.training import stored
-from lks.training.fastpath import Cache
+from lks.training.fastpath import Cache, FastPath
 from lks.training.gate import GateExamples, gate_examples, warm_gate
 from lks.training.losses import batch_loss
-from lks.training.precision import upper_pass
-from lks.training.sequences import Seq, build_sequences, length_batches
+from lks.training.prompts import edit_prompts
+from lks.training.sequences import Seq, build_sequences, edit_batches
 from lks.utils import release_memory
 
-if TYPE_CHECKING:
-    from lks.editor import LKSEditor
+
+class Trainable(Protocol):
+    """What a fit reads of an editor (:class:`lks.LKSEditor`): its parts, and ``set_edits``."""
+
+    model: Any
+    tokenizer: Any
+    fast: FastPath
+    generator: KBGenerator
+    features: torch.Tensor | None
+    scope: ScopeIndicator | None
+
+    def set_edits(self, edits: EditSet, cfg: TrainConfig | None = None) -> None: ...
+
 
 LOSS_NAMES = ("total", "edit", "equiv", "loc", "after", "gate")
 log = logging.getLogger(__name__)  # a line per prepared part and per epoch (python -m lks reproduce shows them)
@@ -53,7 +67,7 @@ class Trainer:
     ``Trainer(editor, cfg).prepare(edits).train(...)``; tests and benchmarks use the parts.
     """
 
-    def __init__(self, editor: LKSEditor, cfg: TrainConfig) -> None:
+    def __init__(self, editor: Trainable, cfg: TrainConfig) -> None:
         self.editor = editor
         self.cfg = cfg
         self.fast = editor.fast
@@ -64,6 +78,7 @@ class Trainer:
         self.gate: GateExamples | None = None  # the gated generator's extra examples
         self.precompute_seconds = 0.0
         self.started = time.perf_counter()  # the fit's start in this process (preparation included)
+        self.data_checksum = ""  # of the edits prepared
         self.prior_seconds = 0.0  # a resumed fit's earlier processes, read from its checkpoint
 
     def prepare(self, edits: EditSet, batch_size: int = 256, progress: bool = True,
@@ -75,14 +90,16 @@ class Trainer:
         written to it."""
         t0 = time.perf_counter()
         ed, cfg = self.editor, self.cfg
-        ed._set_edits(edits, cfg)
+        ed.set_edits(edits, cfg)
+        self.data_checksum = edits.checksum()
         assert ed.scope is not None
+        prompts = edit_prompts(edits, cfg)  # the training sequences and the gate examples read the same prompts
         self.per_edit, self.seqs, self.skipped = _stored(
             store, stored.load_sequences, lambda folder, got: stored.save_sequences(folder, *got),
-            lambda: build_sequences(ed.model, ed.tokenizer, ed.scope, edits, cfg), lambda got: f"{len(got[1])} training sequences")
+            lambda: build_sequences(ed.model, ed.tokenizer, ed.scope, edits, cfg, prompts), lambda got: f"{len(got[1])} training sequences")
         if ed.generator.has_gate:
             self.gate = _stored(store, stored.load_gate, stored.save_gate,
-                                lambda: gate_examples(self.fast, ed.scope, edits, self.seqs, cfg),
+                                lambda: gate_examples(self.fast, ed.scope, edits, self.seqs, cfg, prompts),
                                 lambda got: f"{len(got.label)} gate examples")
         self.cache = _stored(store, stored.load_cache, stored.save_cache,
                              lambda: self.fast.precompute(self.seqs, cfg, batch_size, progress),
@@ -99,57 +116,69 @@ class Trainer:
 
     def train(self, checkpoint_dir: str | os.PathLike | None = None, resume: bool = True,
               progress: bool = True) -> list[dict[str, float]]:
-        """The epochs (AdamW, linear decay, early stopping on the training loss); returns the history."""
+        """The epochs (AdamW, linear decay, early stopping on the training loss); returns the history.
+
+        With ``checkpoint_dir`` the generator, optimizer and scheduler are saved there after every
+        epoch (:func:`lks.checkpoint.write_train_state`), and ``resume`` continues from the last
+        saved epoch of the same edits and config."""
         assert self.cache is not None, "call prepare(edits) first"
         ed, cfg = self.editor, self.cfg
-        batches = length_batches(self.per_edit, self.seqs, cfg.batch_size)
+        batches = edit_batches(self.per_edit, self.seqs, cfg.batch_size)
         steps_total = len(batches) * cfg.epochs
         opt = torch.optim.AdamW(ed.generator.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / max(1, steps_total)))
-        ed.history, start_epoch, best, bad = [], 0, math.inf, 0
-        if checkpoint_dir is not None and resume:
-            state = resume_state(ed, checkpoint_dir, opt, sched)
-            if state is not None:
-                start_epoch, best, bad = state["epoch"], state["best"], state["bad_epochs"]
-                # a checkpoint from before lks recorded "seconds": its epochs' seconds (preparation left out)
-                self.prior_seconds = float(state.get("seconds", sum(h.get("seconds", 0.0) for h in ed.history)))
+        running = {"data_checksum": self.data_checksum, "train": dataclasses.asdict(cfg)}  # what a resumed checkpoint must match
+        saved = read_train_state(checkpoint_dir, running, opt, sched) if checkpoint_dir is not None and resume else None
+        history, best, bad = self._resumed(saved) if saved is not None else ([], math.inf, 0)
+        start_epoch = len(history)
         if start_epoch == 0 and self.gate is not None and cfg.gate_steps > 0:
             warm_gate(ed.generator, ed.features, self.cache, self.seqs, self.gate, cfg)
         rng = random.Random(cfg.seed)
         for _ in range(start_epoch):  # replay the shuffles of finished epochs: same order as uninterrupted
             rng.shuffle(batches)
         ed.generator.train()
-        with upper_pass(self.fast, cfg.precision):
+        with self.fast.upper_pass(cfg.precision):
             for epoch in range(start_epoch, cfg.epochs):
                 if bad >= cfg.patience:
                     break
-                te = time.perf_counter()
                 rng.shuffle(batches)
-                sums = dict.fromkeys(LOSS_NAMES, 0.0)
-                bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
-                for batch in bar:
-                    losses = self.batch_loss(batch)
-                    opt.zero_grad(set_to_none=True)
-                    losses["total"].backward()
-                    opt.step()
-                    sched.step()
-                    for k in sums:
-                        sums[k] += float(losses[k].detach())
-                    bar.set_postfix(loss=f"{float(losses['total'].detach()):.3f}")
-                n = max(1, len(batches))
-                rec = {"epoch": epoch + 1, "loss": sums["total"] / n,
-                       **{k: sums[k] / n for k in LOSS_NAMES if k != "total"},
-                       "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - te}
-                ed.history.append(rec)
-                log.info("epoch %d/%d: loss %.4f (%.0f s)", epoch + 1, cfg.epochs, rec["loss"], rec["seconds"])
-                if rec["loss"] < best - cfg.min_delta:
-                    best, bad = rec["loss"], 0
-                else:
-                    bad += 1
+                rec = self._epoch(epoch, batches, opt, sched, progress)
+                history.append(rec)
+                eta = (cfg.epochs - epoch - 1) * sum(h["seconds"] for h in history) / len(history)
+                log.info("epoch %d/%d: loss %.4f (%.0f s; at most %.0f s to go)", epoch + 1, cfg.epochs, rec["loss"],
+                         rec["seconds"], eta)
+                best, bad = (rec["loss"], 0) if rec["loss"] < best - cfg.min_delta else (best, bad + 1)
                 if checkpoint_dir is not None:
                     seconds = self.prior_seconds + time.perf_counter() - self.started
-                    save_editor(ed, checkpoint_dir, train_state={"epoch": epoch + 1, "best": best, "bad_epochs": bad,
-                                                                 "seconds": seconds},
-                                optimizer=opt, scheduler=sched)
+                    state = {"epoch": epoch + 1, "best": best, "bad_epochs": bad, "seconds": seconds, "history": history, **running}
+                    weights = {f"generator.{k}": v for k, v in ed.generator.state_dict().items()}
+                    write_train_state(checkpoint_dir, state, weights, opt, sched)
         ed.generator.eval()
-        return ed.history
+        return history
+
+    def _resumed(self, saved: tuple[dict[str, Any], dict[str, torch.Tensor]]) -> tuple[list[dict[str, float]], float, int]:
+        """``(history, best loss, epochs without improvement)`` of a checkpoint, its generator loaded."""
+        state, tensors = saved
+        self.editor.generator.load_state_dict({k[len("generator."):]: v for k, v in tensors.items()})
+        history = state["history"]
+        self.prior_seconds = float(state["seconds"])  # the interrupted processes' time, preparation included
+        return history, state["best"], state["bad_epochs"]
+
+    def _epoch(self, epoch: int, batches: list[list[int]], opt: torch.optim.Optimizer, sched: Any,
+               progress: bool) -> dict[str, float]:
+        """One pass over ``batches``; the epoch's record: mean losses, learning rate, seconds."""
+        te = time.perf_counter()
+        sums = dict.fromkeys(LOSS_NAMES, 0.0)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not progress, leave=False)
+        for batch in bar:
+            losses = self.batch_loss(batch)
+            opt.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            opt.step()
+            sched.step()
+            for k in sums:
+                sums[k] += float(losses[k].detach())
+            bar.set_postfix(loss=f"{float(losses['total'].detach()):.3f}")
+        n = max(1, len(batches))
+        return {"epoch": epoch + 1, "loss": sums["total"] / n, **{k: sums[k] / n for k in LOSS_NAMES if k != "total"},
+                "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - te}

@@ -1,6 +1,6 @@
 """How often the ``gated`` generator's gate is open, by kind of prompt, for a saved editor.
 
-    python benchmarks/gate_diagnostics.py --editor runs/editors/zsre-100 --data zsre --n 100
+    python experiments/gate_diagnostics.py --editor runs/editors/zsre-100 --data zsre --n 100
 
 For each of the first ``--n`` edits of ``--data`` (the records the editor was fitted on), the
 original layer-L block at the subject's last token of four kinds of prompt is passed to the
@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 import lks
-from lks.data import rephrase_form, subject_positions, training_locality_prompts
+from lks.data import rephrase_form, subject_positions
+from lks.training.prompts import training_locality_prompts
 
 REPO = Path(__file__).resolve().parents[1]
 

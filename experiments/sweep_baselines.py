@@ -1,9 +1,9 @@
 """Points of a weight-editing baseline's sweep: fit on records that are never evaluated, score,
 print (and append) one JSON line per point.
 
-    python benchmarks/sweep_baselines.py --method memit --start 5000 --n 100 --set lam=5000 layers=[3,4,5,6,7]
-    python benchmarks/sweep_baselines.py --method ft --set layer=6 bound=1e-3 --out runs/sweep_baselines.jsonl
-    python benchmarks/sweep_baselines.py --method alphaedit --n 1000 --set --set threshold=0.03 --set alpha=10
+    python experiments/sweep_baselines.py --method memit --start 5000 --n 100 --set lam=5000 layers=[3,4,5,6,7]
+    python experiments/sweep_baselines.py --method ft --set layer=6 bound=1e-3 --out runs/sweep_baselines.jsonl
+    python experiments/sweep_baselines.py --method alphaedit --n 1000 --set --set threshold=0.03 --set alpha=10
 
 Each ``--set`` is one point (overrides of the registered settings; a bare ``--set`` is the
 registered point); the points run in one process and share the unedited model's scores.

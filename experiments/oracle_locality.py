@@ -1,14 +1,14 @@
 """Upper bound of same-subject locality for a knowledge-block edit: one free vector per subject.
 
-    python benchmarks/oracle_locality.py --layer 20 --loc 4 --wloc 1 --n 30
-    python benchmarks/oracle_locality.py --layer 20 --loc 12 --wloc 3 --n 30 --out runs/oracle.jsonl
-    python benchmarks/oracle_locality.py --data zsre --loc 12 --wloc 3 --n 30
+    python experiments/oracle_locality.py --layer 20 --loc 4 --wloc 1 --n 30
+    python experiments/oracle_locality.py --layer 20 --loc 12 --wloc 3 --n 30 --out runs/oracle.jsonl
+    python experiments/oracle_locality.py --data zsre --loc 12 --wloc 3 --n 30
 
 For each of the first ``--n`` edits of ``--data`` (CounterFact by default), a vector ``delta`` (d floats, no hypernetwork) is
 added to the subject's last-token state at the output of ``--layer``, and optimised alone with the
 editor's own objective: mean NLL of the new target after the edit prompt + ``--wloc`` x KL(unedited
 || edited) over the positions from the subject on of ``--loc`` training locality prompts
-(``lks.data.training_locality_prompts``, the registered templates). Adam, ``--steps`` full-model
+(``lks.training.prompts.training_locality_prompts``, the registered templates). Adam, ``--steps`` full-model
 steps. No generator shared across subjects can fit a subject better than its own free vector under
 the same loss, so these numbers bound what ``LKSEditor`` can reach with that loss at that layer
 (up to optimisation).
@@ -34,9 +34,10 @@ import numpy as np
 import torch
 
 import lks
-from lks.data import find_subject, subject_token_index, training_locality_prompts
+from lks.data import find_subject, subject_token_index
 from lks.hooks import LayerHooks
-from lks.training.sequences import pad
+from lks.training.prompts import training_locality_prompts
+from lks.utils import pad_ids
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
                 for ids, offs, p in zip(enc["input_ids"], enc["offset_mapping"], prompts)]
 
     def logits(items, delta: torch.Tensor | None) -> torch.Tensor:
-        ids, mask = pad([it[0] for it in items], tok.pad_token_id, "cpu")  # right-padded, as fit pads
+        ids, mask = pad_ids([it[0] for it in items], tok.pad_token_id, "cpu")  # right-padded, as fit pads
         with LayerHooks(model, edit_layer=args.layer, detach=False) as hooks:
             if delta is not None:
                 hooks.replace(list(range(len(items))), [it[1] for it in items], delta.expand(len(items), -1), additive=True)

@@ -4,7 +4,7 @@ null space's dimension at each threshold, the share of the corpus keys' energy i
 AlphaEdit assumes is ~0: ``sum of eigenvalues below the threshold / trace``), and the share of the
 edit keys' energy inside it (what is left for the edits to use).
 
-    OMP_NUM_THREADS=1 python benchmarks/null_space.py --data counterfact --n 1000 --thresholds 0.003 0.01 0.03
+    OMP_NUM_THREADS=1 python experiments/null_space.py --data counterfact --n 1000 --thresholds 0.003 0.01 0.03
 
 Keys are those of the fit (``lks.baselines.memit.keys_and_outputs``: down_proj inputs at the
 subject's last token, averaged over the edit prompt and the random-prefix contexts) under the

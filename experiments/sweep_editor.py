@@ -1,7 +1,7 @@
 """One point of the editor's hyperparameter sweep: fit, evaluate, print (and append) one JSON line.
 
-    python benchmarks/sweep_editor.py --data counterfact --n 100 --gen residual --wloc 1
-    python benchmarks/sweep_editor.py --data zsre --n 100 --out runs/sweep.jsonl
+    python experiments/sweep_editor.py --data counterfact --n 100 --gen residual --wloc 1
+    python experiments/sweep_editor.py --data zsre --n 100 --out runs/sweep.jsonl
 
 Reliability / seen generality are on what training saw; ``generality`` is on held-out paraphrases
 (``gen_n`` edits have one); locality and specificity are on held-out prompts (see lks/metrics.py).
