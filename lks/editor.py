@@ -139,8 +139,9 @@ class LKSEditor(Editor):
             edits: the edit set (non-empty; same subject + same prompt with different targets is
                 rejected as a conflict; different facts about one subject share one KB).
             config: training recipe; defaults to the model's (:func:`recipe_of`).
-            checkpoint_dir: if given, the editor is saved there after every epoch (atomically), and
-                ``resume=True`` continues from the last saved epoch when it holds the same edits.
+            checkpoint_dir: if given, the fit's train state (generator, optimizer, history) is saved
+                there after every epoch (atomically; the saved editor replaces it with ``save``), and
+                ``resume=True`` continues from the last saved epoch when it holds the same edits and config.
             progress: show tqdm bars.
             precompute_batch_size: sequences per batch of the one-time layer-L and reference passes
                 (length-sorted; 256 made the 1,000-edit precompute 35.5 -> 26.4-28.4 s against 64, two runs).
@@ -208,7 +209,7 @@ class LKSEditor(Editor):
         return [self.scope.find(p) is not None for p in prompts]
 
     def diagnostics(self, edits: EditSet) -> dict[str, float]:
-        """The scope indicator's recall and precision on ``edits``' prompts (:func:`lks.scope.scope_diagnostics`)."""
+        """The scope indicator's recall and precision on ``edits``' prompts (:func:`lks.routing.scope_diagnostics`)."""
         self._require_fitted()
         assert self.scope is not None
         return scope_diagnostics(self.scope, edits)

@@ -6,7 +6,7 @@ repeated index were summed in the order threads reached them, so these fits diff
 bits (and, compounded over epochs, by up to 0.011 in a weight on the embedded model).
 The model is wider than the other tests' (hidden 128): with fewer elements than about 10,000 the
 CPU kernel that varied runs on one thread and the test could not fail. Checked: without the fix the
-two LKS tests fail every time, the MEMIT one in 2 of 3 runs.
+two LKS tests fail every time, the MEMIT one, which compares three fits, in 3 of 4 runs (thread timing decides).
 """
 
 from __future__ import annotations
@@ -94,11 +94,12 @@ def test_two_memit_fits_on_two_threads_are_identical(wide_pair, two_threads, tmp
     cfg = MEMITConfig(layers=[0, 1], cov_tokens=1024, corpus=str(corpus), z_steps=12, z_lr=0.5, clamp=50.0,
                       n_prefixes=2, prefix_tokens=4, kl_weight=0.1, weight_decay=0.0, lam=1e-2, batch_rows=512)
     deltas = []
-    for run in range(2):
+    for run in range(3):  # a varying sum shows in most runs, not all: a third fit catches more
         monkeypatch.setenv("LKS_CACHE_DIR", str(tmp_path / f"cache{run}"))  # targets computed, not read back
         editor = MEMITEditor(model, tok, dataclasses.replace(cfg))
         editor.fit(edits, progress=False)
         deltas.append({str(k): v.clone() for k, v in editor.deltas.items()})
-    assert_identical(*deltas)
+    assert_identical(deltas[0], deltas[1])
+    assert_identical(deltas[0], deltas[2])
     editor.save(tmp_path / "memit")
     assert MEMITEditor.load(tmp_path / "memit", model, tok).fit_threads == 2

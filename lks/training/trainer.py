@@ -38,6 +38,7 @@ class Trainable(Protocol):
     generator: KBGenerator
     features: torch.Tensor | None
     scope: ScopeIndicator | None
+    data_checksum: str  # of the edits set_edits was given
 
     def set_edits(self, edits: EditSet, cfg: TrainConfig | None = None) -> None: ...
 
@@ -78,7 +79,6 @@ class Trainer:
         self.gate: GateExamples | None = None  # the gated generator's extra examples
         self.precompute_seconds = 0.0
         self.started = time.perf_counter()  # the fit's start in this process (preparation included)
-        self.data_checksum = ""  # of the edits prepared
         self.prior_seconds = 0.0  # a resumed fit's earlier processes, read from its checkpoint
 
     def prepare(self, edits: EditSet, batch_size: int = 256, progress: bool = True,
@@ -91,7 +91,6 @@ class Trainer:
         t0 = time.perf_counter()
         ed, cfg = self.editor, self.cfg
         ed.set_edits(edits, cfg)
-        self.data_checksum = edits.checksum()
         assert ed.scope is not None
         prompts = edit_prompts(edits, cfg)  # the training sequences and the gate examples read the same prompts
         self.per_edit, self.seqs, self.skipped = _stored(
@@ -127,7 +126,7 @@ class Trainer:
         steps_total = len(batches) * cfg.epochs
         opt = torch.optim.AdamW(ed.generator.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / max(1, steps_total)))
-        running = {"data_checksum": self.data_checksum, "train": dataclasses.asdict(cfg)}  # what a resumed checkpoint must match
+        running = {"data_checksum": ed.data_checksum, "train": dataclasses.asdict(cfg)}  # what a resumed checkpoint must match
         saved = read_train_state(checkpoint_dir, running, opt, sched) if checkpoint_dir is not None and resume else None
         history, best, bad = self._resumed(saved) if saved is not None else ([], math.inf, 0)
         start_epoch = len(history)
