@@ -116,8 +116,8 @@ def child(n: int, args: argparse.Namespace) -> dict:
         seen["ref"] = sum(t.numel() * t.element_size() for t in (cache.ref_logp, cache.ref_idx, cache.ref_tail)
                           if t is not None)
         seen["ref_rows"] = 0 if cache.ref_logp is None else int(cache.ref_logp.shape[0])
-        seen["kv"] = 0 if cache.kv is None else cache.kv.numel() * cache.kv.element_size()  # prefix keys/values
-        seen["kv_rows"] = 0 if cache.kv is None else int(cache.kv.shape[0])  # one per distinct token prefix
+        seen["kv"] = 0 if cache.prefix is None else cache.prefix.nbytes()  # prefix keys/values
+        seen["kv_rows"] = 0 if cache.prefix is None else cache.prefix.n_rows  # one per distinct token prefix
         seen["prefix_tokens"] = sum(q.subj_pos for q in seqs)  # the rows without that sharing
         seen["sequences"] = len(cache.offsets)
         seen["rss_after_precompute"], _ = rss_now()

@@ -413,8 +413,9 @@ def run(args, spec, model, tok, edits, cfg: TrainConfig, stack: ExitStack, t_sta
         tv = Trainer(ed, cfg_v).prepare(edits, 64, progress=False)  # as fit prepares (features in its precision)
         ed.generator.load_state_dict(init_state)
         cache_v = tv.cache
-        extra = "" if cache_v.kv is None else (f", prefix keys/values {cache_v.kv.numel() * cache_v.kv.element_size() / 2**20:.1f} MiB "
-                                               f"for {cache_v.kv.shape[0]} distinct prefixes of {sum(q.subj_pos for q in tv.seqs)} prefix tokens")
+        pre = cache_v.prefix
+        extra = "" if pre is None else (f", prefix keys/values {pre.nbytes() / 2**20:.1f} MiB "
+                                        f"for {pre.n_rows} distinct prefixes of {sum(q.subj_pos for q in tv.seqs)} prefix tokens")
         print(f"  {name} precompute: {tv.precompute_seconds:.2f} s wall{extra}")
         if precision == "bfloat16":
             stack.enter_context(ed.fast.upper_pass(cfg_v.precision))
@@ -516,7 +517,7 @@ def roofline(label: str, trainer: Trainer, batch, args, flops: int, dtype) -> No
     editor, cache, seqs = trainer.editor, trainer.cache, trainer.seqs
     d, V = editor.d, editor.model.config.vocab_size
     inter = editor.model.config.intermediate_size
-    tokens = padded_tokens(seqs, batch, LENGTH_BUCKETS, cache.kv is not None)  # through the upper layers, as lks runs them
+    tokens = padded_tokens(seqs, batch, LENGTH_BUCKETS, cache.prefix is not None)  # through the upper layers, as lks runs them
     n_pos = sum(len(seqs[j].loss_pos) for j in batch)
     head = 4 * n_pos * d * V  # lm head: forward + input-gradient (its weight is frozen)
     now = clock()

@@ -102,6 +102,7 @@ class LKSEditor(Editor):
         self.precision_used = ""           # TrainConfig.precision as resolved by the last fit
         self.precompute_seconds = 0.0
         self.fit_seconds = 0.0
+        self.fit_phases: dict[str, float] = {}  # seconds per part of the last fit's process (Trainer.phases)
         self.fit_threads = 0               # torch threads of the last fit: a fit is bit-reproducible at the same count
         self._table: torch.Tensor | None = None   # cached generator table for inference
         self.router = TokenRouter(tokenizer)       # token ids -> the subject a row mentions (applied mode)
@@ -172,6 +173,7 @@ class LKSEditor(Editor):
             trainer = Trainer(self, cfg).prepare(edits, precompute_batch_size, progress, store)
             self.precompute_seconds, self.skipped = trainer.precompute_seconds, trainer.skipped
             self.history = trainer.train(checkpoint_dir, resume, progress)
+            self.fit_phases = trainer.phases
         except Exception:  # an error (a refused checkpoint, a bug): not kept; an interruption is
             remove_prepared(store)
             raise
@@ -298,6 +300,7 @@ class LKSEditor(Editor):
         self.precision_used = cfg.get("precision_used", "")
         self.fit_seconds = cfg.get("fit_seconds")  # None: saved before lks recorded it
         self.fit_threads = cfg.get("fit_threads", 0)
+        self.fit_phases = cfg.get("fit_phases", {})
         self._table = None
 
 
@@ -313,5 +316,5 @@ def saved_config(editor: LKSEditor) -> dict[str, Any]:
             "train": dataclasses.asdict(editor.train_config) if editor.train_config else None,
             "n_edits": editor.n_edits, "n_subjects": len(editor.subjects), "data_checksum": editor.data_checksum,
             "history": editor.history, "fit_seconds": editor.fit_seconds, "precision_used": editor.precision_used,
-            "fit_threads": editor.fit_threads,
+            "fit_threads": editor.fit_threads, "fit_phases": editor.fit_phases,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}

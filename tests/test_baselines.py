@@ -253,6 +253,45 @@ def test_suffix_pass_equals_the_full_pass(tiny_pair):
         assert torch.allclose(fast[b, q.tgt_pos], full[b, r.tgt_pos], atol=1e-5)
 
 
+def test_target_chunks_share_prefix_rows_and_equal_the_full_pass(tiny_pair):
+    """MEMIT's chunks write into one prefix store: rows whose token lists agree up to a prefix
+    token share its stored row (oracle: the token tuples), the store holds what each row computes
+    alone, and each chunk's suffix pass still equals the plain pass of the upper layers."""
+    from lks.baselines.common import encode_rows, suffix_hidden, suffix_part, upper_hidden
+    from lks.hooks import layer_output
+    from lks.suffix import PrefixKV
+    from lks.utils import pad_ids
+
+    model, tok = tiny_pair
+    ctx = "Paris is the capital of France. "
+    texts = [ctx + "The mother tongue of Danielle Darrieux is", ctx + "Toko Yasuda plays the",
+             "The mother tongue of Danielle Darrieux is", ctx + "The mother tongue of Danielle Darrieux is"]
+    subjects = ["Danielle Darrieux", "Toko Yasuda", "Danielle Darrieux", "Danielle Darrieux"]
+    rows = encode_rows(tok, texts, subjects, [0, 1, 0, 0], ["English", "piano", "English", "English"])
+    store = PrefixKV.plan([r.ids for r in rows], [r.subj for r in rows])
+    distinct = {tuple(r.ids[:t + 1]) for r in rows for t in range(r.subj)}
+    assert store.n_rows == len(distinct) < sum(r.subj for r in rows)
+    torch.manual_seed(0)
+    add = torch.randn(len(rows), model.config.hidden_size)
+    parts = [(seq, suffix_part(model, 1, [rows[q] for q in seq], tok.pad_token_id, torch.float32, store, seq))
+             for seq in ([0, 1], [2, 3])]
+    for q, r in enumerate(rows):  # each stored row equals the row's own keys/values
+        alone = suffix_part(model, 1, [r], tok.pad_token_id, torch.float32).prefix
+        o = store.offsets[q]
+        assert (store.rows[store.index[o:o + r.subj]] - alone.rows).abs().max().item() < 1e-5
+    for seq, part in parts:
+        fast = suffix_hidden(model, part, add[seq], torch.float32)
+        chunk = [rows[q] for q in seq]
+        ids, mask = pad_ids([r.ids for r in chunk], tok.pad_token_id, torch.device("cpu"))
+        h, as_tuple = layer_output(model, ids, mask, 1)
+        h = h.clone()
+        for b, (q, r) in enumerate(zip(seq, chunk)):
+            h[b, r.subj] += add[q]
+        full = upper_hidden(model, 1, h, mask, as_tuple)
+        for b, (r, pr) in enumerate(zip(chunk, part.rows)):
+            assert torch.allclose(fast[b, pr.tgt_pos], full[b, r.tgt_pos], atol=1e-5)
+
+
 def test_batched_targets_equal_one_at_a_time(tiny_pair):
     """The batched target optimisation solves each edit's problem as if it were alone (float32)."""
     import dataclasses

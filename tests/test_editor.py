@@ -50,7 +50,7 @@ def test_fast_path_equals_hooked_forward(tiny_pair, kind, prefix_cache):
     editor.fit(edits, cfg, progress=False)
     tr = Trainer(editor, cfg).prepare(edits, progress=False)
     seqs, cache = tr.seqs, tr.cache
-    assert (cache.kv is not None) == prefix_cache
+    assert (cache.prefix is not None) == prefix_cache
     assert not prefix_cache or sum(s.subj_pos for s in seqs) > 0  # some sequences really have a prefix
     batch = list(range(len(seqs)))
     with torch.no_grad():
@@ -89,9 +89,9 @@ def test_precompute_is_the_same_in_any_batching(tiny_pair, prefix_cache):
             a, c = alone.ref_row[j], cache.ref_row[j]
             assert torch.equal(cache.ref_idx[c:c + n], alone.ref_idx[a:a + n])
             assert (cache.ref_logp[c:c + n] - alone.ref_logp[a:a + n]).abs().max().item() < 1e-4
-        assert (cache.kv is None) == (not prefix_cache)
+        assert (cache.prefix is None) == (not prefix_cache)
         if prefix_cache:
-            assert (cache.kv - alone.kv).abs().max().item() < 1e-5
+            assert (cache.prefix.rows - alone.prefix.rows).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("kind", ["residual", "residual_mlp", "gated"])
@@ -242,11 +242,13 @@ def test_a_resumed_fit_reads_its_prepared_training_set(tiny_pair, tmp_path, monk
     assert loaded.gate.skip == fresh.gate.skip and fresh.gate.kb.shape[0] > 0
     for name in ("kb", "subj", "label"):
         assert torch.equal(getattr(loaded.gate, name), getattr(fresh.gate, name))
-    assert fresh.cache.kv is not None and fresh.cache.ref_logp is not None
-    for name in ("states", "ref_logp", "ref_idx", "ref_tail", "kv", "kv_index"):
+    assert fresh.cache.prefix is not None and fresh.cache.ref_logp is not None
+    for name in ("states", "ref_logp", "ref_idx", "ref_tail"):
         assert torch.equal(getattr(loaded.cache, name), getattr(fresh.cache, name)), name
-    assert (loaded.cache.offsets, loaded.cache.kv_offsets, loaded.cache.ref_row) == \
-        (fresh.cache.offsets, fresh.cache.kv_offsets, fresh.cache.ref_row)
+    for name in ("rows", "index"):
+        assert torch.equal(getattr(loaded.cache.prefix, name), getattr(fresh.cache.prefix, name)), name
+    assert (loaded.cache.offsets, loaded.cache.prefix.offsets, loaded.cache.prefix.lengths, loaded.cache.ref_row) == \
+        (fresh.cache.offsets, fresh.cache.prefix.offsets, fresh.cache.prefix.lengths, fresh.cache.ref_row)
 
     resumed = LKSEditor(model, tok, ecfg)
     hist = resumed.fit(tiny_edits(), cfg, checkpoint_dir=tmp_path / "ck", progress=False)
@@ -392,14 +394,14 @@ def test_prefix_rows_are_shared_exactly_by_equal_token_prefixes(tiny_pair):
     lists up to them are equal (oracle: the token tuples themselves); the tiny edits' sequences
     do share some (several begin with their subject), and each shared row holds the keys/values
     that every sequence using it would compute alone."""
-    from lks.training.fastpath import prefix_rows
+    from lks.suffix import prefix_rows
     from lks.training.sequences import starts
 
     model, tok = tiny_pair
     editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="gated"))
     cfg = TrainConfig(**{**TRAIN.__dict__, "epochs": 1, "prefix_cache": True})
     seqs = Trainer(editor, cfg).prepare(tiny_edits(), progress=False).seqs
-    index, n_rows = prefix_rows(seqs)
+    index, n_rows = prefix_rows([s.ids for s in seqs], [s.subj_pos for s in seqs])
     offsets, total = starts(s.subj_pos for s in seqs)
     assert index.shape == (total,)
     key_of = {}  # row -> the token tuple it stands for
@@ -410,10 +412,11 @@ def test_prefix_rows_are_shared_exactly_by_equal_token_prefixes(tiny_pair):
     assert n_rows < total  # some rows really are shared
     alone = [editor.fast.precompute([s], cfg, progress=False) for s in seqs]
     cache = editor.fast.precompute(seqs, cfg, progress=False)
-    assert cache.kv.shape[0] == n_rows
+    assert cache.prefix.n_rows == n_rows and cache.prefix.rows.shape[0] == n_rows
+    assert torch.equal(cache.prefix.index, index) and cache.prefix.offsets == offsets
     for j, (s, o) in enumerate(zip(seqs, offsets)):
         if s.subj_pos:
-            assert (cache.kv[index[o:o + s.subj_pos]] - alone[j].kv).abs().max().item() < 1e-5
+            assert (cache.prefix.rows[index[o:o + s.subj_pos]] - alone[j].prefix.rows).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("prefix_cache", [False, True])

@@ -5,6 +5,7 @@ read. The oracle is the source itself, parsed with ``ast``."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lks"
@@ -86,3 +87,36 @@ def test_modules_classes_and_functions_are_short():
             if kind and size > kind[1] and f"{name}.{node.name}" not in LONGER:
                 long.append(f"{kind[0]} {name}.{node.name}: {size} lines")
     assert not long, long
+
+
+COMMAND = re.compile(r"python |\.py\b|lks (train|evaluate|reproduce|capability)|same commands? ")
+
+
+def tables_without_a_command(text: str) -> list[str]:
+    """Header rows of the markdown tables that name no command or script, neither in their rows
+    nor in the section text before them (back to the previous table or heading)."""
+    lines, out = text.splitlines(), []
+    for i, line in enumerate(lines):
+        if not line.startswith("|---"):
+            continue
+        j = i - 2
+        while j >= 0 and not lines[j].startswith(("## ", "|---")):
+            j -= 1
+        k = i + 1
+        while k < len(lines) and lines[k].startswith("|"):
+            k += 1
+        if not COMMAND.search("\n".join(lines[j + 1:i - 1] + lines[i + 1:k])):
+            out.append(lines[i - 1])
+    return out
+
+
+def test_the_table_checker_flags_a_table_without_a_command():
+    assert tables_without_a_command("## A\n\nMeasured.\n\n| a |\n|---|\n| 1 |\n") == ["| a |"]
+    assert tables_without_a_command("## A\n\n`python x.py`:\n\n| a |\n|---|\n| 1 |\n") == []
+
+
+def test_every_experiment_table_names_its_command():
+    """Each results table in ``docs/experiments.md`` says which command or script made it (the
+    recipe table, which lists settings, is the one exception)."""
+    text = (PACKAGE.parent / "docs" / "experiments.md").read_text()
+    assert [t for t in tables_without_a_command(text) if not t.startswith("| from | recipe |")] == []

@@ -33,7 +33,7 @@ from lks.data import EditSet, find_subject, subject_token_index
 from lks.hooks import LayerHooks, layer_output
 from lks.methods import ApplyStats, Editor, accepted_edits, method_names, replace_settings
 from lks.models import cache_dir, get_layer, get_layers, model_device, skip_lower_layers
-from lks.suffix import suffix_forward, upper_keys_values
+from lks.suffix import PrefixKV, suffix_forward, suffix_positions, upper_keys_values
 from lks.utils import atomic_dir, pad_ids, sha256_text, write_json
 
 FORMAT_VERSION = 1
@@ -308,53 +308,56 @@ class SuffixPart:
     """A chunk of rows prepared for suffix-only passes of the layers above ``layer``.
 
     A change written at each row's position ``subj`` cannot reach earlier tokens (attention is
-    causal), so the upper layers' keys/values of the tokens before it are computed once (``kv``,
-    left-padded to ``P``) and every optimisation step runs only the suffix ``subj..end`` of each
-    row (``h``, right-padded; the edited token is suffix position 0). ``rows`` carry target
-    positions relative to the suffix. :func:`suffix_hidden` equals the full pass of
-    :func:`upper_hidden` (tested).
+    causal), so the upper layers' keys/values of the tokens before it are computed once (into
+    ``prefix``, shared by every chunk of a fit: rows that begin alike share stored rows) and every
+    optimisation step runs only the suffix ``subj..end`` of each row (``h``, right-padded; the
+    edited token is suffix position 0). ``rows`` carry target positions relative to the suffix.
+    :func:`suffix_hidden` equals the full pass of :func:`upper_hidden` (tested).
     """
 
     rows: list[Row]
     h: torch.Tensor               # [B, Ts, d] layer output on the suffixes (float32)
     mask: torch.Tensor            # [B, P + Ts]
     position_ids: torch.Tensor    # [B, Ts] true positions
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per upper layer: keys, values [B, kv_heads, P, head_dim]
+    prefix: PrefixKV              # the keys/values of the tokens before each row's edited token
+    seq: list[int]                # the rows' sequence numbers in ``prefix``
     layer: int
     as_tuple: bool
 
 
 @torch.no_grad()
-def suffix_part(model: nn.Module, layer: int, rows: Sequence[Row], pad_id: int, dtype: torch.dtype) -> SuffixPart:
+def suffix_part(model: nn.Module, layer: int, rows: Sequence[Row], pad_id: int, dtype: torch.dtype,
+                prefix: PrefixKV | None = None, seq: Sequence[int] | None = None) -> SuffixPart:
     """Run ``rows`` once (lower layers, then the upper ones with a cache) and keep what the
-    suffix-only passes need (see :class:`SuffixPart`). ``dtype``: the upper layers' dtype."""
+    suffix-only passes need (see :class:`SuffixPart`). ``dtype``: the upper layers' dtype.
+    ``prefix`` / ``seq``: a store planned over more rows and these rows' numbers in it (default:
+    a store of these rows alone)."""
     dev = model_device(model)
+    if prefix is None:
+        prefix, seq = PrefixKV.plan([r.ids for r in rows], [r.subj for r in rows]), list(range(len(rows)))
+    assert seq is not None and len(seq) == len(rows)
     ids, mask = pad_ids([r.ids for r in rows], pad_id, dev)
     h, as_tuple = layer_output(model, ids, mask, layer)
     with skip_lower_layers(model, layer, h.to(dtype), as_tuple):
         out = model.base_model(inputs_embeds=torch.zeros_like(h, dtype=dtype), attention_mask=mask, use_cache=True)
+    prefix.put(list(seq), upper_keys_values(out.cache, model, layer), device=dev)
     starts = [r.subj for r in rows]
     lens = [len(r.ids) - s for r, s in zip(rows, starts)]
     P, Ts, B = max(starts), max(lens), len(rows)
     hs = torch.zeros(B, Ts, h.shape[-1], device=dev)
     m = torch.zeros(B, P + Ts, dtype=torch.long, device=dev)
-    kv = []
-    for k, v in upper_keys_values(out.cache, model, layer):
-        kp, vp = k.new_zeros(B, k.shape[1], P, k.shape[3]), v.new_zeros(B, v.shape[1], P, v.shape[3])
-        for b, s in enumerate(starts):
-            kp[b, :, P - s:], vp[b, :, P - s:] = k[b, :, :s], v[b, :, :s]
-        kv.append((kp, vp))
     new_rows = []
     for b, (r, s, n) in enumerate(zip(rows, starts, lens)):
         hs[b, :n] = h[b, s:s + n].float()
         m[b, P - s:P + n] = 1
         new_rows.append(Row(r.ids, 0, [p - s for p in r.tgt_pos], r.tgt_ids, r.edit))
-    pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(Ts, device=dev)[None, :]
-    return SuffixPart(new_rows, hs, m, pos, kv, layer, as_tuple)
+    return SuffixPart(new_rows, hs, m, suffix_positions(starts, Ts, dev), prefix, list(seq), layer, as_tuple)
 
 
 def suffix_hidden(model: nn.Module, part: SuffixPart, add: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """Final hidden states ``[B, Ts, d]`` of the suffixes with ``add`` ``[B, d]`` added to each
     row's edited token (suffix position 0) in the output of ``part.layer`` (:func:`lks.suffix.suffix_forward`)."""
     h = part.h if add is None else torch.cat([part.h[:, :1] + add[:, None], part.h[:, 1:]], 1)
-    return suffix_forward(model, part.layer, h.to(dtype), part.mask, part.position_ids, part.kv, part.as_tuple)
+    B, P = h.shape[0], part.mask.shape[1] - h.shape[1]
+    kv = part.prefix.gather(part.seq, P, B, dtype, h.device)
+    return suffix_forward(model, part.layer, h.to(dtype), part.mask, part.position_ids, kv, part.as_tuple)

@@ -50,6 +50,7 @@ from lks.baselines.stats import CORPUS, key_second_moment
 from lks.data import EditSet
 from lks.hooks import LayerHooks, StopForward
 from lks.models import model_device, upper_layers_dtype
+from lks.suffix import PrefixKV
 from lks.utils import length_batches, pad_ids, resolve_dtype, resolve_precision, save_tensors, take_rows
 
 log = logging.getLogger(__name__)
@@ -138,11 +139,16 @@ def target_vectors(model: nn.Module, tok, edits: EditSet, cfg: MEMITConfig, laye
     h0 = torch.zeros(n, model.config.hidden_size, device=dev)
     ref = torch.zeros(n, head.weight.shape[0], device=dev)  # unedited log-probs after "{subject} is a"
     parts = []  # (edits, is_kl [rows], SuffixPart): the lower layers and the prefixes run once
+    # one prefix store for every chunk: the context prefixes are shared by all edits, so their
+    # keys/values are stored once (row n_ctx * n + e is edit e's KL row)
+    all_rows = ctx_rows + kl_rows
+    prefix = PrefixKV.plan([r.ids for r in all_rows], [r.subj for r in all_rows])
     with torch.no_grad(), _precision(model, layer, cfg.precision) as dtype:
         for group in chunks(n, per_chunk):
-            rows = [r for e in group for r in ctx_rows[e * n_ctx:(e + 1) * n_ctx]] + [kl_rows[e] for e in group]
+            seq = [e * n_ctx + c for e in group for c in range(n_ctx)] + [n * n_ctx + e for e in group]
+            rows = [all_rows[q] for q in seq]
             is_kl = torch.tensor([False] * (len(group) * n_ctx) + [True] * len(group), device=dev)
-            part = suffix_part(model, layer, rows, tok.pad_token_id, dtype)
+            part = suffix_part(model, layer, rows, tok.pad_token_id, dtype, prefix, seq)
             h0[torch.tensor(group, device=dev)] = part.h[: len(group) * n_ctx: n_ctx, 0]  # plain prompts
             fin = suffix_hidden(model, part, None, dtype).float()
             kl_k = is_kl.nonzero()[:, 0]
@@ -243,7 +249,10 @@ def keys_and_outputs(model: nn.Module, tok, rows: Sequence[Row], n: int, key_lay
     return keys / counts[:, None], outs
 
 
-TARGET_CHUNK = 500  # edits per target optimisation (and per cache file); their suffix caches take ~0.8 GB in bf16
+# edits per target optimisation (and per cache file). Their prefix keys/values (one stored row per
+# distinct token prefix, bf16, 21 layers above layer 8) take 80 MB on CounterFact's first 500 and
+# 149 MB on zsRE's, against 582 / 709 MB when every 64-row chunk kept its own left-padded copy
+TARGET_CHUNK = 500
 
 
 class MEMITEditor(WeightEditor):

@@ -35,7 +35,7 @@ from lks.models import (
     skip_lower_layers,
     upper_layers_dtype,
 )
-from lks.suffix import suffix_forward, upper_keys_values
+from lks.suffix import PrefixKV, suffix_forward, suffix_positions, upper_keys_values
 from lks.training import precision
 from lks.training.precision import TRIM_EVERY, fit_dtype, pads_shapes, quantized_shape
 from lks.training.sequences import Seq, starts
@@ -55,12 +55,8 @@ class Cache:
     ref_tail: torch.Tensor | None = None   # [n_kl_rows] log of the remaining probability mass
     ref_row: dict[int, int] = field(default_factory=dict)  # sequence index -> its first row in ref_*
     # TrainConfig.prefix_cache: keys/values of layers L+1..N at the tokens before each subject's last
-    # token, one row per distinct token prefix (prefix_rows: sequences that begin alike share rows),
-    # [n_rows, n_upper, 2, kv_heads, head_dim]; sequence i's prefix rows are
-    # kv_index[kv_offsets[i]:kv_offsets[i] + subj_pos]; training then runs only the suffix
-    kv: torch.Tensor | None = None
-    kv_offsets: list[int] = field(default_factory=list)
-    kv_index: torch.Tensor | None = None
+    # token, one row per distinct token prefix; training then runs only each sequence's suffix
+    prefix: PrefixKV | None = None
 
 
 class FastPath:
@@ -168,20 +164,13 @@ class FastPath:
         prefix_cache = cfg.prefix_cache and self.layer + 1 < len(get_layers(self.model))
         todo = list(range(len(seqs))) if prefix_cache else sorted(loc)
         batches = [[todo[i] for i in b] for b in length_batches([len(seqs[j].ids) for j in todo], batch_size)]
-        kv_offsets, _ = starts(s.subj_pos for s in seqs)
-        kv_index, n_rows = prefix_rows(seqs)
-
-        def put_kv(j: int, kv: torch.Tensor) -> None:  # into one preallocated tensor of the distinct prefixes
-            if cache.kv is None:
-                cache.kv = torch.empty(n_rows, *kv.shape[1:], dtype=kv.dtype)
-                cache.kv_offsets, cache.kv_index = kv_offsets, kv_index
-            cache.kv[kv_index[kv_offsets[j]:kv_offsets[j] + len(kv)]] = kv
+        prefix = PrefixKV.plan([s.ids for s in seqs], [s.subj_pos for s in seqs]) if prefix_cache else None
         logps, idxs, tails, n_ref = [], [], [], 0
         with self.upper_pass(cfg.precision):  # the same precision as the training steps: KL 0 for an unchanged block
             for k, batch in enumerate(tqdm(batches, desc="upper-layer pass (references"
                                            + (", prefix keys/values)" if prefix_cache else ")"),
                                            disable=not progress or not batches)):
-                hidden = self.upper_hidden(cache, seqs, batch, None, kv_out=put_kv if prefix_cache else None)
+                hidden = self.upper_hidden(cache, seqs, batch, None, kv_out=prefix)
                 if k % TRIM_EVERY == TRIM_EVERY - 1:
                     release_memory(collect=False)
                 at, rows, lbatch = 0, [], []
@@ -204,24 +193,25 @@ class FastPath:
                     n_ref += len(seqs[j].loss_pos) - len(seqs[j].loss_tgt)
         if loc:
             cache.ref_logp, cache.ref_idx, cache.ref_tail = torch.cat(logps), torch.cat(idxs), torch.cat(tails)
+        cache.prefix = prefix
         return cache
 
     # ---- layers L+1..N -----------------------------------------------------------------------
     def upper_hidden(self, cache: Cache, seqs: list[Seq], batch: list[int], table: Any, combine: Callable | None = None,
-                     kv_out: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                     kv_out: PrefixKV | None = None) -> torch.Tensor:
         """Final hidden states ``[n_positions, d]`` at every ``loss_pos`` of the sequences in ``batch``.
 
         ``table`` (indexable by subject ids, e.g. ``[n_subjects, d]``; may require grad) holds each
         subject's generated block, written with ``combine`` (the generator's); ``None`` runs the
         unedited model. Layers L+1..N run on the cached layer-L states. When the cache holds prefix
         keys/values, only each sequence's suffix - from the subject's last token on - runs,
-        attending to the cached prefix. ``kv_out`` (precompute) receives ``(sequence, its prefix
-        keys/values)`` from a full pass instead.
+        attending to the cached prefix. ``kv_out`` (precompute) receives the prefixes' keys/values
+        from a full pass instead.
         """
         dev = model_device(self.model)
         layers = get_layers(self.model)
         L = self.layer
-        use_prefix = cache.kv is not None and kv_out is None
+        use_prefix = cache.prefix is not None and kv_out is None
         first = [seqs[j].subj_pos if use_prefix else 0 for j in batch]
         lens = [len(seqs[j].ids) - s0 for j, s0 in zip(batch, first)]
         T, P, B = max(lens), max(first), len(batch)
@@ -246,35 +236,18 @@ class FastPath:
         dtype = next(layers[L + 1].parameters()).dtype if L + 1 < len(layers) else next(self.model.parameters()).dtype
         h = h.to(dtype)
         if use_prefix:
-            kv, positions = self._prefix_kv(cache, batch, first, P, T, dtype, dev)
-            last = suffix_forward(self.model, L, h, mask, positions, kv, self.as_tuple)
+            assert cache.prefix is not None
+            kv = cache.prefix.gather(batch, P, B, dtype, dev)
+            last = suffix_forward(self.model, L, h, mask, suffix_positions(first, T, dev), kv, self.as_tuple)
         else:
             with skip_lower_layers(self.model, L, h, self.as_tuple):
                 out = self.model.base_model(inputs_embeds=torch.zeros_like(h), attention_mask=mask, use_cache=kv_out is not None)
             last = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         if kv_out is not None:
-            kv = upper_keys_values(out.cache, self.model, L)
-            for row, j in enumerate(batch):
-                p = seqs[j].subj_pos  # [p, n_upper, 2, kv_heads, head_dim]
-                kv_out(j, torch.stack([torch.stack([k[row, :, :p], v[row, :, :p]]) for k, v in kv])
-                       .permute(3, 0, 1, 2, 4).cpu())
+            kv_out.put(batch, upper_keys_values(out.cache, self.model, L))
         g_rows = torch.tensor([r for r, j in enumerate(batch) for _ in seqs[j].loss_pos], device=dev)
         g_pos = torch.tensor([p - s0 for j, s0 in zip(batch, first) for p in seqs[j].loss_pos], device=dev)
         return last[g_rows, g_pos]
-
-    def _prefix_kv(self, cache: Cache, batch: list[int], first: list[int], P: int, T: int,
-                   dtype: torch.dtype, dev: torch.device) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-        """The cached prefix keys/values of the rows of ``batch`` (left-padded to ``P``) as
-        :func:`lks.suffix.suffix_forward` reads them, and the suffix tokens' positions ``[B, T]``."""
-        assert cache.kv is not None and cache.kv_index is not None
-        _, n_upper, _, n_kv, hd = cache.kv.shape
-        kv = torch.zeros(len(first), P, n_upper, 2, n_kv, hd, dtype=dtype)
-        for row, (j, p) in enumerate(zip(batch, first)):  # zip: dummy rows keep zero keys/values
-            o = cache.kv_offsets[j]
-            kv[row, P - p:] = cache.kv[cache.kv_index[o:o + p]]
-        kv = kv.to(dev).permute(2, 3, 0, 4, 1, 5)  # [n_upper, 2, batch, kv_heads, P, head_dim]
-        first_t = torch.tensor(first, device=dev)
-        return [(kv[i, 0], kv[i, 1]) for i in range(n_upper)], first_t[:, None] + torch.arange(T, device=dev)[None, :]
 
     # ---- the output layer --------------------------------------------------------------------
     def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -296,25 +269,6 @@ class FastPath:
     def upper_logits(self, cache: Cache, seqs: list[Seq], batch: list[int], table: Any, combine: Callable | None = None) -> torch.Tensor:
         """Logits ``[n_positions, vocab]`` (float32) at every ``loss_pos`` of the sequences in ``batch``."""
         return self.logits(self.upper_hidden(cache, seqs, batch, table, combine))
-
-
-def prefix_rows(seqs: Sequence[Seq]) -> tuple[torch.Tensor, int]:
-    """Rows of the prefix key/value cache: ``(index, n_rows)``, where ``index[kv_offsets[j] + t]``
-    (``kv_offsets`` from :func:`starts` over the ``subj_pos``) is the row of token ``t`` of sequence
-    ``j``'s prefix, and two tokens share a row exactly when the token lists up to them are equal.
-
-    The keys/values of a token depend only on the tokens up to it (causal attention, positions
-    from 0), so such tokens have the same keys/values and one row serves them all. Training
-    sequences often begin alike (a subject, a relation template), so far fewer rows are needed
-    than prefix tokens (``benchmarks/bench_memory.py`` prints both)."""
-    rows: dict[tuple[int, int], int] = {}  # (row of the tokens before, token id) -> row
-    index: list[int] = []
-    for s in seqs:
-        row = -1
-        for tok in s.ids[:s.subj_pos]:
-            row = rows.setdefault((row, tok), len(rows))
-            index.append(row)
-    return torch.tensor(index, dtype=torch.long), len(rows)
 
 
 def log_tail(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,7 @@ def batch_loss(fast: FastPath, generator: KBGenerator, features: torch.Tensor, c
     # the batch's sequences (edit, rephrase, locality prompts of different lengths) run through
     # the upper layers in up to LENGTH_BUCKETS blocks, each padded only to its own longest
     # sequence; the losses are means, so the order of the rows does not matter
-    blocks = step_blocks(seqs, batch, cache.kv is not None)
+    blocks = step_blocks(seqs, batch, cache.prefix is not None)
     batch = [j for block in blocks for j in block]  # the row order of hidden
     hidden = torch.cat([fast.upper_hidden(cache, seqs, block, table, generator.combine) for block in blocks])
     losses: dict[str, torch.Tensor] = {}

@@ -26,15 +26,16 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from lks.suffix import PrefixKV
 from lks.training.fastpath import Cache
 from lks.training.gate import GateExamples
 from lks.training.sequences import Seq
 from lks.utils import save_tensors
 
 # the modules whose code computes the stored parts (paths relative to the lks package)
-SOURCES = ("data.py", "scope.py", "hooks.py", "models.py", "training/sequences.py", "training/gate.py",
+SOURCES = ("data.py", "scope.py", "hooks.py", "models.py", "suffix.py", "training/sequences.py", "training/gate.py",
            "training/prompts.py", "training/fastpath.py", "training/precision.py", "training/stored.py")
-FORMAT = "lks-prepared-2"  # 2: prefix keys/values one row per distinct prefix (kv_index)
+FORMAT = "lks-prepared-3"  # 3: prefix keys/values as a lks.suffix.PrefixKV (rows, index, offsets, lengths)
 
 
 def prepared_dir(model: Any, spec: dict[str, Any]) -> Path | None:
@@ -87,11 +88,14 @@ def load_gate(folder: Path) -> GateExamples | None:
 def save_cache(folder: Path, cache: Cache) -> None:
     tensors = {"states": cache.states, "offsets": torch.tensor(cache.offsets, dtype=torch.long),
                "ref_row_seq": torch.tensor(list(cache.ref_row), dtype=torch.long),
-               "ref_row_at": torch.tensor(list(cache.ref_row.values()), dtype=torch.long),
-               "kv_offsets": torch.tensor(cache.kv_offsets, dtype=torch.long)}
-    for name in ("ref_logp", "ref_idx", "ref_tail", "kv", "kv_index"):
+               "ref_row_at": torch.tensor(list(cache.ref_row.values()), dtype=torch.long)}
+    for name in ("ref_logp", "ref_idx", "ref_tail"):
         if getattr(cache, name) is not None:
             tensors[name] = getattr(cache, name)
+    if cache.prefix is not None and cache.prefix.rows is not None:
+        tensors.update({"kv": cache.prefix.rows, "kv_index": cache.prefix.index,
+                        "kv_offsets": torch.tensor(cache.prefix.offsets, dtype=torch.long),
+                        "kv_lengths": torch.tensor(cache.prefix.lengths, dtype=torch.long)})
     save_tensors(folder / "cache.safetensors", tensors)
 
 
@@ -99,9 +103,11 @@ def load_cache(folder: Path) -> Cache | None:
     t = _read(folder / "cache.safetensors")
     if t is None:
         return None
+    prefix = None
+    if "kv" in t:
+        prefix = PrefixKV(t["kv_index"], t["kv_offsets"].tolist(), t["kv_lengths"].tolist(), t["kv"].shape[0], t["kv"])
     return Cache(t["states"], t["offsets"].tolist(), t.get("ref_logp"), t.get("ref_idx"), t.get("ref_tail"),
-                 dict(zip(t["ref_row_seq"].tolist(), t["ref_row_at"].tolist())), t.get("kv"), t["kv_offsets"].tolist(),
-                 t.get("kv_index"))
+                 dict(zip(t["ref_row_seq"].tolist(), t["ref_row_at"].tolist())), prefix)
 
 
 def remove(folder: Path | None) -> None:

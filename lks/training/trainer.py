@@ -47,15 +47,18 @@ LOSS_NAMES = ("total", "edit", "equiv", "loc", "after", "gate")
 log = logging.getLogger(__name__)  # a line per prepared part and per epoch (python -m lks reproduce shows them)
 
 
-def _stored(store: Path | None, load: Callable, save: Callable, compute: Callable[[], Any], describe: Callable[[Any], str]) -> Any:
-    """One prepared part: read from ``store`` when there, else computed (and written to ``store``); logged."""
+def _stored(store: Path | None, load: Callable, save: Callable, compute: Callable[[], Any], describe: Callable[[Any], str],
+            phases: dict[str, float], name: str) -> Any:
+    """One prepared part: read from ``store`` when there, else computed (and written to ``store``);
+    logged, and its seconds added to ``phases[name]``."""
     t = time.perf_counter()
     got = load(store) if store else None
     if got is None:
         got = compute()
         if store:
             save(store, got)
-    log.info("%s (%.0f s)", describe(got), time.perf_counter() - t)
+    phases[name] = time.perf_counter() - t
+    log.info("%s (%.0f s)", describe(got), phases[name])
     return got
 
 
@@ -80,6 +83,9 @@ class Trainer:
         self.precompute_seconds = 0.0
         self.started = time.perf_counter()  # the fit's start in this process (preparation included)
         self.prior_seconds = 0.0  # a resumed fit's earlier processes, read from its checkpoint
+        # seconds of this process per part of the fit: scope (scope indicator and features),
+        # sequences, gate, cache (prepare), warm_gate, epochs (train)
+        self.phases: dict[str, float] = {}
 
     def prepare(self, edits: EditSet, batch_size: int = 256, progress: bool = True,
                 store: Path | None = None) -> Trainer:
@@ -92,17 +98,18 @@ class Trainer:
         ed, cfg = self.editor, self.cfg
         ed.set_edits(edits, cfg)
         assert ed.scope is not None
+        self.phases["scope"] = time.perf_counter() - t0
         prompts = edit_prompts(edits, cfg)  # the training sequences and the gate examples read the same prompts
         self.per_edit, self.seqs, self.skipped = _stored(
             store, stored.load_sequences, lambda folder, got: stored.save_sequences(folder, *got),
-            lambda: build_sequences(ed.model, ed.tokenizer, ed.scope, edits, cfg, prompts), lambda got: f"{len(got[1])} training sequences")
+            lambda: build_sequences(ed.model, ed.tokenizer, ed.scope, edits, cfg, prompts), lambda got: f"{len(got[1])} training sequences", self.phases, "sequences")
         if ed.generator.has_gate:
             self.gate = _stored(store, stored.load_gate, stored.save_gate,
                                 lambda: gate_examples(self.fast, ed.scope, edits, self.seqs, cfg, prompts),
-                                lambda got: f"{len(got.label)} gate examples")
+                                lambda got: f"{len(got.label)} gate examples", self.phases, "gate")
         self.cache = _stored(store, stored.load_cache, stored.save_cache,
                              lambda: self.fast.precompute(self.seqs, cfg, batch_size, progress),
-                             lambda got: f"layer-L cache of {len(got.states)} tokens")
+                             lambda got: f"layer-L cache of {len(got.states)} tokens", self.phases, "cache")
         release_memory()  # the precompute's transient tensors: return them to the OS before training
         self.precompute_seconds = time.perf_counter() - t0
         return self
@@ -131,7 +138,9 @@ class Trainer:
         history, best, bad = self._resumed(saved) if saved is not None else ([], math.inf, 0)
         start_epoch = len(history)
         if start_epoch == 0 and self.gate is not None and cfg.gate_steps > 0:
+            t = time.perf_counter()
             warm_gate(ed.generator, ed.features, self.cache, self.seqs, self.gate, cfg)
+            self.phases["warm_gate"] = time.perf_counter() - t
         rng = random.Random(cfg.seed)
         for _ in range(start_epoch):  # replay the shuffles of finished epochs: same order as uninterrupted
             rng.shuffle(batches)
@@ -153,6 +162,7 @@ class Trainer:
                     weights = {f"generator.{k}": v for k, v in ed.generator.state_dict().items()}
                     write_train_state(checkpoint_dir, state, weights, opt, sched)
         ed.generator.eval()
+        self.phases["epochs"] = sum(h["seconds"] for h in history[start_epoch:])
         return history
 
     def _resumed(self, saved: tuple[dict[str, Any], dict[str, torch.Tensor]]) -> tuple[list[dict[str, float]], float, int]:
