@@ -49,10 +49,14 @@ notebooks: setup
 		$(abspath $(BIN))/papermill --cwd . -k python3 $$params $$nb $$nb || exit 1; \
 	done
 
+# nbval runs a copy of notebooks/ and results/ in a temporary folder: the notebooks write their
+# figures and results files there, so the tests leave the checkout as they found it
 test: setup
 	$(BIN)/python -m pytest -q -rs tests
-	test -z "$(NOTEBOOKS)" || $(BIN)/python -m pytest -q -rs -p no:cacheprovider --nbval \
-		--nbval-sanitize-with tests/sanitize.cfg --nbval-current-env $(NOTEBOOKS)
+	test -z "$(NOTEBOOKS)" || { tmp=$$(mktemp -d) && cp -R notebooks results $$tmp/ && mkdir -p $$tmp/figures && \
+		(cd $$tmp/notebooks && $(abspath $(BIN))/python -m pytest -q -rs -p no:cacheprovider --nbval \
+			--nbval-sanitize-with $(abspath tests/sanitize.cfg) --nbval-current-env $(notdir $(NOTEBOOKS))); \
+		rc=$$?; rm -rf $$tmp; exit $$rc; }
 
 reproduce: setup
 	$(if $(CARRY),LKS_CACHE_DIR=$(CARRY)/cache) $(BIN)/python -m lks reproduce --profile $(GRID) \

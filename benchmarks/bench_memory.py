@@ -39,6 +39,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable from a checkout without installing
 
+from records import write_record  # noqa: E402  (benchmarks/records.py)
+
 MODEL = "smollm2-135m"
 GIB, MIB = 1024**3, 1024**2
 
@@ -91,6 +93,8 @@ def child(n: int, args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.lks_root:  # --baseline: the other checkout's lks
+        sys.path.insert(0, args.lks_root)
     import lks
     from lks.config import model_spec
     from lks.editor import LKSEditor
@@ -116,8 +120,10 @@ def child(n: int, args: argparse.Namespace) -> dict:
         seen["ref"] = sum(t.numel() * t.element_size() for t in (cache.ref_logp, cache.ref_idx, cache.ref_tail)
                           if t is not None)
         seen["ref_rows"] = 0 if cache.ref_logp is None else int(cache.ref_logp.shape[0])
-        seen["kv"] = 0 if cache.prefix is None else cache.prefix.nbytes()  # prefix keys/values
-        seen["kv_rows"] = 0 if cache.prefix is None else cache.prefix.n_rows  # one per distinct token prefix
+        pre = getattr(cache, "prefix", None)  # code before lks.suffix.PrefixKV (--baseline): cache.kv
+        rows = pre.rows if pre is not None else getattr(cache, "kv", None)
+        seen["kv"] = 0 if rows is None else rows.numel() * rows.element_size()  # prefix keys/values
+        seen["kv_rows"] = 0 if rows is None else int(rows.shape[0])  # one per distinct token prefix
         seen["prefix_tokens"] = sum(q.subj_pos for q in seqs)  # the rows without that sharing
         seen["sequences"] = len(cache.offsets)
         seen["rss_after_precompute"], _ = rss_now()
@@ -125,11 +131,24 @@ def child(n: int, args: argparse.Namespace) -> dict:
         return cache
 
     editor.fast.precompute = capture
+    import logging
+
+    lines: list[str] = []  # the fit's own log (a line per prepared part and per epoch), e.g. of a --baseline's code
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logging.getLogger("lks").addHandler(Keep())
+    logging.getLogger("lks").setLevel(logging.INFO)
+    out["log"] = lines
     t0 = time.perf_counter()
     # --keep DIR: the editor is checkpointed there every epoch (an interrupted run resumes) and kept
     editor.fit(edits, cfg, progress=False, checkpoint_dir=Path(args.keep) / f"cf-{n}" if args.keep else None)
     out["fit_s"] = time.perf_counter() - t0
     out["epoch_s"] = [round(h["seconds"], 1) for h in editor.history]
+    out["phases"] = {k: round(v, 1) for k, v in getattr(editor, "fit_phases", {}).items()}  # seconds per part
+    out["lks_file"] = lks.__file__
     out["precision_used"] = editor.precision_used
     out["precompute_s"] = getattr(editor, "precompute_seconds", float("nan"))
     out["peak_fit"] = peak_rss()
@@ -158,6 +177,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="pad the fast path's shapes (lks.training.precision.SHAPE_QUANTA), forced on or off; the library "
                          "pads by default only in bfloat16 on CPU, so 'on' is the recipe's behaviour here; "
                          "'both' fits each N twice, off then on, and prints the epoch-time ratio")
+    ap.add_argument("--no-record", action="store_true", help="do not write a JSON record under benchmarks/results/")
+    ap.add_argument("--baseline", default=None,
+                    help="a checkout of the code to compare with (e.g. git worktree add /tmp/base REV): each N is fitted "
+                         "by it first, then by this checkout, and the ratios are printed")
+    ap.add_argument("--lks-root", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child is not None:
@@ -165,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     t_start = time.perf_counter()
+    load_start = round(os.getloadavg()[0], 2)
     print(f"model {MODEL} (float32, CPU); {args.threads} torch thread(s) (--threads; default 1 because the machine "
           f"is shared); fit with the registered recipe, epochs={args.epochs}; edits: {args.data}; load average {os.getloadavg()[0]:.2f} "
           f"on {os.cpu_count()} CPUs")
@@ -174,6 +199,11 @@ def main(argv: list[str] | None = None) -> None:
         cmd = [sys.executable, __file__, "--child", str(n), "--data", args.data, "--data-dir", args.data_dir,
                "--epochs", str(args.epochs),
                "--threads", str(args.threads), "--quantize", q] + (["--keep", args.keep] if args.keep else [])
+        if args.baseline:
+            base = run_child(cmd + ["--lks-root", str(Path(args.baseline).resolve())], f"N={n} (baseline)")
+            print(f"  N={n}, baseline {args.baseline} ({base['lks_file']}): fit {base['fit_s']:.0f} s, of which precompute "
+                  f"{base['precompute_s']:.0f} s; epochs {base['epoch_s']} s; peak RSS {base['peak_fit'] / MIB:.0f} MiB")
+            print("    its log: " + "; ".join(base["log"]))
         t0 = time.perf_counter()
         r = run_child(cmd, f"N={n}")
         r["wall_s"] = time.perf_counter() - t0
@@ -182,6 +212,21 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['precompute_s']:.0f} s; epochs {r['epoch_s']} s; precision {r['precision_used']}; shapes quantised: "
               f"{q}); "
               f"{r['dropped_conflicts']} conflicting {args.data} records skipped")
+        print("    seconds per part: " + ", ".join(f"{k} {v:.0f}" for k, v in r["phases"].items()))
+        print("    its log: " + "; ".join(r["log"]))
+        extra = {"phases": r["phases"], "epochs": r["epoch_s"], "rss_model_mib": round(r["rss_model"] / MIB, 1),
+                 "peak_after_precompute_mib": round(r["peak_after_precompute"] / MIB, 1),
+                 "precision": r["precision_used"], "epochs_requested": args.epochs, "load_average_at_start": load_start}
+        if args.baseline:
+            print(f"    against the baseline: fit {base['fit_s'] / r['fit_s']:.2f}x, precompute "
+                  f"{base['precompute_s'] / r['precompute_s']:.2f}x, epochs {sum(base['epoch_s']) / sum(r['epoch_s']):.2f}x faster; "
+                  f"peak RSS {base['peak_fit'] / MIB:.0f} -> {r['peak_fit'] / MIB:.0f} MiB")
+            extra["baseline"] = {"checkout": args.baseline, "fit_s": round(base["fit_s"], 1), "precompute_s": round(base["precompute_s"], 1),
+                                 "epochs": base["epoch_s"], "peak_rss_mib": round(base["peak_fit"] / MIB, 1)}
+        if not args.no_record:
+            path = write_record("bench_memory", data=args.data, edits=r["n_edits"], seconds=r["fit_s"],
+                                peak_rss_mib=r["peak_fit"] / MIB, threads=args.threads, extra=extra)
+            print(f"    record: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
 
     if args.quantize == "both":
         print("\nshape quantisation (same N, same edits, one subprocess each; epoch 1 builds new oneDNN primitives):")

@@ -123,14 +123,17 @@ def evaluate_capability(model: Any, tokenizer: Any, tasks: Sequence[str] = TASKS
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
-    if not progress:
+    quiet = contextlib.nullcontext()
+    if not progress:  # the harness's progress bars (on sys.stderr) and its expected warnings
+        import io  # ("Passed an already-initialized model through `pretrained`", ...) stay out
         import logging
 
-        logging.getLogger("lm_eval").setLevel(logging.WARNING)
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+        quiet = contextlib.redirect_stderr(io.StringIO())
     pick = lambda v, t: v.get(t) if isinstance(v, dict) else v  # noqa: E731
     rows, items = [], []
     scope = editor.applied(model) if editor is not None else contextlib.nullcontext(None)
-    with tempfile.TemporaryDirectory() as work, scope as stats:
+    with tempfile.TemporaryDirectory() as work, scope as stats, quiet:
         for task in tasks:
             opts = dict((task_options or {}).get(task, {}))
             cfgs = task_configs(task, data_dir, num_fewshot=pick(num_fewshot, task), options=opts, workdir=work)

@@ -180,6 +180,12 @@ def _train_options(t: argparse.ArgumentParser) -> None:
                    help="precision of the frozen model's passes during fit")
     t.add_argument("--prefix-cache", type=_bool, default=None,
                    help="cache keys/values of the tokens before the subject (true/false)")
+    t.add_argument("--val-edits", type=int, default=None,
+                   help="edits with a held-out paraphrase and locality prompt scored after every epoch (0: none)")
+    t.add_argument("--val-patience", type=int, default=None,
+                   help="with --val-edits: stop after this many epochs without a better score, keep the best epoch")
+    t.add_argument("--max-steps", type=int, default=None,
+                   help="cap the epochs at ceil(N / steps per epoch) (0: no cap)")
     t.add_argument("--seed", type=int, default=None, help="random seed")
     t.add_argument("--on-conflict", choices=("error", "first"), default="error",
                    help="same subject + prompt with two targets: fail (error) or keep the first (default: %(default)s)")
@@ -399,7 +405,7 @@ def _given(args: argparse.Namespace, names: list[str]) -> dict:
 # train's options that set a method's setting of the same name
 TRAIN_OPTIONS = ["layer", "generator", "lr", "epochs", "batch_size", "loc_per_subject", "para_per_edit", "train_rephrase",
                  "w_loc", "w_after", "after_tokens", "w_gate", "gate_negatives", "gate_prefixes", "gate_steps", "seed",
-                 "loc_templates", "precision", "prefix_cache"]
+                 "loc_templates", "precision", "prefix_cache", "val_edits", "val_patience", "max_steps"]
 
 
 def _train(args: argparse.Namespace, model: Any, tok: Any, edits: EditSet) -> int:

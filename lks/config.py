@@ -93,6 +93,12 @@ class TrainConfig:
                                    # ~7 KB (bf16) per prefix token on SmolLM2, ~230 KB on a 7B model
     patience: int = 3              # early stopping: epochs without a lower training loss
     min_delta: float = 1e-4        # improvement that counts for early stopping
+    val_edits: int = 0             # edits (a seeded sample) with a held-out paraphrase and locality prompt
+                                   # scored after every epoch (lks.training.validation); 0: none
+    val_patience: int = 2          # with val_edits: stop after this many epochs without a better validation
+                                   # score, and keep the best epoch's generator
+    max_steps: int = 0             # > 0: at most ceil(max_steps / steps per epoch) epochs (the learning rate
+                                   # decays over the steps that run); 0: ``epochs`` at every size
     seed: int = 0                  # seeds generator init and batch order
 
     def __post_init__(self) -> None:
@@ -100,6 +106,9 @@ class TrainConfig:
             raise ValueError(f"need lr > 0, epochs >= 1, batch_size >= 1; got {self.lr}, {self.epochs}, {self.batch_size}")
         if self.after_tokens < 1 or self.w_after < 0:
             raise ValueError(f"need after_tokens >= 1 and w_after >= 0; got {self.after_tokens}, {self.w_after}")
+        if min(self.val_edits, self.max_steps) < 0 or self.val_patience < 1:
+            raise ValueError(f"need val_edits >= 0, max_steps >= 0 and val_patience >= 1; got {self.val_edits}, "
+                             f"{self.max_steps}, {self.val_patience}")
         if self.loc_per_subject < 0 or self.para_per_edit < 0 or min(self.gate_negatives, self.gate_prefixes, self.gate_steps) < 0 or self.loc_topk < 1:
             raise ValueError("loc_per_subject, para_per_edit and the gate_* counts must be >= 0 and loc_topk >= 1")
         if self.precision not in ("float32", "bfloat16", "auto"):

@@ -111,3 +111,21 @@ def test_bench_train_runs_the_recipe_step_end_to_end(smol, data_root, capsys):
     assert "generator gated" in out
     assert "(OK, target <= 1e-3)" in out  # fast and naive losses agree
     assert "fraction of the matmul roofline" in out
+
+
+def test_a_benchmark_record_names_what_ran_where_and_when(tmp_path):
+    """benchmarks/records.py writes one JSON file per measurement with the fields the README's
+    numbers are traced by."""
+    import json
+    import time
+
+    from records import write_record
+
+    path = write_record("bench_x", data="zsre", edits=10, seconds=12.345, peak_rss_mib=100.04, threads=2,
+                        extra={"phases": {"cache": 1.0}}, folder=tmp_path)
+    rec = json.loads(path.read_text())
+    assert path.parent == tmp_path and path.name.endswith("-bench_x-zsre-10.json")
+    assert (rec["benchmark"], rec["data"], rec["edits"], rec["seconds"], rec["peak_rss_mib"], rec["threads"]) == \
+        ("bench_x", "zsre", 10, 12.3, 100.0, 2)
+    assert rec["phases"] == {"cache": 1.0} and rec["machine"]["torch_threads"] == 2 and rec["machine"]["cpu"]
+    assert rec["date"].startswith(time.strftime("%Y-%m-", time.gmtime())) and "commit" in rec and "dirty" in rec

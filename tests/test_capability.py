@@ -181,10 +181,11 @@ def test_edit_visible_in_harness_generation(tiny_pair, edited):
     assert all((f != p) == n for f, p, n in zip(first, plain, NAMES))
 
 
-def test_evaluate_capability_counts_routing(tiny_pair, edited, capability_dir):
+def test_evaluate_capability_counts_routing(tiny_pair, edited, capability_dir, capsys):
     model, tok = tiny_pair
     df = cap.evaluate_capability(model, tok, tasks=("rte", "sst2"), data_dir=capability_dir, editor=edited,
                                  batch_size=4, progress=False)
+    assert capsys.readouterr().err == ""  # progress=False: no harness progress bars or warnings
     get = df.set_index(["task", "metric"])
     assert get.loc[("rte", "acc"), "rows_seen"] >= 4 and get.loc[("rte", "acc"), "routed"] == 0
     before = cap.evaluate_capability(model, tok, tasks=("rte", "sst2"), data_dir=capability_dir, progress=False)

@@ -58,3 +58,18 @@ def test_train_then_capability(tiny_cli, tmp_path, capsys, capability_dir):
                                      progress=False)
     unedited = pd.read_csv(tmp_path / "cap-unedited.csv").set_index(["task", "metric"])
     assert unedited.loc[("sst2", "acc"), "value"] == direct.set_index(["task", "metric"]).loc[("sst2", "acc"), "value"]
+
+
+def test_every_recipe_option_of_train_reaches_the_config():
+    """Each ``train`` option named after an EditorConfig or TrainConfig field is passed on to the
+    method's settings (cli.TRAIN_OPTIONS); one missing from that list would be parsed and dropped."""
+    import dataclasses
+
+    from lks.config import EditorConfig, TrainConfig
+
+    parser = cli.build_parser()
+    train = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" train"))
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} | {f.name for f in dataclasses.fields(EditorConfig)}
+    dests = {a.dest for a in train._actions} & fields
+    assert dests and dests <= set(cli.TRAIN_OPTIONS), sorted(dests - set(cli.TRAIN_OPTIONS))
+    assert {"val_edits", "val_patience", "max_steps"} <= dests

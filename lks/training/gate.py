@@ -75,13 +75,18 @@ def gate_examples(fast: FastPath, scope: ScopeIndicator, edits: EditSet, seqs: l
     opened |= {b for b, (_, _, y) in zip(block, items) if y == 1.0}
     skip = {j for j, q in enumerate(seqs) if q.kind == KIND_LOC and (q.subject, tuple(q.ids[:q.subj_pos + 1])) in opened}
     keep = [j for j, (b, (_, _, y)) in enumerate(zip(block, items)) if y == 1.0 or b not in opened]
-    ids = [enc["input_ids"][j] for j in keep]
+    # a block depends only on the tokens up to the subject's last one (causal attention): each
+    # example runs only that far, and examples that agree up to there run once
+    blocks = {}  # token ids up to the subject's last token -> row of ``unique``
+    owner = [blocks.setdefault(tuple(enc["input_ids"][j][:pos[j] + 1]), len(blocks)) for j in keep]
+    unique = [list(b) for b in blocks]
     # in the cache's dtype (bfloat16 when the fit runs in it: 10,000 edits x 16 negatives ~ 180 MB)
-    kb = torch.empty(len(keep), fast.d, dtype=fit_dtype(fast.model, cfg.precision) or torch.float32)
+    found = torch.empty(len(unique), fast.d, dtype=fit_dtype(fast.model, cfg.precision) or torch.float32)
     with fast.lower_pass(cfg.precision):
-        for idx, states, _ in fast.lower_batches(ids, batch_size):
-            at = torch.tensor([pos[keep[i]] for i in idx], device=states.device)
-            kb[torch.tensor(idx)] = states[torch.arange(len(idx), device=states.device), at].to(kb.dtype).cpu()
+        for idx, states, mask in fast.lower_batches(unique, batch_size):
+            last = mask.sum(1) - 1  # right-padded: each row's last real token is its subject's last
+            found[torch.tensor(idx)] = states[torch.arange(len(idx), device=states.device), last].to(found.dtype).cpu()
+    kb = found[torch.tensor(owner, dtype=torch.long)] if owner else found[:0]
     return GateExamples(kb, torch.tensor([items[j][1] for j in keep], dtype=torch.long),
                         torch.tensor([items[j][2] for j in keep]), skip)
 

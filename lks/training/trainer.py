@@ -26,6 +26,7 @@ from lks.training.gate import GateExamples, gate_examples, warm_gate
 from lks.training.losses import batch_loss
 from lks.training.prompts import edit_prompts
 from lks.training.sequences import Seq, build_sequences, edit_batches
+from lks.training.validation import Validation
 from lks.utils import release_memory
 
 
@@ -62,6 +63,50 @@ def _stored(store: Path | None, load: Callable, save: Callable, compute: Callabl
     return got
 
 
+@dataclasses.dataclass
+class Stopping:
+    """When the epochs stop: after ``patience`` epochs without a lower training loss, or, with
+    validation (``TrainConfig.val_edits``), after ``val_patience`` epochs without a better
+    validation score; the best-scoring epoch's generator is then the fit's result."""
+
+    best_loss: float = math.inf
+    bad: int = 0
+    best_val: float = -math.inf
+    val_bad: int = 0
+    best_epoch: int = 0
+    best_weights: dict[str, torch.Tensor] | None = None
+
+    def update(self, rec: dict[str, float], cfg: TrainConfig, generator: torch.nn.Module) -> None:
+        """Account for the finished epoch ``rec`` (its ``loss`` and, with validation, ``val_score``)."""
+        self.best_loss, self.bad = (rec["loss"], 0) if rec["loss"] < self.best_loss - cfg.min_delta else (self.best_loss, self.bad + 1)
+        if "val_score" in rec:
+            if rec["val_score"] > self.best_val + cfg.min_delta:
+                self.best_val, self.val_bad, self.best_epoch = rec["val_score"], 0, int(rec["epoch"])
+                self.best_weights = {k: v.detach().clone() for k, v in generator.state_dict().items()}
+            else:
+                self.val_bad += 1
+
+    def done(self, cfg: TrainConfig) -> bool:
+        return self.bad >= cfg.patience or self.val_bad >= cfg.val_patience
+
+    def state(self) -> dict[str, Any]:
+        """The JSON part for a checkpoint (the best weights go with its tensors, ``best.<name>``)."""
+        return {"best": self.best_loss, "bad_epochs": self.bad, "best_val": self.best_val, "val_bad": self.val_bad,
+                "best_epoch": self.best_epoch}
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Stopping:
+        best = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
+        return cls(state["best"], state["bad_epochs"], state["best_val"], state["val_bad"], state["best_epoch"], best or None)
+
+
+def epochs_for(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """The epochs a fit runs at most: ``cfg.epochs``, or fewer when ``cfg.max_steps`` caps the steps."""
+    if cfg.max_steps <= 0:
+        return cfg.epochs
+    return max(1, min(cfg.epochs, math.ceil(cfg.max_steps / max(1, steps_per_epoch))))
+
+
 class Trainer:
     """Trains ``editor.generator`` on an edit set with the fast path (the base model stays frozen).
 
@@ -80,6 +125,7 @@ class Trainer:
         self.skipped: dict[str, int] = {}     # training prompts left out, by reason
         self.cache: Cache | None = None
         self.gate: GateExamples | None = None  # the gated generator's extra examples
+        self.validation: Validation | None = None  # TrainConfig.val_edits: held-out prompts scored per epoch
         self.precompute_seconds = 0.0
         self.started = time.perf_counter()  # the fit's start in this process (preparation included)
         self.prior_seconds = 0.0  # a resumed fit's earlier processes, read from its checkpoint
@@ -110,6 +156,10 @@ class Trainer:
         self.cache = _stored(store, stored.load_cache, stored.save_cache,
                              lambda: self.fast.precompute(self.seqs, cfg, batch_size, progress),
                              lambda got: f"layer-L cache of {len(got.states)} tokens", self.phases, "cache")
+        if cfg.val_edits:
+            t = time.perf_counter()
+            self.validation = Validation.build(self.fast, ed.scope, edits, cfg)
+            self.phases["validation"] = time.perf_counter() - t
         release_memory()  # the precompute's transient tensors: return them to the OS before training
         self.precompute_seconds = time.perf_counter() - t0
         return self
@@ -130,12 +180,13 @@ class Trainer:
         assert self.cache is not None, "call prepare(edits) first"
         ed, cfg = self.editor, self.cfg
         batches = edit_batches(self.per_edit, self.seqs, cfg.batch_size)
-        steps_total = len(batches) * cfg.epochs
+        n_epochs = epochs_for(cfg, len(batches))
+        steps_total = len(batches) * n_epochs
         opt = torch.optim.AdamW(ed.generator.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / max(1, steps_total)))
         running = {"data_checksum": ed.data_checksum, "train": dataclasses.asdict(cfg)}  # what a resumed checkpoint must match
         saved = read_train_state(checkpoint_dir, running, opt, sched) if checkpoint_dir is not None and resume else None
-        history, best, bad = self._resumed(saved) if saved is not None else ([], math.inf, 0)
+        history, stop = self._resumed(saved) if saved is not None else ([], Stopping())
         start_epoch = len(history)
         if start_epoch == 0 and self.gate is not None and cfg.gate_steps > 0:
             t = time.perf_counter()
@@ -144,41 +195,45 @@ class Trainer:
         rng = random.Random(cfg.seed)
         for _ in range(start_epoch):  # replay the shuffles of finished epochs: same order as uninterrupted
             rng.shuffle(batches)
-        ed.generator.train()
         with self.fast.upper_pass(cfg.precision):
-            for epoch in range(start_epoch, cfg.epochs):
-                if bad >= cfg.patience:
+            for epoch in range(start_epoch, n_epochs):
+                if stop.done(cfg):
                     break
                 rng.shuffle(batches)
-                rec = self._epoch(epoch, batches, opt, sched, progress)
+                rec = self._epoch(epoch, n_epochs, batches, opt, sched, progress)
                 history.append(rec)
-                eta = (cfg.epochs - epoch - 1) * sum(h["seconds"] for h in history) / len(history)
-                log.info("epoch %d/%d: loss %.4f (%.0f s; at most %.0f s to go)", epoch + 1, cfg.epochs, rec["loss"],
-                         rec["seconds"], eta)
-                best, bad = (rec["loss"], 0) if rec["loss"] < best - cfg.min_delta else (best, bad + 1)
+                stop.update(rec, cfg, ed.generator)
+                eta = (n_epochs - epoch - 1) * sum(h["seconds"] for h in history) / len(history)
+                log.info("epoch %d/%d: loss %.4f%s (%.0f s; at most %.0f s to go)", epoch + 1, n_epochs, rec["loss"],
+                         f", validation {rec['val_score']:.3f}" if "val_score" in rec else "", rec["seconds"], eta)
                 if checkpoint_dir is not None:
                     seconds = self.prior_seconds + time.perf_counter() - self.started
-                    state = {"epoch": epoch + 1, "best": best, "bad_epochs": bad, "seconds": seconds, "history": history, **running}
+                    state = {"epoch": epoch + 1, **stop.state(), "seconds": seconds, "history": history, **running}
                     weights = {f"generator.{k}": v for k, v in ed.generator.state_dict().items()}
+                    weights |= {f"best.{k}": v for k, v in (stop.best_weights or {}).items()}
                     write_train_state(checkpoint_dir, state, weights, opt, sched)
+        if stop.best_weights is not None:  # validation: the best epoch's generator
+            ed.generator.load_state_dict(stop.best_weights)
         ed.generator.eval()
         self.phases["epochs"] = sum(h["seconds"] for h in history[start_epoch:])
         return history
 
-    def _resumed(self, saved: tuple[dict[str, Any], dict[str, torch.Tensor]]) -> tuple[list[dict[str, float]], float, int]:
-        """``(history, best loss, epochs without improvement)`` of a checkpoint, its generator loaded."""
+    def _resumed(self, saved: tuple[dict[str, Any], dict[str, torch.Tensor]]) -> tuple[list[dict[str, float]], Stopping]:
+        """``(history, stopping state)`` of a checkpoint, its generator loaded."""
         state, tensors = saved
-        self.editor.generator.load_state_dict({k[len("generator."):]: v for k, v in tensors.items()})
-        history = state["history"]
+        self.editor.generator.load_state_dict({k[len("generator."):]: v for k, v in tensors.items() if k.startswith("generator.")})
         self.prior_seconds = float(state["seconds"])  # the interrupted processes' time, preparation included
-        return history, state["best"], state["bad_epochs"]
+        return state["history"], Stopping.from_checkpoint(state, tensors)
 
-    def _epoch(self, epoch: int, batches: list[list[int]], opt: torch.optim.Optimizer, sched: Any,
+    def _epoch(self, epoch: int, n_epochs: int, batches: list[list[int]], opt: torch.optim.Optimizer, sched: Any,
                progress: bool) -> dict[str, float]:
-        """One pass over ``batches``; the epoch's record: mean losses, learning rate, seconds."""
+        """One pass over ``batches``, then the validation score; the epoch's record: mean losses,
+        learning rate, seconds (of the steps; ``val_seconds`` for the validation)."""
         te = time.perf_counter()
         sums = dict.fromkeys(LOSS_NAMES, 0.0)
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not progress, leave=False)
+        ed = self.editor
+        ed.generator.train()
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{n_epochs}", disable=not progress, leave=False)
         for batch in bar:
             losses = self.batch_loss(batch)
             opt.zero_grad(set_to_none=True)
@@ -189,5 +244,11 @@ class Trainer:
                 sums[k] += float(losses[k].detach())
             bar.set_postfix(loss=f"{float(losses['total'].detach()):.3f}")
         n = max(1, len(batches))
-        return {"epoch": epoch + 1, "loss": sums["total"] / n, **{k: sums[k] / n for k in LOSS_NAMES if k != "total"},
-                "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - te}
+        rec = {"epoch": epoch + 1, "loss": sums["total"] / n, **{k: sums[k] / n for k in LOSS_NAMES if k != "total"},
+               "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - te}
+        if self.validation is not None:
+            tv = time.perf_counter()
+            ed.generator.eval()
+            rec |= self.validation.score(self.fast, ed.generator, ed.features)
+            rec["val_seconds"] = time.perf_counter() - tv
+        return rec
