@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lks.models import get_layers, make_past, past_key_value, skip_lower_layers
+from lks.utils import starts
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer above L: keys, values [batch, kv_heads, P, head_dim]
 
@@ -92,11 +93,7 @@ class PrefixKV:
     def plan(cls, ids: Sequence[Sequence[int]], lengths: Sequence[int]) -> PrefixKV:
         """An empty store for the prefixes ``ids[j][:lengths[j]]``."""
         index, n_rows = prefix_rows(ids, lengths)
-        offsets, at = [], 0
-        for n in lengths:
-            offsets.append(at)
-            at += n
-        return cls(index, offsets, list(lengths), n_rows)
+        return cls(index, starts(lengths)[0], list(lengths), n_rows)
 
     def put(self, batch: Sequence[int], kv: KV, device: torch.device | str = "cpu") -> None:
         """Store the prefixes of sequences ``batch`` from ``kv``, the upper layers' keys/values of a

@@ -9,7 +9,7 @@ import platform
 import random
 import subprocess
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -257,3 +257,12 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__}
+
+
+def starts(lengths: Iterable[int]) -> tuple[list[int], int]:
+    """Start offsets of consecutive blocks of the given lengths in one packed tensor, and the total."""
+    out, total = [], 0
+    for n in lengths:
+        out.append(total)
+        total += n
+    return out, total

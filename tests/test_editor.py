@@ -395,7 +395,7 @@ def test_prefix_rows_are_shared_exactly_by_equal_token_prefixes(tiny_pair):
     do share some (several begin with their subject), and each shared row holds the keys/values
     that every sequence using it would compute alone."""
     from lks.suffix import prefix_rows
-    from lks.training.sequences import starts
+    from lks.utils import starts
 
     model, tok = tiny_pair
     editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="gated"))

@@ -38,8 +38,8 @@ from lks.models import (
 from lks.suffix import PrefixKV, suffix_forward, suffix_positions, upper_keys_values
 from lks.training import precision
 from lks.training.precision import TRIM_EVERY, fit_dtype, pads_shapes, quantized_shape
-from lks.training.sequences import Seq, starts
-from lks.utils import length_batches, pad_ids, release_memory
+from lks.training.sequences import Seq
+from lks.utils import length_batches, pad_ids, release_memory, starts
 
 LENGTH_BUCKETS = 2  # blocks per training step (see step_blocks): fewer, longer op chains; 2 was fastest of 1-4 (benchmarks/README)
 

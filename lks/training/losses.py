@@ -29,6 +29,12 @@ class RowsOf:
         return take_rows(self.rows, index)  # subjects repeat: a deterministic backward
 
 
+def subject_table(generator: KBGenerator, features: torch.Tensor, seqs: list[Seq], batch: list[int]) -> RowsOf:
+    """The generated blocks of the subjects of ``batch`` only, indexable by subject id."""
+    subjects = sorted({seqs[j].subject for j in batch})
+    return RowsOf(generator.table(features[torch.tensor(subjects, device=features.device)]), subjects)
+
+
 def loss_rows(seqs: list[Seq], batch: list[int], cache: Cache) -> tuple[list[int], ...]:
     """Where the losses of ``batch`` (in this order) read the upper pass's rows: the NLL rows with
     their target tokens, sequence and the sequences' kinds; the KL rows with their reference rows
@@ -57,9 +63,7 @@ def batch_loss(fast: FastPath, generator: KBGenerator, features: torch.Tensor, c
     the target), ``gate`` and their weighted ``total``."""
     # generated blocks of this batch's subjects only: the whole table would cost a d x d
     # product per subject per step (at 10,000 subjects more than the rest of the step)
-    subjects = sorted({seqs[j].subject for j in batch})
-    feats = features[torch.tensor(subjects, device=features.device)]
-    table = RowsOf(generator.table(feats), subjects)
+    table = subject_table(generator, features, seqs, batch)
     # the batch's sequences (edit, rephrase, locality prompts of different lengths) run through
     # the upper layers in up to LENGTH_BUCKETS blocks, each padded only to its own longest
     # sequence; the losses are means, so the order of the rows does not matter

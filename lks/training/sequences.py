@@ -9,7 +9,6 @@ also covers those positions (so free generation does not repeat the new object).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,12 +141,3 @@ def edit_batches(per_edit: list[list[int]], seqs: list[Seq], batch_size: int) ->
     edits = [i for i in range(len(per_edit)) if per_edit[i]]
     longest = [max(len(seqs[j].ids) for j in per_edit[i]) for i in edits]
     return [[j for k in batch for j in per_edit[edits[k]]] for batch in length_batches(longest, batch_size)]
-
-
-def starts(lengths: Iterable[int]) -> tuple[list[int], int]:
-    """Start offsets of consecutive blocks of the given lengths in one packed tensor, and the total."""
-    out, total = [], 0
-    for n in lengths:
-        out.append(total)
-        total += n
-    return out, total

@@ -27,6 +27,7 @@ from lks.config import TrainConfig
 from lks.data import EditSet
 from lks.hypernet import KBGenerator
 from lks.training.fastpath import Cache, FastPath
+from lks.training.losses import subject_table
 from lks.training.prompts import (
     EditPrompts,
     paraphrase_bank,
@@ -82,13 +83,10 @@ class Validation:
               batch_size: int = 64) -> dict[str, float]:
         """``val_generality``, ``val_locality`` (rates over the prompts that exist) and ``val_score``
         (their mean, or the one that exists). Call inside ``fast.upper_pass`` as the steps run."""
-        from lks.training.losses import RowsOf
-
         hits: dict[int, list[float]] = {KIND_EQUIV: [], KIND_LOC: []}
         for b in range(0, len(self.seqs), batch_size):
             batch = list(range(b, min(b + batch_size, len(self.seqs))))
-            subjects = sorted({self.seqs[j].subject for j in batch})
-            table = RowsOf(generator.table(features[torch.tensor(subjects, device=features.device)]), subjects)
+            table = subject_table(generator, features, self.seqs, batch)
             pred = fast.upper_logits(self.cache, self.seqs, batch, table, generator.combine).argmax(-1).cpu()
             at = 0
             for j in batch:
