@@ -37,7 +37,7 @@ edits, _ = lks.load_edits("counterfact", data_dir=args.data_dir)[5000:5000 + arg
 cfg = dataclasses.replace(MEMITEditor(model, tok).config, z_steps=args.steps, stop_nll=0.0,
                           precision=args.precision)
 layer = cfg.layers[-1]
-prefixes = context_prefixes(model, tok, cfg.n_prefixes, cfg.prefix_tokens)
+prefixes = context_prefixes(model, tok, cfg)
 t0 = time.perf_counter()
 z_batched, _ = target_vectors(model, tok, edits, cfg, layer, prefixes, progress=False)
 batched = time.perf_counter() - t0

@@ -39,7 +39,7 @@ model, tok = lks.load_model(args.model, device="cpu")
 cfg = method_config(AlphaEditConfig, model, "alphaedit")
 stats = key_second_moment(model, tok, cfg.layers, cfg.cov_tokens, corpus=cfg.corpus, progress=False)
 edits, _ = lks.load_edits(args.data, data_dir=args.data_dir, n=args.n).drop_conflicts()
-rows = _edit_rows(tok, edits, context_prefixes(model, tok, cfg.n_prefixes, cfg.prefix_tokens), with_target=False)
+rows = _edit_rows(tok, edits, context_prefixes(model, tok, cfg), with_target=False)
 print(f"{args.model}, {args.data}: keys of the first {len(edits)} edits; registered threshold {cfg.threshold:g}; "
       f"E[kk^T] from {cfg.cov_tokens} tokens of {cfg.corpus}")
 print("layer  dim  eig min / median / max      threshold  null dim  corpus energy in null  edit-key energy in null")

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model, tok = lks.load_model("smollm2-135m", device="cpu")
     cfg = MEMITEditor.configs(model)[0]
-    prefixes = context_prefixes(model, tok, cfg.n_prefixes, cfg.prefix_tokens)
+    prefixes = context_prefixes(model, tok, cfg)
     edits = EditSet(list(lks.load_edits(args.data, data_dir=args.data_dir))[:args.n])
     rows = _edit_rows(tok, edits, prefixes, True)
     rows += encode_rows(tok, [f"{r.subject} is a" for r in edits], [r.subject for r in edits], list(range(len(edits))))

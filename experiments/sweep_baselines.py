@@ -38,6 +38,7 @@ p.add_argument("--start", type=int, default=5000, help="first record (never eval
 p.add_argument("--n", type=int, default=100, help="records")
 p.add_argument("--set", nargs="*", action="append", default=None,
                help="one point: config overrides key=JSON value, e.g. lam=5000 layers=[3,4,5] (repeat for more points)")
+p.add_argument("--eval-n", type=int, default=0, help="evaluate only the first EVAL_N edited records (0: all)")
 p.add_argument("--out", default=None, help="append the JSON line to this file")
 args = p.parse_args()
 
@@ -51,8 +52,9 @@ for point in args.set or [[]]:
     cfg = type(base)(**{**dataclasses.asdict(base), **over})
     editor = cls(model, tok, cfg)
     editor.fit(edits, progress=False)
-    _, s = evaluate_edits(editor, edits, memo=memo)
-    line = {"method": args.method, "data": args.data, "records": [args.start, args.start + args.n], "set": over,
+    _, s = evaluate_edits(editor, edits[:args.eval_n] if args.eval_n else edits, memo=memo)
+    line = {"method": args.method, "data": args.data, "records": [args.start, args.start + args.n],
+            "evaluated": s["n_edits"], "set": over,
             **{k: round(s[k], 4) for k in KEYS if k in s}, "fit_seconds": round(editor.fit_seconds, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "fit_log": [h for h in editor.history if "step" in h][-1:] + [h for h in editor.history if "step" not in h]}

@@ -180,6 +180,7 @@ _REGISTRY: dict[str, type[Editor] | str] = {
     "ft": "lks.baselines.ft:FTEditor",
     "memit": "lks.baselines.memit:MEMITEditor",
     "alphaedit": "lks.baselines.alphaedit:AlphaEditEditor",
+    "alphaedit-seq": "lks.baselines.alphaedit:AlphaEditSeqEditor",
 }
 
 

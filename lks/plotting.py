@@ -125,7 +125,7 @@ def plot_capability(*, before: pd.DataFrame, after: pd.DataFrame, path: str | Pa
 
 # one colour and marker per editing method, the same in every grid figure (names: lks.methods.method_label)
 METHOD_STYLE = {"lks": ("tab:blue", "o"), "ft": ("tab:orange", "s"), "memit": ("tab:green", "^"),
-                "alphaedit": ("tab:red", "D")}
+                "alphaedit": ("tab:red", "D"), "alphaedit-seq": ("tab:purple", "v")}
 
 
 def _method_style(method: str, i: int) -> tuple[str, str, str]:

@@ -3,13 +3,21 @@ independent solves, the constraints, applied/save/load, and that a fitted edit t
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY_CORPUS, make_tiny_llama
 
-from lks.baselines.alphaedit import AlphaEditConfig, AlphaEditEditor, alphaedit_update, null_space_projector
+from lks.baselines.alphaedit import (
+    AlphaEditConfig,
+    AlphaEditEditor,
+    AlphaEditSeqConfig,
+    AlphaEditSeqEditor,
+    alphaedit_update,
+    null_space_projector,
+)
 from lks.baselines.common import down_proj
 from lks.baselines.ft import FTConfig, FTEditor
 from lks.baselines.memit import MEMITConfig, MEMITEditor, memit_update
@@ -77,6 +85,49 @@ def test_alphaedit_leaves_preserved_keys_unchanged():
     assert torch.allclose(delta.double(), Y @ U.T, atol=1e-4)
 
 
+def test_sequential_alphaedit_update_keeps_the_earlier_keys():
+    """Eq. 15: with the earlier batches' keys ``Kp``, the update minimises
+    ``||D K1^T - R1^T||^2 + ||D Kp^T||^2 + alpha ||D||^2`` over D in the null space. Oracle: that
+    problem as one stacked least-squares solve in the null space's basis."""
+    torch.manual_seed(1)
+    d_in, d_out, alpha = 24, 10, 0.3
+    K0 = torch.randn(d_in, 12) @ torch.randn(12, 400)
+    P = null_space_projector(K0 @ K0.T / K0.shape[1], 1e-3)
+    K1, R1, Kp = torch.randn(5, d_in), torch.randn(5, d_out), torch.randn(7, d_in)
+    delta = alphaedit_update(K1, R1, P, alpha, prior=Kp.T @ Kp)
+    evals, evecs = torch.linalg.eigh((K0 @ K0.T / K0.shape[1]).double())
+    U = evecs[:, evals < 1e-3]
+    A = torch.cat([K1.double() @ U, Kp.double() @ U, alpha ** 0.5 * torch.eye(U.shape[1], dtype=torch.float64)])
+    rhs = torch.cat([R1.double(), torch.zeros(7 + U.shape[1], d_out, dtype=torch.float64)])
+    want = torch.linalg.lstsq(A, rhs).solution.T @ U.T
+    assert torch.allclose(delta.double(), want, atol=1e-4)
+    assert not torch.allclose(delta, alphaedit_update(K1, R1, P, alpha), atol=1e-3)  # the prior term matters
+
+
+def test_sequential_alphaedit_batches(tiny_pair, corpus):
+    """One batch holding every edit is the single-batch AlphaEdit, to the bit. In batches of one, the
+    second batch's targets are optimised on the model the first batch edited: the target cache does
+    not hand back the ones optimised for the unedited model; and both edits take."""
+    model, tok = tiny_pair
+    _, cfg = configs(corpus)["alphaedit"]
+    single = AlphaEditEditor(model, tok, cfg)
+    single.fit(EDITS, progress=False)
+    seq_cfg = AlphaEditSeqConfig(**{**dataclasses.asdict(cfg), "batch_edits": len(EDITS)})
+    whole = AlphaEditSeqEditor(model, tok, seq_cfg)
+    whole.fit(EDITS, progress=False)
+    assert all(torch.equal(whole.deltas[k], single.deltas[k]) for k in single.deltas)
+
+    AlphaEditEditor(model, tok, cfg).fit(EDITS[1:], progress=False)  # caches edit 1's unedited-model target
+    ones = AlphaEditSeqEditor(model, tok, dataclasses.replace(seq_cfg, batch_edits=1))
+    ones.fit(EDITS, progress=False)
+    assert [h.get("targets", "optimised") for h in ones.history if "targets" in h or "step" in h][-1] != "cached"
+    assert [h["edits"] for h in ones.history if "batch" in h] == [1, 2]
+    with ones.applied():
+        for r in EDITS:
+            target = tok(f"{r.prompt} {r.target}")["input_ids"][len(tok(r.prompt)["input_ids"])]
+            assert next_token(model, tok, r.prompt) == target
+
+
 @pytest.mark.parametrize("norm,bound", [("inf", 2e-3), ("fro", 0.05)])
 def test_ft_respects_its_bound(tiny_pair, norm, bound, tmp_path, monkeypatch):
     monkeypatch.setenv("LKS_CACHE_DIR", str(tmp_path / "cache"))
@@ -107,6 +158,43 @@ def test_ft_does_not_depend_on_how_rows_are_chunked(tiny_pair, tmp_path, monkeyp
         # Adam divides by the root of the squared gradient: where that is ~0, float rounding of
         # the sums moves an element by up to ~1e-5 (seen: 1 of 4,608 by 5e-6)
         assert torch.allclose(fits[rows], fits[1], atol=3e-5)
+
+
+def test_ft_minibatch_epochs_equal_a_plain_adam_loop(tiny_pair, tmp_path, monkeypatch):
+    """``batch_edits`` > 0 runs ROME's ``ft_main`` schedule: every epoch, one Adam step per minibatch of
+    edits in data order, each projected onto the bound. Oracle: that loop written with the model's
+    plain forward pass (``functional_call``) and the NLL of the tokens after the prompt."""
+    from torch.func import functional_call
+
+    monkeypatch.setenv("LKS_CACHE_DIR", str(tmp_path / "cache"))
+    model, tok = tiny_pair
+    edits = EditSet([*EDITS, EditRecord("Paris", "Paris is the capital of", "Italy", "France")])
+    cfg = FTConfig(layer=1, lr=0.05, steps=3, bound=0.05, batch_edits=2, stop_nll=1e-9)
+    ed = FTEditor(model, tok, cfg)
+    ed.fit(edits, progress=False)
+
+    W = down_proj(model, 1).weight
+    name = next(n for n, p in model.named_parameters() if p is W)
+    delta = torch.zeros_like(W, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=cfg.lr)
+
+    def nll(r: EditRecord) -> torch.Tensor:
+        n_prompt = len(tok(r.prompt)["input_ids"])
+        ids = tok(f"{r.prompt} {r.target}", return_tensors="pt")["input_ids"]
+        logits = functional_call(model, {name: W + delta}, (ids,)).logits[0]
+        logp = torch.log_softmax(logits[n_prompt - 1:-1].float(), -1)
+        return -logp.gather(-1, ids[0, n_prompt:, None]).mean()
+
+    for _ in range(cfg.steps):
+        for batch in (edits[0:2], edits[2:3]):
+            opt.zero_grad()
+            torch.stack([nll(r) for r in batch]).mean().backward()
+            opt.step()
+            with torch.no_grad():
+                delta.clamp_(-cfg.bound, cfg.bound)
+    assert float(delta.detach().abs().max()) > 0.01  # it moved
+    assert [h["step"] for h in ed.history] == [0, 1, 2]
+    assert torch.allclose(ed.deltas[1], delta.detach(), atol=3e-5)
 
 
 @pytest.mark.parametrize("method", ["ft", "memit", "alphaedit"])
@@ -174,8 +262,9 @@ def test_every_registered_model_has_typed_baseline_settings_inside_its_layers(na
     from lks.config import model_spec
 
     spec, model = model_spec(name), SimpleNamespace(lks_name=name)
-    assert set(spec.baselines) == {"ft", "memit", "alphaedit"}
-    for method, cls in (("ft", FTConfig), ("memit", MEMITConfig), ("alphaedit", AlphaEditConfig)):
+    assert set(spec.baselines) == {"ft", "memit", "alphaedit", "alphaedit-seq"}
+    for method, cls in (("ft", FTConfig), ("memit", MEMITConfig), ("alphaedit", AlphaEditConfig),
+                        ("alphaedit-seq", AlphaEditSeqConfig)):
         cfg = method_config(cls, model, method)
         assert type(cfg) is cls and cfg != cls()  # registered values, not the dataclass defaults
         layers = [cfg.layer] if method == "ft" else cfg.layers
@@ -301,7 +390,7 @@ def test_batched_targets_equal_one_at_a_time(tiny_pair):
     model, tok = tiny_pair
     cfg = dataclasses.replace(configs("unused")["memit"][1], z_steps=4, precision="float32", stop_nll=0.0,
                               kl_weight=0.5, weight_decay=0.1, clamp=0.5)
-    prefixes = context_prefixes(model, tok, cfg.n_prefixes, cfg.prefix_tokens)
+    prefixes = context_prefixes(model, tok, cfg)
     both, h = target_vectors(model, tok, EDITS, cfg, 1, prefixes, progress=False)
     for i in range(len(EDITS)):
         alone, h_i = target_vectors(model, tok, EDITS[i:i + 1], cfg, 1, prefixes, progress=False)
@@ -319,7 +408,7 @@ def test_targets_are_cached_per_chunk_and_equal_the_whole_batch(tiny_pair, corpu
 
     model, tok = tiny_pair
     cfg = dataclasses.replace(configs(corpus)["memit"][1], z_steps=4, precision="float32", stop_nll=0.0)
-    prefixes = context_prefixes(model, tok, cfg.n_prefixes, cfg.prefix_tokens)
+    prefixes = context_prefixes(model, tok, cfg)
     whole, _ = target_vectors(model, tok, EDITS, cfg, 1, prefixes, progress=False)
     monkeypatch.setattr(memit, "TARGET_CHUNK", 1)
     ed = MEMITEditor(model, tok, cfg)
@@ -376,9 +465,11 @@ def test_keys_and_outputs_match_one_row_at_a_time(tiny_pair):
     rows = encode_rows(tok, [p + r.prompt for r in EDITS for p in pre], [r.subject for r in EDITS for _ in pre],
                        [i for i in range(len(EDITS)) for _ in pre])
     K, h = keys_and_outputs(model, tok, rows, len(EDITS), 0, 1, batch_rows=2)
+    w = [0.5, 0.2, 0.3] * len(EDITS)  # weighted keys (MEMITConfig.key_weights)
+    K_w, _ = keys_and_outputs(model, tok, rows, len(EDITS), 0, 1, batch_rows=2, weights=w)
 
     layers = model.model.layers  # the tiny Llama's
-    want_k, want_h = torch.zeros_like(K), torch.zeros_like(h)
+    want_k, want_h, want_kw = torch.zeros_like(K), torch.zeros_like(h), torch.zeros_like(K)
     got: dict[str, torch.Tensor] = {}
     hooks = [down_proj(model, 0).register_forward_pre_hook(lambda m, a: got.__setitem__("k", a[0])),
              layers[1].register_forward_hook(lambda m, a, o: got.__setitem__("h", o[0] if isinstance(o, tuple) else o))]
@@ -387,6 +478,7 @@ def test_keys_and_outputs_match_one_row_at_a_time(tiny_pair):
             with torch.no_grad():
                 model(input_ids=torch.tensor([r.ids]))
             want_k[r.edit] += got["k"][0, r.subj] / len(pre)
+            want_kw[r.edit] += w[j] * got["k"][0, r.subj]
             if j % len(pre) == 0:
                 want_h[r.edit] = got["h"][0, r.subj]
     finally:
@@ -394,3 +486,16 @@ def test_keys_and_outputs_match_one_row_at_a_time(tiny_pair):
             hk.remove()
     assert torch.allclose(K, want_k, atol=1e-5)
     assert torch.allclose(h, want_h, atol=1e-5)
+    assert torch.allclose(K_w, want_kw, atol=1e-5)
+
+
+def test_key_weights_follow_memit_compute_ks():
+    """``reference``: the plain prompt weighs 1/2 and the prefixed forms share the other 1/2
+    (MEMIT averages within each context group, then over the groups); ``plain``: the plain prompt
+    alone; ``mean``: equal."""
+    from lks.baselines.memit import key_weights
+
+    assert key_weights(3, "reference") == [0.5, 0.25, 0.25]
+    assert key_weights(6, "reference") == [0.5] + [0.1] * 5
+    assert key_weights(3, "plain") == [1.0, 0.0, 0.0]
+    assert key_weights(3, "mean") == [1.0] * 3

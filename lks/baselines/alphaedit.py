@@ -13,17 +13,26 @@ per-layer update is projected onto the null space of the preserved knowledge's k
   alpha I)^-1``. Because ``Delta_P (K1 K1^T P + alpha I) = R K1^T P`` implies ``Delta_P (I - P) = 0``,
   this ``Delta_P`` already equals ``Delta_P P`` and is added to ``W`` as is.
 
-This is the single-batch form: the paper's sequential-editing term ``K_p K_p^T`` (keys of earlier
-batches of edits) is left out, since every fit here edits one batch.
+* **Sequential editing** (§3.3, eq. 15; :class:`AlphaEditSeqEditor`, method ``alphaedit-seq``): the
+  edits arrive in batches (the paper's experiments: 100 edits each); each batch's targets are
+  optimised on the model as the earlier batches left it, and its update also keeps the earlier
+  batches' edits: ``Delta_P = R K1^T P (K1 K1^T P + Kp Kp^T P + alpha I)^-1`` with ``Kp`` the keys of
+  every earlier batch at that layer. ``alphaedit`` is the single-batch form (``Kp`` empty).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
-from lks.baselines.memit import MEMITConfig, MEMITEditor
+from lks.baselines.common import added_weights, down_proj
+from lks.baselines.memit import MEMITConfig, MEMITEditor, context_prefixes
+from lks.baselines.stats import key_second_moment
+from lks.data import EditSet
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,12 +52,15 @@ def null_space_projector(C: torch.Tensor, threshold: float) -> torch.Tensor:
     return (U @ U.T).float()
 
 
-def alphaedit_update(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """``Delta_P = R^T K P (P K^T K + alpha I)^-1`` ``[d_out, d_in]`` (eq. 14, keys ``K`` ``[n, d_in]``
-    and residuals ``R`` ``[n, d_out]`` as rows). Transposed, it solves
-    ``(P K^T K + alpha I) X = P K^T R`` (``P`` symmetric); float64."""
+def alphaedit_update(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, alpha: float = 1.0,
+                     prior: torch.Tensor | None = None) -> torch.Tensor:
+    """``Delta_P = R^T K P (P (K^T K + prior) + alpha I)^-1`` ``[d_out, d_in]`` (eq. 14, and eq. 15
+    with ``prior = Kp^T Kp``, the earlier batches' keys; keys ``K`` ``[n, d_in]`` and residuals ``R``
+    ``[n, d_out]`` as rows). Transposed, it solves ``(P (K^T K + prior) + alpha I) X = P K^T R``
+    (``P`` symmetric); float64."""
     Kd, Pd = K.double(), P.double()
-    A = Pd @ Kd.T @ Kd + alpha * torch.eye(Pd.shape[0], dtype=torch.float64, device=Pd.device)
+    M = Kd.T @ Kd if prior is None else Kd.T @ Kd + prior.double()
+    A = Pd @ M + alpha * torch.eye(Pd.shape[0], dtype=torch.float64, device=Pd.device)
     return torch.linalg.solve(A, Pd @ Kd.T @ R.double()).T.float()
 
 
@@ -59,7 +71,48 @@ class AlphaEditEditor(MEMITEditor):
     label = "AlphaEdit"
     config_class = AlphaEditConfig
 
-    def _solve(self, K: torch.Tensor, R: torch.Tensor, layer: int, C: torch.Tensor) -> torch.Tensor:
+    def _solve(self, K: torch.Tensor, R: torch.Tensor, layer: int, C: torch.Tensor,
+               prior: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         P = null_space_projector(C, self.config.threshold)
-        self.history.append({"layer": layer, "null_space_dim": int(round(float(torch.trace(P))))})
-        return alphaedit_update(K, R, P, self.config.alpha)
+        return alphaedit_update(K, R, P, self.config.alpha, prior), {"null_space_dim": int(round(float(torch.trace(P))))}
+
+
+@dataclass
+class AlphaEditSeqConfig(AlphaEditConfig):
+    """AlphaEdit's settings plus the size of each sequential batch."""
+
+    batch_edits: int = 100       # edits per batch (AlphaEdit's sequential experiments: 100)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.batch_edits <= 0:
+            raise ValueError(f"batch_edits must be positive, got {self.batch_edits}")
+
+
+class AlphaEditSeqEditor(AlphaEditEditor):
+    """Sequential AlphaEdit (module docstring): ``batch_edits`` edits at a time, each batch's targets
+    and keys under the earlier batches' updates, whose keys its update also preserves."""
+
+    method = "alphaedit-seq"
+    label = "AlphaEdit (seq.)"
+    config_class = AlphaEditSeqConfig
+
+    def _fit(self, edits: EditSet, progress: bool) -> dict[int, torch.Tensor]:
+        cfg, model, tok = self.config, self.model, self.tokenizer
+        stats = key_second_moment(model, tok, list(cfg.layers), cfg.cov_tokens, corpus=cfg.corpus, progress=progress)
+        prefixes = context_prefixes(model, tok, cfg)  # the unedited model's, once
+        deltas = {l: torch.zeros_like(down_proj(model, l).weight) for l in cfg.layers}
+        prior: dict[int, torch.Tensor] = {}
+        for start in range(0, len(edits), cfg.batch_edits):
+            batch = EditSet(edits.records[start:start + cfg.batch_edits])
+            after = EditSet(edits.records[:start]).checksum() if start else None
+            with added_weights(model, deltas):  # the model as the earlier batches left it
+                z = self._targets(batch, cfg.layers[-1], prefixes, progress, after)
+                step, keys = self._spread(batch, z, prefixes, stats, prior or None)
+            for l in cfg.layers:
+                deltas[l] += step[l]
+                prior[l] = prior.get(l, 0) + keys[l].double().T @ keys[l].double()
+            self.history.append({"batch": start // cfg.batch_edits, "edits": start + len(batch)})
+            log.info("AlphaEdit batch %d: edits %d-%d of %d", start // cfg.batch_edits, start + 1, start + len(batch),
+                     len(edits))
+        return deltas

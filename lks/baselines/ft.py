@@ -6,9 +6,11 @@ and used again as a baseline in MEMIT (Meng et al. 2023, §4): the change ``delt
 ``mlp.down_proj.weight`` at ``layer`` minimises the mean NLL of each edit's target tokens given its
 prompt (teacher-forced), with Adam; after every step ``delta`` is projected back onto the
 constraint set (clamped elementwise to ``[-bound, bound]``, or rescaled to Frobenius norm
-``bound`` with ``norm="fro"``). All edits train together, one forward/backward per step in chunks
-of rows of similar length.
-After every step the state (``delta``, Adam's moments) is kept in the lks cache directory until
+``bound`` with ``norm="fro"``). Each of ``steps`` epochs passes over the edits in minibatches of
+``batch_edits`` edits in data order, one Adam step each (ROME's ``ft_main``), or, with
+``batch_edits=0``, takes one full-batch step; a minibatch whose every edit is below ``stop_nll``
+takes no step, and an epoch with no step ends the fit. Rows run in chunks of similar length.
+After every epoch the state (``delta``, Adam's moments) is kept in the lks cache directory until
 the fit ends, so that an interrupted fit resumes from its last step.
 """
 
@@ -30,6 +32,7 @@ from tqdm.auto import tqdm
 from lks.baselines.common import (
     Row,
     WeightEditor,
+    chunks,
     down_proj,
     encode_rows,
     target_nll,
@@ -50,7 +53,8 @@ class FTConfig:
 
     layer: int = 6            # decoder layer whose down_proj is fine-tuned
     lr: float = 5e-4          # Adam learning rate
-    steps: int = 25           # optimisation steps over all edits
+    steps: int = 25           # epochs: passes over all edits (one Adam step each when batch_edits is 0)
+    batch_edits: int = 0      # edits per Adam step: 0 = all (full batch); ROME's ft_main: 64-edit minibatches
     bound: float = 5e-4       # the constraint's radius
     norm: str = "inf"         # "inf": elementwise clamp (ROME's FT-L) | "fro": Frobenius-norm ball
     stop_nll: float = 0.05    # stop when every edit's mean target NLL is below this
@@ -63,6 +67,8 @@ class FTConfig:
             raise ValueError(f"layer must be >= 1 (the layer below it is cached), got {self.layer}")
         if min(self.lr, self.steps, self.bound, self.batch_rows) <= 0:
             raise ValueError("lr, steps, bound and batch_rows must be positive")
+        if self.batch_edits < 0:
+            raise ValueError(f"batch_edits must be >= 0 (0: full batch), got {self.batch_edits}")
 
 
 def project(delta: torch.Tensor, bound: float, norm: str) -> torch.Tensor:
@@ -125,32 +131,46 @@ class FTEditor(WeightEditor):
         W = down_proj(model, cfg.layer).weight
         rows = encode_rows(tok, [r.prompt for r in edits], [r.subject for r in edits], list(range(len(edits))),
                            [r.target for r in edits])
-        parts = lower_parts(model, tok, by_length(rows, cfg.batch_rows), cfg.layer)
+        batches = [lower_parts(model, tok, by_length([rows[i] for i in b], cfg.batch_rows), cfg.layer)
+                   for b in chunks(len(edits), cfg.batch_edits or len(edits))]
         delta = torch.zeros_like(W, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=cfg.lr)
-        # an interrupted fit resumes at its last step (10,000 edits: minutes a step on one CPU thread)
+        # an interrupted fit resumes at its last epoch (10,000 edits: minutes an epoch on one CPU thread)
         state = self._cache_path("ft", {"edits": edits.checksum(), **dataclasses.asdict(cfg)})
         first, t0 = self._resume(state, delta, opt), time.perf_counter()
         bar = tqdm(range(first, cfg.steps), desc="FT-L", disable=not progress)
         for step in bar:
-            opt.zero_grad()
-            nll = backward_nll(model, parts, cfg.layer, delta)
+            nll, moved = self._epoch(batches, delta, opt)
             self.history.append({"step": step, "nll_mean": float(nll.mean()), "nll_max": float(nll.max())})
             bar.set_postfix(nll=f"{float(nll.mean()):.3f}")
-            log.info("FT-L step %d/%d: mean target NLL %.3f", step + 1, cfg.steps, float(nll.mean()))
-            if float(nll.max()) < cfg.stop_nll:
+            log.info("FT-L epoch %d/%d: mean target NLL %.3f", step + 1, cfg.steps, float(nll.mean()))
+            if not moved:
                 break
-            opt.step()
-            with torch.no_grad():
-                project(delta, cfg.bound, cfg.norm)
             if state is not None:
                 adam = opt.state[delta]
                 save_tensors(state, {"delta": delta.detach(), "exp_avg": adam["exp_avg"], "exp_avg_sq": adam["exp_avg_sq"]},
-                             metadata={"step": str(step + 1), "history": json.dumps(self.history),
+                             metadata={"step": str(step + 1), "adam_step": str(int(adam["step"])),
+                                       "history": json.dumps(self.history),
                                        "seconds": str(self.prior_seconds + time.perf_counter() - t0)})
         if state is not None:
             state.unlink(missing_ok=True)  # the fit is done: nothing to resume
         return {cfg.layer: delta.detach()}
+
+    def _epoch(self, batches: list[list[Part]], delta: torch.Tensor, opt: torch.optim.Adam) -> tuple[torch.Tensor, bool]:
+        """One pass over the minibatches: each one's target NLL (measured before its step) and whether
+        any minibatch stepped."""
+        cfg, out, moved = self.config, [], False
+        for parts in batches:
+            opt.zero_grad()
+            nll = backward_nll(self.model, parts, cfg.layer, delta)
+            out.append(nll)
+            if float(nll.max()) < cfg.stop_nll:
+                continue  # every edit of this minibatch is fitted: no step
+            opt.step()
+            moved = True
+            with torch.no_grad():
+                project(delta, cfg.bound, cfg.norm)
+        return torch.cat(out), moved
 
     def _resume(self, state: Path | None, delta: torch.Tensor, opt: torch.optim.Adam) -> int:
         """Load an interrupted fit's ``delta``, Adam moments and history from ``state``; the step to
@@ -163,7 +183,7 @@ class FTEditor(WeightEditor):
         step = int(meta["step"])
         with torch.no_grad():
             delta.copy_(saved["delta"])
-        opt.state[delta] = {"step": torch.tensor(float(step)), "exp_avg": saved["exp_avg"].to(delta.device),
+        opt.state[delta] = {"step": torch.tensor(float(meta.get("adam_step", step))), "exp_avg": saved["exp_avg"].to(delta.device),
                             "exp_avg_sq": saved["exp_avg_sq"].to(delta.device)}
         self.history = [*json.loads(meta["history"]), {"resumed_at_step": step}]
         self.prior_seconds = float(meta["seconds"])  # the interrupted runs' fit time, counted in fit_seconds

@@ -73,7 +73,16 @@ class MEMITConfig:
     weight_decay: float = 0.5    # weight of ||delta||^2 / ||h||^2
     n_prefixes: int = 4          # random-prefix contexts besides the plain prompt
     prefix_tokens: int = 10      # tokens per prefix
-    stop_nll: float = 0.05       # stop when every edit's mean target NLL is below this
+    stop_nll: float = 0.05       # an edit's target is done when its stop quantity is below this
+    stop_on: str = "nll"         # that quantity: "nll" (its mean target NLL) or "loss" (its whole loss,
+                                 # NLL + KL + decay, as ROME/MEMIT's compute_z stops on)
+    decay_form: str = "squared"  # "squared": weight_decay * ||delta||^2 / ||h||^2; "reference":
+                                 # weight_decay * ||delta|| / ||h||^2 (ROME/MEMIT's code)
+    prefixes: str = "greedy"     # the context prefixes: "greedy" continuations or "sampled" (top-5, seed 0; MEMIT's)
+    kl_form: str = "after"       # "after": KL(unedited || edited) of the token after "{subject} is a"; "reference":
+                                 # KL(edited || unedited) at its subject's last token (ROME/MEMIT's compute_z)
+    key_weights: str = "mean"    # a key from the edit's rows: "mean" of all; "reference": the plain
+                                 # prompt 1/2, the prefixed rows 1/2 together (MEMIT's compute_ks); "plain": plain only
     batch_rows: int = 64         # rows per forward/backward chunk
     precision: str = "auto"      # upper layers during the target optimisation: "float32", "bfloat16" or
                                  # "auto" (bfloat16 where native, lks.utils.resolve_precision); ~2x on AVX-512-BF16
@@ -83,6 +92,11 @@ class MEMITConfig:
             raise ValueError(f"layers must be a non-empty increasing list, got {self.layers}")
         if min(self.lam, self.z_lr, self.clamp, self.cov_tokens, self.z_steps, self.batch_rows) <= 0:
             raise ValueError("lam, z_lr, clamp, cov_tokens, z_steps and batch_rows must be positive")
+        for name, allowed in (("stop_on", ("nll", "loss")), ("decay_form", ("squared", "reference")),
+                              ("key_weights", ("mean", "reference", "plain")), ("prefixes", ("greedy", "sampled")),
+                              ("kl_form", ("after", "reference"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
 
 def memit_update(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
@@ -94,16 +108,21 @@ def memit_update(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float) 
     return torch.linalg.solve(A, K.double().T @ R.double()).T.float()
 
 
-def context_prefixes(model: nn.Module, tok, n: int, n_tokens: int) -> list[str]:
-    """``""`` and ``n`` short texts (greedy continuations of opening words) ending in ". "."""
-    out = [""]
+def context_prefixes(model: nn.Module, tok, cfg: MEMITConfig) -> list[str]:
+    """``""`` and ``cfg.n_prefixes`` short texts of ``cfg.prefix_tokens`` new tokens continuing opening
+    words, each ending in ". ": greedy continuations, or with ``cfg.prefixes == "sampled"`` top-5
+    samples (MEMIT's ``generate_fast``) from a fixed seed, so a fit is reproducible."""
+    out, n = [""], cfg.n_prefixes
     if n <= 0:
         return out
     dev = model_device(model)
     enc = tok(list(PREFIX_STARTS[:n]), return_tensors="pt", padding=True, padding_side="left").to(dev)
-    with torch.no_grad():
-        seq = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=n_tokens,
-                             do_sample=False, pad_token_id=tok.pad_token_id)
+    sample = {"do_sample": True, "top_k": 5, "top_p": None, "temperature": None} if cfg.prefixes == "sampled" \
+        else {"do_sample": False}
+    with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(0)
+        seq = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                             max_new_tokens=cfg.prefix_tokens, pad_token_id=tok.pad_token_id, **sample)
     for text in tok.batch_decode(seq, skip_special_tokens=True):
         out.append(" ".join(text.replace("{", " ").replace("}", " ").split()) + ". ")
     return out
@@ -133,7 +152,8 @@ def target_vectors(model: nn.Module, tok, edits: EditSet, cfg: MEMITConfig, laye
     ctx_rows = _edit_rows(tok, edits, prefixes, with_target=True)
     kl_rows = encode_rows(tok, [f"{r.subject} is a" for r in edits], [r.subject for r in edits], list(range(n)))
     for r in kl_rows:
-        r.tgt_pos = [len(r.ids) - 1]  # the next token after "{subject} is a"
+        # the next token after "{subject} is a", or (reference) after the subject
+        r.tgt_pos = [len(r.ids) - 1 if cfg.kl_form == "after" else r.subj]
     per_chunk = max(1, cfg.batch_rows // (n_ctx + 1))
     head = model.get_output_embeddings()
     h0 = torch.zeros(n, model.config.hidden_size, device=dev)
@@ -181,6 +201,7 @@ def _optimise(model, parts, ref, h0, delta, dtype, cfg: MEMITConfig, n_ctx: int,
     h_norm = h0.norm(dim=1)
     done = torch.zeros(n, dtype=torch.bool, device=dev)
     nll_e = torch.full((n,), float("inf"), device=dev)
+    loss_e = torch.full((n,), float("inf"), device=dev)
     bar = tqdm(range(cfg.z_steps), desc="MEMIT targets", disable=not progress)
     for step in bar:
         opt.zero_grad()
@@ -198,15 +219,21 @@ def _optimise(model, parts, ref, h0, delta, dtype, cfg: MEMITConfig, n_ctx: int,
             kl_k = is_kl.nonzero()[:, 0]
             pos = torch.tensor([rows[k].tgt_pos[0] for k in kl_k.tolist()], device=dev)
             logp = torch.log_softmax(head(fin[kl_k, pos]), -1)
-            kl = (ref[g].exp() * (ref[g] - logp)).sum(-1)
-            decay = cfg.weight_decay * delta[g].norm(dim=1) ** 2 / h_norm[g] ** 2
+            if cfg.kl_form == "after":
+                kl = (ref[g].exp() * (ref[g] - logp)).sum(-1)   # KL(unedited || edited)
+            else:
+                kl = (logp.exp() * (logp - ref[g])).sum(-1)     # KL(edited || unedited)
+            d_norm = delta[g].norm(dim=1)
+            decay = cfg.weight_decay * (d_norm ** 2 if cfg.decay_form == "squared" else d_norm) / h_norm[g] ** 2
             live = (~done[g]).float()  # done edits add nothing (their delta is frozen below)
-            (live * (nll_g + cfg.kl_weight * kl + decay)).sum().backward()
-            nll_e[g], kl_e[g] = nll_g.detach(), kl.detach()
-        done |= nll_e < cfg.stop_nll
+            loss = nll_g + cfg.kl_weight * kl + decay
+            (live * loss).sum().backward()
+            nll_e[g], kl_e[g], loss_e[g] = nll_g.detach(), kl.detach(), loss.detach()
+        done |= (nll_e if cfg.stop_on == "nll" else loss_e) < cfg.stop_nll
         if history is not None:
             history.append({"step": step, "nll_mean": float(nll_e.mean()), "nll_max": float(nll_e.max()),
-                            "kl_mean": float(kl_e.mean()), "done": int(done.sum())})
+                            "kl_mean": float(kl_e.mean()), "loss_mean": float(loss_e.mean()),
+                            "done": int(done.sum())})
         bar.set_postfix(nll=f"{float(nll_e.mean()):.3f}", done=int(done.sum()))
         if bool(done.all()):
             break
@@ -220,11 +247,11 @@ def _optimise(model, parts, ref, h0, delta, dtype, cfg: MEMITConfig, n_ctx: int,
 
 @torch.no_grad()
 def keys_and_outputs(model: nn.Module, tok, rows: Sequence[Row], n: int, key_layer: int, out_layer: int,
-                     batch_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys ``[n, d_in]`` (down_proj inputs of ``key_layer`` at the subject's last token, averaged
-    over each edit's rows) and outputs of ``out_layer`` ``[n, d]`` at the same token of each
-    edit's FIRST row (its plain prompt), under the model's current weights. Rows run shortest
-    first (:func:`lks.utils.length_batches`), so a batch pads little."""
+                     batch_rows: int, weights: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys ``[n, d_in]`` (down_proj inputs of ``key_layer`` at the subject's last token, each edit's
+    rows averaged with ``weights``, default equal) and outputs of ``out_layer`` ``[n, d]`` at the
+    same token of each edit's FIRST row (its plain prompt), under the model's current weights. Rows
+    run shortest first (:func:`lks.utils.length_batches`), so a batch pads little."""
     dev = model_device(model)
     keys = torch.zeros(n, down_proj(model, key_layer).in_features, device=dev)
     counts = torch.zeros(n, device=dev)
@@ -242,11 +269,47 @@ def keys_and_outputs(model: nn.Module, tok, rows: Sequence[Row], n: int, key_lay
                 pass
         k_all, h_all = hk.captured_inputs[(key_layer, PROJ)], hk.captured[out_layer]
         for b, (j, r) in enumerate(zip(idx, sub)):
-            keys[r.edit] += k_all[b, r.subj].float()
-            counts[r.edit] += 1
+            w = 1.0 if weights is None else weights[j]
+            keys[r.edit] += w * k_all[b, r.subj].float()
+            counts[r.edit] += w
             if first[r.edit] == j:
                 outs[r.edit] = h_all[b, r.subj].float()
     return keys / counts[:, None], outs
+
+
+def key_weights(n_ctx: int, mode: str) -> list[float]:
+    """Weights of one edit's rows (its plain prompt, then its ``n_ctx - 1`` prefixed forms) in its
+    key (``MEMITConfig.key_weights``)."""
+    if mode == "mean" or n_ctx == 1:
+        return [1.0] * n_ctx
+    if mode == "plain":
+        return [1.0] + [0.0] * (n_ctx - 1)
+    return [0.5] + [0.5 / (n_ctx - 1)] * (n_ctx - 1)  # "reference"
+
+
+@torch.no_grad()
+def layer_diagnostics(K: torch.Tensor, R: torch.Tensor, delta: torch.Tensor, W: torch.Tensor) -> dict[str, float]:
+    """One band layer's update against its plan: ``residual_norm`` (mean ``||r_i||``, the change of the
+    hidden state this layer is asked for), ``realised`` (mean over edits of the share of ``r_i`` the
+    layer's own change ``Delta k_i`` delivers along it, ``<Delta k_i, r_i> / ||r_i||^2``),
+    ``delta_norm`` and ``delta_rel`` (``||Delta|| / ||W||``) and ``edits_per_dim`` (edits per key dimension)."""
+    got = K.double() @ delta.double().T  # [n, d_out]: the layer's output change at each edit's key
+    share = (got * R.double()).sum(1) / R.double().pow(2).sum(1).clamp_min(1e-12)
+    return {"residual_norm": float(R.norm(dim=1).mean()), "realised": float(share.mean()),
+            "delta_norm": float(delta.norm()), "delta_rel": float(delta.norm() / W.float().norm()),
+            "edits_per_dim": K.shape[0] / K.shape[1]}
+
+
+@torch.no_grad()
+def target_diagnostics(z: torch.Tensor, h0: torch.Tensor, h_end: torch.Tensor) -> dict[str, float]:
+    """How far the band's updates moved the last band layer's output towards the targets:
+    ``target_realised`` = mean over edits of ``1 - ||z_i - h_end_i|| / ||z_i - h0_i||`` (1: reached,
+    0: not moved closer), with the mean distances before and after and the share of edits more than
+    half-way."""
+    before, after = (z - h0).norm(dim=1), (z - h_end).norm(dim=1)
+    done = 1 - after / before.clamp_min(1e-12)
+    return {"band": "end", "target_realised": float(done.mean()), "target_gap_before": float(before.mean()),
+            "target_gap_after": float(after.mean()), "half_way": float((done > 0.5).float().mean())}
 
 
 # edits per target optimisation (and per cache file). Their prefix keys/values (one stored row per
@@ -263,29 +326,43 @@ class MEMITEditor(WeightEditor):
     label = "MEMIT"
     config_class = MEMITConfig
 
-    def _solve(self, K: torch.Tensor, R: torch.Tensor, layer: int, C: torch.Tensor) -> torch.Tensor:
-        return memit_update(K, R, C, self.config.lam)
+    def _solve(self, K: torch.Tensor, R: torch.Tensor, layer: int, C: torch.Tensor,
+               prior: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """The layer's update and what to log: the keys' mean leverage ``k_i^T (lam C + K^T K)^-1 k_i``
+        (the share of its own residual an edit's key would realise if the other keys were orthogonal
+        to it; it falls as the keys crowd the layer's input space). MEMIT has no sequential form
+        here: ``prior`` must be None."""
+        if prior is not None:
+            raise ValueError("MEMIT edits one batch; earlier batches' keys are AlphaEdit's sequential term")
+        A = self.config.lam * C.double() + K.double().T @ K.double()
+        lev = (K.double() * torch.linalg.solve(A, K.double().T).T).sum(1)
+        return memit_update(K, R, C, self.config.lam), {"leverage": float(lev.mean())}
 
-    def _targets(self, edits: EditSet, layer: int, prefixes: Sequence[str], progress: bool) -> torch.Tensor:
+    def _targets(self, edits: EditSet, layer: int, prefixes: Sequence[str], progress: bool,
+                 after: str | None = None) -> torch.Tensor:
         """:func:`target_vectors`, :data:`TARGET_CHUNK` edits at a time, each chunk cached per (model,
         its edits, layer, target settings) under the lks cache directory: MEMIT and AlphaEdit with the
         same band share them, memory stays bounded, and an interrupted 10,000-edit fit resumes at the
         first chunk not yet cached. Each edit's target is optimised on its own rows only (the chunks
-        change nothing but the batching: see :func:`target_vectors`)."""
+        change nothing but the batching: see :func:`target_vectors`). ``after``: the checksum of the
+        edits already in the model's weights (a sequential fit), part of the cache key."""
         out = []
         for i in range(0, len(edits), TARGET_CHUNK):
             t = time.perf_counter()
-            out.append(self._chunk_targets(EditSet(edits.records[i:i + TARGET_CHUNK]), layer, prefixes, progress))
+            out.append(self._chunk_targets(EditSet(edits.records[i:i + TARGET_CHUNK]), layer, prefixes, progress, after))
             log.info("target vectors of edits %d-%d of %d (%s, %.0f s)", i + 1, i + len(out[-1]), len(edits),
                      self.history[-1].get("targets", "optimised") if self.history else "optimised", time.perf_counter() - t)
         return torch.cat(out)
 
-    def _chunk_targets(self, edits: EditSet, layer: int, prefixes: Sequence[str], progress: bool) -> torch.Tensor:
+    def _chunk_targets(self, edits: EditSet, layer: int, prefixes: Sequence[str], progress: bool,
+                       after: str | None) -> torch.Tensor:
         from safetensors.torch import load_file
 
         keys = ("z_steps", "z_lr", "clamp", "kl_weight", "weight_decay", "n_prefixes", "prefix_tokens", "stop_nll",
-                "precision")
+                "precision", "stop_on", "decay_form", "prefixes", "kl_form")
         spec = {"edits": edits.checksum(), "layer": layer, **{k: getattr(self.config, k) for k in keys}}
+        if after is not None:
+            spec["after"] = after
         path = self._cache_path("targets", spec)
         if path is not None and path.is_file():
             self.history.append({"targets": "cached", "path": str(path)})
@@ -297,18 +374,34 @@ class MEMITEditor(WeightEditor):
 
     def _fit(self, edits: EditSet, progress: bool) -> dict[int, torch.Tensor]:
         cfg, model, tok = self.config, self.model, self.tokenizer
+        stats = key_second_moment(model, tok, list(cfg.layers), cfg.cov_tokens, corpus=cfg.corpus, progress=progress)
+        prefixes = context_prefixes(model, tok, cfg)
+        z = self._targets(edits, cfg.layers[-1], prefixes, progress)
+        deltas, _ = self._spread(edits, z, prefixes, stats)
+        return deltas
+
+    def _spread(self, edits: EditSet, z: torch.Tensor, prefixes: Sequence[str], stats: dict[int, torch.Tensor],
+                prior: dict[int, torch.Tensor] | None = None) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Algorithm 1, lines 8-15: each band layer in turn solves for its share of the residual
+        ``z - h`` (``h`` under the lower layers' updates so far). Returns the updates and each
+        layer's keys ``[n, d_in]``; ``prior``: earlier batches' ``K^T K`` per layer (sequential AlphaEdit)."""
+        cfg, model, tok = self.config, self.model, self.tokenizer
         band, last = list(cfg.layers), cfg.layers[-1]
-        stats = key_second_moment(model, tok, band, cfg.cov_tokens, corpus=cfg.corpus, progress=progress)
-        prefixes = context_prefixes(model, tok, cfg.n_prefixes, cfg.prefix_tokens)
-        z = self._targets(edits, last, prefixes, progress)
         rows = _edit_rows(tok, edits, prefixes, with_target=False)
+        weights = key_weights(len(prefixes), cfg.key_weights) * len(edits)
         deltas: dict[int, torch.Tensor] = {}
+        keys: dict[int, torch.Tensor] = {}
         for j, layer in enumerate(band):
             with added_weights(model, deltas):  # the updates of the lower band layers so far
-                K, h = keys_and_outputs(model, tok, rows, len(edits), layer, last, cfg.batch_rows)
+                K, h = keys_and_outputs(model, tok, rows, len(edits), layer, last, cfg.batch_rows, weights)
+            h0 = h if j == 0 else h0
             R = (z - h) / (len(band) - j)   # residual spread over the layers left (Algorithm 1)
-            dev = K.device
-            deltas[layer] = self._solve(K, R, layer, stats[layer].to(dev)).to(down_proj(model, layer).weight.dtype)
-            self.history.append({"layer": layer, "residual_norm": float(R.norm(dim=1).mean()),
-                                 "delta_norm": float(deltas[layer].norm())})
-        return deltas
+            W = down_proj(model, layer).weight
+            delta, info = self._solve(K, R, layer, stats[layer].to(K.device), None if prior is None else prior[layer])
+            deltas[layer], keys[layer] = delta.to(W.dtype), K
+            self.history.append({"layer": layer, **layer_diagnostics(K, R, delta, W), **info})
+        with added_weights(model, deltas):
+            _, h_end = keys_and_outputs(model, tok, rows, len(edits), band[0], last, cfg.batch_rows, weights)
+        self.history.append(target_diagnostics(z, h0, h_end))
+        return deltas, keys
+
