@@ -101,7 +101,7 @@ class AlphaEditSeqEditor(AlphaEditEditor):
         cfg, model, tok = self.config, self.model, self.tokenizer
         stats = key_second_moment(model, tok, list(cfg.layers), cfg.cov_tokens, corpus=cfg.corpus, progress=progress)
         prefixes = context_prefixes(model, tok, cfg)  # the unedited model's, once
-        deltas = {l: torch.zeros_like(down_proj(model, l).weight) for l in cfg.layers}
+        deltas = {layer: torch.zeros_like(down_proj(model, layer).weight) for layer in cfg.layers}
         prior: dict[int, torch.Tensor] = {}
         for start in range(0, len(edits), cfg.batch_edits):
             batch = EditSet(edits.records[start:start + cfg.batch_edits])
@@ -109,9 +109,9 @@ class AlphaEditSeqEditor(AlphaEditEditor):
             with added_weights(model, deltas):  # the model as the earlier batches left it
                 z = self._targets(batch, cfg.layers[-1], prefixes, progress, after)
                 step, keys = self._spread(batch, z, prefixes, stats, prior or None)
-            for l in cfg.layers:
-                deltas[l] += step[l]
-                prior[l] = prior.get(l, 0) + keys[l].double().T @ keys[l].double()
+            for layer in cfg.layers:
+                deltas[layer] += step[layer]
+                prior[layer] = prior.get(layer, 0) + keys[layer].double().T @ keys[layer].double()
             self.history.append({"batch": start // cfg.batch_edits, "edits": start + len(batch)})
             log.info("AlphaEdit batch %d: edits %d-%d of %d", start // cfg.batch_edits, start + 1, start + len(batch),
                      len(edits))

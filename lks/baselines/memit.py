@@ -394,7 +394,8 @@ class MEMITEditor(WeightEditor):
         for j, layer in enumerate(band):
             with added_weights(model, deltas):  # the updates of the lower band layers so far
                 K, h = keys_and_outputs(model, tok, rows, len(edits), layer, last, cfg.batch_rows, weights)
-            h0 = h if j == 0 else h0
+            if j == 0:
+                h0 = h  # the last band layer's output before any update
             R = (z - h) / (len(band) - j)   # residual spread over the layers left (Algorithm 1)
             W = down_proj(model, layer).weight
             delta, info = self._solve(K, R, layer, stats[layer].to(K.device), None if prior is None else prior[layer])
