@@ -6,10 +6,13 @@ A profile (``params/<name>/reproduce.json``, or any JSON file) names the model, 
 data sets (:class:`GridProfile`). Each **cell** fits one method on the first N records of a data
 set (a later record with the same subject and prompt as an earlier one but another target is
 dropped: :meth:`lks.data.EditSet.drop_conflicts`), evaluates the first ``min(N, eval_n)`` of
-those edits with :func:`lks.metrics.evaluate_edits` (so the sizes share their evaluated items),
-and writes ``results/<model>/<dataset>/<method>-<N>.json``: the summary (both metric families,
-generation-based metrics on the first ``fluency_n``), fit and evaluation seconds, the cell's peak
-resident memory, the configs, the git commit, the machine.
+those edits with :func:`lks.metrics.evaluate_edits` (every edit in the registered profile), and
+writes ``results/<model>/<dataset>/<method>-<N>.json``: the summary (teacher-forced metrics on the
+evaluated edits, generation-based ones on a uniform sample of ``fluency_n`` of them drawn with the
+profile's seed, or on all of them when there are no more), which edits each family scored
+(``scored``), fit and evaluation seconds, the cell's peak resident memory, the configs, the git
+commit, the machine. A file scored otherwise than the profile asks (an older run) is pending again;
+its saved editor is reused.
 
 Fitted editors are saved under ``editors_dir`` (not committed), so an interrupted evaluation and
 the capability runs reuse them. An interrupted fit resumes: LKS from its last finished epoch with
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import random
 import os
 import resource
 import shutil
@@ -63,8 +67,9 @@ class GridProfile:
     datasets: tuple[str, ...] = ("zsre", "counterfact")
     methods: tuple[str, ...] = ("lks", "ft", "memit", "alphaedit")
     sizes: tuple[int, ...] = (10, 100, 1000, 10000)
-    eval_n: int = 1000          # edits evaluated per cell: the first min(N, eval_n)
-    fluency_n: int = 100        # of those, edits continued freely for the generation-based metrics
+    eval_n: int = 10000         # edits evaluated per cell: the first min(N, eval_n)
+    fluency_n: int = 300        # of those, edits continued freely for the generation-based metrics
+                                # (a uniform sample drawn with ``seed``; all of them if there are no more)
     fluency_tokens: int = 30
     capability_n: int = 10000   # the size whose editors run the capability tasks (0: none)
     capability_tasks: tuple[str, ...] = ("sst2", "rte", "mmlu", "wikitext2", "gsm8k")
@@ -171,7 +176,8 @@ class Grid:
         for cell in cells(self.profile):
             if only and not any(fnmatch.fnmatchcase(cell.name, pat) for pat in only):
                 continue
-            if not self.done(self.result_path(cell)):
+            rec = self.finished(self.result_path(cell))
+            if rec is None or rec.get("scoring") != self.scoring():
                 todo.append(("edit", cell))
             if cell.n == self.profile.capability_n and not self.done(self.capability_path(cell)):
                 todo.append(("capability", cell))
@@ -204,6 +210,11 @@ class Grid:
                     self.log(f"{step}: done ({time.perf_counter() - t0:.0f} s)")
 
     # -- one cell -------------------------------------------------------------------------------
+    def scoring(self) -> dict[str, Any]:
+        """The profile's evaluation settings, recorded in each cell's file: a file scored otherwise is redone."""
+        p = self.profile
+        return {"eval_n": p.eval_n, "fluency_n": p.fluency_n, "fluency_tokens": p.fluency_tokens, "seed": p.seed}
+
     def edits(self, cell: Cell) -> tuple[Any, list[int]]:
         return load_edits(cell.dataset, data_dir=self.data_dir, n=cell.n).drop_conflicts()
 
@@ -235,14 +246,17 @@ class Grid:
         with peak_rss() as peak:
             editor, reused = self.editor(cell, edits)
             shown = edits.head(min(len(edits), self.profile.eval_n))
+            sample = fluency_sample(len(shown), self.profile.fluency_n, self.profile.seed)
             t0 = time.perf_counter()
-            _, summary = evaluate_edits(editor, shown, fluency_n=min(self.profile.fluency_n, len(shown)),
-                                        fluency_tokens=self.profile.fluency_tokens, memo=self.memo, neighborhood=True)
+            _, summary = evaluate_edits(editor, shown, fluency_edits=sample, fluency_tokens=self.profile.fluency_tokens,
+                                        memo=self.memo, neighborhood=True)
             eval_seconds = time.perf_counter() - t0
         configs = editor.settings()
         record = {"format": FORMAT, "model": self.profile.model, "data": dataset_label(cell.dataset), "method": cell.method,
                   "n": cell.n, "n_edits": len(edits), "dropped_conflicts": dropped, "n_evaluated": len(shown),
                   "evaluated": f"the first {len(shown)} of the {len(edits)} edits",
+                  "scoring": self.scoring(),
+                  "scored": {"teacher_forced": f"edits 0-{len(shown) - 1}", "generation": sample},
                   "fit_seconds": editor.fit_seconds, "editor_reused": reused,
                   # MEMIT / AlphaEdit: targets found in the cache (computed by an earlier fit) are not in fit_seconds
                   "targets_cached": sum(h.get("targets") == "cached" for h in editor.history),
@@ -332,6 +346,14 @@ class Grid:
         write_json(self.capability_path(cell), record)
         shutil.rmtree(partial, ignore_errors=True)
         return record
+
+
+def fluency_sample(n: int, k: int, seed: int) -> list[int]:
+    """Which of ``n`` evaluated edits the generation-based metrics continue: all when ``n <= k``,
+    else ``k`` drawn uniformly without replacement with ``seed`` (sorted)."""
+    if n <= k:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), k))
 
 
 def editor_digest(path: Path) -> str:

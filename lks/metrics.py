@@ -196,7 +196,7 @@ class UneditedMemo:
 
 
 def evaluate_edits(editor, edits: EditSet, *, batch_size: int = 32, fluency_n: int = 0,
-                   fluency_tokens: int = 30, progress: bool = False,
+                   fluency_tokens: int = 30, fluency_edits: Sequence[int] | None = None, progress: bool = False,
                    memo: UneditedMemo | None = None, neighborhood: bool = False) -> EditEvaluation:
     """Evaluate a fitted editor on ``edits`` (usually the edits it was trained on).
 
@@ -207,6 +207,8 @@ def evaluate_edits(editor, edits: EditSet, *, batch_size: int = 32, fluency_n: i
         fluency_n: the first ``fluency_n`` edits' prompts and held-out rephrases are continued
             freely (``fluency_tokens`` new tokens, greedy) for the generation-based metrics of
             :func:`generation_metrics` (0 skips generation, which is the slow part).
+        fluency_edits: instead of the first ``fluency_n``, these edits (indices into ``edits``;
+            e.g. a seeded uniform sample, as the grid draws).
         memo: the unedited model's scores and continuations, shared with other evaluations
             (:class:`UneditedMemo`).
         neighborhood: add ROME's ``neighborhood_score`` (:func:`neighborhood_score`), reusing the
@@ -228,8 +230,9 @@ def evaluate_edits(editor, edits: EditSet, *, batch_size: int = 32, fluency_n: i
     if neighborhood:  # the true answers' edited scores are ed["nb"], in the same (edit, prompt) order
         true = [res for i in sorted(ed["nb"]) for res in ed["nb"][i]]
         summary["neighborhood_score"] = neighborhood_score(editor, edits, batch_size, true=true)
-    if fluency_n > 0:
-        summary.update(generation_metrics(editor, EditSet(recs[:fluency_n]), max_new_tokens=fluency_tokens, memo=memo)[1])
+    chosen = recs[:fluency_n] if fluency_edits is None else [recs[i] for i in fluency_edits]
+    if chosen:
+        summary.update(generation_metrics(editor, EditSet(chosen), max_new_tokens=fluency_tokens, memo=memo)[1])
     return EditEvaluation(df, summary)
 
 

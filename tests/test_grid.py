@@ -9,6 +9,7 @@ import json
 import logging
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import PLAIN_TRAIN, TINY_CORPUS
@@ -107,6 +108,32 @@ def test_grid_writes_every_cell_once(tiny_pair, tmp_path, cache, caplog):
         R.write_tables(doc, table, prof, pd.DataFrame())
 
 
+def test_fluency_sample_is_all_or_a_seeded_uniform_draw():
+    """All edits when there are no more than asked; otherwise ``k`` distinct ones, the same for a seed,
+    and over many seeds every edit about equally often (uniform)."""
+    assert G.fluency_sample(5, 300, 0) == [0, 1, 2, 3, 4]
+    draw = G.fluency_sample(10_000, 300, 0)
+    assert len(set(draw)) == 300 and draw == sorted(draw) and draw == G.fluency_sample(10_000, 300, 0)
+    assert draw != G.fluency_sample(10_000, 300, 1)
+    counts = np.bincount([i for seed in range(2000) for i in G.fluency_sample(10, 3, seed)], minlength=10)
+    assert counts.min() > 0.85 * 600 and counts.max() < 1.15 * 600  # expected 2000 * 3 / 10 each
+
+
+def test_a_cell_scored_otherwise_is_pending_again(tiny_pair, tmp_path, cache):
+    """A finished file whose scoring differs from the profile's (e.g. an older run on the first
+    1,000 edits) is run again; one scored as asked is not."""
+    model, tok = tiny_pair
+    prof = profile(tmp_path, methods=["memit"], sizes=[4])
+    grid = G.Grid(prof, model, tok, results_dir=tmp_path / "results", editors_dir=tmp_path / "editors", log=lambda m: None)
+    cell = G.Cell(prof.datasets[0], "memit", 4)
+    grid.run_cell(cell)
+    assert ("edit", cell) not in grid.pending()
+    path = grid.result_path(cell)
+    rec = json.loads(path.read_text())
+    path.write_text(json.dumps({**rec, "scoring": {**rec["scoring"], "eval_n": 1000}}))
+    assert ("edit", cell) in grid.pending()
+
+
 def test_a_cell_holds_its_saved_editors_numbers(tiny_pair, tmp_path, cache):
     """The summary in the file equals an evaluation, run here, of the saved editor on the first
     eval_n edits of the data set (conflicts dropped)."""
@@ -114,11 +141,15 @@ def test_a_cell_holds_its_saved_editors_numbers(tiny_pair, tmp_path, cache):
     prof = profile(tmp_path, methods=["memit"], sizes=[4])
     grid = G.Grid(prof, model, tok, results_dir=tmp_path / "results", editors_dir=tmp_path / "editors", log=lambda m: None)
     cell = G.Cell(prof.datasets[0], "memit", 4)
-    written = grid.run_cell(cell)["summary"]
+    rec = grid.run_cell(cell)
+    written = rec["summary"]
+    sample = rec["scored"]["generation"]
+    assert len(sample) == prof.fluency_n == 1 and set(sample) <= {0, 1}
+    assert rec["scored"]["teacher_forced"] == "edits 0-1" and rec["scoring"]["eval_n"] == prof.eval_n
     editor = load_editor(str(grid.editor_path(cell)), model, tok)
     records = load_edits(prof.datasets[0]).records
     first_two = EditSet([records[0], records[1]])
-    _, summary = evaluate_edits(editor, first_two, fluency_n=1, fluency_tokens=3)
+    _, summary = evaluate_edits(editor, first_two, fluency_edits=sample, fluency_tokens=3)
     summary["neighborhood_score"] = neighborhood_score(editor, first_two)
     assert json.loads(json.dumps(summary)) == pytest.approx(written, nan_ok=True)
     # a changed setting means another editor: the saved one is not reused
@@ -305,9 +336,10 @@ def test_shipped_profiles_are_the_papers_grid(name, model):
     import yaml
 
     p = G.load_profile(name)
-    assert p.model == model and p.sizes == (10, 100, 1000, 10000) and set(p.methods) == {"lks", "ft", "memit", "alphaedit"}
+    assert p.model == model and p.sizes == (10, 100, 1000, 10000) and set(p.methods) == {"lks", "ft", "memit", "alphaedit",
+                                                                                            "alphaedit-seq"}
     assert set(p.datasets) == {"zsre", "counterfact"} and p.capability_n == 10000 and p.overrides == {}
-    assert len(G.cells(p)) == 32
+    assert len(G.cells(p)) == 40 and p.eval_n >= max(p.sizes)  # every edit of every cell scored
     # the profile's notebooks 03 and 04 read this grid, on this model
     for stem in ("03_scaling_to_10000_edits", "04_general_capability"):
         params = yaml.safe_load((G.REPO / "params" / name / f"{stem}.yaml").read_text())
