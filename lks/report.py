@@ -212,3 +212,18 @@ def write_tables(path: str | os.PathLike, table: pd.DataFrame, profile: GridProf
 
 def _fmt(v: Any, digits: int) -> str:
     return "n/a" if v is None or pd.isna(v) else f"{v:,.{digits}f}"
+
+
+def update_diagnostics(table: pd.DataFrame) -> pd.DataFrame:
+    """The weight editors' update diagnostics of a grid table (:func:`read_grid`) in long form, one row
+    per cell and edited layer: data, method, n, layer, delta_rel, edits_per_dim, target_realised (for
+    :func:`lks.plotting.plot_update_mechanism`)."""
+    cols = [c for c in table.columns if re.fullmatch(r"delta_rel_L\d+", c)]
+    if not cols:
+        return pd.DataFrame(columns=["data", "method", "n", "layer", "delta_rel", "edits_per_dim", "target_realised"])
+    keep = [c for c in ("data", "method", "n", "edits_per_dim", "target_realised") if c in table]
+    long = table[keep + cols].melt(id_vars=keep, var_name="layer", value_name="delta_rel").dropna(subset=["delta_rel"])
+    long["layer"] = long.layer.str.removeprefix("delta_rel_L").astype(int)
+    if "target_realised" not in long:
+        long["target_realised"] = float("nan")
+    return long.sort_values(["data", "method", "n", "layer"], ignore_index=True)

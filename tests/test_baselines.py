@@ -499,3 +499,41 @@ def test_key_weights_follow_memit_compute_ks():
     assert key_weights(6, "reference") == [0.5] + [0.1] * 5
     assert key_weights(3, "plain") == [1.0, 0.0, 0.0]
     assert key_weights(3, "mean") == [1.0] * 3
+
+
+def test_update_diagnostics_measure_the_applied_change_and_the_plan_realised(tiny_pair, corpus):
+    """``delta_rel_L<i>`` equals the relative change of the weight inside ``applied`` (measured on the
+    model); ``target_realised`` is near 1 when the ridge is negligible (lam 1e-2: the keys are
+    fitted exactly) and near 0 when it dominates (lam 1e6: the update is ~0)."""
+    model, tok = tiny_pair
+    cls, cfg = configs(corpus)["memit"]
+    out = {}
+    for lam in (1e-2, 1e6):
+        ed = cls(model, tok, dataclasses.replace(cfg, lam=lam))
+        ed.fit(EDITS, progress=False)
+        d = ed.diagnostics(EDITS)
+        for layer in cfg.layers:
+            W = down_proj(model, layer).weight.detach().clone()
+            with ed.applied():
+                moved = float((down_proj(model, layer).weight - W).norm() / W.norm())
+            assert d[f"delta_rel_L{layer}"] == pytest.approx(moved, rel=1e-4)
+        assert d["edits_per_dim"] == len(EDITS) / down_proj(model, cfg.layers[0]).in_features
+        out[lam] = d["target_realised"]
+    assert out[1e-2] > 0.9 and out[1e6] < 0.05
+
+
+def test_update_mechanism_figure_from_a_grid_table():
+    import pandas as pd
+
+    from lks.plotting import plot_update_mechanism
+    from lks.report import update_diagnostics
+
+    table = pd.DataFrame({"data": ["zsre"] * 3, "method": ["memit", "memit", "lks"], "n": [10, 1000, 10],
+                          "delta_rel_L4": [0.01, 0.5, None], "delta_rel_L5": [0.02, 0.6, None],
+                          "edits_per_dim": [10 / 1536, 1000 / 1536, None], "target_realised": [0.9, 0.4, None]})
+    long = update_diagnostics(table)
+    assert len(long) == 4 and set(long.method) == {"memit"} and list(long.layer) == [4, 5, 4, 5]
+    fig, axes = plot_update_mechanism(layers=long)
+    assert len(axes[0].get_lines()) == 2 and len(axes[1].collections) == 2
+    with pytest.raises(ValueError, match="no update diagnostics"):
+        plot_update_mechanism(layers=update_diagnostics(table[table.method == "lks"].dropna(axis=1)))

@@ -179,6 +179,21 @@ class WeightEditor(Editor):
         return [True] * len(prompts)
 
     # -- fit ------------------------------------------------------------------------------------
+    def diagnostics(self, edits: EditSet) -> dict[str, float]:
+        """How large the update is and how much of its plan it delivers (issue 37's mechanism figure):
+        ``delta_rel_L<i>`` = ``||Delta_i|| / ||W_i||`` per edited layer, ``edits_per_dim`` (fitted
+        edits per key dimension of the first edited layer) and, for MEMIT and AlphaEdit,
+        ``target_realised``: the mean over the fit's batches of the share of the planned change of the
+        band's last output that the updates deliver (:func:`lks.baselines.memit.target_diagnostics`)."""
+        out = {f"delta_rel_L{k}": float(d.float().norm() / down_proj(self.model, k).weight.float().norm())
+               for k, d in sorted(self.deltas.items())}
+        if self.deltas:
+            out["edits_per_dim"] = self.n_edits / down_proj(self.model, min(self.deltas)).in_features
+        ends = [h["target_realised"] for h in self.history if "target_realised" in h]
+        if ends:
+            out["target_realised"] = sum(ends) / len(ends)
+        return out
+
     def fit(self, edits: EditSet, config: Any = None, *, on_conflict: str = "error",
             checkpoint_dir: str | os.PathLike | None = None, resume: bool = True,
             progress: bool = True) -> list[dict[str, float]]:
