@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import random
 import os
+import random
 import resource
 import shutil
 import time
