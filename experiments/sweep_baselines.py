@@ -31,7 +31,7 @@ KEYS = ("reliability", "efficacy", "generality", "generality_seen", "generality_
         "locality", "specificity", "reliability_base", "efficacy_base")
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--method", required=True, choices=("ft", "memit", "alphaedit"))
+p.add_argument("--method", required=True, choices=("ft", "memit", "alphaedit", "alphaedit-seq"))
 p.add_argument("--data", default="counterfact", help="counterfact | zsre | path")
 p.add_argument("--data-dir", default=os.environ.get("LKS_DATA_DIR", str(REPO.parent / "shared" / "data")))
 p.add_argument("--start", type=int, default=5000, help="first record (never evaluated elsewhere)")
