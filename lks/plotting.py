@@ -57,20 +57,25 @@ def plot_shift_heatmap(*, swaps: pd.DataFrame, path: str | Path | None = None, m
     ax.set_xticks(range(grid.shape[1]), grid.columns, fontsize=7)
     ax.set_yticks(range(len(labels)), labels, fontsize=6)
     ax.set(xlabel="layer", title="P(B's object) after swap minus before")
-    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.colorbar(im, ax=ax, fraction=0.03, label="change of P(B's object)")
     save_figure(fig, path)
     return fig, ax
 
 
+LOSS_LABELS = {"loss": ("k-", "total (weighted sum)"), "edit": ("C0-", "edit NLL"), "equiv": ("C1-", "paraphrase NLL"),
+               "loc": ("C2-", "locality KL"), "after": ("C3-", "after-target KL"), "gate": ("C4-", "gate BCE")}
+
+
 def plot_loss_curves(*, history: list[dict] | pd.DataFrame, path: str | Path | None = None, title: str = "") -> tuple[Figure, Axes]:
-    """Per-epoch training losses (edit, equivalence, locality, total)."""
+    """Per-epoch training losses: the weighted total and every term the fit trained
+    (:data:`lks.training.trainer.LOSS_NAMES`; terms unweighted, a term that stayed 0 is left out)."""
     h = pd.DataFrame(history)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for col, style in (("loss", "k-"), ("edit", "C0-"), ("equiv", "C1-"), ("loc", "C2-")):
-        if col in h:
-            ax.plot(h.epoch, h[col], style, marker="o", ms=3, label={"loss": "total"}.get(col, col))
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for col, (style, label) in LOSS_LABELS.items():
+        if col in h and (h[col] > 0).any():
+            ax.plot(h.epoch, h[col], style, marker="o", ms=3, label=label)
     ax.set(xlabel="epoch", ylabel="mean training loss (seen edits)", yscale="log", title=title or "Training losses")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.grid(alpha=0.3)
     save_figure(fig, path)
     return fig, ax
@@ -86,7 +91,7 @@ def plot_metric_bars(*, table: pd.DataFrame, path: str | Path | None = None, tit
         ax.bar(x + i * width - 0.4 + width / 2, row.values.astype(float), width, label=str(name))
     ax.set_xticks(x, table.columns, fontsize=8)
     ax.set(ylim=(0, 1.05), ylabel="score", title=title)
-    ax.legend(fontsize=8, ncol=min(4, n_set))
+    ax.legend(fontsize=8, ncol=min(4, n_set), loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     save_figure(fig, path)
     return fig, ax
@@ -94,30 +99,41 @@ def plot_metric_bars(*, table: pd.DataFrame, path: str | Path | None = None, tit
 
 def plot_scaling(*, results: pd.DataFrame, metrics: list[str], path: str | Path | None = None,
                  title: str = "") -> tuple[Figure, Axes]:
-    """Metrics versus the number of simultaneous edits (log x), one line per metric and data set."""
+    """Metrics versus the number of simultaneous edits (log x, ticks at the sizes run): one colour
+    per metric, one line style per data set."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    for (ds, metric), style in zip([(d, m) for d in sorted(results.dataset.unique()) for m in metrics],
-                                   [c + s for s in ("-", "--", ":") for c in ("C0", "C1", "C2", "C3", "C4")]):
+    datasets = sorted(results.dataset.unique())
+    for (d, ds), (m, metric) in ((a, b) for a in enumerate(datasets) for b in enumerate(metrics)):
         grp = results[results.dataset == ds].sort_values("n_edits")
-        ax.plot(grp.n_edits, grp[metric], style[:2], ls=style[2:], marker="o", label=f"{ds}: {metric}")
+        ax.plot(grp.n_edits, grp[metric], color=f"C{m}", ls=("-", "--", ":", "-.")[d % 4], marker="os^D"[d % 4],
+                label=f"{ds}: {metric}")
+    sizes = sorted(results.n_edits.unique())
     ax.set(xscale="log", xlabel="simultaneous edits", ylabel="score", ylim=(0, 1.05), title=title)
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_xticks(sizes, [f"{n:,}" for n in sizes])
+    ax.xaxis.set_minor_locator(plt.NullLocator())
+    ax.legend(fontsize=7, ncol=len(datasets), loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False)
     ax.grid(alpha=0.3)
     save_figure(fig, path)
     return fig, ax
 
 
-def plot_capability(*, before: pd.DataFrame, after: pd.DataFrame, path: str | Path | None = None,
+def plot_capability(*, comparison: pd.DataFrame, path: str | Path | None = None,
                     title: str = "") -> tuple[Figure, Axes]:
-    """Paired bars with 95% intervals for each task's headline metric, unedited vs edited."""
-    fig, ax = plt.subplots(figsize=(8, 3.8))
-    x = np.arange(len(before))
-    for i, (df, label) in enumerate(((before, "unedited"), (after, "edited"))):
-        err = np.vstack([df.value - df.ci_low, df.ci_high - df.value])
-        ax.bar(x + (i - 0.5) * 0.38, df.value, 0.38, yerr=err, capsize=3, label=label)
-    ax.set_xticks(x, [f"{t}\n{m}" for t, m in zip(before.task, before.metric)], fontsize=8)
-    ax.set(title=title or "General capability before and after editing", ylabel="value")
-    ax.legend(fontsize=8)
+    """The paired effect of editing on each task's metric (``comparison``: rows of
+    :func:`lks.capability.compare_capability`): edited minus unedited on the same items, with the
+    paired 95% interval of the difference and the paired p-value; the dashed line is no change."""
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.4 * len(comparison) + 1.5), 3.4))
+    x = np.arange(len(comparison))
+    diff = comparison["diff"].to_numpy(dtype=float)
+    err = np.vstack([diff - comparison.diff_ci_low.to_numpy(dtype=float), comparison.diff_ci_high.to_numpy(dtype=float) - diff])
+    ax.errorbar(x, diff, yerr=np.nan_to_num(err), fmt="o", color="C0", capsize=4)
+    for xi, (d, hi, p) in enumerate(zip(diff, comparison.diff_ci_high, comparison.p_value)):
+        ax.annotate(p_label(p), (xi, np.nanmax([d, hi])), xytext=(0, 6), textcoords="offset points", ha="center", fontsize=7)
+    ax.axhline(0, color="0.4", ls="--", lw=1)
+    ax.set_xticks(x, [f"{t}\n{m}" for t, m in zip(comparison.task, comparison.metric)], fontsize=8)
+    ax.set(xlim=(-0.6, len(comparison) - 0.4), ylabel="edited − unedited (same items)",
+           title=title or "Effect of editing on general capability (paired 95% CI)")
+    ax.margins(y=0.25)
     ax.grid(axis="y", alpha=0.3)
     save_figure(fig, path)
     return fig, ax
@@ -167,6 +183,8 @@ def plot_grid(*, results: pd.DataFrame, metrics: list[str], path: str | Path | N
         if values.empty or values.between(0, 1).all():
             ax.set_ylim(0, 1.05)
         ax.set(xscale="log", title=f"{ds}: {metric}")
+        ax.set_xticks(sizes, [f"{n:,}" for n in sizes], fontsize=7)  # the sizes run, not 4x10^0
+        ax.xaxis.set_minor_locator(plt.NullLocator())
         ax.grid(alpha=0.3)
         if r == len(datasets) - 1:
             ax.set_xlabel("simultaneous edits")

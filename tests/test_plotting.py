@@ -13,7 +13,14 @@ import pytest
 matplotlib.use("Agg")  # headless
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lks.plotting import METHOD_STYLE, plot_capability_grid, plot_grid  # noqa: E402
+from lks.plotting import (  # noqa: E402
+    METHOD_STYLE,
+    plot_capability,
+    plot_capability_grid,
+    plot_grid,
+    plot_loss_curves,
+    plot_scaling,
+)
 
 
 def grid_rows() -> pd.DataFrame:
@@ -104,3 +111,47 @@ def test_plot_capability_grid_refuses_a_comparison_without_headline_metrics():
     df = comparison_rows()
     with pytest.raises(ValueError, match="no headline metric"):
         plot_capability_grid(comparison=df[df.metric == "acc_norm"])
+
+
+def test_plot_capability_draws_the_paired_difference_around_zero():
+    """One point per task at ``diff`` with the paired interval as its error bar, a no-change line."""
+    comp = pd.DataFrame({"task": ["sst2", "rte"], "metric": ["acc", "acc"], "diff": [-0.08, 0.01],
+                         "diff_ci_low": [-0.12, -0.03], "diff_ci_high": [-0.04, 0.05], "p_value": [0.001, 0.7]})
+    fig, ax = plot_capability(comparison=comp)
+    try:
+        point = next(ln for ln in ax.get_lines() if ln.get_marker() == "o")
+        assert list(point.get_ydata()) == pytest.approx([-0.08, 0.01])
+        assert any(list(ln.get_ydata()) == [0, 0] for ln in ax.get_lines())  # axhline(0)
+        lo, hi = ax.get_ylim()
+        assert lo < -0.12 and hi > 0.05 and hi - lo < 0.5  # scaled to the effects, not to 0-1
+    finally:
+        plt.close(fig)
+
+
+def test_plot_loss_curves_draws_every_trained_term():
+    """Each loss term that is not 0 in the history gets a line (the after-target KL and the gate
+    included); a term that stayed 0 does not."""
+    hist = [{"epoch": e, "loss": 3 / e, "edit": 1 / e, "equiv": 0.5 / e, "loc": 0.1, "after": 0.2 / e, "gate": 0.05,
+             "seconds": 1.0} for e in (1, 2, 3)]
+    fig, ax = plot_loss_curves(history=hist)
+    try:
+        assert len(ax.get_lines()) == 6
+    finally:
+        plt.close(fig)
+    fig, ax = plot_loss_curves(history=[{**h, "gate": 0.0} for h in hist])
+    try:
+        assert len(ax.get_lines()) == 5 and "gate BCE" not in [ln.get_label() for ln in ax.get_lines()]
+    finally:
+        plt.close(fig)
+
+
+def test_plot_scaling_gives_each_metric_its_own_colour_and_plain_size_ticks():
+    res = pd.DataFrame({"dataset": ["zsre"] * 3 + ["counterfact"] * 3, "n_edits": [10, 100, 1000] * 2,
+                        "reliability": [1.0, 0.9, 0.8] * 2, "locality": [0.9, 0.9, 0.8] * 2})
+    fig, ax = plot_scaling(results=res, metrics=["reliability", "locality"])
+    try:
+        colours = {ln.get_label(): ln.get_color() for ln in ax.get_lines()}
+        assert colours["zsre: reliability"] == colours["counterfact: reliability"] != colours["zsre: locality"]
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["10", "100", "1,000"]
+    finally:
+        plt.close(fig)
