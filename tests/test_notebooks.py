@@ -103,6 +103,16 @@ def test_the_four_notebooks_are_there():
     assert sorted(p.stem for p in NB_DIR.glob("0*.ipynb")) == STEMS
 
 
+@pytest.mark.parametrize("stem", STEMS)
+def test_every_notebook_opens_with_the_one_glossary(stem):
+    """One metric vocabulary: the first markdown cell after the title is docs/metrics.md's glossary, word for word."""
+    text = (REPO / "docs" / "metrics.md").read_text(encoding="utf-8")
+    glossary = re.search(r"<!-- glossary:[^>]*-->\n(.*?)\n<!-- /glossary -->", text, re.S)
+    assert glossary, "docs/metrics.md has no <!-- glossary --> block"
+    cells = read_nb(stem)["cells"]
+    assert source(cells[0]).startswith("# ") and source(cells[1]) == glossary.group(1)
+
+
 RECIPE_PARAMETERS = ("layer", "generator", "lr", "epochs", "batch_size", "loc_per_subject", "w_after", "precision",
                      "prefix_cache")
 
@@ -420,3 +430,20 @@ def test_04_every_grid_capability_file_is_computed_or_listed_as_pending():
     assert f"{p['model_name']}/capability-unedited.json" in pending | computed  # the unedited run, paired with all
     # what the run found is committed (a pending file may land after the run: the grid grows)
     assert all((REPO / "results" / path).is_file() for path in computed), computed
+
+
+def test_01_exercise_answers_quote_the_committed_results():
+    """The numbers in notebook 01's worked answers are those of its results file (a claims test:
+    the text cannot drift from the run it quotes)."""
+    text = "".join(source(c) for c in read_nb(STEMS[0])["cells"] if c["cell_type"] == "markdown")
+    res = results(STEMS[0])
+    n = res["n_pairs"]
+    m = re.search(r"B's object for (\d+) of (\d+) pairs at its best layer\s+\(`swap_success_best` ([\d.]+) at layer (\d+)", text)
+    assert m, "notebook 01 no longer quotes the swap's best layer"
+    assert (int(m[1]), int(m[2]), int(m[4])) == (round(res["swap_success_best"] * n), n, res["best_layer"])
+    assert float(m[3]) == pytest.approx(res["swap_success_best"], abs=5e-4)
+    m = re.search(r"at most (\d+) of\s+the (\d+) pairs at any layer", text)
+    assert m and (int(m[1]), int(m[2])) == (round(max(res["random_success_by_layer"]) * n), n)
+    m = re.search(r"keeps\s+A's answer for (\d+) of (\d+) at the best layer \(`same_subject_kept_a_best` ([\d.]+)\)", text)
+    assert m and (int(m[1]), int(m[2])) == (round(res["same_subject_kept_a_best"] * n), n)
+    assert float(m[3]) == pytest.approx(res["same_subject_kept_a_best"], abs=5e-4)
