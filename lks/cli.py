@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stats", help="compute and cache the key statistics E[kk^T] of MEMIT / AlphaEdit "
                                      "(WikiText-2 validation) ahead of a fit")
     common(s)
-    s.add_argument("--method", choices=("memit", "alphaedit"), default="memit",
+    s.add_argument("--method", choices=("memit", "alphaedit", "alphaedit-seq"), default="memit",
                    help="whose registered layer band and token count to use (default: %(default)s)")
     s.add_argument("--layers", default=None, help="comma-separated layers (default: the method's band)")
     s.add_argument("--tokens", type=int, default=None, help="corpus tokens (default: the method's cov_tokens)")
