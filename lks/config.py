@@ -135,6 +135,8 @@ class ModelSpec:
     train: TrainConfig = field(default_factory=TrainConfig)
     baselines: dict = field(default_factory=dict)  # {"ft"|"memit"|"alphaedit": {...}}: weight-editing baselines'
                                        # hyperparameters, validated by their typed configs in lks.baselines
+    baseline_sources: dict = field(default_factory=dict)  # {method: {setting: where its value comes from}}: the
+                                       # reference implementation's value, or the ablation that replaced it
     notes: str = ""                    # where the defaults come from
 
     @classmethod

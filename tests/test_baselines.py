@@ -537,3 +537,22 @@ def test_update_mechanism_figure_from_a_grid_table():
     assert len(axes[0].get_lines()) == 2 and len(axes[1].collections) == 2
     with pytest.raises(ValueError, match="no update diagnostics"):
         plot_update_mechanism(layers=update_diagnostics(table[table.method == "lks"].dropna(axis=1)))
+
+
+def test_every_embedded_baseline_setting_names_its_source():
+    """Each setting in smollm2-135m's baselines names where its value comes from (the reference
+    implementation or the ablation that replaced it); alphaedit and alphaedit-seq inherit memit's
+    sources for the settings they share; no source names a setting that is not there."""
+    from lks.config import model_spec
+
+    spec = model_spec("smollm2-135m")
+    src = {k: v for k, v in spec.baseline_sources.items() if k != "//"}
+    chain = {"ft": ["ft"], "memit": ["memit"], "alphaedit": ["alphaedit", "memit"],
+             "alphaedit-seq": ["alphaedit-seq", "alphaedit", "memit"]}
+    assert set(src) == set(spec.baselines) == set(chain)
+    for method, settings in spec.baselines.items():
+        for key in settings:
+            found = [src[m][key] for m in chain[method] if key in src[m]]
+            assert found and found[0].strip(), f"{method}.{key} names no source"
+    for method, named in src.items():
+        assert set(named) <= set(spec.baselines[method]), f"{method}: sources for absent settings"
