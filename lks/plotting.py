@@ -274,3 +274,22 @@ def plot_update_mechanism(*, layers: pd.DataFrame, path: str | Path | None = Non
     fig.tight_layout()
     save_figure(fig, path)
     return fig, axes
+
+
+def plot_token_layer_swap(*, swaps: pd.DataFrame, path: str | Path | None = None,
+                          title: str = "") -> tuple[Figure, Axes]:
+    """P(B's object) after the swap at each (token, layer) of A's prompt
+    (:func:`lks.study.token_layer_swap`), tokens as rows in prompt order, the subject's last token
+    marked with an arrow."""
+    grid = swaps.pivot(index="position", columns="layer", values="p_b")
+    tokens = swaps.drop_duplicates("position").set_index("position").loc[grid.index]
+    labels = [f"{'→ ' if last else ''}{tok!r}" for tok, last in zip(tokens.token, tokens.is_subject_last)]
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(grid) + 1.6))
+    im = ax.imshow(grid.values, aspect="auto", cmap="Reds", vmin=0, vmax=max(0.05, float(np.nanmax(grid.values))))
+    ax.set_xticks(range(grid.shape[1]), grid.columns, fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set(xlabel="layer whose output is replaced", ylabel="token of A's prompt",
+           title=title or "Where does the fact sit? The swap at every token and layer")
+    fig.colorbar(im, ax=ax, fraction=0.03, label="P(B's object)")
+    save_figure(fig, path)
+    return fig, ax

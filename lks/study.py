@@ -151,3 +151,37 @@ def summarize_swaps(df: pd.DataFrame) -> pd.DataFrame:
               .agg(success=("top1_b", "mean"), kept_a=("top1_a", "mean"), shift_b=("shift_b", "mean"),
                    shift_a=("shift_a", "mean"), n=("pair", "size"))
               .reset_index())
+
+
+@torch.inference_mode()
+def token_layer_swap(model, tokenizer, a: EditRecord, b: EditRecord, layers: Sequence[int] | None = None) -> pd.DataFrame:
+    """The swap at every token and every layer (activation patching; ROME's causal trace and
+    TransformerLens's patching maps do the same with noise): A's hidden state at one position and
+    the output of one layer is replaced by B's at the same position, and the probability of B's
+    object after A's prompt is read. Tests, instead of assuming, that the block that carries the
+    fact sits at the subject's LAST token. The two prompts must have the same number of tokens
+    (same relation, subjects of equal token length).
+
+    Returns one row per (layer, position): ``token`` (A's token there), ``p_b`` (P(B's object)),
+    ``p_b_base`` (unedited) and ``is_subject_last``."""
+    dev = model_device(model)
+    ids_a = tokenizer(a.prompt, return_tensors="pt")["input_ids"].to(dev)
+    ids_b = tokenizer(b.prompt, return_tensors="pt")["input_ids"].to(dev)
+    if ids_a.shape != ids_b.shape:
+        raise ValueError(f"token_layer_swap needs prompts of equal token length: {a.prompt!r} has {ids_a.shape[1]} "
+                         f"tokens, {b.prompt!r} {ids_b.shape[1]}")
+    layers = list(range(len(get_layers(model)))) if layers is None else list(layers)
+    n = ids_a.shape[1]
+    tok_b = first_target_token(tokenizer, [b.prompt], [b.ground_truth or b.target])[0]
+    _, last = subject_positions(tokenizer, [a.prompt], [a.subject], "right")
+    with LayerHooks(model, capture=layers) as hooks:  # B's states at every position and layer
+        model(input_ids=ids_b, use_cache=False)
+    base = torch.softmax(model(input_ids=ids_a, use_cache=False).logits[0, -1].float(), -1)[tok_b]
+    rows, batch = [], ids_a.expand(n, -1)  # row t replaces position t
+    for layer in layers:
+        with LayerHooks(model, edit_layer=layer) as hooks_a:
+            hooks_a.replace(list(range(n)), list(range(n)), hooks.captured[layer][0])
+            p = torch.softmax(model(input_ids=batch, use_cache=False).logits[:, -1].float(), -1)[:, tok_b]
+        rows += [{"layer": layer, "position": t, "token": tokenizer.decode(ids_a[0, t]), "p_b": float(p[t]),
+                  "p_b_base": float(base), "is_subject_last": t == int(last[0])} for t in range(n)]
+    return pd.DataFrame(rows)

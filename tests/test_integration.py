@@ -65,6 +65,29 @@ def test_swapping_a_subject_block_moves_the_answer(smol):
     assert swapped[1, last].softmax(-1)[paris] > base[1, last].softmax(-1)[paris]
 
 
+def test_token_layer_swap_against_plain_runs(smol):
+    """Oracles from plain forward passes: a swap of A's own state changes nothing (P equals the
+    unedited value everywhere when B is A), and the swap at the prompt's last position at the
+    last layer hands over B's whole final state, so P(B's object) equals B's own prediction."""
+    from lks.study import first_target_token, token_layer_swap
+
+    model, tok = smol
+    by = {r.subject: r for r in lks.builtin_edits()}
+    a, b = by["France"], by["Japan"]
+    n_layers = len(lks.get_layers(model))
+    same = token_layer_swap(model, tok, a, a, layers=[0, n_layers - 1])
+    assert same.p_b.to_numpy() == pytest.approx(same.p_b_base.to_numpy(), abs=1e-5)
+    df = token_layer_swap(model, tok, a, b, layers=[n_layers - 1])
+    tok_b = first_target_token(tok, [b.prompt], [b.ground_truth])[0]
+    with torch.inference_mode():
+        own = model(**tok(b.prompt, return_tensors="pt")).logits[0, -1].float().softmax(-1)[tok_b]
+    assert float(df.p_b.iloc[-1]) == pytest.approx(float(own), abs=1e-4)
+    assert int(df.is_subject_last.sum()) == 1 and df[df.is_subject_last].token.iloc[0].strip() == "France"
+    with pytest.raises(ValueError, match="equal token length"):
+        token_layer_swap(model, tok, a, lks.EditRecord("Bosnia and Herzegovina", "The capital of Bosnia and Herzegovina is",
+                                                       "Sarajevo", "Sarajevo"))
+
+
 @pytest.fixture(scope="module")
 def fitted(smol):
     model, tok = smol

@@ -310,7 +310,21 @@ def test_01_swap_study_results():
     assert res["same_subject_kept_a_best"] > res["swap_kept_a_best"]
     assert res["swap_success_last_layer"] <= res["swap_success_best"]
     assert res["example"]["p_b_swapped"] > res["example"]["p_b_base"]
-    assert len(res["figures"]) == 2
+    assert len(res["figures"]) == 3
+
+
+def test_01_the_fact_sits_at_the_subjects_last_token_then_at_the_prompts_last():
+    """The reading of notebook 01's token x layer map, checked on its results: the only positions
+    where the swap gives P(B's object) > 0.5 are the subject's last token (from layer 0, up to
+    some layer) and the prompt's last token (above that layer)."""
+    tl = results(STEMS[0])["token_layer_swap"]
+    p, last, end = tl["p_b"], tl["subject_last"], len(tl["tokens"]) - 1
+    assert len(p) == len(tl["tokens"]) and last < end
+    carriers = {t for t, row in enumerate(p) if max(row) > 0.5}
+    assert carriers == {last, end}
+    top_subject = max(layer for layer, x in enumerate(p[last]) if x > 0.5)
+    first_end = min(layer for layer, x in enumerate(p[end]) if x > 0.5)
+    assert p[last][0] > 0.5 and first_end > top_subject - 3  # the handover, not two carriers at once
 
 
 def test_01_with_data_scans_counterfact(data_root):
