@@ -347,6 +347,7 @@ def setup(name: str, namespace: Mapping[str, Any]) -> NotebookRun:
         os.environ["OMP_NUM_THREADS"] = str(threads)
     lks.set_seed(params["seed"])
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # "Loading weights" bars of every load_model
     pd.set_option("display.width", 160)
     run = NotebookRun(name=name, parameters=params, data_dir=resolve_data_dir(params["data_dir"]),
                       figure_dir=Path(params["figure_dir"]), results_dir=Path(params["results_dir"]))

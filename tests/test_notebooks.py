@@ -246,6 +246,9 @@ def test_stored_outputs_are_a_complete_clean_run(stem):
         assert cell.get("execution_count") is not None, f"{stem}: code cell {i} was not executed"
         for out in cell.get("outputs", []):
             assert out["output_type"] != "error", f"{stem}: code cell {i} stored an error"
+            # no library chatter: progress bars and warnings stay out (lks.notebook.setup); a
+            # warning the notebook means to show goes to stdout with print
+            assert out.get("name") != "stderr", f"{stem}: code cell {i} wrote to stderr: {''.join(out.get('text', ''))[:120]!r}"
             text = "".join(out.get("text", "")) + "".join(out.get("data", {}).get("text/plain", ""))
             assert not re.search(r"(?<![\w.])tensor\(|<\w[\w.]* object at 0x", text), f"{stem}: raw repr in cell {i}: {text[:200]}"
             if TIMING.search(text):
