@@ -185,3 +185,20 @@ def token_layer_swap(model, tokenizer, a: EditRecord, b: EditRecord, layers: Seq
         rows += [{"layer": layer, "position": t, "token": tokenizer.decode(ids_a[0, t]), "p_b": float(p[t]),
                   "p_b_base": float(base), "is_subject_last": t == int(last[0])} for t in range(n)]
     return pd.DataFrame(rows)
+
+
+def paraphrase_ceiling(model, tokenizer, edits: EditSet, batch_size: int = 64) -> dict[str, int]:
+    """How consistently the unedited model states what it knows, a ceiling for reading held-out
+    generality: among the records with a true object and held-out paraphrases (``rephrases[1:]``),
+    those whose true object it predicts after the edit prompt (:func:`known_facts`), and of their
+    paraphrases, how many it also answers (the same top-1 first-token test)."""
+    with_para = EditSet([r for r in edits if r.ground_truth and len(r.rephrases) > 1])
+    known = known_facts(model, tokenizer, with_para, batch_size)
+    paras = [(p, r.ground_truth) for r in known for p in r.rephrases[1:]]
+    hits = 0
+    if paras:
+        lp = next_token_logprobs(model, tokenizer, [p for p, _ in paras], batch_size)
+        gold = first_target_token(tokenizer, [p for p, _ in paras], [g for _, g in paras])
+        hits = sum(int(row.argmax()) == g for row, g in zip(lp, gold))
+    return {"records": len(with_para), "known_on_prompt": len(known), "paraphrases_of_known": len(paras),
+            "known_on_paraphrase": hits}

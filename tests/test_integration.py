@@ -88,6 +88,26 @@ def test_token_layer_swap_against_plain_runs(smol):
                                                        "Sarajevo", "Sarajevo"))
 
 
+def test_paraphrase_ceiling_counts_a_repeated_prompt_as_known(smol):
+    """Oracle: a 'paraphrase' that is the edit prompt itself is answered exactly when the prompt is,
+    so every known fact counts once; a paraphrase about another subject's fact is not counted
+    for a record the model does not know on its prompt."""
+    import dataclasses
+
+    from lks.study import known_facts, paraphrase_ceiling
+
+    model, tok = smol
+    # the shipped facts are ones the model knows; every other one gets a false "true" object (its
+    # counterfactual target), which the model does not predict
+    recs = [dataclasses.replace(r, rephrases=["unused", r.prompt], ground_truth=r.ground_truth if i % 2 else r.target)
+            for i, r in enumerate(lks.builtin_edits().head(40))]
+    known = known_facts(model, tok, lks.EditSet(recs))
+    got = paraphrase_ceiling(model, tok, lks.EditSet(recs))
+    assert 0 < len(known) < len(recs)
+    assert got == {"records": len(recs), "known_on_prompt": len(known), "paraphrases_of_known": len(known),
+                   "known_on_paraphrase": len(known)}
+
+
 @pytest.fixture(scope="module")
 def fitted(smol):
     model, tok = smol
