@@ -473,3 +473,19 @@ def test_01_exercise_answers_quote_the_committed_results():
     m = re.search(r"keeps\s+A's answer for (\d+) of (\d+) at the best layer \(`same_subject_kept_a_best` ([\d.]+)\)", text)
     assert m and (int(m[1]), int(m[2])) == (round(res["same_subject_kept_a_best"] * n), n)
     assert float(m[3]) == pytest.approx(res["same_subject_kept_a_best"], abs=5e-4)
+
+
+def test_03_reading_quotes_the_grid_files():
+    """Notebook 03's reading of LKS's CounterFact generality and repeat rate quotes the grid's
+    committed cells (a claims test: when the cells are re-run, the text must follow)."""
+    text = "".join(source(c) for c in read_nb(STEMS[2])["cells"] if c["cell_type"] == "markdown")
+    cell = {n: json.loads((RESULTS_DIR / "smollm2-135m" / "counterfact" / f"lks-{n}.json").read_text())["summary"]
+            for n in (100, 1000, 10000)}
+    m = re.search(r"held-out generality falls with N:\s+([\d.]+) at 100 edits, ([\d.]+) at 1,000, ([\d.]+) at 10,000", text)
+    assert m, "notebook 03 no longer quotes LKS's CounterFact generality by N"
+    assert [float(x) for x in m.groups()] == [round(cell[n]["generality"], 3) for n in (100, 1000, 10000)]
+    m = re.search(r"repeat rate of free\s+continuations is ([\d.]+)-([\d.]+) on CounterFact where the unedited model's is ([\d.]+); the fair\s+reference is ([\d.]+)", text)
+    assert m
+    rates = [cell[n]["repeat_rate"] for n in cell]
+    assert (float(m[1]), float(m[2])) == (round(min(rates), 2), round(max(rates), 2))
+    assert float(m[3]) == round(cell[100]["repeat_rate_base"], 3) and float(m[4]) == round(cell[100]["repeat_rate_forced_base"], 3)
