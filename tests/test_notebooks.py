@@ -399,7 +399,10 @@ def test_03_scaling_results():
         if p["fluency_n"]:
             assert r["fluency"] > 0 and r["fluency_base"] > 0
     assert any(r["reliability"] > r["reliability_base"] for r in rows)
-    assert len(res["figures"]) == 1 + bool(res["grid_cells_computed"])  # the grid figure only once a cell is computed
+    # the grid figure once a cell is computed; the update figure once a weight-editor cell records its update
+    updates = res["grid_cells_with_update_diagnostics"]
+    assert set(updates) <= set(res["grid_cells_computed"])
+    assert len(res["figures"]) == 1 + bool(res["grid_cells_computed"]) + bool(updates)
 
 
 def grid_profile(name: str):
