@@ -360,7 +360,10 @@ class MEMITEditor(WeightEditor):
 
         keys = ("z_steps", "z_lr", "clamp", "kl_weight", "weight_decay", "n_prefixes", "prefix_tokens", "stop_nll",
                 "precision", "stop_on", "decay_form", "prefixes", "kl_form")
-        spec = {"edits": edits.checksum(), "layer": layer, **{k: getattr(self.config, k) for k in keys}}
+        # the thread count is part of the key: bfloat16 sums round differently on another number of
+        # threads, so targets cached by such a run would differ in their last bits (issue 39)
+        spec = {"edits": edits.checksum(), "layer": layer, "threads": torch.get_num_threads(),
+                **{k: getattr(self.config, k) for k in keys}}
         if after is not None:
             spec["after"] = after
         path = self._cache_path("targets", spec)
