@@ -11,7 +11,7 @@ constraint set (clamped elementwise to ``[-bound, bound]``, or rescaled to Frobe
 ``batch_edits=0``, takes one full-batch step; a minibatch whose every edit is below ``stop_nll``
 takes no step, and an epoch with no step ends the fit. Rows run in chunks of similar length.
 After every epoch the state (``delta``, Adam's moments) is kept in the lks cache directory until
-the fit ends, so that an interrupted fit resumes from its last step.
+the fit ends, so that an interrupted fit resumes after its last finished epoch.
 """
 
 from __future__ import annotations
