@@ -119,7 +119,16 @@ def test_sequential_alphaedit_batches(tiny_pair, corpus):
 
     AlphaEditEditor(model, tok, cfg).fit(EDITS[1:], progress=False)  # caches edit 1's unedited-model target
     ones = AlphaEditSeqEditor(model, tok, dataclasses.replace(seq_cfg, batch_edits=1))
-    ones.fit(EDITS, progress=False)
+    import lks.baselines.alphaedit as ae
+
+    calls = []
+    real = ae.null_space_projector
+    ae.null_space_projector = lambda C, t: calls.append(1) or real(C, t)
+    try:
+        ones.fit(EDITS, progress=False)
+    finally:
+        ae.null_space_projector = real
+    assert len(calls) == len(seq_cfg.layers)  # one projector per layer, not one per layer and batch
     assert [h.get("targets", "optimised") for h in ones.history if "targets" in h or "step" in h][-1] != "cached"
     assert [h["edits"] for h in ones.history if "batch" in h] == [1, 2]
     with ones.applied():
@@ -556,3 +565,17 @@ def test_every_embedded_baseline_setting_names_its_source():
             assert found and found[0].strip(), f"{method}.{key} names no source"
     for method, named in src.items():
         assert set(named) <= set(spec.baselines[method]), f"{method}: sources for absent settings"
+
+
+def test_leverage_is_one_for_free_keys_and_falls_with_the_ridge(tiny_pair):
+    """The logged leverage ``k_i^T (lam C + K^T K)^-1 k_i``: with fewer keys than dimensions and a
+    vanishing ridge each key is fitted exactly (the hat matrix of independent rows is the identity:
+    1); a ridge far above the keys' energy leaves ~0; the update itself is memit_update's."""
+    model, tok = tiny_pair
+    torch.manual_seed(0)
+    K, R, C = torch.randn(5, 24), torch.randn(5, 8), torch.eye(24)
+    for lam, want in ((1e-8, 1.0), (1e8, 0.0)):
+        ed = MEMITEditor(model, tok, MEMITConfig(lam=lam, layers=[0, 1]))
+        delta, info = ed._solve(K, R, 0, C)
+        assert info["leverage"] == pytest.approx(want, abs=1e-4)
+        assert torch.equal(delta, memit_update(K, R, C, lam))
