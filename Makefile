@@ -50,10 +50,11 @@ notebooks: setup
 	done
 
 # nbval runs a copy of notebooks/ and results/ in a temporary folder: the notebooks write their
-# figures and results files there, so the tests leave the checkout as they found it
+# figures and results files there, so the tests leave the checkout as they found it. The copy
+# compares the cells marked NBVAL_DATA only where the data directory holds every benchmark file
 test: setup
 	$(BIN)/python -m pytest -q -rs tests
-	test -z "$(NOTEBOOKS)" || { tmp=$$(mktemp -d) && cp -R notebooks results $$tmp/ && mkdir -p $$tmp/figures && \
+	test -z "$(NOTEBOOKS)" || { tmp=$$(mktemp -d) && $(BIN)/python tests/nbval_copy.py $$tmp && \
 		(cd $$tmp/notebooks && $(abspath $(BIN))/python -m pytest -q -rs -p no:cacheprovider --nbval \
 			--nbval-sanitize-with $(abspath tests/sanitize.cfg) --nbval-current-env $(notdir $(NOTEBOOKS))); \
 		rc=$$?; rm -rf $$tmp; exit $$rc; }

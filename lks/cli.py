@@ -461,8 +461,9 @@ def _reproduce(args: argparse.Namespace) -> int:
         return 0
     only = [p.strip() for p in (args.only or "").split(",") if p.strip()]
     if args.list:
-        for kind, cell in Grid(profile, None, None, **where).pending(only):
-            print(f"{kind:10s} {cell.name}")
+        grid = Grid(profile, None, None, **where)
+        for kind, cell in grid.pending(only):
+            print(f"{kind:10s} {cell.name}" + (" (re-score)" if kind == "edit" and grid.status(cell) == "rescore" else ""))
         return 0
     import logging
 

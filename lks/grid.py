@@ -169,6 +169,12 @@ class Grid:
     def done(self, path: Path) -> bool:
         return self.finished(path) is not None
 
+    def status(self, cell: Cell) -> str:
+        """``"done"``; ``"rescore"``: its file was scored otherwise (an older run; running the cell
+        again re-scores its saved editor); or ``"missing"``."""
+        rec = self.finished(self.result_path(cell))
+        return "missing" if rec is None else "done" if rec.get("scoring") == self.scoring() else "rescore"
+
     def pending(self, only: Sequence[str] = ()) -> list[tuple[str, Cell]]:
         """What is left: ``("edit", cell)`` and ``("capability", cell)`` steps, in run order; with
         ``only``, the cells whose name (``zsre/memit-1000``) matches one of these shell patterns."""
@@ -176,8 +182,7 @@ class Grid:
         for cell in cells(self.profile):
             if only and not any(fnmatch.fnmatchcase(cell.name, pat) for pat in only):
                 continue
-            rec = self.finished(self.result_path(cell))
-            if rec is None or rec.get("scoring") != self.scoring():
+            if self.status(cell) != "done":
                 todo.append(("edit", cell))
             if cell.n == self.profile.capability_n and not self.done(self.capability_path(cell)):
                 todo.append(("capability", cell))

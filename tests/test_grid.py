@@ -127,11 +127,13 @@ def test_a_cell_scored_otherwise_is_pending_again(tiny_pair, tmp_path, cache):
     grid = G.Grid(prof, model, tok, results_dir=tmp_path / "results", editors_dir=tmp_path / "editors", log=lambda m: None)
     cell = G.Cell(prof.datasets[0], "memit", 4)
     grid.run_cell(cell)
-    assert ("edit", cell) not in grid.pending()
+    assert ("edit", cell) not in grid.pending() and grid.status(cell) == "done"
     path = grid.result_path(cell)
     rec = json.loads(path.read_text())
     path.write_text(json.dumps({**rec, "scoring": {**rec["scoring"], "eval_n": 1000}}))
-    assert ("edit", cell) in grid.pending()
+    assert ("edit", cell) in grid.pending() and grid.status(cell) == "rescore"
+    path.unlink()
+    assert ("edit", cell) in grid.pending() and grid.status(cell) == "missing"
 
 
 def test_a_cell_holds_its_saved_editors_numbers(tiny_pair, tmp_path, cache):
