@@ -201,6 +201,13 @@ def _reproduce_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--results", default=None, help="results directory (default: the checkout's results/)")
     r.add_argument("--editors", default=None, help="where fitted editors are kept (default: the checkout's runs/editors/)")
     r.add_argument("--list", action="store_true", help="print the steps still to run and exit (no model is loaded)")
+    r.add_argument("--executor", choices=("sequential", "ray"), default="sequential",
+                   help="sequential: every step in this process, in order (default); ray: each step a Ray task "
+                        "(pip install 'lks[cluster]'; docs/grid.md)")
+    r.add_argument("--address", default=None, help="--executor ray: a running Ray cluster ('auto', 'ray://HOST:10001'); "
+                                                   "default: start a local one")
+    r.add_argument("--workers", type=int, default=None, help="--executor ray without --address: steps at a time "
+                                                             "(default: the cores / the profile's cpus_per_step)")
     r.add_argument("--only", default=None, help="comma-separated shell patterns of cell names to run, e.g. "
                                                 "'*/memit-*,zsre/lks-10000' (default: every cell)")
     r.add_argument("--table", action="store_true", help="print the finished cells as markdown tables, one per data set, "
@@ -462,8 +469,23 @@ def _reproduce(args: argparse.Namespace) -> int:
     only = [p.strip() for p in (args.only or "").split(",") if p.strip()]
     if args.list:
         grid = Grid(profile, None, None, **where)
-        for kind, cell in grid.pending(only):
-            print(f"{kind:10s} {cell.name}" + (" (re-score)" if kind == "edit" and grid.status(cell) == "rescore" else ""))
+        for step in grid.plan(only):
+            rescore = step.kind == "edit" and grid.status(step.cell) == "rescore"
+            print(f"{step.name}" + (" (re-score)" if rescore else "") + (f"  after: {', '.join(step.after)}" if step.after else ""))
+        return 0
+    if args.executor == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise UsageError("--executor ray needs Ray: pip install 'lks[cluster]' (or pip install ray)") from None
+        from lks import cluster
+
+        try:
+            cluster.run(Grid(profile, None, None, data_dir=args.data_dir, **where), only, device=args.device,
+                        address=args.address, workers=args.workers)
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         return 0
     import logging
 

@@ -23,8 +23,15 @@ from their last cached chunk of target vectors; a capability run from its first 
 **Capability** at ``capability_n`` edits: after that cell, the editor runs the general-capability
 tasks (:func:`lks.capability.evaluate_capability`) on the same items as the unedited model, which
 runs once per profile (``results/<model>/capability-unedited.json``, per-item scores kept for the
-pairing; one process runs it, another one runs its edited tasks meanwhile and then waits); the
-paired comparison goes to ``results/<model>/<dataset>/capability-<method>-<N>.json``.
+pairing); the paired comparison goes to ``results/<model>/<dataset>/capability-<method>-<N>.json``.
+
+**Steps** (:class:`Step`, :func:`plan`): a cell's fit and evaluation, the unedited capability run
+and a cell's capability comparison, each with the steps it waits for (AlphaEdit's cell after
+MEMIT's, whose target vectors it reads; a capability step after its cell's fit and the unedited
+run). :meth:`Grid.run` runs them in order in this process; :mod:`lks.cluster` runs them as Ray
+tasks. Each step logs its progress (epochs, prepared parts, target chunks, with ETAs) to its own
+file beside the editor, ``<editors>/<model>/<dataset>/<method>-<N>.log``, and the run prints a
+line per step started and finished, with an ETA for the rest.
 
 :mod:`lks.report` reads these files back and writes them as tables.
 """
@@ -33,9 +40,9 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import os
 import random
-import resource
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -51,7 +58,7 @@ from lks.config import from_dict
 from lks.formats import load_edits
 from lks.methods import editor_class, load_editor, method_names
 from lks.metrics import UneditedMemo, evaluate_edits
-from lks.utils import git_state, machine, sha256_file, sha256_text, write_json
+from lks.utils import git_state, machine, peak_rss, sha256_file, sha256_text, write_json
 
 FORMAT = "lks-grid-1"  # a results file without it (an older run) is recomputed
 REPO = Path(__file__).resolve().parents[1]
@@ -78,6 +85,9 @@ class GridProfile:
     batch_size: int = 8         # capability: sequences per forward pass
     seed: int = 0
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cpus_per_step: int = 1      # --executor ray: CPUs (and torch threads) each step's task asks for
+    gpus_per_step: float = 1.0  # --executor ray on CUDA: GPUs per step
+    memory_gib_per_step: float = 0.0  # --executor ray: memory a step reserves (0: none; Ray does not limit it)
 
     def __post_init__(self) -> None:
         for name in ("datasets", "methods", "sizes", "capability_tasks"):
@@ -89,6 +99,8 @@ class GridProfile:
             raise ValueError(f"sizes: need positive integers, got {list(self.sizes)}")
         if self.eval_n < 1 or self.fluency_n < 0 or self.fluency_tokens < 1:
             raise ValueError("need eval_n >= 1, fluency_n >= 0, fluency_tokens >= 1")
+        if self.cpus_per_step < 1 or self.gpus_per_step < 0 or self.memory_gib_per_step < 0:
+            raise ValueError("need cpus_per_step >= 1, gpus_per_step >= 0, memory_gib_per_step >= 0")
         if self.capability_n and self.capability_n not in self.sizes:
             raise ValueError(f"capability_n {self.capability_n} is not one of sizes {list(self.sizes)} (0: no capability)")
 
@@ -119,6 +131,27 @@ class Cell:
         return f"{dataset_label(self.dataset)}/{self.method}-{self.n}"
 
 
+def model_label(model: str) -> str:
+    """The folder name of a profile's model: a local directory's own name, else the name as given."""
+    return Path(model).name if Path(model).expanduser().is_dir() else model
+
+
+@dataclass(frozen=True)
+class Step:
+    """One unit of a grid's work: ``kind`` "edit" (fit, evaluate, write the cell's file),
+    "unedited" (the unedited model's capability run; ``cell`` None) or "capability" (the cell's
+    editor on the capability tasks, paired with the unedited run); ``after``: the names of the
+    steps it waits for."""
+
+    kind: str
+    cell: Cell | None = None
+    after: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return "capability unedited" if self.cell is None else f"{self.kind} {self.cell.name}"
+
+
 def cells(profile: GridProfile) -> list[Cell]:
     """The grid in run order: small sizes first, so every size is complete before a larger one starts."""
     return [Cell(d, m, n) for n in sorted(profile.sizes) for d in profile.datasets for m in profile.methods]
@@ -146,16 +179,16 @@ class Grid:
         self.memo = UneditedMemo()  # the unedited model's scores, shared by the cells of this process
 
     def result_path(self, cell: Cell) -> Path:
-        return Path(self.results_dir) / self.profile.model / dataset_label(cell.dataset) / f"{cell.method}-{cell.n}.json"
+        return Path(self.results_dir) / model_label(self.profile.model) / dataset_label(cell.dataset) / f"{cell.method}-{cell.n}.json"
 
     def capability_path(self, cell: Cell | None) -> Path:
-        root = Path(self.results_dir) / self.profile.model
+        root = Path(self.results_dir) / model_label(self.profile.model)
         if cell is None:
             return root / "capability-unedited.json"
         return root / dataset_label(cell.dataset) / f"capability-{cell.method}-{cell.n}.json"
 
     def editor_path(self, cell: Cell) -> Path:
-        return Path(self.editors_dir) / self.profile.model / dataset_label(cell.dataset) / f"{cell.method}-{cell.n}"
+        return Path(self.editors_dir) / model_label(self.profile.model) / dataset_label(cell.dataset) / f"{cell.method}-{cell.n}"
 
     @staticmethod
     def finished(path: Path) -> dict[str, Any] | None:
@@ -188,31 +221,59 @@ class Grid:
                 todo.append(("capability", cell))
         return todo
 
+    def plan(self, only: Sequence[str] = ()) -> list[Step]:
+        """The pending steps in run order, each with the steps it waits for (:class:`Step`): the
+        unedited capability run just before the first capability step that needs it."""
+        pending = self.pending(only)
+        edits = {f"edit {c.name}" for kind, c in pending if kind == "edit"}
+        unedited = Step("unedited") if self.saved_unedited() is None else None
+        steps: list[Step] = []
+        for kind, cell in pending:
+            after = []
+            if kind == "edit" and cell.method == "alphaedit":  # reads the target vectors MEMIT's cell caches
+                after += [n for n in [f"edit {Cell(cell.dataset, 'memit', cell.n).name}"] if n in edits]
+            if kind == "capability":
+                after += [n for n in [f"edit {cell.name}"] if n in edits]
+                if unedited is not None:
+                    if unedited not in steps:
+                        steps.append(unedited)
+                    after.append(unedited.name)
+            steps.append(Step(kind, cell, tuple(after)))
+        return steps
+
     def run(self, only: Sequence[str] = ()) -> None:
-        """Every pending step (of the ``only`` cells), with progress; finished ones are skipped
-        (re-running resumes). Several processes may share a grid: a step another one has finished
-        or holds (a lock file beside the editor) is skipped."""
-        todo = self.pending(only)
-        total = len(cells(self.profile)) + (len(self.profile.datasets) * len(self.profile.methods)
-                                            if self.profile.capability_n else 0)
-        self.log(f"grid {self.profile.model}: {total - len(self.pending())} of {total} steps done; "
-                 f"{len(todo)} to run here" + (f" (cells {', '.join(only)})" if only else ""))
-        for i, (kind, cell) in enumerate(todo, 1):
-            t0, step = time.perf_counter(), f"[{i}/{len(todo)}] {kind} {cell.name}"
-            out = self.result_path(cell) if kind == "edit" else self.capability_path(cell)
-            with claimed(self.editor_path(cell).with_name(f"{cell.method}-{cell.n}.lock")) as mine:
-                if not mine or self.done(out):
-                    self.log(f"{step}: {'finished' if self.done(out) else 'running'} in another process; skipped")
-                    continue
-                self.log(f"{step} ...")
-                if kind == "edit":
-                    summary = self.run_cell(cell)["summary"]
-                    self.log(f"{step}: " + ", ".join(f"{k} {summary[k]:.3f}" for k in
-                                                     ("reliability", "generality", "locality", "efficacy") if k in summary)
-                             + f" ({time.perf_counter() - t0:.0f} s)")
-                else:
-                    self.run_capability(cell)
-                    self.log(f"{step}: done ({time.perf_counter() - t0:.0f} s)")
+        """Every pending step (of the ``only`` cells) in order, in this process, with a line per
+        step and an ETA; finished ones are skipped (re-running resumes)."""
+        steps, pace = self.plan(only), Pace()
+        self.log(f"grid {self.profile.model}: {len(steps)} step(s) to run" + (f" (cells {', '.join(only)})" if only else ""))
+        for i, step in enumerate(steps, 1):
+            self.log(f"[{i}/{len(steps)}] {step.name} ...")
+            out = self.run_step(step)
+            pace.add(step, out["seconds"])
+            self.log(f"[{i}/{len(steps)}] {step.name}: {out['brief']} ({out['seconds']:.0f} s){pace.eta(steps[i:])}")
+
+    def log_path(self, step: Step) -> Path:
+        """The step's log file: beside the cell's editor (the unedited run: beside the model's folder)."""
+        if step.cell is None:
+            return Path(self.editors_dir) / model_label(self.profile.model) / "capability-unedited.log"
+        return self.editor_path(step.cell).with_name(f"{step.cell.method}-{step.cell.n}.log")
+
+    def run_step(self, step: Step) -> dict[str, Any]:
+        """Run one step, its progress (the lks loggers at INFO) appended to :meth:`log_path`;
+        returns ``{"step", "seconds", "brief"}`` (a one-line result)."""
+        t0 = time.perf_counter()
+        with step_log(self.log_path(step)) as log:
+            log.info("%s: started (pid %d on %s)", step.name, os.getpid(), os.uname().nodename)
+            if step.kind == "edit":
+                summary = self.run_cell(step.cell)["summary"]
+                brief = ", ".join(f"{k} {summary[k]:.3f}" for k in ("reliability", "generality", "locality", "efficacy")
+                                  if k in summary)
+            elif step.kind == "capability":
+                brief = f"{len(self.run_capability(step.cell)['comparison'])} comparison rows"
+            else:
+                brief = f"{len(self.unedited_capability())} score rows"
+            log.info("%s: finished in %.0f s: %s", step.name, time.perf_counter() - t0, brief)
+        return {"step": step.name, "seconds": time.perf_counter() - t0, "brief": brief}
 
     # -- one cell -------------------------------------------------------------------------------
     def scoring(self) -> dict[str, Any]:
@@ -310,40 +371,27 @@ class Grid:
         df.attrs["items"] = pd.DataFrame(saved["items"])
         return df
 
-    def unedited_capability(self, wait: bool = True, poll: float = 60.0) -> pd.DataFrame | None:
-        """The unedited model's capability table (with per-item ``attrs["items"]``), run once and kept.
-        One process runs it (a lock file beside the partial results); another one waits for it
-        (``wait``, polling every ``poll`` seconds) or gets None."""
-        root = Path(self.editors_dir) / self.profile.model
-        partial, lock = root / "capability-unedited.partial", root / "capability-unedited.lock"
-        while True:
-            with claimed(lock) as mine:
-                df = self.saved_unedited()  # under the lock: a finished run is never repeated
-                if df is not None:
-                    return df
-                if mine:
-                    df, seconds = self.capability_table(None, partial)
-                    write_json(self.capability_path(None), {
-                        "format": FORMAT, "model": self.profile.model, "settings": self.capability_settings(),
-                        "seconds": seconds, **provenance(self.code),
-                        "table": _records(df), "items": _records(df.attrs["items"])})
-                    shutil.rmtree(partial, ignore_errors=True)
-                    return df
-            if not wait:
-                return None
-            self.log(f"unedited capability: running in another process ({lock}); waiting")
-            time.sleep(poll)
+    def unedited_capability(self) -> pd.DataFrame:
+        """The unedited model's capability table (with per-item ``attrs["items"]``), run once and kept
+        (resuming at its first unfinished task)."""
+        df = self.saved_unedited()
+        if df is not None:
+            return df
+        partial = Path(self.editors_dir) / model_label(self.profile.model) / "capability-unedited.partial"
+        df, seconds = self.capability_table(None, partial)
+        write_json(self.capability_path(None), {
+            "format": FORMAT, "model": self.profile.model, "settings": self.capability_settings(),
+            "seconds": seconds, **provenance(self.code), "table": _records(df), "items": _records(df.attrs["items"])})
+        shutil.rmtree(partial, ignore_errors=True)
+        return df
 
     def run_capability(self, cell: Cell) -> dict[str, Any]:
-        """The capability tasks with the cell's editor, paired with the unedited run on the same items.
-        When another process is running the unedited tasks, the edited ones go first."""
-        before = self.unedited_capability(wait=False)
+        """The capability tasks with the cell's editor, paired with the unedited run on the same items."""
         edits, _ = self.edits(cell)
         editor, _ = self.editor(cell, edits)
         partial = self.editor_path(cell).with_name(f"{cell.method}-{cell.n}.capability.partial")
         after, seconds = self.capability_table(editor, partial, editor_digest(self.editor_path(cell)))
-        if before is None:
-            before = self.unedited_capability()
+        before = self.unedited_capability()
         comp = compare_capability(before, after, seed=self.profile.seed)
         record = {"format": FORMAT, "model": self.profile.model, "data": dataset_label(cell.dataset),
                   "method": cell.method, "n": cell.n, "n_edits": len(edits), "seconds": seconds, **provenance(self.code),
@@ -367,79 +415,58 @@ def editor_digest(path: Path) -> str:
     return sha256_text(json.dumps({p.name: sha256_file(p) for p in sorted(path.iterdir()) if p.is_file()}))
 
 
-def _start_tag(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks after boot, from /proc), None where unknown: with
-    the pid it names one process, since pids are reused."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+class Pace:
+    """The ETA of the steps left, from the finished ones: an edit step at the seconds per edit of
+    the finished edit steps (sizes differ by 1,000x), a capability step at their mean seconds."""
 
+    def __init__(self) -> None:
+        self.edit_seconds, self.edit_n, self.other = 0.0, 0, []
 
-def _holder_alive(text: str) -> bool:
-    """Whether the process a lock file names (``"pid [start tag]"``) is still running."""
-    try:
-        pid, *tag = text.split()
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError):
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return not tag or _start_tag(int(pid)) in (None, tag[0])  # another process with a reused pid: not it
+    def add(self, step: Step, seconds: float) -> None:
+        if step.kind == "edit":
+            self.edit_seconds, self.edit_n = self.edit_seconds + seconds, self.edit_n + step.cell.n
+        else:
+            self.other.append(seconds)
+
+    def eta(self, left: Sequence[Step], workers: int = 1) -> str:
+        """``"; ETA 14:05 UTC (about 2.1 h, for 5 of 7 steps left)"``, or "" with no step left."""
+        if not left:
+            return ""
+        known, total = 0, 0.0
+        for step in left:
+            if step.kind == "edit" and self.edit_n:
+                known, total = known + 1, total + self.edit_seconds / self.edit_n * step.cell.n
+            elif step.kind != "edit" and self.other:
+                known, total = known + 1, total + sum(self.other) / len(self.other)
+        if not known:
+            return f"; {len(left)} step(s) left"
+        total /= max(1, min(workers, len(left)))
+        when = time.strftime("%H:%M UTC", time.gmtime(time.time() + total))
+        span = f"{total / 3600:.1f} h" if total >= 5400 else f"{total / 60:.0f} min"
+        return f"; ETA {when} (about {span}" + (f", for {known} of {len(left)} steps left)" if known < len(left) else ")")
 
 
 @contextmanager
-def claimed(lock: Path) -> Iterator[bool]:
-    """Hold ``lock`` (a file with this process's id and start time) for the block: yields False
-    when a live process holds it already; a lock left by a dead process is taken over."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if _holder_alive(lock.read_text()):
-                yield False
-                return
-            lock.unlink(missing_ok=True)  # its process is gone
-            continue
-        pid = os.getpid()
-        os.write(fd, f"{pid} {_start_tag(pid) or ''}".strip().encode())
-        os.close(fd)
-        try:
-            yield True
-        finally:
-            lock.unlink(missing_ok=True)
-        return
-    yield False
+def step_log(path: Path) -> Iterator[logging.Logger]:
+    """Append the lks loggers' INFO lines (fit progress) to ``path`` for the block; yields the grid's logger."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root, handler = logging.getLogger("lks"), logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler.setLevel(logging.INFO)
+    level = root.level
+    root.addHandler(handler)
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    try:
+        yield logging.getLogger(__name__)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
 
 
 def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
     return json.loads(df.to_json(orient="records"))
-
-
-class peak_rss:
-    """Context manager: the peak resident memory (MiB) of the process within the block, as
-    ``{"peak_rss_mb": ..., "peak_rss_scope": ...}``. Linux resets the high-water mark
-    (``/proc/self/clear_refs``), so the peak is the block's own; elsewhere it is the process's."""
-
-    def __enter__(self) -> dict[str, Any]:
-        self.out: dict[str, Any] = {}
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.scope = "cell"
-        except OSError:
-            self.scope = "process"
-        return self.out
-
-    def __exit__(self, *exc: Any) -> None:
-        mb = None
-        if self.scope == "cell":
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    mb = int(line.split()[1]) / 1024
-        if mb is None:
-            mb, self.scope = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process"
-        self.out.update(peak_rss_mb=round(mb, 1), peak_rss_scope=self.scope)
 
 
 def code_version() -> str | None:

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import random
+import resource
 import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -266,3 +267,28 @@ def starts(lengths: Iterable[int]) -> tuple[list[int], int]:
         out.append(total)
         total += n
     return out, total
+
+
+class peak_rss:
+    """Context manager: the peak resident memory (MiB) of the process within the block, as
+    ``{"peak_rss_mb": ..., "peak_rss_scope": ...}``. Linux resets the high-water mark
+    (``/proc/self/clear_refs``), so the peak is the block's own; elsewhere it is the process's."""
+
+    def __enter__(self) -> dict[str, Any]:
+        self.out: dict[str, Any] = {}
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.scope = "cell"
+        except OSError:
+            self.scope = "process"
+        return self.out
+
+    def __exit__(self, *exc: Any) -> None:
+        mb = None
+        if self.scope == "cell":
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    mb = int(line.split()[1]) / 1024
+        if mb is None:
+            mb, self.scope = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process"
+        self.out.update(peak_rss_mb=round(mb, 1), peak_rss_scope=self.scope)

@@ -129,3 +129,31 @@ def test_a_benchmark_record_names_what_ran_where_and_when(tmp_path):
         ("bench_x", "zsre", 10, 12.3, 100.0, 2)
     assert rec["phases"] == {"cache": 1.0} and rec["machine"]["torch_threads"] == 2 and rec["machine"]["cpu"]
     assert rec["date"].startswith(time.strftime("%Y-%m-", time.gmtime())) and "commit" in rec and "dirty" in rec
+
+
+def test_the_gpu_cost_benchmark_runs_on_the_tiny_shape_and_projects_every_cell(tmp_path, capsys):
+    """benchmarks/gpu_cost.py's CPU variant (random weights in a tiny shape, no data): every cost is
+    measured, every cell of the profile projected, and the record written."""
+    import json
+
+    import gpu_cost
+
+    from lks.grid import load_profile
+
+    res = gpu_cost.main(["--shape", "tiny", "--device", "cpu", "--edits", "4", "8", "--profile", "cpu-small-smollm2",
+                         "--out", str(tmp_path)])
+    m = res["measured"]
+    assert sorted(m["lks"]) == [4, 8] and all(v["prepare_s"] > 0 and v["epoch_s"] > 0 for v in m["lks"].values())
+    assert m["memit"]["targets_s"] > 0 and m["memit"]["solve_s"] > 0 and m["alphaedit"]["solve_s"] > 0
+    assert m["ft"]["step_s"] > 0 and m["eval"]["teacher_forced_s"] > 0 and m["forward_tokens_per_s"] > 0
+    assert m["stats"]["tokens"] == 2000 and m["stats"]["seconds"] > 0
+    prof = load_profile("cpu-small-smollm2")
+    rows = {(r["method"], r["n"]): r for r in res["projection"]}
+    assert set(rows) == {(meth, n) for meth in prof.methods for n in prof.sizes}
+    for meth in prof.methods:  # a cell of 10x the edits costs 10x (the projection is linear from the measured N)
+        assert rows[(meth, 100)]["fit_s"] == pytest.approx(10 * rows[(meth, 10)]["fit_s"], rel=1e-9)
+    total = sum((r["fit_s"] + r["eval_s"]) * r["datasets"] for r in res["projection"]) / 3600
+    assert res["projected_hours"] == pytest.approx(total) and total > 0
+    (record,) = tmp_path.glob("*-gpu_cost-builtin-8.json")
+    assert json.loads(record.read_text())["projected_hours"] == pytest.approx(total)
+    assert "projected cpu-small-smollm2" in capsys.readouterr().out

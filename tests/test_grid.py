@@ -291,32 +291,55 @@ def test_kept_capability_tasks_count_only_with_the_editor_that_ran_them(tiny_pai
     assert after[["task", "metric", "value"]].to_numpy().tolist() == once[["task", "metric", "value"]].to_numpy().tolist()
 
 
-def test_the_unedited_run_is_left_to_the_process_that_holds_it(tiny_pair, tmp_path, cache, capability_dir,
-                                                                monkeypatch):
-    """While another process holds the unedited run's lock, a capability step runs its edited tasks
-    first, then waits; once the lock is free it runs the unedited tasks (here: the holder died
-    without finishing) and pairs them."""
-    import contextlib
-
-    import lks.capability as cap
-
+def test_the_plan_orders_every_step_after_what_it_reads(tiny_pair, tmp_path, cache, capability_dir):
+    """AlphaEdit's cell waits for MEMIT's (its target vectors), a capability step for its cell's fit
+    and for the unedited run, which comes once, just before the first capability step; a done
+    cell's step is not planned, and its dependents do not wait for it."""
     model, tok = tiny_pair
-    prof = profile(tmp_path, methods=["memit"], sizes=[2], capability_n=2, capability_tasks=["sst2"],
+    prof = profile(tmp_path, methods=["memit", "alphaedit"], sizes=[2, 4], capability_n=4, capability_tasks=["sst2"],
                    capability_limit={"sst2": 4}, batch_size=4)
     grid = G.Grid(prof, model, tok, data_dir=str(capability_dir), results_dir=tmp_path / "results",
                   editors_dir=tmp_path / "editors", log=lambda m: None)
-    real, runs = cap.evaluate_capability, []
-    monkeypatch.setattr(G, "evaluate_capability",
-                        lambda *a, **kw: runs.append("edited" if kw.get("editor") else "unedited") or real(*a, **kw))
-    held = contextlib.ExitStack()
-    assert held.enter_context(G.claimed(tmp_path / "editors" / "tiny" / "capability-unedited.lock"))
-    assert grid.unedited_capability(wait=False) is None and runs == []
-    waits = []
-    monkeypatch.setattr(G.time, "sleep", lambda s: waits.append(s) or held.close())  # the holder goes away
-    cell = G.cells(prof)[0]
-    record = grid.run_capability(cell)
-    assert runs == ["edited", "unedited"] and len(waits) == 1
-    assert record["comparison"][0]["n_pairs"] == 4 and grid.saved_unedited() is not None
+    plan = [(s.name, s.after) for s in grid.plan()]
+    assert plan == [("edit tinyfacts/memit-2", ()), ("edit tinyfacts/alphaedit-2", ("edit tinyfacts/memit-2",)),
+                    ("edit tinyfacts/memit-4", ()), ("capability unedited", ()),
+                    ("capability tinyfacts/memit-4", ("edit tinyfacts/memit-4", "capability unedited")),
+                    ("edit tinyfacts/alphaedit-4", ("edit tinyfacts/memit-4",)),
+                    ("capability tinyfacts/alphaedit-4", ("edit tinyfacts/alphaedit-4", "capability unedited"))]
+    grid.run(only=["*/memit-4"])
+    plan = [(s.name, s.after) for s in grid.plan()]
+    assert ("edit tinyfacts/alphaedit-4", ()) in plan and ("capability unedited", ()) not in plan
+    assert ("capability tinyfacts/alphaedit-4", ("edit tinyfacts/alphaedit-4",)) in plan
+
+
+def test_each_step_logs_its_progress_to_its_own_file(tiny_pair, tmp_path, cache):
+    model, tok = tiny_pair
+    prof = profile(tmp_path, sizes=[2])
+    lines = []
+    grid = G.Grid(prof, model, tok, results_dir=tmp_path / "results", editors_dir=tmp_path / "editors", log=lines.append)
+    grid.run()
+    text = grid.log_path(G.Step("edit", G.Cell(prof.datasets[0], "lks", 2))).read_text()
+    assert text.index("edit tinyfacts/lks-2: started (pid") < text.index("epoch 1/2: loss") < text.index("epoch 2/2: loss") \
+        < text.index("edit tinyfacts/lks-2: finished in")
+    assert "target vectors of edits 1-2 of 2" in grid.log_path(G.Step("edit", G.Cell(prof.datasets[0], "memit", 2))).read_text()
+    assert re.fullmatch(r"\[1/2\] edit tinyfacts/lks-2: reliability .* \(\d+ s\); ETA \d\d:\d\d UTC \(about \d+ min\)", lines[2])
+    assert lines[-1].startswith("[2/2] edit tinyfacts/memit-2: reliability") and "ETA" not in lines[-1]
+
+
+def test_the_eta_scales_edit_steps_by_their_edits():
+    """Oracle: the arithmetic by hand. 10 edits took 20 s, so 1,000 take 2,000 s; a capability
+    step takes the mean of the finished ones; two workers halve the sum."""
+    pace, cell = G.Pace(), lambda n: G.Cell("zsre", "lks", n)
+    assert pace.eta([G.Step("edit", cell(10))]) == "; 1 step(s) left"
+    pace.add(G.Step("edit", cell(10)), 20.0)
+    left = [G.Step("edit", cell(1000)), G.Step("capability", cell(1000))]
+    assert re.fullmatch(r"; ETA \d\d:\d\d UTC \(about 33 min, for 1 of 2 steps left\)", pace.eta(left))
+    pace.add(G.Step("unedited"), 400.0)
+    pace.add(G.Step("capability", cell(10)), 200.0)
+    assert pace.eta(left).endswith("(about 38 min)")          # 2,000 + 300 s
+    assert pace.eta(left, workers=2).endswith("(about 19 min)")
+    assert pace.eta(left * 3, workers=1).endswith("(about 1.9 h)")  # 6,900 s
+    assert pace.eta([]) == ""
 
 
 def test_bad_profiles_are_refused(tmp_path):
@@ -347,40 +370,6 @@ def test_shipped_profiles_are_the_papers_grid(name, model):
         params = yaml.safe_load((G.REPO / "params" / name / f"{stem}.yaml").read_text())
         assert (params["grid_profile"], params["model_name"]) == (name, model), stem
 
-
-
-def test_a_claimed_cell_is_left_to_its_process(tmp_path):
-    import os
-
-    lock = tmp_path / "memit-10.lock"
-    with G.claimed(lock) as mine:
-        assert mine and lock.read_text().split()[0] == str(os.getpid())
-        with G.claimed(lock) as again:  # held by a live process (this one)
-            assert not again
-    assert not lock.exists()
-    lock.write_text("999999999")  # a dead process's lock is taken over
-    with G.claimed(lock) as mine:
-        assert mine
-    # with /proc the lock names the process by pid and start time: a lock whose pid was reused by a
-    # later process (this one, with another start time) is stale
-    with G.claimed(lock):
-        held = lock.read_text().split()
-    if len(held) == 2:
-        import subprocess
-        import time
-
-        child = subprocess.Popen(["sleep", "5"])
-        try:
-            time.sleep(0.05)
-            assert int(G._start_tag(child.pid)) >= int(held[1]) == int(G._start_tag(os.getpid()))
-        finally:
-            child.kill()
-        lock.write_text(f"{held[0]} {int(held[1]) - 1}")
-        with G.claimed(lock) as mine:
-            assert mine
-        lock.write_text(" ".join(held))
-        with G.claimed(lock) as mine:
-            assert not mine
 
 
 def test_a_grids_carried_state_is_committable_and_leaves_the_code_clean(tmp_path):
@@ -456,7 +445,9 @@ def test_cli_lists_the_pending_steps_and_prints_tables(tmp_path, capsys):
     path = tmp_path / "p.json"
     path.write_text(json.dumps({"datasets": ["zsre"], "methods": ["lks", "memit"], "sizes": [10, 100], "capability_n": 100}))
     assert main(["reproduce", "--profile", str(path), "--results", str(tmp_path / "r"), "--list", "--only", "*/memit-*"]) == 0
-    assert capsys.readouterr().out.split() == ["edit", "zsre/memit-10", "edit", "zsre/memit-100", "capability", "zsre/memit-100"]
+    assert capsys.readouterr().out.splitlines() == [
+        "edit zsre/memit-10", "edit zsre/memit-100", "capability unedited",
+        "capability zsre/memit-100  after: edit zsre/memit-100, capability unedited"]
     assert main(["reproduce", "--profile", str(path), "--results", str(tmp_path / "r"), "--table"]) == 0
     cells, capability = capsys.readouterr().out.split("**General capability**")
     # 2 methods x 2 sizes; the unedited row's 5 tasks and one row per method

@@ -523,3 +523,22 @@ def test_03_reading_quotes_the_grid_files():
     rates = [cell[n]["repeat_rate"] for n in cell]
     assert (float(m[1]), float(m[2])) == (round(min(rates), 2), round(max(rates), 2))
     assert float(m[3]) == round(cell[100]["repeat_rate_base"], 3) and float(m[4]) == round(cell[100]["repeat_rate_forced_base"], 3)
+
+
+def test_the_nbval_sanitiser_keeps_numbers_apart_and_drops_what_is_volatile():
+    """tests/sanitize.cfg, applied as nbval applies it (each regex, in file order): floats are cut
+    to two decimals (0.927 and 0.500 stay apart), paths, durations and the thread count go."""
+    lines = [ln for ln in (REPO / "tests" / "sanitize.cfg").read_text().splitlines() if ln.startswith(("regex:", "replace:"))]
+    pairs = [(a.removeprefix("regex: "), b.removeprefix("replace: ")) for a, b in zip(lines[::2], lines[1::2])]
+    assert all(a.startswith("regex:") for a in lines[::2]) and all(b.startswith("replace:") for b in lines[1::2])
+
+    def clean(text: str) -> str:
+        for pattern, repl in pairs:
+            text = re.sub(pattern, repl, text)
+        return text
+
+    assert clean("reliability 0.927") != clean("reliability 0.500")
+    assert clean("reliability 0.9271") == clean("reliability 0.9279") == "reliability 0.92"
+    assert clean("01: seed 0, 2 torch thread(s), lks 0.1.0 from /tmp/x/lks") == \
+        clean("01: seed 0, 16 torch thread(s), lks 0.1.0 from /home/u/lks") == "01: seed 0, <N> torch thread(s), lks 0.1.0 from <PATH>"
+    assert clean("fit in 12.3 s") == clean("fit in 480 ms") == "fit in <TIME>"

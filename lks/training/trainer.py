@@ -223,6 +223,7 @@ class Trainer:
         state, tensors = saved
         self.editor.generator.load_state_dict({k[len("generator."):]: v for k, v in tensors.items() if k.startswith("generator.")})
         self.prior_seconds = float(state["seconds"])  # the interrupted processes' time, preparation included
+        log.info("resumed from the checkpoint after epoch %d", len(state["history"]))
         return state["history"], Stopping.from_checkpoint(state, tensors)
 
     def _epoch(self, epoch: int, n_epochs: int, batches: list[list[int]], opt: torch.optim.Optimizer, sched: Any,
