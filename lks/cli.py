@@ -201,13 +201,10 @@ def _reproduce_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--results", default=None, help="results directory (default: the checkout's results/)")
     r.add_argument("--editors", default=None, help="where fitted editors are kept (default: the checkout's runs/editors/)")
     r.add_argument("--list", action="store_true", help="print the steps still to run and exit (no model is loaded)")
-    r.add_argument("--executor", choices=("sequential", "ray"), default="sequential",
-                   help="sequential: every step in this process, in order (default); ray: each step a Ray task "
-                        "(pip install 'lks[cluster]'; docs/grid.md)")
-    r.add_argument("--address", default=None, help="--executor ray: a running Ray cluster ('auto', 'ray://HOST:10001'); "
-                                                   "default: start a local one")
-    r.add_argument("--workers", type=int, default=None, help="--executor ray without --address: steps at a time "
-                                                             "(default: the cores / the profile's cpus_per_step)")
+    r.add_argument("--executor", choices=("sequential", "ray"), default="sequential", help="sequential: every step "
+                   "here, in order (default); ray: each step a Ray task (pip install 'lks[cluster]'; docs/grid.md)")
+    r.add_argument("--address", default=None, help="--executor ray: a running Ray cluster ('auto', 'HOST:6379'); default: a local one")
+    r.add_argument("--workers", type=int, default=None, help="--executor ray, local: steps at a time (default: cores / cpus_per_step)")
     r.add_argument("--only", default=None, help="comma-separated shell patterns of cell names to run, e.g. "
                                                 "'*/memit-*,zsre/lks-10000' (default: every cell)")
     r.add_argument("--table", action="store_true", help="print the finished cells as markdown tables, one per data set, "
@@ -457,47 +454,30 @@ def _reproduce(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
     where = {k: Path(v) for k, v in (("results_dir", args.results), ("editors_dir", args.editors)) if v}
     if args.table or args.write:
-        results = where.get("results_dir", REPO / "results")
-        table, capability = report.read_grid(results, profile.model), report.read_capability(results, profile.model)
-        for path in args.write or []:
-            report.write_tables(path, table, profile, capability)
-        if args.table:
-            print(report.tables_markdown(table, profile))
-            print(f"\n**General capability**\n\n{report.capability_markdown(capability, profile)}\n\n"
-                  f"{report.capability_legend(profile)}")
+        report.publish(where.get("results_dir", REPO / "results"), profile, args.write, show=args.table)
         return 0
     only = [p.strip() for p in (args.only or "").split(",") if p.strip()]
+    grid = Grid(profile, None, None, data_dir=args.data_dir, **where)
     if args.list:
-        grid = Grid(profile, None, None, **where)
         for step in grid.plan(only):
             rescore = step.kind == "edit" and grid.status(step.cell) == "rescore"
             print(f"{step.name}" + (" (re-score)" if rescore else "") + (f"  after: {', '.join(step.after)}" if step.after else ""))
         return 0
     if args.executor == "ray":
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            raise UsageError("--executor ray needs Ray: pip install 'lks[cluster]' (or pip install ray)") from None
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise UsageError("--executor ray needs Ray: pip install 'lks[cluster]' (or pip install ray)")
         from lks import cluster
 
         try:
-            cluster.run(Grid(profile, None, None, data_dir=args.data_dir, **where), only, device=args.device,
-                        address=args.address, workers=args.workers)
+            cluster.run(grid, only, device=args.device, address=args.address, workers=args.workers)
         except RuntimeError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         return 0
-    import logging
-
-    logger, handler = logging.getLogger("lks"), logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("    %(asctime)s %(message)s", "%H:%M:%S"))
-    logger.addHandler(handler)  # the fits' progress: a line per prepared part, epoch, step or chunk
-    logger.setLevel(logging.INFO)
-    try:
-        model, tok = lks.load_model(profile.model, device=args.device)
-        Grid(profile, model, tok, data_dir=args.data_dir, **where).run(only)
-    finally:
-        logger.removeHandler(handler)
+    grid.model, grid.tokenizer = lks.load_model(profile.model, device=args.device)
+    grid.run(only)  # a line per step; each step's progress in its log file (lks.grid.Grid.log_path)
     return 0
 
 

@@ -25,10 +25,11 @@ tasks (:func:`lks.capability.evaluate_capability`) on the same items as the uned
 runs once per profile (``results/<model>/capability-unedited.json``, per-item scores kept for the
 pairing); the paired comparison goes to ``results/<model>/<dataset>/capability-<method>-<N>.json``.
 
-**Steps** (:class:`Step`, :func:`plan`): a cell's fit and evaluation, the unedited capability run
-and a cell's capability comparison, each with the steps it waits for (AlphaEdit's cell after
-MEMIT's, whose target vectors it reads; a capability step after its cell's fit and the unedited
-run). :meth:`Grid.run` runs them in order in this process; :mod:`lks.cluster` runs them as Ray
+**Steps** (:class:`Step`, :meth:`Grid.plan`): a cell's fit and evaluation, work some methods'
+fits share (MEMIT's key statistics), the unedited capability run and a cell's capability
+comparison, each with the steps it waits for (MEMIT's and AlphaEdit's cells after the key
+statistics; AlphaEdit's cell after MEMIT's, whose target vectors it reads; a capability step after
+its cell's fit and the unedited run). :meth:`Grid.run` runs them in order in this process; :mod:`lks.cluster` runs them as Ray
 tasks. Each step logs its progress (epochs, prepared parts, target chunks, with ETAs) to its own
 file beside the editor, ``<editors>/<model>/<dataset>/<method>-<N>.log``, and the run prints a
 line per step started and finished, with an ETA for the rest.
@@ -58,7 +59,7 @@ from lks.config import from_dict
 from lks.formats import load_edits
 from lks.methods import editor_class, load_editor, method_names
 from lks.metrics import UneditedMemo, evaluate_edits
-from lks.utils import git_state, machine, peak_rss, sha256_file, sha256_text, write_json
+from lks.utils import code_version, peak_rss, provenance, sha256_file, sha256_text, write_json
 
 FORMAT = "lks-grid-1"  # a results file without it (an older run) is recomputed
 REPO = Path(__file__).resolve().parents[1]
@@ -139,17 +140,22 @@ def model_label(model: str) -> str:
 @dataclass(frozen=True)
 class Step:
     """One unit of a grid's work: ``kind`` "edit" (fit, evaluate, write the cell's file),
-    "unedited" (the unedited model's capability run; ``cell`` None) or "capability" (the cell's
+    "shared" (work the fits of some methods share, e.g. MEMIT's key statistics, named by
+    ``shared``), "unedited" (the unedited model's capability run) or "capability" (the cell's
     editor on the capability tasks, paired with the unedited run); ``after``: the names of the
     steps it waits for."""
 
     kind: str
     cell: Cell | None = None
     after: tuple[str, ...] = ()
+    shared: str = ""                  # "shared": the work's name ...
+    methods: tuple[str, ...] = ()     # ... and the methods of the planned cells that need it
 
     @property
     def name(self) -> str:
-        return "capability unedited" if self.cell is None else f"{self.kind} {self.cell.name}"
+        if self.cell is None:
+            return self.shared if self.kind == "shared" else "capability unedited"
+        return f"{self.kind} {self.cell.name}"
 
 
 def cells(profile: GridProfile) -> list[Cell]:
@@ -190,22 +196,13 @@ class Grid:
     def editor_path(self, cell: Cell) -> Path:
         return Path(self.editors_dir) / model_label(self.profile.model) / dataset_label(cell.dataset) / f"{cell.method}-{cell.n}"
 
-    @staticmethod
-    def finished(path: Path) -> dict[str, Any] | None:
-        """The contents of a finished results file (valid JSON of this format), else None."""
-        try:
-            saved = json.loads(path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        return saved if isinstance(saved, dict) and saved.get("format") == FORMAT else None
-
     def done(self, path: Path) -> bool:
-        return self.finished(path) is not None
+        return finished(path) is not None
 
     def status(self, cell: Cell) -> str:
         """``"done"``; ``"rescore"``: its file was scored otherwise (an older run; running the cell
         again re-scores its saved editor); or ``"missing"``."""
-        rec = self.finished(self.result_path(cell))
+        rec = finished(self.result_path(cell))
         return "missing" if rec is None else "done" if rec.get("scoring") == self.scoring() else "rescore"
 
     def pending(self, only: Sequence[str] = ()) -> list[tuple[str, Cell]]:
@@ -222,16 +219,28 @@ class Grid:
         return todo
 
     def plan(self, only: Sequence[str] = ()) -> list[Step]:
-        """The pending steps in run order, each with the steps it waits for (:class:`Step`): the
-        unedited capability run just before the first capability step that needs it."""
+        """The pending steps in run order, each with the steps it waits for (:class:`Step`): a
+        method's shared work (:attr:`lks.methods.Editor.shared_work`) before its first cell, a
+        cell after the cell whose cache it reads (``runs_after``), the unedited capability run
+        just before the first capability step that needs it."""
         pending = self.pending(only)
         edits = {f"edit {c.name}" for kind, c in pending if kind == "edit"}
+        needs: dict[str, list[str]] = {}  # shared work -> the methods of the planned cells that need it
+        for kind, cell in pending:
+            work = editor_class(cell.method).shared_work
+            if kind == "edit" and work and cell.method not in needs.setdefault(work, []):
+                needs[work].append(cell.method)
         unedited = Step("unedited") if self.saved_unedited() is None else None
         steps: list[Step] = []
         for kind, cell in pending:
-            after = []
-            if kind == "edit" and cell.method == "alphaedit":  # reads the target vectors MEMIT's cell caches
-                after += [n for n in [f"edit {Cell(cell.dataset, 'memit', cell.n).name}"] if n in edits]
+            after, cls = [], editor_class(cell.method)
+            if kind == "edit" and cls.shared_work:
+                shared = Step("shared", shared=cls.shared_work, methods=tuple(needs[cls.shared_work]))
+                if shared not in steps:
+                    steps.append(shared)
+                after.append(shared.name)
+            if kind == "edit" and cls.runs_after:
+                after += [n for n in [f"edit {Cell(cell.dataset, cls.runs_after, cell.n).name}"] if n in edits]
             if kind == "capability":
                 after += [n for n in [f"edit {cell.name}"] if n in edits]
                 if unedited is not None:
@@ -253,9 +262,9 @@ class Grid:
             self.log(f"[{i}/{len(steps)}] {step.name}: {out['brief']} ({out['seconds']:.0f} s){pace.eta(steps[i:])}")
 
     def log_path(self, step: Step) -> Path:
-        """The step's log file: beside the cell's editor (the unedited run: beside the model's folder)."""
+        """The step's log file: beside the cell's editor (the others: beside the model's folder)."""
         if step.cell is None:
-            return Path(self.editors_dir) / model_label(self.profile.model) / "capability-unedited.log"
+            return Path(self.editors_dir) / model_label(self.profile.model) / f"{step.name.replace(' ', '-')}.log"
         return self.editor_path(step.cell).with_name(f"{step.cell.method}-{step.cell.n}.log")
 
     def run_step(self, step: Step) -> dict[str, Any]:
@@ -270,10 +279,19 @@ class Grid:
                                   if k in summary)
             elif step.kind == "capability":
                 brief = f"{len(self.run_capability(step.cell)['comparison'])} comparison rows"
+            elif step.kind == "shared":
+                brief = self.run_shared(step.methods)
             else:
                 brief = f"{len(self.unedited_capability())} score rows"
             log.info("%s: finished in %.0f s: %s", step.name, time.perf_counter() - t0, brief)
         return {"step": step.name, "seconds": time.perf_counter() - t0, "brief": brief}
+
+    def run_shared(self, methods: Sequence[str]) -> str:
+        """The shared work (:meth:`lks.methods.Editor.prepare_shared`) of each of ``methods``, with its settings."""
+        for m in methods:
+            cfg = self.configs(Cell(self.profile.datasets[0], m, self.profile.sizes[0]))[0]
+            editor_class(m)(self.model, self.tokenizer, cfg).prepare_shared(self.data_dir)
+        return f"for {', '.join(methods)}"
 
     # -- one cell -------------------------------------------------------------------------------
     def scoring(self) -> dict[str, Any]:
@@ -364,7 +382,7 @@ class Grid:
 
     def saved_unedited(self) -> pd.DataFrame | None:
         """The stored unedited capability table (per-item ``attrs["items"]``) of these settings, if any."""
-        saved = self.finished(self.capability_path(None))
+        saved = finished(self.capability_path(None))
         if saved is None or saved.get("settings") != self.capability_settings():
             return None
         df = pd.DataFrame(saved["table"])
@@ -399,6 +417,15 @@ class Grid:
         write_json(self.capability_path(cell), record)
         shutil.rmtree(partial, ignore_errors=True)
         return record
+
+
+def finished(path: Path) -> dict[str, Any] | None:
+    """The contents of a finished results file (valid JSON of this format), else None."""
+    try:
+        saved = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return saved if isinstance(saved, dict) and saved.get("format") == FORMAT else None
 
 
 def fluency_sample(n: int, k: int, seed: int) -> list[int]:
@@ -467,14 +494,3 @@ def step_log(path: Path) -> Iterator[logging.Logger]:
 
 def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
     return json.loads(df.to_json(orient="records"))
-
-
-def code_version() -> str | None:
-    """The checkout's git commit, ``-dirty`` when its code differs from it (None outside git)."""
-    state = git_state()
-    return state["commit"] and state["commit"] + ("-dirty" if state["dirty"] else "")
-
-
-def provenance(code: str | None) -> dict[str, Any]:
-    """The code's version, the machine (CPU, cores, torch threads, GPU, versions) and the date."""
-    return {"git_commit": code, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

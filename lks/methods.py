@@ -54,6 +54,10 @@ class Editor(ABC):
 
     method: ClassVar[str] = ""
     label: ClassVar[str] = ""
+    # what a grid (lks.grid.Grid.plan) may order and share between this method's cells; declared
+    # here, so that no driver asks for a method's name
+    shared_work: ClassVar[str] = ""  # work every fit on a model shares (see prepare_shared): one grid step
+    runs_after: ClassVar[str] = ""   # a method whose cell (same data set and N) runs first: its cache is read here
 
     model: nn.Module
     tokenizer: Any
@@ -76,6 +80,11 @@ class Editor(ABC):
     @abstractmethod
     def setting_names(cls) -> set[str]:
         """The names ``configs`` accepts as overrides."""
+
+    def prepare_shared(self, data_dir: str | None = None) -> None:
+        """Do and cache ``shared_work`` for this editor's config (MEMIT, AlphaEdit: the key
+        statistics of its band), so that later fits find it; nothing for a method without any."""
+        return None
 
     @abstractmethod
     def fit(self, edits: EditSet, config: Any = None, *, on_conflict: str = "error",

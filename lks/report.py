@@ -227,3 +227,14 @@ def update_diagnostics(table: pd.DataFrame) -> pd.DataFrame:
     if "target_realised" not in long:
         long["target_realised"] = float("nan")
     return long.sort_values(["data", "method", "n", "layer"], ignore_index=True)
+
+
+def publish(results_dir: str | os.PathLike, profile: GridProfile, write: list[str] | None = None, show: bool = False) -> None:
+    """``python -m lks reproduce --write FILE.. / --table``: rewrite the grid's blocks of each markdown
+    file in ``write`` from the finished files; with ``show``, print them as markdown."""
+    table, capability = read_grid(results_dir, profile.model), read_capability(results_dir, profile.model)
+    for path in write or []:
+        write_tables(path, table, profile, capability)
+    if show:
+        print(tables_markdown(table, profile))
+        print(f"\n**General capability**\n\n{capability_markdown(capability, profile)}\n\n{capability_legend(profile)}")

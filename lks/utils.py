@@ -10,6 +10,7 @@ import random
 import resource
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -292,3 +293,14 @@ class peak_rss:
         if mb is None:
             mb, self.scope = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process"
         self.out.update(peak_rss_mb=round(mb, 1), peak_rss_scope=self.scope)
+
+
+def code_version() -> str | None:
+    """The checkout's git commit, ``-dirty`` when its code differs from it (None outside git)."""
+    state = git_state()
+    return state["commit"] and state["commit"] + ("-dirty" if state["dirty"] else "")
+
+
+def provenance(code: str | None) -> dict[str, Any]:
+    """The code's version, the machine (CPU, cores, torch threads, GPU, versions) and the date."""
+    return {"git_commit": code, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

@@ -107,4 +107,8 @@ def test_ray_grid_equals_the_sequential_one_and_survives_a_killed_worker(tmp_pat
     assert ray.keys() == seq.keys()
     for name in seq:
         assert close(ray[name], seq[name]), name
-    assert "4 of 4 step(s) done" in (tmp_path / "ray.log").read_text()
+    # the 4 cells and MEMIT's key statistics, once, finished before either MEMIT cell (which wait for it)
+    done = re.findall(r"\n\[\d/5\] (key statistics|edit \S+): ", (tmp_path / "ray.log").read_text())
+    assert sorted(done) == sorted(["key statistics", *(f"edit tinyfacts/{m}-{n}" for m in ("lks", "memit") for n in (2, 4))])
+    assert done.index("key statistics") < min(done.index("edit tinyfacts/memit-2"), done.index("edit tinyfacts/memit-4"))
+    assert "5 of 5 step(s) done" in (tmp_path / "ray.log").read_text()

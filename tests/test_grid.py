@@ -300,15 +300,19 @@ def test_the_plan_orders_every_step_after_what_it_reads(tiny_pair, tmp_path, cac
                    capability_limit={"sst2": 4}, batch_size=4)
     grid = G.Grid(prof, model, tok, data_dir=str(capability_dir), results_dir=tmp_path / "results",
                   editors_dir=tmp_path / "editors", log=lambda m: None)
+    stats = "key statistics"  # MEMIT's and AlphaEdit's shared work
     plan = [(s.name, s.after) for s in grid.plan()]
-    assert plan == [("edit tinyfacts/memit-2", ()), ("edit tinyfacts/alphaedit-2", ("edit tinyfacts/memit-2",)),
-                    ("edit tinyfacts/memit-4", ()), ("capability unedited", ()),
+    assert plan == [(stats, ()), ("edit tinyfacts/memit-2", (stats,)),
+                    ("edit tinyfacts/alphaedit-2", (stats, "edit tinyfacts/memit-2")),
+                    ("edit tinyfacts/memit-4", (stats,)), ("capability unedited", ()),
                     ("capability tinyfacts/memit-4", ("edit tinyfacts/memit-4", "capability unedited")),
-                    ("edit tinyfacts/alphaedit-4", ("edit tinyfacts/memit-4",)),
+                    ("edit tinyfacts/alphaedit-4", (stats, "edit tinyfacts/memit-4")),
                     ("capability tinyfacts/alphaedit-4", ("edit tinyfacts/alphaedit-4", "capability unedited"))]
     grid.run(only=["*/memit-4"])
+    assert (grid.log_path(grid.plan()[0]).name, grid.log_path(G.Step("unedited")).name) == \
+        ("key-statistics.log", "capability-unedited.log")
     plan = [(s.name, s.after) for s in grid.plan()]
-    assert ("edit tinyfacts/alphaedit-4", ()) in plan and ("capability unedited", ()) not in plan
+    assert ("edit tinyfacts/alphaedit-4", (stats,)) in plan and ("capability unedited", ()) not in plan
     assert ("capability tinyfacts/alphaedit-4", ("edit tinyfacts/alphaedit-4",)) in plan
 
 
@@ -322,8 +326,10 @@ def test_each_step_logs_its_progress_to_its_own_file(tiny_pair, tmp_path, cache)
     assert text.index("edit tinyfacts/lks-2: started (pid") < text.index("epoch 1/2: loss") < text.index("epoch 2/2: loss") \
         < text.index("edit tinyfacts/lks-2: finished in")
     assert "target vectors of edits 1-2 of 2" in grid.log_path(G.Step("edit", G.Cell(prof.datasets[0], "memit", 2))).read_text()
-    assert re.fullmatch(r"\[1/2\] edit tinyfacts/lks-2: reliability .* \(\d+ s\); ETA \d\d:\d\d UTC \(about \d+ min\)", lines[2])
-    assert lines[-1].startswith("[2/2] edit tinyfacts/memit-2: reliability") and "ETA" not in lines[-1]
+    assert re.fullmatch(r"\[1/3\] edit tinyfacts/lks-2: reliability .* \(\d+ s\); "
+                        r"ETA \d\d:\d\d UTC \(about \d+ min, for 1 of 2 steps left\)", lines[2])
+    assert lines[4].startswith("[2/3] key statistics: for memit (")
+    assert lines[-1].startswith("[3/3] edit tinyfacts/memit-2: reliability") and "ETA" not in lines[-1]
 
 
 def test_the_eta_scales_edit_steps_by_their_edits():
@@ -446,8 +452,8 @@ def test_cli_lists_the_pending_steps_and_prints_tables(tmp_path, capsys):
     path.write_text(json.dumps({"datasets": ["zsre"], "methods": ["lks", "memit"], "sizes": [10, 100], "capability_n": 100}))
     assert main(["reproduce", "--profile", str(path), "--results", str(tmp_path / "r"), "--list", "--only", "*/memit-*"]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        "edit zsre/memit-10", "edit zsre/memit-100", "capability unedited",
-        "capability zsre/memit-100  after: edit zsre/memit-100, capability unedited"]
+        "key statistics", "edit zsre/memit-10  after: key statistics", "edit zsre/memit-100  after: key statistics",
+        "capability unedited", "capability zsre/memit-100  after: edit zsre/memit-100, capability unedited"]
     assert main(["reproduce", "--profile", str(path), "--results", str(tmp_path / "r"), "--table"]) == 0
     cells, capability = capsys.readouterr().out.split("**General capability**")
     # 2 methods x 2 sizes; the unedited row's 5 tasks and one row per method

@@ -70,6 +70,7 @@ class AlphaEditEditor(MEMITEditor):
     method = "alphaedit"
     label = "AlphaEdit"
     config_class = AlphaEditConfig
+    runs_after = "memit"  # MEMIT's cached target vectors, where the target settings agree
 
     def _solve(self, K: torch.Tensor, R: torch.Tensor, layer: int, C: torch.Tensor,
                prior: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
@@ -107,6 +108,7 @@ class AlphaEditSeqEditor(AlphaEditEditor):
     method = "alphaedit-seq"
     label = "AlphaEdit (seq.)"
     config_class = AlphaEditSeqConfig
+    runs_after = ""  # its targets come from the model the earlier batches edited
 
     def _fit(self, edits: EditSet, progress: bool) -> dict[int, torch.Tensor]:
         cfg, model, tok = self.config, self.model, self.tokenizer

@@ -325,6 +325,12 @@ class MEMITEditor(WeightEditor):
     method = "memit"
     label = "MEMIT"
     config_class = MEMITConfig
+    shared_work = "key statistics"
+
+    def prepare_shared(self, data_dir: str | None = None) -> None:
+        cfg = self.config
+        key_second_moment(self.model, self.tokenizer, list(cfg.layers), cfg.cov_tokens, corpus=cfg.corpus,
+                          data_dir=data_dir, progress=False)
 
     def _solve(self, K: torch.Tensor, R: torch.Tensor, layer: int, C: torch.Tensor,
                prior: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
