@@ -46,6 +46,7 @@ def run_step(grid_kw: dict[str, Any], device: str, threads: int, step: Step, *_a
         model, tok = lks.load_model(profile.model, device=device)
         _WORKER.update(key=key, grid=Grid(profile, model, tok, data_dir=grid_kw["data_dir"],
                                           results_dir=Path(grid_kw["results_dir"]), editors_dir=Path(grid_kw["editors_dir"])))
+    print(f"{step.name}: started", flush=True)  # Ray shows it in the driver's output, with this worker's pid
     return {**_WORKER["grid"].run_step(step), "pid": os.getpid()}
 
 

@@ -346,6 +346,9 @@ def test_the_eta_scales_edit_steps_by_their_edits():
     assert pace.eta(left, workers=2).endswith("(about 19 min)")
     assert pace.eta(left * 3, workers=1).endswith("(about 1.9 h)")  # 6,900 s
     assert pace.eta([]) == ""
+    from lks.utils import to_go
+
+    assert to_go(10.0, 2, 6) == "10 s; about 20 s to go" and to_go(5.0, 0, 4).endswith("about 20 s to go")
 
 
 def test_bad_profiles_are_refused(tmp_path):

@@ -23,6 +23,7 @@ per-layer update is projected onto the null space of the preserved knowledge's k
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,7 @@ from lks.baselines.common import added_weights, down_proj
 from lks.baselines.memit import MEMITConfig, MEMITEditor, context_prefixes
 from lks.baselines.stats import key_second_moment
 from lks.data import EditSet
+from lks.utils import to_go
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,7 @@ class AlphaEditSeqEditor(AlphaEditEditor):
         prefixes = context_prefixes(model, tok, cfg)  # the unedited model's, once
         deltas = {layer: torch.zeros_like(down_proj(model, layer).weight) for layer in cfg.layers}
         prior: dict[int, torch.Tensor] = {}
+        t0 = time.perf_counter()
         for start in range(0, len(edits), cfg.batch_edits):
             batch = EditSet(edits.records[start:start + cfg.batch_edits])
             after = EditSet(edits.records[:start]).checksum() if start else None
@@ -126,6 +129,6 @@ class AlphaEditSeqEditor(AlphaEditEditor):
                 deltas[layer] += step[layer]
                 prior[layer] = prior.get(layer, 0) + keys[layer].double().T @ keys[layer].double()
             self.history.append({"batch": start // cfg.batch_edits, "edits": start + len(batch)})
-            log.info("AlphaEdit batch %d: edits %d-%d of %d", start // cfg.batch_edits, start + 1, start + len(batch),
-                     len(edits))
+            log.info("AlphaEdit batch %d: edits %d-%d of %d (%s)", start // cfg.batch_edits, start + 1, start + len(batch),
+                     len(edits), to_go(time.perf_counter() - t0, start + len(batch), len(edits)))
         return deltas

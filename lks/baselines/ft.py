@@ -41,7 +41,7 @@ from lks.baselines.common import (
 from lks.data import EditSet
 from lks.hooks import layer_output
 from lks.models import model_device
-from lks.utils import length_batches, pad_ids, save_tensors
+from lks.utils import length_batches, pad_ids, save_tensors, to_go
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,8 @@ class FTEditor(WeightEditor):
             nll, moved = self._epoch(batches, delta, opt)
             self.history.append({"step": step, "nll_mean": float(nll.mean()), "nll_max": float(nll.max())})
             bar.set_postfix(nll=f"{float(nll.mean()):.3f}")
-            log.info("FT-L epoch %d/%d: mean target NLL %.3f", step + 1, cfg.steps, float(nll.mean()))
+            log.info("FT-L epoch %d/%d: mean target NLL %.3f (%s)", step + 1, cfg.steps, float(nll.mean()),
+                     to_go(time.perf_counter() - t0, step + 1 - first, cfg.steps - first))
             if not moved:
                 break
             if state is not None:

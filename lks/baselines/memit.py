@@ -51,7 +51,15 @@ from lks.data import EditSet
 from lks.hooks import LayerHooks, StopForward
 from lks.models import model_device, upper_layers_dtype
 from lks.suffix import PrefixKV
-from lks.utils import length_batches, pad_ids, resolve_dtype, resolve_precision, save_tensors, take_rows
+from lks.utils import (
+    length_batches,
+    pad_ids,
+    resolve_dtype,
+    resolve_precision,
+    save_tensors,
+    take_rows,
+    to_go,
+)
 
 log = logging.getLogger(__name__)
 PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You", "It", "In", "A", "When", "She")
@@ -352,12 +360,13 @@ class MEMITEditor(WeightEditor):
         first chunk not yet cached. Each edit's target is optimised on its own rows only (the chunks
         change nothing but the batching: see :func:`target_vectors`). ``after``: the checksum of the
         edits already in the model's weights (a sequential fit), part of the cache key."""
-        out = []
+        out, t0 = [], time.perf_counter()
         for i in range(0, len(edits), TARGET_CHUNK):
             t = time.perf_counter()
             out.append(self._chunk_targets(EditSet(edits.records[i:i + TARGET_CHUNK]), layer, prefixes, progress, after))
-            log.info("target vectors of edits %d-%d of %d (%s, %.0f s)", i + 1, i + len(out[-1]), len(edits),
-                     self.history[-1].get("targets", "optimised") if self.history else "optimised", time.perf_counter() - t)
+            log.info("target vectors of edits %d-%d of %d (%s, %.0f s; all chunks so far %s)", i + 1, i + len(out[-1]),
+                     len(edits), self.history[-1].get("targets", "optimised") if self.history else "optimised",
+                     time.perf_counter() - t, to_go(time.perf_counter() - t0, i + len(out[-1]), len(edits)))
         return torch.cat(out)
 
     def _chunk_targets(self, edits: EditSet, layer: int, prefixes: Sequence[str], progress: bool,
