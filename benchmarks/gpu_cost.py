@@ -5,7 +5,10 @@
     python benchmarks/gpu_cost.py --shape tiny --device cpu --edits 8 16         # the CPU variant (tests/test_benchmarks.py)
 
 Runs from this checkout on a machine with no network and no data: torch and transformers, plus
-lks's own small dependencies (numpy, safetensors, tqdm, pyahocorasick, rapidfuzz). The model is
+the lks dependencies its import chain reaches (pandas with python-dateutil, pytz, tzdata and six;
+pyahocorasick, rapidfuzz; 16 MB of wheels to carry: ``pip download pandas pyahocorasick
+rapidfuzz -d wheels`` here, ``pip install --no-index --find-links wheels pandas pyahocorasick
+rapidfuzz`` there). The model is
 random weights in the shape of a registered model (``SHAPES``; bfloat16 on CUDA, float32 on CPU,
 its vocabulary widened to the tokenizer's where that is larger), fitted with that model's
 registered settings (``lks/configs/<shape>.json``); the tokenizer is the embedded SmolLM2's
