@@ -37,6 +37,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -198,17 +200,19 @@ def measure(model, tok, sizes: list[int], device: str, over: dict) -> dict:
     return out
 
 
-class env:
-    def __init__(self, **kw: str) -> None:
-        self.kw, self.old = kw, {}
-
-    def __enter__(self) -> None:
-        self.old = {k: os.environ.get(k) for k in self.kw}
-        os.environ.update(self.kw)
-
-    def __exit__(self, *exc) -> None:
-        for k, v in self.old.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+@contextmanager
+def env(**kw: str) -> Iterator[None]:
+    """Environment variables set for the block, restored after."""
+    old = {k: os.environ.get(k) for k in kw}
+    os.environ.update(kw)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def project(m: dict, profile, model) -> list[dict]:

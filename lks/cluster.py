@@ -61,6 +61,8 @@ def run(grid: Grid, only: Sequence[str] = (), *, device: str = "auto", address: 
     """
     import ray
 
+    from lks.datadir import data_dir
+
     p = grid.profile
     steps = grid.plan(only)
     if not steps:
@@ -77,8 +79,6 @@ def run(grid: Grid, only: Sequence[str] = (), *, device: str = "auto", address: 
     gpus = p.gpus_per_step if device.startswith("cuda") else 0
     task = ray.remote(run_step).options(num_cpus=p.cpus_per_step, num_gpus=gpus, max_retries=max_retries,
                                         memory=int(p.memory_gib_per_step * 2**30) or None)
-    from lks.datadir import data_dir
-
     grid_kw = {"profile": dataclasses.asdict(p), "data_dir": str(data_dir(grid.data_dir)), "results_dir": str(grid.results_dir),
                "editors_dir": str(grid.editors_dir)}
     refs: dict[str, Any] = {}

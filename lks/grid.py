@@ -239,10 +239,11 @@ class Grid:
                 if shared not in steps:
                     steps.append(shared)
                 after.append(shared.name)
-            if kind == "edit" and cls.runs_after:
-                after += [n for n in [f"edit {Cell(cell.dataset, cls.runs_after, cell.n).name}"] if n in edits]
+            reads = f"edit {Cell(cell.dataset, cls.runs_after, cell.n).name}" if kind == "edit" and cls.runs_after else \
+                f"edit {cell.name}" if kind == "capability" else ""
+            if reads in edits:  # the step whose output this one reads is planned too: wait for it
+                after.append(reads)
             if kind == "capability":
-                after += [n for n in [f"edit {cell.name}"] if n in edits]
                 if unedited is not None:
                     if unedited not in steps:
                         steps.append(unedited)
