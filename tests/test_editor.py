@@ -17,6 +17,7 @@ from lks.data import EditRecord, EditSet, paraphrase_templates, subject_template
 from lks.editor import LKSEditor
 from lks.headloss import head_nll, head_topk_kl
 from lks.training import Trainer
+from lks.training.fastpath import log_tail
 from lks.training.losses import topk_kl
 from lks.utils import pad_ids
 
@@ -478,6 +479,25 @@ def test_prefix_cache_at_the_last_layer_is_a_no_op(tiny_pair):
     editor = LKSEditor(model, tok, EditorConfig(layer=2, generator="residual"))  # 3 layers: nothing above
     hist = editor.fit(tiny_edits(), TrainConfig(**{**TRAIN.__dict__, "epochs": 1, "prefix_cache": True}), progress=False)
     assert len(hist) == 1 and math.isfinite(hist[0]["loss"])
+
+
+@pytest.mark.parametrize("scale", [1.0, 5.0, 20.0])
+def test_log_tail_is_the_log_mass_outside_the_top_k(scale):
+    """log_tail sums the inside mass instead of a logsumexp over the complement (the oracle here);
+    peaked rows (scale 20) leave almost nothing outside, and a row with everything inside gives -inf."""
+    g = torch.Generator().manual_seed(2)
+    lp = torch.log_softmax(torch.randn(32, 5000, generator=g) * scale, -1)
+    _, idx = lp.topk(256, -1)
+    oracle = lp.double().scatter(-1, idx, float("-inf")).logsumexp(-1)
+    got = log_tail(lp, idx)
+    assert got.dtype == lp.dtype
+    # absolute error in probability mass about 1e-6 (the float32 log-softmax's normalisation)
+    assert torch.allclose(got.double().exp(), oracle.exp(), atol=2e-6, rtol=1e-4)
+    big = oracle > -7  # a tail of mass > 9e-4: its log to 0.5%
+    assert big.any() or scale > 10  # peaked rows (scale 20) have no such tail
+    assert torch.allclose(got.double()[big], oracle[big], atol=5e-3)
+    everything = torch.log_softmax(torch.randn(2, 8, generator=g), -1)
+    assert torch.isneginf(log_tail(everything, everything.topk(8, -1).indices)).all()
 
 
 @pytest.mark.parametrize("scale", [1.0, 3.0, 8.0])

@@ -272,8 +272,16 @@ class FastPath:
 
 
 def log_tail(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """log of the probability mass outside ``idx``: ``[n]`` (``-inf`` when nothing is left)."""
-    return logp.scatter(-1, idx, float("-inf")).logsumexp(-1)
+    """log of the probability mass outside ``idx``: ``[n]`` (``-inf`` when nothing is left).
+
+    One minus the mass inside, summed in float64 from the ``k`` gathered log-probs: no pass over
+    the vocabulary (the complement's logsumexp took 8.7 of the 52 s of the layer-L cache at 1,000
+    CounterFact edits). Absolute error about 1e-6 (the float32 log-softmax's normalisation), so a
+    tail of mass 1e-5 or less is rough; its term in the KL is of that size."""
+    if idx.shape[-1] == logp.shape[-1]:  # the whole vocabulary inside (k = vocab in tests): exactly nothing left
+        return logp.new_full(logp.shape[:-1], float("-inf"))
+    inside = logp.gather(-1, idx).double().exp().sum(-1)
+    return torch.log1p(-inside.clamp(max=1.0)).to(logp.dtype)
 
 
 def length_buckets(lens: Sequence[int], k: int) -> list[int]:

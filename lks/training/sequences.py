@@ -17,8 +17,9 @@ from torch import nn
 
 from lks.config import TrainConfig
 from lks.data import EditSet, find_subject, subject_token_index
-from lks.models import model_device
+from lks.models import get_layers, model_device
 from lks.scope import ScopeIndicator
+from lks.training.precision import whole_pass
 from lks.training.prompts import EditPrompts, edit_prompts
 from lks.utils import length_batches, pad_ids
 
@@ -81,26 +82,32 @@ def build_sequences(model: nn.Module, tokenizer: Any, scope: ScopeIndicator, edi
             per_edit[i].append(len(seqs))
             seqs.append(Seq(scope.index_of(subject), kind, list(ids), pos, loss_pos, loss_tgt))
     if cfg.w_after > 0 and cfg.after_tokens > 1:
-        continue_unedited(model, tokenizer, seqs, cfg.after_tokens - 1)
+        continue_unedited(model, tokenizer, seqs, cfg.after_tokens - 1, precision=cfg.precision)
     return per_edit, seqs, skipped
 
 
 @torch.no_grad()
-def continue_unedited(model: nn.Module, tokenizer: Any, seqs: list[Seq], n: int, batch_size: int = 256) -> None:
+def continue_unedited(model: nn.Module, tokenizer: Any, seqs: list[Seq], n: int, batch_size: int = 256,
+                      precision: str = "float32") -> None:
     """Extend every edit and paraphrase sequence ("prompt target") by the unedited model's own
     greedy continuation of up to ``n`` tokens (cut after an end-of-sequence token), and keep the
     KL rows that fall inside the extended sequence: after the target, the edited model should
-    continue as the unedited model continues the same text."""
+    continue as the unedited model continues the same text. The model runs in the fit's
+    ``precision`` (:func:`lks.training.precision.whole_pass`): in bfloat16 the continuation is the
+    one the bfloat16 references of those KL rows (the layer-L cache) predict."""
     todo = [j for j, q in enumerate(seqs) if q.kind != KIND_LOC]
     eos = tokenizer.eos_token_id
-    for b in length_batches([len(seqs[j].ids) for j in todo], batch_size):  # similar lengths: little padding
-        idx = [todo[i] for i in b]
-        for j, new in zip(idx, greedy_tokens(model, [seqs[j].ids for j in idx], n, tokenizer.pad_token_id)):
-            if eos is not None and eos in new:
-                new = new[:new.index(eos) + 1]
-            q = seqs[j]
-            q.ids = q.ids + new
-            q.loss_pos = q.loss_pos[:len(q.loss_tgt)] + [p for p in q.loss_pos[len(q.loss_tgt):] if p < len(q.ids)]
+    with whole_pass(model, precision):
+        new_ids = {}
+        for b in length_batches([len(seqs[j].ids) for j in todo], batch_size):  # similar lengths: little padding
+            idx = [todo[i] for i in b]
+            new_ids.update(zip(idx, greedy_tokens(model, [seqs[j].ids for j in idx], n, tokenizer.pad_token_id)))
+    for j, new in new_ids.items():
+        if eos is not None and eos in new:
+            new = new[:new.index(eos) + 1]
+        q = seqs[j]
+        q.ids = q.ids + new
+        q.loss_pos = q.loss_pos[:len(q.loss_tgt)] + [p for p in q.loss_pos[len(q.loss_tgt):] if p < len(q.ids)]
 
 
 def greedy_tokens(model: nn.Module, ids: list[list[int]], n: int, pad_id: int) -> list[list[int]]:
@@ -115,10 +122,11 @@ def greedy_tokens(model: nn.Module, ids: list[list[int]], n: int, pad_id: int) -
     dev = model_device(model)
     x, mask = pad_ids(ids, pad_id, dev, left=True)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
-    head, cache, out = model.get_output_embeddings(), DynamicCache(), []
+    head, emb, cache, out = model.get_output_embeddings(), model.get_input_embeddings(), DynamicCache(), []
+    dtype = next(get_layers(model)[0].parameters()).dtype  # bfloat16 inside whole_pass; the embeddings keep theirs
     for _ in range(n):
-        h = model.base_model(input_ids=x, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
-        x = head(h.last_hidden_state[:, -1]).argmax(-1, keepdim=True)
+        h = model.base_model(inputs_embeds=emb(x).to(dtype), attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        x = head(h.last_hidden_state[:, -1].to(head.weight.dtype)).argmax(-1, keepdim=True)
         out.append(x)
         mask = torch.cat([mask, mask.new_ones(len(ids), 1)], 1)
         pos = pos[:, -1:] + 1
