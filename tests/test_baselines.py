@@ -355,7 +355,7 @@ def test_target_chunks_share_prefix_rows_and_equal_the_full_pass(tiny_pair):
     """MEMIT's chunks write into one prefix store: rows whose token lists agree up to a prefix
     token share its stored row (oracle: the token tuples), the store holds what each row computes
     alone, and each chunk's suffix pass still equals the plain pass of the upper layers."""
-    from lks.baselines.common import encode_rows, suffix_hidden, suffix_part, upper_hidden
+    from lks.baselines.common import encode_rows, join_rows, suffix_hidden, suffix_part, upper_hidden
     from lks.hooks import layer_output
     from lks.suffix import PrefixKV
     from lks.utils import pad_ids
@@ -388,6 +388,15 @@ def test_target_chunks_share_prefix_rows_and_equal_the_full_pass(tiny_pair):
         full = upper_hidden(model, 1, h, mask, as_tuple)
         for b, (r, pr) in enumerate(zip(chunk, part.rows)):
             assert torch.allclose(fast[b, pr.tgt_pos], full[b, r.tgt_pos], atol=1e-5)
+    # rows joined across the two parts (MEMIT's repacked chunks) run as they did in their own parts
+    (seq_a, a), (seq_b, b) = parts
+    joined = join_rows([(b, 1), (a, 0), (b, 0)])
+    fast = suffix_hidden(model, joined, add[[seq_b[1], seq_a[0], seq_b[0]]], torch.float32)
+    own = {q: (suffix_hidden(model, part, add[seq], torch.float32), k) for seq, part in parts for k, q in enumerate(seq)}
+    for r, q in enumerate([seq_b[1], seq_a[0], seq_b[0]]):
+        out, k = own[q]
+        pos = joined.rows[r].tgt_pos
+        assert torch.allclose(fast[r, pos], out[k, pos], atol=1e-5)
 
 
 def test_batched_targets_equal_one_at_a_time(tiny_pair):
@@ -579,3 +588,31 @@ def test_leverage_is_one_for_free_keys_and_falls_with_the_ridge(tiny_pair):
         delta, info = ed._solve(K, R, 0, C)
         assert info["leverage"] == pytest.approx(want, abs=1e-4)
         assert torch.equal(delta, memit_update(K, R, C, lam))
+
+
+def test_targets_whose_edits_finish_early_equal_one_at_a_time(tiny_pair):
+    """With a stop threshold some edits finish steps before others: their rows leave and the rest run
+    in repacked chunks (one edit per chunk here, so every step repacks). Each target must still be
+    the one its edit reaches alone (float32), and the finished edits must have stopped early."""
+    import dataclasses
+
+    from lks.baselines.memit import context_prefixes, target_vectors
+
+    model, tok = tiny_pair
+    cfg = dataclasses.replace(configs("unused")["memit"][1], z_steps=8, precision="float32", z_lr=2.0,
+                              kl_weight=0.1, weight_decay=0.01, clamp=4.0, batch_rows=3)
+    prefixes = context_prefixes(model, tok, cfg)
+    nll_at_end = []
+    for i in range(len(EDITS)):  # the stop threshold: between the edits' NLLs after a few steps alone
+        hist: list = []
+        target_vectors(model, tok, EDITS[i:i + 1], dataclasses.replace(cfg, stop_nll=0.0), 1, prefixes, False, hist)
+        nll_at_end.append(hist[3]["nll_mean"])
+    assert max(nll_at_end) > min(nll_at_end) * 1.1
+    cfg = dataclasses.replace(cfg, stop_nll=(min(nll_at_end) + max(nll_at_end)) / 2)
+    hist = []
+    both, _ = target_vectors(model, tok, EDITS, cfg, 1, prefixes, False, hist)
+    done = [h["done"] for h in hist]
+    assert 0 < done[3] < len(EDITS), done  # some edits finished at step 3, others ran on
+    for i in range(len(EDITS)):
+        alone, _ = target_vectors(model, tok, EDITS[i:i + 1], cfg, 1, prefixes, progress=False)
+        assert torch.allclose(alone[0], both[i], atol=1e-4)

@@ -369,6 +369,25 @@ def suffix_part(model: nn.Module, layer: int, rows: Sequence[Row], pad_id: int, 
     return SuffixPart(new_rows, hs, m, suffix_positions(starts, Ts, dev), prefix, list(seq), layer, as_tuple)
 
 
+def join_rows(pieces: Sequence[tuple[SuffixPart, int]]) -> SuffixPart:
+    """One :class:`SuffixPart` of rows ``(part, b)`` taken from parts that share a prefix store, each
+    padded only as far as the rows it holds need: an optimisation whose rows finish at different
+    steps runs the rest in full blocks (MEMIT's targets). Rows taken from one part in their order
+    give that part back."""
+    src = pieces[0][0]
+    dev = src.h.device
+    first = [part.prefix.lengths[part.seq[b]] for part, b in pieces]
+    lens = [int(part.mask[b, part.mask.shape[1] - part.h.shape[1]:].sum()) for part, b in pieces]
+    P, Ts = max(first), max(lens)
+    h = torch.zeros(len(pieces), Ts, src.h.shape[-1], device=dev)
+    m = torch.zeros(len(pieces), P + Ts, dtype=torch.long, device=dev)
+    for r, ((part, b), s, n) in enumerate(zip(pieces, first, lens)):
+        h[r, :n] = part.h[b, :n]
+        m[r, P - s:P + n] = 1
+    return SuffixPart([part.rows[b] for part, b in pieces], h, m, suffix_positions(first, Ts, dev), src.prefix,
+                      [part.seq[b] for part, b in pieces], src.layer, src.as_tuple)
+
+
 def suffix_hidden(model: nn.Module, part: SuffixPart, add: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """Final hidden states ``[B, Ts, d]`` of the suffixes with ``add`` ``[B, d]`` added to each
     row's edited token (suffix position 0) in the output of ``part.layer`` (:func:`lks.suffix.suffix_forward`)."""

@@ -37,11 +37,13 @@ from tqdm.auto import tqdm
 from lks.baselines.common import (
     PROJ,
     Row,
+    SuffixPart,
     WeightEditor,
     added_weights,
     chunks,
     down_proj,
     encode_rows,
+    join_rows,
     suffix_hidden,
     suffix_part,
     target_nll,
@@ -153,8 +155,9 @@ def target_vectors(model: nn.Module, tok, edits: EditSet, cfg: MEMITConfig, laye
     edit's subject (plain prompt), by the batched optimisation described in the module docstring.
 
     Each chunk holds whole edits (their context rows and their KL row). An edit whose mean target
-    NLL is below ``stop_nll`` is done: its ``delta`` is frozen and a chunk of done edits is skipped
-    (one edit alone would stop there too, so batching does not change the result)."""
+    NLL is below ``stop_nll`` is done: its ``delta`` is frozen and its rows leave the optimisation;
+    the edits still running are packed into full chunks again at every step (one edit alone would
+    stop there too, so batching does not change the result)."""
     dev = model_device(model)
     n, n_ctx = len(edits), len(prefixes)
     ctx_rows = _edit_rows(tok, edits, prefixes, with_target=True)
@@ -166,7 +169,7 @@ def target_vectors(model: nn.Module, tok, edits: EditSet, cfg: MEMITConfig, laye
     head = model.get_output_embeddings()
     h0 = torch.zeros(n, model.config.hidden_size, device=dev)
     ref = torch.zeros(n, head.weight.shape[0], device=dev)  # unedited log-probs after "{subject} is a"
-    parts = []  # (edits, is_kl [rows], SuffixPart): the lower layers and the prefixes run once
+    parts = []  # SuffixParts of whole edits: the lower layers and the prefixes run once
     # one prefix store for every chunk: the context prefixes are shared by all edits, so their
     # keys/values are stored once (row n_ctx * n + e is edit e's KL row)
     all_rows = ctx_rows + kl_rows
@@ -182,10 +185,19 @@ def target_vectors(model: nn.Module, tok, edits: EditSet, cfg: MEMITConfig, laye
             kl_k = is_kl.nonzero()[:, 0]
             pos = torch.tensor([part.rows[k].tgt_pos[0] for k in kl_k.tolist()], device=dev)
             ref[torch.tensor(group, device=dev)] = torch.log_softmax(head(fin[kl_k, pos]).float(), -1)
-            parts.append((group, is_kl, part))
+            parts.append(part)
+    # each edit's rows, (part, row): its n_ctx context rows, then its KL row
+    ctx_of: list[list[tuple[SuffixPart, int]]] = [[] for _ in range(n)]
+    kl_of: dict[int, tuple[SuffixPart, int]] = {}
+    for part in parts:
+        for b, (row, q) in enumerate(zip(part.rows, part.seq)):
+            if q >= n * n_ctx:
+                kl_of[row.edit] = (part, b)
+            else:
+                ctx_of[row.edit].append((part, b))
     delta = torch.zeros(n, h0.shape[1], device=dev, requires_grad=True)
     with _precision(model, layer, cfg.precision) as dtype:
-        _optimise(model, parts, ref, h0, delta, dtype, cfg, n_ctx, progress, history)
+        _optimise(model, (ctx_of, kl_of, per_chunk), ref, h0, delta, dtype, cfg, n_ctx, progress, history)
     return (h0 + delta).detach(), h0
 
 
@@ -200,9 +212,12 @@ def _precision(model: nn.Module, layer: int, precision: str) -> Iterator[torch.d
         yield dtype
 
 
-def _optimise(model, parts, ref, h0, delta, dtype, cfg: MEMITConfig, n_ctx: int, progress: bool,
+def _optimise(model, rows_of, ref, h0, delta, dtype, cfg: MEMITConfig, n_ctx: int, progress: bool,
               history: list | None) -> None:
-    """The Adam loop of :func:`target_vectors` (``delta`` is updated in place)."""
+    """The Adam loop of :func:`target_vectors` (``delta`` is updated in place). ``rows_of``: each
+    edit's context rows and KL row (``(part, row)``) and the edits per chunk; every step runs the
+    edits not done yet, ``per_chunk`` at a time."""
+    ctx_of, kl_of, per_chunk = rows_of
     dev, n = h0.device, h0.shape[0]
     head = model.get_output_embeddings()
     opt = torch.optim.Adam([delta], lr=cfg.z_lr)
@@ -210,14 +225,15 @@ def _optimise(model, parts, ref, h0, delta, dtype, cfg: MEMITConfig, n_ctx: int,
     done = torch.zeros(n, dtype=torch.bool, device=dev)
     nll_e = torch.full((n,), float("inf"), device=dev)
     loss_e = torch.full((n,), float("inf"), device=dev)
+    kl_e = torch.zeros(n, device=dev)
     bar = tqdm(range(cfg.z_steps), desc="MEMIT targets", disable=not progress)
     for step in bar:
         opt.zero_grad()
-        kl_e = torch.zeros(n, device=dev)
-        for group, is_kl, part in parts:
+        live = (~done).nonzero()[:, 0].tolist()
+        for group in ([live[k] for k in c] for c in chunks(len(live), per_chunk)):
             g = torch.tensor(group, device=dev)
-            if bool(done[g].all()):
-                continue
+            part = join_rows([piece for e in group for piece in ctx_of[e]] + [kl_of[e] for e in group])
+            is_kl = torch.arange(len(part.rows), device=dev) >= len(group) * n_ctx
             rows = part.rows
             owner = torch.tensor([r.edit for r in rows], device=dev)
             fin = suffix_hidden(model, part, take_rows(delta, owner), dtype).float()  # owners repeat
@@ -233,9 +249,8 @@ def _optimise(model, parts, ref, h0, delta, dtype, cfg: MEMITConfig, n_ctx: int,
                 kl = (logp.exp() * (logp - ref[g])).sum(-1)     # KL(edited || unedited)
             d_norm = delta[g].norm(dim=1)
             decay = cfg.weight_decay * (d_norm ** 2 if cfg.decay_form == "squared" else d_norm) / h_norm[g] ** 2
-            live = (~done[g]).float()  # done edits add nothing (their delta is frozen below)
             loss = nll_g + cfg.kl_weight * kl + decay
-            (live * loss).sum().backward()
+            loss.sum().backward()
             nll_e[g], kl_e[g], loss_e[g] = nll_g.detach(), kl.detach(), loss.detach()
         done |= (nll_e if cfg.stop_on == "nll" else loss_e) < cfg.stop_nll
         if history is not None:
