@@ -223,16 +223,13 @@ def apply_replacement(hidden: torch.Tensor, rep: Replacement) -> torch.Tensor:
 
 @torch.no_grad()
 def layer_output(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 layer: int, *, position_ids: torch.Tensor | None = None, cache: Any = None) -> tuple[torch.Tensor, bool]:
+                 layer: int) -> tuple[torch.Tensor, bool]:
     """Output ``[batch, seq, d]`` of decoder ``layer`` (the layers above it never run), and whether
     the decoder layers return tuples (what :func:`lks.models.skip_lower_layers` must mimic).
 
     When the decoder layers hold another dtype than the input embedding (bfloat16 lower layers
     inside :meth:`lks.training.fastpath.FastPath.lower_pass`, the embedding float32 because the
-    output layer may share it), the embeddings are cast to the layers' dtype. With ``cache`` (a
-    transformers ``Cache`` holding earlier tokens' keys/values of layers ``0..layer``; the mask
-    then covers those tokens too) the tokens attend to them, at ``position_ids``, and the cache
-    receives their keys/values."""
+    output layer may share it), the embeddings are cast to the layers' dtype."""
     inputs: dict[str, torch.Tensor] = {"input_ids": input_ids}
     dtype = next(get_layers(model)[0].parameters()).dtype
     emb = model.get_input_embeddings()
@@ -240,7 +237,7 @@ def layer_output(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
         inputs = {"inputs_embeds": emb(input_ids).to(dtype)}
     with LayerHooks(model, capture=[layer], stop_after_capture=True) as hooks:
         try:
-            model(**inputs, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=cache is not None)
+            model(**inputs, attention_mask=attention_mask, use_cache=False)
         except StopForward:
             pass
     return hooks.captured[layer], bool(hooks.output_is_tuple)

@@ -684,28 +684,6 @@ def test_gated_generator_learns_its_gate_from_the_gate_loss(tiny_pair, tmp_path)
     assert editor.generate(prompts, max_new_tokens=4) != editor.generate(prompts, max_new_tokens=4, edited=False)
 
 
-def test_last_token_states_share_beginnings_and_equal_the_plain_pass(tiny_pair):
-    """lks.training.shared.last_token_states runs a shared beginning once and the rest attending to it; each
-    list's layer-L state at its last token must equal a plain pass over that list alone (oracle:
-    the model run on one list, hooked at the layer)."""
-    from lks.hooks import LayerHooks
-    from lks.training.fastpath import FastPath
-    from lks.training.shared import last_token_states
-
-    model, tok = tiny_pair
-    fast = FastPath(model, tok, layer=1)
-    statement = tok("The mother tongue of Danielle Darrieux is French.")["input_ids"]
-    tails = [tok(t)["input_ids"] for t in (" Toko Yasuda", " The guitar of Toko Yasuda", " Paris", " A")]
-    ids = [statement + t for t in tails]               # share the statement (>= SHARED_MIN tokens)
-    ids += [statement[:3] + tails[0], statement[:3] + tails[1]]  # share only 3 tokens: run plainly
-    ids += [statement, statement + tails[2] + tails[3], tails[1]]  # a list that others begin with; a lone one
-    got = last_token_states(fast, ids, batch_size=8)  # two beginnings of different lengths per batch: left padding
-    for i, x in enumerate(ids):
-        with torch.no_grad(), LayerHooks(model, capture=[1]) as hooks:
-            model(input_ids=torch.tensor([x]))
-        assert torch.allclose(got[i], hooks.captured[1][0, -1], atol=1e-5), i
-
-
 def test_gate_prefixes_put_another_edits_statement_before_the_gate_examples(tiny_pair):
     from lks.data import subject_positions
     from lks.hooks import LayerHooks

@@ -22,7 +22,6 @@ from lks.training.fastpath import Cache, FastPath
 from lks.training.precision import fit_dtype
 from lks.training.prompts import EditPrompts, edit_prompts
 from lks.training.sequences import KIND_LOC, Seq, subject_span
-from lks.training.shared import last_token_states
 from lks.utils import take_rows
 
 
@@ -82,9 +81,11 @@ def gate_examples(fast: FastPath, scope: ScopeIndicator, edits: EditSet, seqs: l
     owner = [blocks.setdefault(tuple(enc["input_ids"][j][:pos[j] + 1]), len(blocks)) for j in keep]
     unique = [list(b) for b in blocks]
     # in the cache's dtype (bfloat16 when the fit runs in it: 10,000 edits x 16 negatives ~ 180 MB)
-    # (the copies behind another edit's statement share that statement's pass: lks.training.shared)
+    found = torch.empty(len(unique), fast.d, dtype=fit_dtype(fast.model, cfg.precision) or torch.float32)
     with fast.lower_pass(cfg.precision):
-        found = last_token_states(fast, unique, batch_size).to(fit_dtype(fast.model, cfg.precision) or torch.float32)
+        for idx, states, mask in fast.lower_batches(unique, batch_size):
+            last = mask.sum(1) - 1  # right-padded: each row's last real token is its subject's last
+            found[torch.tensor(idx)] = states[torch.arange(len(idx), device=states.device), last].to(found.dtype).cpu()
     kb = found[torch.tensor(owner, dtype=torch.long)] if owner else found[:0]
     return GateExamples(kb, torch.tensor([items[j][1] for j in keep], dtype=torch.long),
                         torch.tensor([items[j][2] for j in keep]), skip)
