@@ -57,6 +57,13 @@ class Cache:
     # TrainConfig.prefix_cache: keys/values of layers L+1..N at the tokens before each subject's last
     # token, one row per distinct token prefix; training then runs only each sequence's suffix
     prefix: PrefixKV | None = None
+    first: list[int] = field(default_factory=list)  # first position kept per sequence (the subject's last
+                                                    # token with the prefix cache; empty: all from 0)
+
+    def at(self, j: int, pos: int, n: int = 1) -> torch.Tensor:
+        """Layer-L states ``[n, d]`` of sequence ``j`` at positions ``pos..pos+n-1``."""
+        o = self.offsets[j] + pos - (self.first[j] if self.first else 0)
+        return self.states[o:o + n]
 
 
 class FastPath:
@@ -145,60 +152,66 @@ class FastPath:
     # ---- the one-time cache ------------------------------------------------------------------
     @torch.no_grad()  # not inference_mode: the cache feeds autograd-tracked training steps
     def precompute(self, seqs: list[Seq], cfg: TrainConfig, batch_size: int = 256, progress: bool = True) -> Cache:
-        """Cache layer-L states of every sequence and the reference distributions at its KL rows."""
-        offsets, total = starts(len(s.ids) for s in seqs)
-        # filled in place: one [sum T, d] tensor, never a second copy (10,000 edits: 1.4 GB float32)
-        # stored in the lower pass's dtype (bfloat16 halves the largest cache; the values are bf16 anyway)
-        cache = Cache(torch.zeros(total, self.d, dtype=fit_dtype(self.model, cfg.precision) or torch.float32), offsets)
-        with self.lower_pass(cfg.precision):
-            for idx, states, _ in self.lower_batches([s.ids for s in seqs], batch_size,
-                                                     "cache layer-L states" if progress else None):
-                for row, j in enumerate(idx):
-                    n = len(seqs[j].ids)
-                    cache.states[offsets[j]:offsets[j] + n] = states[row, :n].cpu()
-        # one pass through layers L+1..N (no edit): reference distributions at the KL rows (locality
-        # sequences; after the target with TrainConfig.w_after) and, with prefix_cache, the
-        # keys/values of every sequence's prefix
-        loc = {j for j, s in enumerate(seqs) if len(s.loss_pos) > len(s.loss_tgt)}
+        """Cache layer-L states of every sequence and the reference distributions at its KL rows.
+
+        Each length-sorted batch runs layers ``0..L``, then at once layers ``L+1..N`` on those states
+        (no edit): the reference distributions at the KL rows (locality sequences; after the target
+        with ``TrainConfig.w_after``) and, with ``prefix_cache``, the keys/values of every sequence's
+        prefix. With the prefix cache the steps never read a layer-L state before the subject's last
+        token, so only the states from there on are kept (10,000 CounterFact edits: 46% of the tokens)."""
         # (no upper layers when L is the last layer: nothing to cache)
         prefix_cache = cfg.prefix_cache and self.layer + 1 < len(get_layers(self.model))
-        todo = list(range(len(seqs))) if prefix_cache else sorted(loc)
-        batches = [[todo[i] for i in b] for b in length_batches([len(seqs[j].ids) for j in todo], batch_size)]
-        prefix = PrefixKV.plan([s.ids for s in seqs], [s.subj_pos for s in seqs]) if prefix_cache else None
-        logps, idxs, tails, n_ref = [], [], [], 0
-        with self.upper_pass(cfg.precision):  # the same precision as the training steps: KL 0 for an unchanged block
-            for k, batch in enumerate(tqdm(batches, desc="upper-layer pass (references"
-                                           + (", prefix keys/values)" if prefix_cache else ")"),
-                                           disable=not progress or not batches)):
-                hidden = self.upper_hidden(cache, seqs, batch, None, kv_out=prefix)
-                if k % TRIM_EVERY == TRIM_EVERY - 1:
-                    release_memory(collect=False)
-                at, rows, lbatch = 0, [], []
-                for j in batch:
-                    n, n_nll = len(seqs[j].loss_pos), len(seqs[j].loss_tgt)
-                    if j in loc:
-                        rows.extend(range(at + n_nll, at + n))
-                        lbatch.append(j)
-                    at += n
-                if not rows:
-                    continue
-                lp = torch.log_softmax(self.logits(hidden[torch.tensor(rows, device=hidden.device)]), -1)
-                k = min(cfg.loc_topk, lp.shape[-1])
-                top, ti = lp.topk(k, dim=-1)
-                logps.append(top.cpu())
-                idxs.append(ti.to(torch.int32).cpu())
-                tails.append(log_tail(lp, ti).cpu())
-                for j in lbatch:  # KL rows of sequence j: ref_row[j] onwards, one per KL position
-                    cache.ref_row[j] = n_ref
-                    n_ref += len(seqs[j].loss_pos) - len(seqs[j].loss_tgt)
-        if loc:
-            cache.ref_logp, cache.ref_idx, cache.ref_tail = torch.cat(logps), torch.cat(idxs), torch.cat(tails)
-        cache.prefix = prefix
+        first = [s.subj_pos if prefix_cache else 0 for s in seqs]
+        offsets, total = starts(len(s.ids) - f for s, f in zip(seqs, first))
+        # filled in place: one [sum T, d] tensor, never a second copy, in the lower pass's dtype
+        # (bfloat16 halves the largest cache; the values are bf16 anyway)
+        cache = Cache(torch.zeros(total, self.d, dtype=fit_dtype(self.model, cfg.precision) or torch.float32), offsets,
+                      first=first)
+        loc = {j for j, s in enumerate(seqs) if len(s.loss_pos) > len(s.loss_tgt)}
+        cache.prefix = PrefixKV.plan([s.ids for s in seqs], [s.subj_pos for s in seqs]) if prefix_cache else None
+        refs: list[tuple[torch.Tensor, ...]] = []
+        # the upper pass in the precision of the training steps: KL 0 for an unchanged block
+        with self.lower_pass(cfg.precision), self.upper_pass(cfg.precision):
+            for idx, states, _ in self.lower_batches([s.ids for s in seqs], batch_size,
+                                                     "layer-L states, references" if progress else None):
+                for row, j in enumerate(idx):
+                    cache.states[offsets[j]:offsets[j] + len(seqs[j].ids) - first[j]] = states[row, first[j]:len(seqs[j].ids)].cpu()
+                rows = [r for r, j in enumerate(idx) if prefix_cache or j in loc]
+                if rows:
+                    batch = [idx[r] for r in rows]
+                    hidden = self.upper_hidden(cache, seqs, batch, None, kv_out=cache.prefix, lower=states[rows])
+                    if (got := self._references(hidden, seqs, batch, loc, cfg.loc_topk)) is not None:
+                        refs.append(got)
+        n_ref = 0
+        for *_, lbatch in refs:  # KL rows of sequence j: ref_row[j] onwards, one per KL position
+            for j in lbatch:
+                cache.ref_row[j] = n_ref
+                n_ref += len(seqs[j].loss_pos) - len(seqs[j].loss_tgt)
+        if refs:
+            cache.ref_logp, cache.ref_idx, cache.ref_tail = (torch.cat([r[k] for r in refs]) for k in range(3))
         return cache
+
+    def _references(self, hidden: torch.Tensor, seqs: list[Seq], batch: list[int], loc: set[int], topk: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]] | None:
+        """The unedited top-k log-probs, their token ids and the tail of the KL rows of ``batch``'s
+        sequences in ``loc`` (``hidden``: the upper pass's rows), and those sequences in order;
+        None when none of them has a KL row."""
+        at, rows, lbatch = 0, [], []
+        for j in batch:
+            n, n_nll = len(seqs[j].loss_pos), len(seqs[j].loss_tgt)
+            if j in loc:
+                rows.extend(range(at + n_nll, at + n))
+                lbatch.append(j)
+            at += n
+        if not rows:
+            return None
+        lp = torch.log_softmax(self.logits(hidden[torch.tensor(rows, device=hidden.device)]), -1)
+        top, ti = lp.topk(min(topk, lp.shape[-1]), dim=-1)
+        return top.cpu(), ti.to(torch.int32).cpu(), log_tail(lp, ti).cpu(), lbatch
 
     # ---- layers L+1..N -----------------------------------------------------------------------
     def upper_hidden(self, cache: Cache, seqs: list[Seq], batch: list[int], table: Any, combine: Callable | None = None,
-                     kv_out: PrefixKV | None = None) -> torch.Tensor:
+                     kv_out: PrefixKV | None = None, lower: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states ``[n_positions, d]`` at every ``loss_pos`` of the sequences in ``batch``.
 
         ``table`` (indexable by subject ids, e.g. ``[n_subjects, d]``; may require grad) holds each
@@ -206,7 +219,8 @@ class FastPath:
         unedited model. Layers L+1..N run on the cached layer-L states. When the cache holds prefix
         keys/values, only each sequence's suffix - from the subject's last token on - runs,
         attending to the cached prefix. ``kv_out`` (precompute) receives the prefixes' keys/values
-        from a full pass instead.
+        from a full pass instead, on ``lower``: the batch's layer-L states from position 0
+        (right-padded), which the cache no longer holds before the subject.
         """
         dev = model_device(self.model)
         layers = get_layers(self.model)
@@ -223,8 +237,7 @@ class FastPath:
         mask = torch.zeros(B, P + T, dtype=torch.long, device=dev)
         mask[len(batch):, P] = 1
         for row, (j, s0, n) in enumerate(zip(batch, first, lens)):
-            o = cache.offsets[j] + s0
-            h[row, :n] = cache.states[o:o + n].to(dev)
+            h[row, :n] = (cache.at(j, s0, n) if lower is None else lower[row, s0:s0 + n]).to(dev)
             mask[row, P - s0:P + n] = 1  # prefix left-padded to P, suffix right-padded to T
         first = first + [0] * (B - len(batch))
         if table is not None:

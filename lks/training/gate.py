@@ -99,7 +99,7 @@ def warm_gate(generator: KBGenerator, features: torch.Tensor, cache: Cache, seqs
     measurement, with them 12%; docs/experiments.md, the context-gated generator)."""
     dev = features.device
     rows = [j for j in range(len(seqs)) if j not in gate.skip]
-    kb = torch.cat([torch.stack([cache.states[cache.offsets[j] + seqs[j].subj_pos] for j in rows]), gate.kb])
+    kb = torch.cat([torch.cat([cache.at(j, seqs[j].subj_pos) for j in rows]), gate.kb])
     subj = torch.cat([torch.tensor([seqs[j].subject for j in rows]), gate.subj])
     label = torch.cat([torch.tensor([float(seqs[j].kind != KIND_LOC) for j in rows]), gate.label])
     weight = torch.where(label == 1, 0.5 / label.sum().clamp_min(1), 0.5 / (1 - label).sum().clamp_min(1))
@@ -125,7 +125,7 @@ def gate_loss(generator: KBGenerator, cache: Cache, seqs: list[Seq], batch: list
     examples. ``table`` rows hold ``[change (d), gate feature]`` per subject."""
     dev = model_device(generator)
     batch = [j for j in batch if j not in gate.skip]
-    kb = torch.stack([cache.states[cache.offsets[j] + seqs[j].subj_pos] for j in batch]).float()
+    kb = torch.cat([cache.at(j, seqs[j].subj_pos) for j in batch]).float()
     subj = torch.tensor([seqs[j].subject for j in batch])
     label = torch.tensor([float(seqs[j].kind != KIND_LOC) for j in batch])
     extra = torch.isin(gate.subj, subj)  # the gate-only examples of the batch's subjects

@@ -35,7 +35,7 @@ from lks.utils import save_tensors
 # the modules whose code computes the stored parts (paths relative to the lks package)
 SOURCES = ("data.py", "scope.py", "hooks.py", "models.py", "suffix.py", "training/sequences.py", "training/gate.py",
            "training/prompts.py", "training/fastpath.py", "training/precision.py", "training/stored.py")
-FORMAT = "lks-prepared-3"  # 3: prefix keys/values as a lks.suffix.PrefixKV (rows, index, offsets, lengths)
+FORMAT = "lks-prepared-4"  # 3: prefix keys/values as a lks.suffix.PrefixKV; 4: layer-L states from the subject on (Cache.first)
 
 
 def prepared_dir(model: Any, spec: dict[str, Any]) -> Path | None:
@@ -87,6 +87,7 @@ def load_gate(folder: Path) -> GateExamples | None:
 
 def save_cache(folder: Path, cache: Cache) -> None:
     tensors = {"states": cache.states, "offsets": torch.tensor(cache.offsets, dtype=torch.long),
+               "first": torch.tensor(cache.first, dtype=torch.long),
                "ref_row_seq": torch.tensor(list(cache.ref_row), dtype=torch.long),
                "ref_row_at": torch.tensor(list(cache.ref_row.values()), dtype=torch.long)}
     for name in ("ref_logp", "ref_idx", "ref_tail"):
@@ -107,7 +108,7 @@ def load_cache(folder: Path) -> Cache | None:
     if "kv" in t:
         prefix = PrefixKV(t["kv_index"], t["kv_offsets"].tolist(), t["kv_lengths"].tolist(), t["kv"].shape[0], t["kv"])
     return Cache(t["states"], t["offsets"].tolist(), t.get("ref_logp"), t.get("ref_idx"), t.get("ref_tail"),
-                 dict(zip(t["ref_row_seq"].tolist(), t["ref_row_at"].tolist())), prefix)
+                 dict(zip(t["ref_row_seq"].tolist(), t["ref_row_at"].tolist())), prefix, t["first"].tolist())
 
 
 def remove(folder: Path | None) -> None:
