@@ -28,7 +28,7 @@ def test_task_ints():
 
 def test_train_then_capability(tiny_cli, tmp_path, capsys, capability_dir):
     out = tmp_path / "ed"
-    assert cli.main(["train", "--data", "builtin", "--n", "4", "--layer", "1", "--epochs", "1", "--out", str(out),
+    assert cli.main(["train", "--data", "builtin", "--n", "4", "--layer", "1", "--epochs", "3", "--out", str(out),
                      "--loc-templates", "harvested", "--precision", "float32", "--prefix-cache", "true",
                      "--para-per-edit", "2", "--train-rephrase", "false", "--w-after", "2", "--after-tokens", "3",
                      "--evaluate", "false"]) == 0
@@ -36,7 +36,10 @@ def test_train_then_capability(tiny_cli, tmp_path, capsys, capability_dir):
     assert cfg["train"]["loc_templates"] == "harvested" and cfg["train"]["prefix_cache"] is True
     assert cfg["train"]["para_per_edit"] == 2 and cfg["train"]["train_rephrase"] is False
     assert (cfg["train"]["w_after"], cfg["train"]["after_tokens"]) == (2.0, 3)
-    assert all(h["after"] > 0 for h in cfg["history"])  # the KL after the target is trained
+    # the KL after the target is trained: once the generator has taken a step its block differs
+    # and the term is far above the rounding of an unchanged block's KL (about 1e-8 in epoch 1,
+    # where the generator's change starts at zero; a random tiny model's logits are flat)
+    assert cfg["history"][-1]["after"] > 1e-6 > 10 * abs(cfg["history"][0]["after"])
     capsys.readouterr()
     assert cli.main(["evaluate", "--editor", str(out), "--data", "builtin", "--n", "4", "--fluency-n", "2",
                      "--fluency-tokens", "4"]) == 0
