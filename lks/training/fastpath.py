@@ -1,11 +1,12 @@
 """The fast path of training: the hooked forward pass, reorganised so that a step runs little.
 
 1. every training sequence is run once through layers ``0..L`` (stopping there) and its layer-L
-   output is cached (:meth:`FastPath.precompute`);
-2. the reference (unedited) next-token distributions at the KL positions are computed once from
-   those caches and kept as top-k log-probs plus one tail bucket; with ``TrainConfig.prefix_cache``
-   the upper layers' keys/values of the tokens before each subject are cached too (an edit at the
-   subject's last token cannot change them: attention is causal);
+   output is cached (:meth:`FastPath.precompute`; with ``TrainConfig.prefix_cache`` from the
+   subject's last token on, all a step reads);
+2. in the same batches, the reference (unedited) next-token distributions at the KL positions are
+   computed once from those states and kept as top-k log-probs plus one tail bucket; with
+   ``TrainConfig.prefix_cache`` the upper layers' keys/values of the tokens before each subject
+   are cached too (an edit at the subject's last token cannot change them: attention is causal);
 3. each step writes the generated blocks into the cached states and runs only layers ``L+1..N``
    (:meth:`FastPath.upper_hidden`, ``lks.models.skip_lower_layers``), with the output layer only
    where a loss reads it.
@@ -46,7 +47,8 @@ LENGTH_BUCKETS = 2  # blocks per training step (see step_blocks): fewer, longer 
 
 @dataclass
 class Cache:
-    """Layer-L states of all training sequences, packed as one ``[sum T, d]`` tensor."""
+    """Layer-L states of all training sequences (each from ``first[j]`` on), packed as one ``[sum T, d]``
+    tensor (:meth:`at` reads them), and what the KL losses and the prefix cache need."""
 
     states: torch.Tensor          # [sum_len, d]
     offsets: list[int]            # start of sequence i in ``states``
