@@ -171,7 +171,7 @@ class FastPath:
                       first=first)
         loc = {j for j, s in enumerate(seqs) if len(s.loss_pos) > len(s.loss_tgt)}
         cache.prefix = PrefixKV.plan([s.ids for s in seqs], [s.subj_pos for s in seqs]) if prefix_cache else None
-        refs: list[tuple[torch.Tensor, ...]] = []
+        refs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]] = []  # per batch: see _references
         # the upper pass in the precision of the training steps: KL 0 for an unchanged block
         with self.lower_pass(cfg.precision), self.upper_pass(cfg.precision):
             for idx, states, _ in self.lower_batches([s.ids for s in seqs], batch_size,
