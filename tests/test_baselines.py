@@ -592,15 +592,16 @@ def test_leverage_is_one_for_free_keys_and_falls_with_the_ridge(tiny_pair):
 
 def test_targets_whose_edits_finish_early_equal_one_at_a_time(tiny_pair):
     """With a stop threshold some edits finish steps before others: their rows leave and the rest run
-    in repacked chunks (one edit per chunk here, so every step repacks). Each target must still be
-    the one its edit reaches alone (float32), and the finished edits must have stopped early."""
+    in repacked chunks (both edits start in one chunk; once one is done the other runs on, its rows
+    taken out of that chunk). Each target must still be the one its edit reaches alone (float32),
+    and the finished edit must have stopped early."""
     import dataclasses
 
     from lks.baselines.memit import context_prefixes, target_vectors
 
     model, tok = tiny_pair
     cfg = dataclasses.replace(configs("unused")["memit"][1], z_steps=8, precision="float32", z_lr=2.0,
-                              kl_weight=0.1, weight_decay=0.01, clamp=4.0, batch_rows=3)
+                              kl_weight=0.1, weight_decay=0.01, clamp=4.0, batch_rows=64)
     prefixes = context_prefixes(model, tok, cfg)
     nll_at_end = []
     for i in range(len(EDITS)):  # the stop threshold: between the edits' NLLs after a few steps alone

@@ -52,6 +52,8 @@ class Cache:
 
     states: torch.Tensor          # [sum_len, d]
     offsets: list[int]            # start of sequence i in ``states``
+    first: list[int]              # first position kept of sequence i (its subject's last token with
+                                  # the prefix cache, else 0): ``states`` hold positions first[i]..
     ref_logp: torch.Tensor | None = None   # [n_kl_rows, k] reference log-probs (top-k)
     ref_idx: torch.Tensor | None = None    # [n_kl_rows, k] their token ids
     ref_tail: torch.Tensor | None = None   # [n_kl_rows] log of the remaining probability mass
@@ -59,12 +61,10 @@ class Cache:
     # TrainConfig.prefix_cache: keys/values of layers L+1..N at the tokens before each subject's last
     # token, one row per distinct token prefix; training then runs only each sequence's suffix
     prefix: PrefixKV | None = None
-    first: list[int] = field(default_factory=list)  # first position kept per sequence (the subject's last
-                                                    # token with the prefix cache; empty: all from 0)
 
     def at(self, j: int, pos: int, n: int = 1) -> torch.Tensor:
-        """Layer-L states ``[n, d]`` of sequence ``j`` at positions ``pos..pos+n-1``."""
-        o = self.offsets[j] + pos - (self.first[j] if self.first else 0)
+        """Layer-L states ``[n, d]`` of sequence ``j`` at positions ``pos..pos+n-1`` (``pos >= first[j]``)."""
+        o = self.offsets[j] + pos - self.first[j]
         return self.states[o:o + n]
 
 
@@ -167,8 +167,7 @@ class FastPath:
         offsets, total = starts(len(s.ids) - f for s, f in zip(seqs, first))
         # filled in place: one [sum T, d] tensor, never a second copy, in the lower pass's dtype
         # (bfloat16 halves the largest cache; the values are bf16 anyway)
-        cache = Cache(torch.zeros(total, self.d, dtype=fit_dtype(self.model, cfg.precision) or torch.float32), offsets,
-                      first=first)
+        cache = Cache(torch.zeros(total, self.d, dtype=fit_dtype(self.model, cfg.precision) or torch.float32), offsets, first)
         loc = {j for j, s in enumerate(seqs) if len(s.loss_pos) > len(s.loss_tgt)}
         cache.prefix = PrefixKV.plan([s.ids for s in seqs], [s.subj_pos for s in seqs]) if prefix_cache else None
         refs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]] = []  # per batch: see _references
@@ -181,7 +180,8 @@ class FastPath:
                 rows = [r for r, j in enumerate(idx) if prefix_cache or j in loc]
                 if rows:
                     batch = [idx[r] for r in rows]
-                    hidden = self.upper_hidden(cache, seqs, batch, None, kv_out=cache.prefix, lower=states[rows])
+                    lower = states if len(rows) == len(idx) else states[rows]  # (all of it with the prefix cache)
+                    hidden = self.upper_hidden(cache, seqs, batch, None, kv_out=cache.prefix, lower=lower)
                     if (got := self._references(hidden, seqs, batch, loc, cfg.loc_topk)) is not None:
                         refs.append(got)
         n_ref = 0

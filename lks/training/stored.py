@@ -107,8 +107,8 @@ def load_cache(folder: Path) -> Cache | None:
     prefix = None
     if "kv" in t:
         prefix = PrefixKV(t["kv_index"], t["kv_offsets"].tolist(), t["kv_lengths"].tolist(), t["kv"].shape[0], t["kv"])
-    return Cache(t["states"], t["offsets"].tolist(), t.get("ref_logp"), t.get("ref_idx"), t.get("ref_tail"),
-                 dict(zip(t["ref_row_seq"].tolist(), t["ref_row_at"].tolist())), prefix, t["first"].tolist())
+    return Cache(t["states"], t["offsets"].tolist(), t["first"].tolist(), t.get("ref_logp"), t.get("ref_idx"),
+                 t.get("ref_tail"), dict(zip(t["ref_row_seq"].tolist(), t["ref_row_at"].tolist())), prefix)
 
 
 def remove(folder: Path | None) -> None:
