@@ -389,9 +389,10 @@ class MEMITEditor(WeightEditor):
         from safetensors.torch import load_file
 
         keys = ("z_steps", "z_lr", "clamp", "kl_weight", "weight_decay", "n_prefixes", "prefix_tokens", "stop_nll",
-                "precision", "stop_on", "decay_form", "prefixes", "kl_form")
-        # the thread count is part of the key: bfloat16 sums round differently on another number of
-        # threads, so targets cached by such a run would differ in their last bits (issue 39)
+                "precision", "stop_on", "decay_form", "prefixes", "kl_form", "batch_rows")
+        # the thread count and the rows per pass are part of the key: bfloat16 sums round differently
+        # on another number of threads or in other shapes, so targets cached by such a run would
+        # differ in their last bits (issue 39)
         spec = {"edits": edits.checksum(), "layer": layer, "threads": torch.get_num_threads(),
                 **{k: getattr(self.config, k) for k in keys}}
         if after is not None:
