@@ -77,7 +77,7 @@ def count(args: argparse.Namespace) -> None:
     edits, _ = first_without_conflicts(lks.load_edits("counterfact", data_dir=args.data_dir), args.n)
     spec = model_spec("smollm2-135m")
     scope = ScopeIndicator(list(dict.fromkeys(r.subject for r in edits)))  # no feature pass
-    per_edit, seqs, _ = build_sequences(model, tok, scope, edits, spec.train)
+    per_edit, seqs, _ = build_sequences(tok, scope, edits, spec.train)
     batches = edit_batches(per_edit, seqs, spec.train.batch_size)
     print(f"N={len(edits)} CounterFact edits, {len(seqs)} sequences, {len(batches)} steps per epoch (prefix cache on)")
     for setting in args.settings:
@@ -86,7 +86,9 @@ def count(args: argparse.Namespace) -> None:
         for batch in batches:
             rows = {"nll": 0, "kl": 0}
             for block in step_blocks(seqs, batch, True, n_buckets):  # as batch_loss runs them, prefix cache on
-                run = [len(seqs[j].ids) - seqs[j].subj_pos for j in block]
+                # the continuation after the target is generated later (FastPath.precompute): its
+                # full length counts here (one cut short by an end-of-sequence token is shorter)
+                run = [len(seqs[j].ids) + seqs[j].to_continue - seqs[j].subj_pos for j in block]
                 B, T, P = quantized_shape(len(block), max(run), max(seqs[j].subj_pos for j in block), quanta)
                 blocks.add((B, T, P))
                 tokens.add(B * T)

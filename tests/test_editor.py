@@ -605,7 +605,7 @@ def test_para_per_edit_adds_bank_paraphrases_to_the_equivalence_loss(tiny_pair):
     editor.set_edits(edits)
     counts = {}
     for k in (0, 2):
-        per_edit, seqs, _ = build_sequences(model, tok, editor.scope, edits, TrainConfig(**{**TRAIN.__dict__, "para_per_edit": k}))
+        per_edit, seqs, _ = build_sequences(tok, editor.scope, edits, TrainConfig(**{**TRAIN.__dict__, "para_per_edit": k}))
         counts[k] = [sum(seqs[j].kind == KIND_EQUIV for j in js) for js in per_edit]
     extra = [len(training_paraphrase_prompts(r, 2)) for r in edits]
     assert extra[0] == 2  # "The mother tongue of {} is" is in the shipped bank
@@ -613,7 +613,7 @@ def test_para_per_edit_adds_bank_paraphrases_to_the_equivalence_loss(tiny_pair):
     # train_rephrase=False drops exactly the edit's own rephrases[0], keeps the bank prompts
     held = TrainConfig(**{**TRAIN.__dict__, "para_per_edit": 2, "train_rephrase": False})
     def equiv_ids(cfg):
-        per_edit, seqs, _ = build_sequences(model, tok, editor.scope, edits, cfg)
+        per_edit, seqs, _ = build_sequences(tok, editor.scope, edits, cfg)
         return [sorted(seqs[j].ids for j in js if seqs[j].kind == KIND_EQUIV) for js in per_edit]
 
     with_own = equiv_ids(TrainConfig(**{**TRAIN.__dict__, "para_per_edit": 2}))

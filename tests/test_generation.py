@@ -66,26 +66,57 @@ def after_cfg(**kw) -> TrainConfig:
 
 
 def test_after_target_rows_follow_the_unedited_greedy_continuation(tiny_pair):
-    """With after_tokens = 3 each edit/paraphrase sequence is extended by the unedited model's greedy
-    continuation, and its KL rows are the last target token and the next two positions."""
+    """With after_tokens = 3 each edit/paraphrase sequence is built with 2 tokens pending, and the
+    cache's pass extends it by the unedited model's greedy continuation; its KL rows are the last
+    target token and the next two positions."""
     model, tok = tiny_pair
     editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
     edits = tiny_edits()
     editor.set_edits(edits)
     cfg = after_cfg(after_tokens=3)
-    _, seqs, _ = build_sequences(model, tok, editor.scope, edits, cfg)
-    _, plain, _ = build_sequences(model, tok, editor.scope, edits, TRAIN)
+    _, seqs, _ = build_sequences(tok, editor.scope, edits, cfg)
+    _, plain, _ = build_sequences(tok, editor.scope, edits, TRAIN)
     assert [q.kind for q in seqs] == [q.kind for q in plain]
+    assert [q.to_continue for q in seqs] == [0 if q.kind == KIND_LOC else 2 for q in seqs]
+    editor.fast.precompute(seqs, cfg, progress=False)
     for q, p in zip(seqs, plain):
         if q.kind == KIND_LOC:
             assert q == p
             continue
         assert q.ids[:len(p.ids)] == p.ids and len(q.ids) == len(p.ids) + 2 and q.loss_tgt == p.loss_tgt
+        assert q.to_continue == 0
         last = len(p.ids) - 1  # the target's last token
         assert q.loss_pos == p.loss_pos + [last, last + 1, last + 2]
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([q.ids])).logits[0]
         assert logits[last:-1].argmax(-1).tolist() == q.ids[last + 1:]  # greedy: each new token is the argmax
+
+
+@pytest.mark.parametrize("prefix_cache", [False, True])
+def test_continuation_in_the_cache_pass_caches_what_the_extended_sequences_give(tiny_pair, prefix_cache):
+    """The one-pass continuation (a key/value-cached decode after "prompt target") fills the cache
+    with what the plain precompute of the already extended sequences computes: layer-L states,
+    reference top-k log-probs at every KL row, prefix keys/values."""
+    model, tok = tiny_pair
+    editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
+    edits = tiny_edits()
+    editor.set_edits(edits)
+    cfg = after_cfg(after_tokens=4, prefix_cache=prefix_cache)
+    _, seqs, _ = build_sequences(tok, editor.scope, edits, cfg)
+    fused = editor.fast.precompute(seqs, cfg, batch_size=3, progress=False)  # batches of unequal lengths
+    assert all(q.to_continue == 0 for q in seqs) and any(q.kind != KIND_LOC for q in seqs)
+    plain = editor.fast.precompute(seqs, cfg, progress=False)  # nothing pending now: the full passes
+    assert sorted(fused.ref_row) == sorted(plain.ref_row)
+    for j, q in enumerate(seqs):
+        n = len(q.ids) - fused.first[j]
+        assert (fused.at(j, fused.first[j], n) - plain.at(j, plain.first[j], n)).abs().max().item() < 1e-5
+        if j in fused.ref_row:
+            k = len(q.loss_pos) - len(q.loss_tgt)
+            a, b = fused.ref_row[j], plain.ref_row[j]
+            assert torch.equal(fused.ref_idx[a:a + k], plain.ref_idx[b:b + k])
+            assert (fused.ref_logp[a:a + k] - plain.ref_logp[b:b + k]).abs().max().item() < 1e-4
+    if prefix_cache:
+        assert (fused.prefix.rows - plain.prefix.rows).abs().max().item() < 1e-5
 
 
 def test_after_loss_is_the_kl_of_the_hooked_model_after_the_target(tiny_pair):
@@ -114,3 +145,30 @@ def test_after_loss_is_the_kl_of_the_hooked_model_after_the_target(tiny_pair):
     tr.cfg = dataclasses.replace(cfg, w_after=0.0)
     no_after = {k: v.detach() for k, v in tr.batch_loss(list(range(len(seqs)))).items()}
     assert float(losses["total"] - no_after["total"]) == pytest.approx(float(losses["after"]), abs=1e-5)
+
+
+def test_continuation_stops_after_an_end_of_sequence_token(tiny_pair, monkeypatch):
+    """A continuation is cut after the end-of-sequence token, its KL rows with it, and the cache
+    still equals the plain precompute of the cut sequences."""
+    model, tok = tiny_pair
+    editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
+    edits = tiny_edits()
+    editor.set_edits(edits)
+    cfg = after_cfg(after_tokens=4)
+    _, seqs, _ = build_sequences(tok, editor.scope, edits, cfg)
+    j = next(i for i, q in enumerate(seqs) if q.kind != KIND_LOC)
+    n0, before = len(seqs[j].ids), [dataclasses.replace(q) for q in seqs]
+    editor.fast.precompute(seqs, cfg, progress=False)
+    eos = seqs[j].ids[n0 + 1]  # the second token the unedited model appends to sequence j
+    assert eos not in seqs[j].ids[:n0 + 1]
+    monkeypatch.setattr(type(tok), "eos_token_id", property(lambda self: eos), raising=False)
+    seqs = before
+    fused = editor.fast.precompute(seqs, cfg, progress=False)
+    assert len(seqs[j].ids) == n0 + 2 and seqs[j].ids[-1] == eos
+    assert seqs[j].loss_pos[len(seqs[j].loss_tgt):] == [n0 - 1, n0, n0 + 1]  # 3 of the 4 KL rows are left
+    plain = editor.fast.precompute(seqs, cfg, progress=False)
+    for i, q in enumerate(seqs):
+        n = len(q.ids) - fused.first[i]
+        assert (fused.at(i, fused.first[i], n) - plain.at(i, plain.first[i], n)).abs().max().item() < 1e-5
+    k = 3
+    assert (fused.ref_logp[fused.ref_row[j]:][:k] - plain.ref_logp[plain.ref_row[j]:][:k]).abs().max().item() < 1e-4

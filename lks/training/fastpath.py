@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from lks.config import TrainConfig
 from lks.headloss import pad_rows
-from lks.hooks import Replacement, apply_replacement, layer_output
+from lks.hooks import LayerHooks, Replacement, apply_replacement, layer_output
 from lks.models import (
     get_layers,
     lower_layers_dtype,
@@ -160,21 +160,27 @@ class FastPath:
         (no edit): the reference distributions at the KL rows (locality sequences; after the target
         with ``TrainConfig.w_after``) and, with ``prefix_cache``, the keys/values of every sequence's
         prefix. With the prefix cache the steps never read a layer-L state before the subject's last
-        token, so only the states from there on are kept (10,000 CounterFact edits: 46% of the tokens)."""
+        token, so only the states from there on are kept (10,000 CounterFact edits: 46% of the tokens).
+        Sequences with a pending continuation (``Seq.to_continue``) are extended here, in the same
+        pass (:func:`continue_and_cache`)."""
         # (no upper layers when L is the last layer: nothing to cache)
         prefix_cache = cfg.prefix_cache and self.layer + 1 < len(get_layers(self.model))
         first = [s.subj_pos if prefix_cache else 0 for s in seqs]
-        offsets, total = starts(len(s.ids) - f for s, f in zip(seqs, first))
+        # room for each pending continuation (Seq.to_continue): generated in this pass, see continue_and_cache
+        offsets, total = starts(len(s.ids) + s.to_continue - f for s, f in zip(seqs, first))
         # filled in place: one [sum T, d] tensor, never a second copy, in the lower pass's dtype
         # (bfloat16 halves the largest cache; the values are bf16 anyway)
         cache = Cache(torch.zeros(total, self.d, dtype=fit_dtype(self.model, cfg.precision) or torch.float32), offsets, first)
         loc = {j for j, s in enumerate(seqs) if len(s.loss_pos) > len(s.loss_tgt)}
         cache.prefix = PrefixKV.plan([s.ids for s in seqs], [s.subj_pos for s in seqs]) if prefix_cache else None
         refs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]] = []  # per batch: see _references
+        todo = [j for j, s in enumerate(seqs) if s.to_continue]
+        done = [j for j, s in enumerate(seqs) if not s.to_continue]
         # the upper pass in the precision of the training steps: KL 0 for an unchanged block
         with self.lower_pass(cfg.precision), self.upper_pass(cfg.precision):
-            for idx, states, _ in self.lower_batches([s.ids for s in seqs], batch_size,
+            for sub, states, _ in self.lower_batches([seqs[j].ids for j in done], batch_size,
                                                      "layer-L states, references" if progress else None):
+                idx = [done[i] for i in sub]
                 for row, j in enumerate(idx):
                     cache.states[offsets[j]:offsets[j] + len(seqs[j].ids) - first[j]] = states[row, first[j]:len(seqs[j].ids)].cpu()
                 rows = [r for r, j in enumerate(idx) if prefix_cache or j in loc]
@@ -184,6 +190,8 @@ class FastPath:
                     hidden = self.upper_hidden(cache, seqs, batch, None, kv_out=cache.prefix, lower=lower)
                     if (got := self._references(hidden, seqs, batch, loc, cfg.loc_topk)) is not None:
                         refs.append(got)
+            if todo:
+                refs += continue_and_cache(self, cache, seqs, todo, batch_size, cfg.loc_topk)
         n_ref = 0
         for *_, lbatch in refs:  # KL rows of sequence j: ref_row[j] onwards, one per KL position
             for j in lbatch:
@@ -284,6 +292,83 @@ class FastPath:
     def upper_logits(self, cache: Cache, seqs: list[Seq], batch: list[int], table: Any, combine: Callable | None = None) -> torch.Tensor:
         """Logits ``[n_positions, vocab]`` (float32) at every ``loss_pos`` of the sequences in ``batch``."""
         return self.logits(self.upper_hidden(cache, seqs, batch, table, combine))
+
+
+@torch.no_grad()
+def continue_and_cache(fast: FastPath, cache: Cache, seqs: list[Seq], todo: list[int], batch_size: int,
+                       topk: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]]:
+    """The unedited model's continuation after the target, generated inside the layer-L cache's pass.
+
+    Extends the sequences ``todo`` (each ``to_continue`` > 0) by the unedited model's greedy
+    continuation (cut after an end-of-sequence token; KL rows past the end dropped) and fills their
+    part of ``cache``: layer-L states from ``cache.first[j]`` on (the caller allocates room for the
+    whole continuation), prefix keys/values, references. Returns the references per batch as
+    :meth:`FastPath._references` gives them. Call inside the precompute's precision passes.
+
+    Why in the cache's pass: the cache needs the layer-L states, references and prefix keys/values
+    of the very tokens the continuation's generation runs the model over, so one pass
+    (:func:`greedy_pass`) gives both; before, the continuation was a pass of its own and the cache
+    ran a second one over the extended sequences."""
+    tok, dev, refs = fast.tokenizer, model_device(fast.model), []
+    for idx in length_batches([len(seqs[j].ids) for j in todo], batch_size):
+        batch = [todo[i] for i in idx]
+        put = (lambda kv, batch=batch: cache.prefix.put(batch, kv)) if cache.prefix is not None else None
+        tokens, states, finals, lens = greedy_pass(fast, [seqs[j].ids for j in batch],
+                                                   max(seqs[j].to_continue for j in batch), put)
+        T, hidden = max(lens), []  # the padded width
+        for r, j in enumerate(batch):
+            q, n0 = seqs[j], lens[r]
+            got = tokens[r][:q.to_continue]
+            if tok.eos_token_id is not None and tok.eos_token_id in got:
+                got = got[:got.index(tok.eos_token_id) + 1]
+            q.ids = q.ids + got
+            q.loss_pos = q.loss_pos[:len(q.loss_tgt)] + [p for p in q.loss_pos[len(q.loss_tgt):] if p < len(q.ids)]
+            q.to_continue = 0
+            # position p of row r: column p of the first forward when p < its length n0, else T + (p - n0)
+            col = torch.tensor([p if p < n0 else T + p - n0 for p in range(len(q.ids))], device=dev)
+            o, f = cache.offsets[j], cache.first[j]
+            cache.states[o:o + len(q.ids) - f] = states[r, col[f:]].cpu()
+            hidden.append(finals[r, col[torch.tensor(q.loss_pos, device=dev)]])
+        if (got := fast._references(torch.cat(hidden), seqs, batch, set(todo), topk)) is not None:
+            refs.append(got)
+    return refs
+
+
+def greedy_pass(fast: FastPath, ids: list[list[int]], n: int, put_kv: Callable | None = None
+                ) -> tuple[list[list[int]], torch.Tensor, torch.Tensor, list[int]]:
+    """The unedited model over token lists (right-padded to ``T``), then ``n`` greedy tokens one at a
+    time with a key/value cache: ``(new tokens per row, layer-L outputs [B, T + n, d], final hidden
+    states [B, T + n, d], lengths)``. Column ``T + s`` holds step ``s``'s token (fed at its row's
+    true position ``length + s``; the padding between stays masked); the greedy token is the
+    argmax of :meth:`FastPath.logits` on the final state before it. ``put_kv`` receives the
+    upper layers' keys/values of the first forward (:func:`lks.suffix.upper_keys_values`)."""
+    from transformers import DynamicCache
+
+    model, L = fast.model, fast.layer
+    dev, emb = model_device(model), model.get_input_embeddings()
+    dtype = next(get_layers(model)[0].parameters()).dtype  # bfloat16 inside lower_pass; the embeddings keep theirs
+    x, mask = pad_ids(ids, fast.tokenizer.pad_token_id, dev)
+    lens = mask.sum(1)
+    states, finals, new, past = [], [], [], DynamicCache()
+    with LayerHooks(model, capture=[L]) as hooks:
+        # positions 0..T-1 on every row (right padding), as in the cache's other passes
+        out = model.base_model(inputs_embeds=emb(x).to(dtype), attention_mask=mask, cache=past, use_cache=True)
+        fast.as_tuple = bool(hooks.output_is_tuple)
+        if put_kv is not None:
+            put_kv(upper_keys_values(past, model, L))
+        last, pos = out.last_hidden_state[torch.arange(len(ids), device=dev), lens - 1], lens[:, None]
+        for step in range(n + 1):
+            states.append(hooks.captured[L])
+            finals.append(out.last_hidden_state)
+            if step == n:
+                break
+            new.append(fast.logits(last).argmax(-1, keepdim=True))
+            mask = torch.cat([mask, mask.new_ones(len(ids), 1)], 1)
+            out = model.base_model(inputs_embeds=emb(new[-1]).to(dtype), attention_mask=mask, position_ids=pos,
+                                   cache=past, use_cache=True)
+            last, pos = out.last_hidden_state[:, -1], pos + 1
+    tokens = torch.cat(new, 1).tolist() if new else [[] for _ in ids]
+    return tokens, torch.cat(states, 1), torch.cat(finals, 1), lens.tolist()
 
 
 def log_tail(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,9 @@ Each edit contributes its prompt followed by the new target (NLL on the target t
 that rephrase it (same NLL: the equivalence loss) and prompts about the same subject with other
 relations (KL against the unedited model: the locality loss). With ``TrainConfig.w_after`` the
 edit and paraphrase sequences are extended by the unedited model's own continuation, and the KL
-also covers those positions (so free generation does not repeat the new object).
+also covers those positions (so free generation does not repeat the new object): the sequences
+built here mark it pending (``Seq.to_continue``) and the layer-L cache's pass generates it
+(:func:`lks.training.fastpath.continue_and_cache`).
 """
 
 from __future__ import annotations
@@ -12,16 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import nn
-
 from lks.config import TrainConfig
 from lks.data import EditSet, find_subject, subject_token_index
-from lks.models import get_layers, model_device
 from lks.scope import ScopeIndicator
-from lks.training.precision import whole_pass
 from lks.training.prompts import EditPrompts, edit_prompts
-from lks.utils import length_batches, pad_ids
+from lks.utils import length_batches
 
 KIND_EDIT, KIND_EQUIV, KIND_LOC = 0, 1, 2
 
@@ -38,9 +35,11 @@ class Seq:
                             # len(loss_tgt) are NLL rows, the rest KL rows against the unedited model
                             # (locality sequences: all; edit/paraphrase ones: after the target)
     loss_tgt: list[int]     # target token ids for NLL (empty for locality sequences)
+    to_continue: int = 0    # greedy tokens of the unedited model still to append (FastPath.precompute
+                            # generates them; loss_pos already lists the KL rows they will hold)
 
 
-def build_sequences(model: nn.Module, tokenizer: Any, scope: ScopeIndicator, edits: EditSet, cfg: TrainConfig,
+def build_sequences(tokenizer: Any, scope: ScopeIndicator, edits: EditSet, cfg: TrainConfig,
                     prompts: list[EditPrompts] | None = None) -> tuple[list[list[int]], list[Seq], dict[str, int]]:
     """Tokenise the training sequences of ``edits``: ``(per-edit sequence ids, sequences, skipped
     counts)``; ``prompts``: each edit's training prompts (default: :func:`lks.training.prompts.edit_prompts`)."""
@@ -80,57 +79,9 @@ def build_sequences(model: nn.Module, tokenizer: Any, scope: ScopeIndicator, edi
                 if cfg.w_after > 0:  # KL rows: what follows the target (see TrainConfig.after_tokens)
                     loss_pos += list(range(tgt[-1], tgt[-1] + cfg.after_tokens))
             per_edit[i].append(len(seqs))
-            seqs.append(Seq(scope.index_of(subject), kind, list(ids), pos, loss_pos, loss_tgt))
-    if cfg.w_after > 0 and cfg.after_tokens > 1:
-        continue_unedited(model, tokenizer, seqs, cfg.after_tokens - 1, precision=cfg.precision)
+            pending = cfg.after_tokens - 1 if kind != KIND_LOC and cfg.w_after > 0 else 0
+            seqs.append(Seq(scope.index_of(subject), kind, list(ids), pos, loss_pos, loss_tgt, pending))
     return per_edit, seqs, skipped
-
-
-@torch.no_grad()
-def continue_unedited(model: nn.Module, tokenizer: Any, seqs: list[Seq], n: int, batch_size: int = 256,
-                      precision: str = "float32") -> None:
-    """Extend every edit and paraphrase sequence ("prompt target") by the unedited model's own
-    greedy continuation of up to ``n`` tokens (cut after an end-of-sequence token), and keep the
-    KL rows that fall inside the extended sequence: after the target, the edited model should
-    continue as the unedited model continues the same text. The model runs in the fit's
-    ``precision`` (:func:`lks.training.precision.whole_pass`): in bfloat16 the continuation is the
-    one the bfloat16 references of those KL rows (the layer-L cache) predict."""
-    todo = [j for j, q in enumerate(seqs) if q.kind != KIND_LOC]
-    eos = tokenizer.eos_token_id
-    with whole_pass(model, precision):
-        new_ids = {}
-        for b in length_batches([len(seqs[j].ids) for j in todo], batch_size):  # similar lengths: little padding
-            idx = [todo[i] for i in b]
-            new_ids.update(zip(idx, greedy_tokens(model, [seqs[j].ids for j in idx], n, tokenizer.pad_token_id)))
-    for j, new in new_ids.items():
-        if eos is not None and eos in new:
-            new = new[:new.index(eos) + 1]
-        q = seqs[j]
-        q.ids = q.ids + new
-        q.loss_pos = q.loss_pos[:len(q.loss_tgt)] + [p for p in q.loss_pos[len(q.loss_tgt):] if p < len(q.ids)]
-
-
-def greedy_tokens(model: nn.Module, ids: list[list[int]], n: int, pad_id: int) -> list[list[int]]:
-    """The ``n`` greedy next tokens after each token list, in one left-padded batch with a
-    key/value cache; the output layer runs only at each step's last position (``generate``
-    computes it at every prompt position). With length-sorted batches of 256 instead of
-    ``generate`` on batches of 64 in data order, the training sequences of 1,000 CounterFact edits
-    took 67 s instead of 117 (benchmarks/README.md, bench_memory), the same tokens (tests compare
-    with a plain forward pass)."""
-    from transformers import DynamicCache
-
-    dev = model_device(model)
-    x, mask = pad_ids(ids, pad_id, dev, left=True)
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    head, emb, cache, out = model.get_output_embeddings(), model.get_input_embeddings(), DynamicCache(), []
-    dtype = next(get_layers(model)[0].parameters()).dtype  # bfloat16 inside whole_pass; the embeddings keep theirs
-    for _ in range(n):
-        h = model.base_model(inputs_embeds=emb(x).to(dtype), attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
-        x = head(h.last_hidden_state[:, -1].to(head.weight.dtype)).argmax(-1, keepdim=True)
-        out.append(x)
-        mask = torch.cat([mask, mask.new_ones(len(ids), 1)], 1)
-        pos = pos[:, -1:] + 1
-    return torch.cat(out, 1).tolist() if out else [[] for _ in ids]
 
 
 def subject_span(scope: ScopeIndicator | None, prompt: str, subject: str) -> tuple[int, int] | None:

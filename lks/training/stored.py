@@ -1,8 +1,8 @@
 """A fit's prepared training set on disk, so that a resumed fit skips its preparation.
 
 Preparing a 10,000-edit fit of the SmolLM2-135M recipe takes about two hours on one CPU thread
-(200 CounterFact edits, one thread: sequences with the unedited model's continuations 74 s, gate
-examples 50 s, layer-L cache 33 s), as long as several epochs; without this a fit resumed from its
+(200 CounterFact edits, one thread, 2026-11: sequences with the unedited model's continuations 74
+s, gate examples 50 s, layer-L cache 33 s; the continuations are now part of the cache's pass), as long as several epochs; without this a fit resumed from its
 last epoch would redo all of it. With a checkpoint directory, :meth:`lks.LKSEditor.fit` keeps the
 three parts under ``<lks cache dir>/prepared/<key>/``, each written (atomically) as soon as it is
 ready, and deletes the folder when training ends.
@@ -35,7 +35,9 @@ from lks.utils import save_tensors
 # the modules whose code computes the stored parts (paths relative to the lks package)
 SOURCES = ("data.py", "scope.py", "hooks.py", "models.py", "suffix.py", "training/sequences.py", "training/gate.py",
            "training/prompts.py", "training/fastpath.py", "training/precision.py", "training/stored.py")
-FORMAT = "lks-prepared-4"  # 3: prefix keys/values as a lks.suffix.PrefixKV; 4: layer-L states from the subject on (Cache.first)
+# 3: prefix keys/values as a lks.suffix.PrefixKV; 4: layer-L states from the subject on (Cache.first);
+# 5: the continuations after the target generated in the cache's pass (sequences saved again with the cache)
+FORMAT = "lks-prepared-5"
 
 
 def prepared_dir(model: Any, spec: dict[str, Any]) -> Path | None:

@@ -148,12 +148,16 @@ class Trainer:
         prompts = edit_prompts(edits, cfg)  # the training sequences and the gate examples read the same prompts
         self.per_edit, self.seqs, self.skipped = _stored(
             store, stored.load_sequences, lambda folder, got: stored.save_sequences(folder, *got),
-            lambda: build_sequences(ed.model, ed.tokenizer, ed.scope, edits, cfg, prompts), lambda got: f"{len(got[1])} training sequences", self.phases, "sequences")
+            lambda: build_sequences(ed.tokenizer, ed.scope, edits, cfg, prompts), lambda got: f"{len(got[1])} training sequences", self.phases, "sequences")
         if ed.generator.has_gate:
             self.gate = _stored(store, stored.load_gate, stored.save_gate,
                                 lambda: gate_examples(self.fast, ed.scope, edits, self.seqs, cfg, prompts),
                                 lambda got: f"{len(got.label)} gate examples", self.phases, "gate")
-        self.cache = _stored(store, stored.load_cache, stored.save_cache,
+        # the cache's pass appends the continuations to the sequences (Seq.to_continue): they are
+        # written again, before the cache, so a stored cache always finds its extended sequences
+        self.cache = _stored(store, stored.load_cache,
+                             lambda folder, got: (stored.save_sequences(folder, self.per_edit, self.seqs, self.skipped),
+                                                  stored.save_cache(folder, got)),
                              lambda: self.fast.precompute(self.seqs, cfg, batch_size, progress),
                              lambda got: f"layer-L cache of {len(got.states)} tokens", self.phases, "cache")
         if cfg.val_edits:

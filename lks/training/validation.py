@@ -72,7 +72,7 @@ class Validation:
         sub = EditSet([edits[i] for i in picked])
         # no continuation after the target: validation reads only the target and locality rows
         plain = dataclasses.replace(cfg, w_after=0.0)
-        _, seqs, _ = build_sequences(fast.model, fast.tokenizer, scope, sub, plain, validation_prompts(sub, cfg))
+        _, seqs, _ = build_sequences(fast.tokenizer, scope, sub, plain, validation_prompts(sub, cfg))
         seqs = [q for q in seqs if q.kind in (KIND_EQUIV, KIND_LOC)]
         if not seqs:
             return None
