@@ -339,14 +339,18 @@ def greedy_pass(fast: FastPath, ids: list[list[int]], n: int, put_kv: Callable |
     """The unedited model over token lists (right-padded to ``T``), then ``n`` greedy tokens one at a
     time with a key/value cache: ``(new tokens per row, layer-L outputs [B, T + n, d], final hidden
     states [B, T + n, d], lengths)``. Column ``T + s`` holds step ``s``'s token (fed at its row's
-    true position ``length + s``; the padding between stays masked); the greedy token is the
-    argmax of :meth:`FastPath.logits` on the final state before it. ``put_kv`` receives the
-    upper layers' keys/values of the first forward (:func:`lks.suffix.upper_keys_values`)."""
+    true position ``length + s``; the padding between stays masked). The greedy tokens come from
+    the model's own output layer (float32 logits, as the model generates), not from the bfloat16
+    copy the references use: with that copy 864 of 7,663 sequences of 1,000 CounterFact edits
+    differed from a float32 fit's, with the model's own 515 (as with the separate continuation pass
+    before, 513). ``put_kv`` receives the upper layers' keys/values of the first forward
+    (:func:`lks.suffix.upper_keys_values`)."""
     from transformers import DynamicCache
 
     model, L = fast.model, fast.layer
     dev, emb = model_device(model), model.get_input_embeddings()
     dtype = next(get_layers(model)[0].parameters()).dtype  # bfloat16 inside lower_pass; the embeddings keep theirs
+    head = model.get_output_embeddings()  # in the model's dtype: the tokens of float32 logits
     x, mask = pad_ids(ids, fast.tokenizer.pad_token_id, dev)
     lens = mask.sum(1)
     states, finals, new, past = [], [], [], DynamicCache()
@@ -362,7 +366,7 @@ def greedy_pass(fast: FastPath, ids: list[list[int]], n: int, put_kv: Callable |
             finals.append(out.last_hidden_state)
             if step == n:
                 break
-            new.append(fast.logits(last).argmax(-1, keepdim=True))
+            new.append(head(last.to(head.weight.dtype)).argmax(-1, keepdim=True))
             mask = torch.cat([mask, mask.new_ones(len(ids), 1)], 1)
             out = model.base_model(inputs_embeds=emb(new[-1]).to(dtype), attention_mask=mask, position_ids=pos,
                                    cache=past, use_cache=True)
