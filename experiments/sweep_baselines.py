@@ -20,7 +20,6 @@ import dataclasses
 import json
 import os
 import resource
-import subprocess
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ import torch
 import lks
 from lks.methods import editor_class
 from lks.metrics import UneditedMemo, evaluate_edits
+from lks.utils import git_state
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("reliability", "efficacy", "generality", "generality_seen", "generality_paraphrase_form", "paraphrase_success",
@@ -50,9 +50,7 @@ edits, _ = lks.load_edits(args.data, data_dir=args.data_dir)[args.start:args.sta
 cls = editor_class(args.method)
 base = cls(model, tok).config
 memo = UneditedMemo()
-commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                            capture_output=True, text=True).stdout.strip())
+state = git_state(REPO)  # the code each point ran (its modules are imported at the start)
 for point in args.set or [[]]:
     over = {k: json.loads(v) for k, v in (item.split("=", 1) for item in point)}
     cfg = type(base)(**{**dataclasses.asdict(base), **over})
@@ -60,7 +58,7 @@ for point in args.set or [[]]:
     editor.fit(edits, progress=False)
     _, s = evaluate_edits(editor, edits[:args.eval_n] if args.eval_n else edits, memo=memo)
     line = {"method": args.method, "data": args.data, "records": [args.start, args.start + args.n],
-            "evaluated": s["n_edits"], "set": over, "commit": commit, "dirty": dirty,
+            "evaluated": s["n_edits"], "set": over, **state,
             "threads": torch.get_num_threads(),
             **{k: round(s[k], 4) for k in KEYS if k in s}, "fit_seconds": round(editor.fit_seconds, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),

@@ -235,12 +235,13 @@ def _git(root: Path, *args: str) -> str | None:
 
 def git_state(root: str | os.PathLike | None = None) -> dict[str, Any]:
     """The commit of the checkout ``root`` (default: the one holding ``lks``) and whether files (tracked, or untracked and
-    not ignored) outside ``notebooks/``, ``results/`` and ``figures/`` (which a notebook run rewrites) and ``runs/`` (a
-    running grid's carried state) differ from it."""
+    not ignored) outside ``notebooks/``, ``results/`` and ``figures/`` (which a notebook run rewrites), ``runs/`` (a
+    running grid's carried state) and ``benchmarks/results/`` (the records benchmarks write) differ from it."""
     root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
     commit = _git(root, "rev-parse", "HEAD")
     changed = _git(root, "status", "--porcelain", "--", ".",
-                   ":(exclude)notebooks", ":(exclude)results", ":(exclude)figures", ":(exclude)runs")
+                   ":(exclude)notebooks", ":(exclude)results", ":(exclude)figures", ":(exclude)runs",
+                   ":(exclude)benchmarks/results")
     return {"commit": commit, "dirty": None if changed is None else bool(changed)}
 
 
