@@ -215,7 +215,7 @@ class NaiveLoop:
                 losses["loc_full"] = (ref_lp.exp() * (ref_lp - torch.log_softmax(ed, -1))).sum(-1).mean()
             if kl in ("topk", "both"):
                 top, idx = ref_lp.topk(min(cfg.loc_topk, ref_lp.shape[-1]), dim=-1)
-                losses["loc_topk"] = topk_kl(top, idx, log_tail(ref_lp, idx), ed)
+                losses["loc_topk"] = topk_kl(top, idx, log_tail(top, ref_lp.shape[-1]), ed)
         else:
             losses["loc_full"] = losses["loc_topk"] = zero
         for name in ("full", "topk"):

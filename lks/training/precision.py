@@ -15,12 +15,11 @@ because a benchmark showed it pays (``benchmarks/README.md``):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 
-from lks.models import get_layers, layers_dtype, model_device
+from lks.models import model_device
 from lks.utils import resolve_precision
 
 # Padding quanta of the fast path's shapes: (batch rows, suffix tokens, prefix tokens, logit rows).
@@ -68,17 +67,3 @@ def fit_dtype(model: torch.nn.Module, precision: str) -> torch.dtype | None:
     """bfloat16 when the fit's precision asks for it and the model is float32, else None."""
     return torch.bfloat16 if precision_used(model, precision) == "bfloat16" and \
         next(model.parameters()).dtype == torch.float32 else None
-
-
-@contextmanager
-def whole_pass(model: torch.nn.Module, precision: str) -> Iterator[None]:
-    """Every decoder layer and the final norm of ``model`` in the fit's dtype (:func:`fit_dtype`), eager
-    attention, for the passes that run the whole frozen model once per prompt (the unedited
-    continuations, :func:`lks.training.sequences.continue_unedited`); nothing changes when the fit
-    runs in float32. Callers cast the input embeddings (see :func:`lks.models.layers_dtype`)."""
-    dtype = fit_dtype(model, precision)
-    if dtype is None:
-        yield
-        return
-    with layers_dtype(model, range(len(get_layers(model))), dtype, final_norm=True, attn_implementation="eager"):
-        yield
