@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import resource
 from pathlib import Path
@@ -44,6 +45,9 @@ p.add_argument("--set", nargs="*", action="append", default=None,
 p.add_argument("--eval-n", type=int, default=0, help="evaluate only the first EVAL_N edited records (0: all)")
 p.add_argument("--out", default=None, help="append the JSON line to this file")
 args = p.parse_args()
+# the fits' progress lines (target chunks with time to go, FT-L epochs, sequential batches) on stderr
+logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+logging.getLogger("lks").setLevel(logging.INFO)
 
 model, tok = lks.load_model("smollm2-135m", device="cpu")
 edits, _ = lks.load_edits(args.data, data_dir=args.data_dir)[args.start:args.start + args.n].drop_conflicts()
