@@ -253,9 +253,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.write_tokenizer:
         write_tokenizer()
         return {}
-    from records import write_record
+    from records import code_state, write_record
 
     from lks.grid import load_profile
+
+    code_state()  # the code that runs, named in the record written at the end
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     tok = tokenizer()

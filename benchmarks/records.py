@@ -17,13 +17,26 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+_CODE: dict[str, Any] = {}
+
+
+def code_state() -> dict[str, Any]:
+    """The checkout's commit and whether it is dirty (``lks.utils.git_state``), read at the first
+    call and kept: a benchmark calls it when it starts, so a record names the code that ran even
+    when commits land while it runs (they did, under a 40-minute 10,000-edit fit)."""
+    if not _CODE:
+        sys.path.insert(0, str(REPO))
+        from lks.utils import git_state
+
+        _CODE.update(git_state(REPO))
+    return dict(_CODE)
 
 
 def write_record(benchmark: str, *, data: str | None, edits: int | None, seconds: float, peak_rss_mib: float | None,
                  threads: int, extra: dict[str, Any] | None = None, folder: Path | None = None) -> Path:
     """Write one measurement as ``<folder>/<UTC time>-<benchmark>-<data>-<edits>.json`` and return its path."""
     sys.path.insert(0, str(REPO))
-    from lks.utils import git_state, machine
+    from lks.utils import machine
 
     folder = folder if folder is not None else Path(os.environ.get("LKS_BENCH_RESULTS", RESULTS))
     folder.mkdir(parents=True, exist_ok=True)
@@ -32,7 +45,7 @@ def write_record(benchmark: str, *, data: str | None, edits: int | None, seconds
               "data": data, "edits": edits, "seconds": round(seconds, 1),
               "peak_rss_mib": None if peak_rss_mib is None else round(peak_rss_mib, 1), "threads": threads,
               "machine": machine() | {"torch_threads": threads}, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", now),
-              **git_state(REPO), **(extra or {})}
+              **code_state(), **(extra or {})}
     name = "-".join(str(x) for x in (time.strftime("%Y%m%dT%H%M%SZ", now), benchmark, data, edits) if x is not None)
     path = folder / f"{name}.json"
     tmp = path.with_suffix(f".json.tmp-{os.getpid()}")
