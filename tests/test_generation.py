@@ -65,17 +65,36 @@ def after_cfg(**kw) -> TrainConfig:
     return TrainConfig(**{**TRAIN.__dict__, "w_after": 1.0, **kw})
 
 
+def after_sequences(tiny_pair, cfg: TrainConfig) -> tuple[LKSEditor, list]:
+    """A residual editor on the tiny model with the tiny edits set, and their training sequences
+    under ``cfg`` (continuations pending)."""
+    model, tok = tiny_pair
+    editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
+    editor.set_edits(tiny_edits())
+    return editor, build_sequences(tok, editor.scope, tiny_edits(), cfg)[1]
+
+
+def assert_same_cache(got, want, seqs) -> None:
+    """Layer-L states to 1e-5 and KL references (same top-k ids, log-probs to 1e-4) of every sequence."""
+    assert sorted(got.ref_row) == sorted(want.ref_row)
+    for j, q in enumerate(seqs):
+        n = len(q.ids) - got.first[j]
+        assert (got.at(j, got.first[j], n) - want.at(j, want.first[j], n)).abs().max().item() < 1e-5
+        if j in got.ref_row:
+            k = len(q.loss_pos) - len(q.loss_tgt)
+            a, b = got.ref_row[j], want.ref_row[j]
+            assert torch.equal(got.ref_idx[a:a + k], want.ref_idx[b:b + k])
+            assert (got.ref_logp[a:a + k] - want.ref_logp[b:b + k]).abs().max().item() < 1e-4
+
+
 def test_after_target_rows_follow_the_unedited_greedy_continuation(tiny_pair):
     """With after_tokens = 3 each edit/paraphrase sequence is built with 2 tokens pending, and the
     cache's pass extends it by the unedited model's greedy continuation; its KL rows are the last
     target token and the next two positions."""
     model, tok = tiny_pair
-    editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
-    edits = tiny_edits()
-    editor.set_edits(edits)
     cfg = after_cfg(after_tokens=3)
-    _, seqs, _ = build_sequences(tok, editor.scope, edits, cfg)
-    _, plain, _ = build_sequences(tok, editor.scope, edits, TRAIN)
+    editor, seqs = after_sequences(tiny_pair, cfg)
+    _, plain, _ = build_sequences(tok, editor.scope, tiny_edits(), TRAIN)
     assert [q.kind for q in seqs] == [q.kind for q in plain]
     assert [q.to_continue for q in seqs] == [0 if q.kind == KIND_LOC else 2 for q in seqs]
     editor.fast.precompute(seqs, cfg, progress=False)
@@ -97,24 +116,12 @@ def test_continuation_in_the_cache_pass_caches_what_the_extended_sequences_give(
     """The one-pass continuation (a key/value-cached decode after "prompt target") fills the cache
     with what the plain precompute of the already extended sequences computes: layer-L states,
     reference top-k log-probs at every KL row, prefix keys/values."""
-    model, tok = tiny_pair
-    editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
-    edits = tiny_edits()
-    editor.set_edits(edits)
     cfg = after_cfg(after_tokens=4, prefix_cache=prefix_cache)
-    _, seqs, _ = build_sequences(tok, editor.scope, edits, cfg)
+    editor, seqs = after_sequences(tiny_pair, cfg)
     fused = editor.fast.precompute(seqs, cfg, batch_size=3, progress=False)  # batches of unequal lengths
     assert all(q.to_continue == 0 for q in seqs) and any(q.kind != KIND_LOC for q in seqs)
     plain = editor.fast.precompute(seqs, cfg, progress=False)  # nothing pending now: the full passes
-    assert sorted(fused.ref_row) == sorted(plain.ref_row)
-    for j, q in enumerate(seqs):
-        n = len(q.ids) - fused.first[j]
-        assert (fused.at(j, fused.first[j], n) - plain.at(j, plain.first[j], n)).abs().max().item() < 1e-5
-        if j in fused.ref_row:
-            k = len(q.loss_pos) - len(q.loss_tgt)
-            a, b = fused.ref_row[j], plain.ref_row[j]
-            assert torch.equal(fused.ref_idx[a:a + k], plain.ref_idx[b:b + k])
-            assert (fused.ref_logp[a:a + k] - plain.ref_logp[b:b + k]).abs().max().item() < 1e-4
+    assert_same_cache(fused, plain, seqs)
     if prefix_cache:
         assert (fused.prefix.rows - plain.prefix.rows).abs().max().item() < 1e-5
 
@@ -150,12 +157,9 @@ def test_after_loss_is_the_kl_of_the_hooked_model_after_the_target(tiny_pair):
 def test_continuation_stops_after_an_end_of_sequence_token(tiny_pair, monkeypatch):
     """A continuation is cut after the end-of-sequence token, its KL rows with it, and the cache
     still equals the plain precompute of the cut sequences."""
-    model, tok = tiny_pair
-    editor = LKSEditor(model, tok, EditorConfig(layer=1, generator="residual"))
-    edits = tiny_edits()
-    editor.set_edits(edits)
+    _, tok = tiny_pair
     cfg = after_cfg(after_tokens=4)
-    _, seqs, _ = build_sequences(tok, editor.scope, edits, cfg)
+    editor, seqs = after_sequences(tiny_pair, cfg)
     j = next(i for i, q in enumerate(seqs) if q.kind != KIND_LOC)
     n0, before = len(seqs[j].ids), [dataclasses.replace(q) for q in seqs]
     editor.fast.precompute(seqs, cfg, progress=False)
@@ -166,9 +170,4 @@ def test_continuation_stops_after_an_end_of_sequence_token(tiny_pair, monkeypatc
     fused = editor.fast.precompute(seqs, cfg, progress=False)
     assert len(seqs[j].ids) == n0 + 2 and seqs[j].ids[-1] == eos
     assert seqs[j].loss_pos[len(seqs[j].loss_tgt):] == [n0 - 1, n0, n0 + 1]  # 3 of the 4 KL rows are left
-    plain = editor.fast.precompute(seqs, cfg, progress=False)
-    for i, q in enumerate(seqs):
-        n = len(q.ids) - fused.first[i]
-        assert (fused.at(i, fused.first[i], n) - plain.at(i, plain.first[i], n)).abs().max().item() < 1e-5
-    k = 3
-    assert (fused.ref_logp[fused.ref_row[j]:][:k] - plain.ref_logp[plain.ref_row[j]:][:k]).abs().max().item() < 1e-4
+    assert_same_cache(fused, editor.fast.precompute(seqs, cfg, progress=False), seqs)
