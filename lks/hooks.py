@@ -221,23 +221,25 @@ def apply_replacement(hidden: torch.Tensor, rep: Replacement) -> torch.Tensor:
     return hidden.index_put(idx, vec)
 
 
+def input_embeds(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The input embeddings of ``input_ids`` in the decoder layers' dtype.
+
+    The layers may hold another dtype than the embedding: bfloat16 lower layers inside
+    :meth:`lks.training.fastpath.FastPath.lower_pass`, the embedding float32 because the output
+    layer may share it. Every pass that feeds such layers starts here."""
+    dtype = next(get_layers(model)[0].parameters()).dtype
+    return model.get_input_embeddings()(input_ids).to(dtype)
+
+
 @torch.no_grad()
 def layer_output(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  layer: int) -> tuple[torch.Tensor, bool]:
     """Output ``[batch, seq, d]`` of decoder ``layer`` (the layers above it never run), and whether
     the decoder layers return tuples (what :func:`lks.models.skip_lower_layers` must mimic).
-
-    When the decoder layers hold another dtype than the input embedding (bfloat16 lower layers
-    inside :meth:`lks.training.fastpath.FastPath.lower_pass`, the embedding float32 because the
-    output layer may share it), the embeddings are cast to the layers' dtype."""
-    inputs: dict[str, torch.Tensor] = {"input_ids": input_ids}
-    dtype = next(get_layers(model)[0].parameters()).dtype
-    emb = model.get_input_embeddings()
-    if emb.weight.dtype != dtype:
-        inputs = {"inputs_embeds": emb(input_ids).to(dtype)}
+    The embeddings come from :func:`input_embeds` (the layers' dtype)."""
     with LayerHooks(model, capture=[layer], stop_after_capture=True) as hooks:
         try:
-            model(**inputs, attention_mask=attention_mask, use_cache=False)
+            model(inputs_embeds=input_embeds(model, input_ids), attention_mask=attention_mask, use_cache=False)
         except StopForward:
             pass
     return hooks.captured[layer], bool(hooks.output_is_tuple)

@@ -438,6 +438,32 @@ def test_targets_are_cached_per_chunk_and_equal_the_whole_batch(tiny_pair, corpu
     assert [h["targets"] for h in again.history] == ["cached"] * len(EDITS)
 
 
+def test_targets_cache_key_names_rows_per_pass_and_threads(tiny_pair, corpus, tmp_path):
+    """Targets optimised with other rows per pass or on another thread count round differently in
+    bfloat16, so neither may read the other's cached chunks: each writes chunks of its own, while
+    the same settings again write none."""
+    from lks.baselines.memit import context_prefixes
+
+    model, tok = tiny_pair
+    cfg = dataclasses.replace(configs(corpus)["memit"][1], z_steps=2, precision="float32", stop_nll=0.0)
+    prefixes = context_prefixes(model, tok, cfg)
+    files = tmp_path / "cache" / "targets"
+
+    def fit_targets(c: MEMITConfig) -> int:
+        MEMITEditor(model, tok, c)._targets(EDITS, 1, prefixes, progress=False)
+        return len(list(files.glob("*.safetensors")))
+
+    n = fit_targets(cfg)
+    assert n > 0 and fit_targets(cfg) == n  # the oracle: the same settings are read back
+    assert fit_targets(dataclasses.replace(cfg, batch_rows=cfg.batch_rows + 1)) == 2 * n
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert fit_targets(cfg) == 3 * n
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_an_interrupted_ft_fit_resumes_where_it_stopped(tiny_pair, corpus, monkeypatch):
     """FT-L keeps its state (delta, Adam moments, history) after every step until the fit ends: a
     fit interrupted at step 3 and run again ends where an uninterrupted fit ends (the oracle)."""

@@ -171,3 +171,32 @@ def test_continuation_stops_after_an_end_of_sequence_token(tiny_pair, monkeypatc
     assert len(seqs[j].ids) == n0 + 2 and seqs[j].ids[-1] == eos
     assert seqs[j].loss_pos[len(seqs[j].loss_tgt):] == [n0 - 1, n0, n0 + 1]  # 3 of the 4 KL rows are left
     assert_same_cache(fused, editor.fast.precompute(seqs, cfg, progress=False), seqs)
+
+
+def test_a_store_left_before_the_continuation_resumes_to_the_same_training_set(tiny_pair, tmp_path, monkeypatch):
+    """A fit stopped after its sequences were stored (continuations still pending) and before its
+    layer-L cache: the resumed preparation generates the continuations from the stored sequences,
+    and its sequences and cache equal those of a preparation never stopped (the oracle: no store);
+    the store then holds the extended sequences."""
+    from lks.training import stored
+    from lks.training.trainer import Trainer
+
+    cfg = after_cfg(after_tokens=3)
+    editor, _ = after_sequences(tiny_pair, cfg)
+    want = Trainer(editor, cfg).prepare(tiny_edits(), progress=False)
+    store = tmp_path / "prepared"
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(editor.fast, "precompute", stop)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(editor, cfg).prepare(tiny_edits(), progress=False, store=store)
+    left = stored.load_sequences(store)
+    assert left is not None and any(q.to_continue for q in left[1]) and stored.load_cache(store) is None
+    monkeypatch.undo()
+    got = Trainer(editor, cfg).prepare(tiny_edits(), progress=False, store=store)
+    assert [(q.ids, q.loss_pos, q.to_continue) for q in got.seqs] == [(q.ids, q.loss_pos, 0) for q in want.seqs]
+    assert_same_cache(got.cache, want.cache, want.seqs)
+    again = stored.load_sequences(store)
+    assert again is not None and [q.ids for q in again[1]] == [q.ids for q in want.seqs]

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from lks.config import TrainConfig
 from lks.headloss import pad_rows
-from lks.hooks import LayerHooks, Replacement, apply_replacement, layer_output
+from lks.hooks import LayerHooks, Replacement, apply_replacement, input_embeds, layer_output
 from lks.models import (
     get_layers,
     lower_layers_dtype,
@@ -42,6 +42,9 @@ from lks.training.precision import TRIM_EVERY, fit_dtype, pads_shapes, quantized
 from lks.training.sequences import Seq
 from lks.utils import length_batches, pad_ids, release_memory, starts
 
+# one batch's references: top-k log-probs, their token ids (int32), log tail mass, and the sequences
+# whose KL rows they are, in order (FastPath.references)
+References = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]
 LENGTH_BUCKETS = 2  # blocks per training step (see step_blocks): fewer, longer op chains; 2 was fastest of 1-4 (benchmarks/README)
 
 
@@ -61,11 +64,39 @@ class Cache:
     # TrainConfig.prefix_cache: keys/values of layers L+1..N at the tokens before each subject's last
     # token, one row per distinct token prefix; training then runs only each sequence's suffix
     prefix: PrefixKV | None = None
+    _n_ref: int = 0  # rows reserved by plan_references
 
     def at(self, j: int, pos: int, n: int = 1) -> torch.Tensor:
         """Layer-L states ``[n, d]`` of sequence ``j`` at positions ``pos..pos+n-1`` (``pos >= first[j]``)."""
         o = self.offsets[j] + pos - self.first[j]
         return self.states[o:o + n]
+
+    def plan_references(self, seqs: Sequence[Seq], kl: Iterable[int]) -> None:
+        """Reserve the reference rows of the sequences ``kl``: ``len(loss_pos) - len(loss_tgt)``
+        each (a continuation cut by an end-of-sequence token leaves its last ones unused)."""
+        n = 0
+        for j in sorted(kl):
+            self.ref_row[j], n = n, n + len(seqs[j].loss_pos) - len(seqs[j].loss_tgt)
+        self._n_ref = n
+
+    def put_references(self, seqs: Sequence[Seq], got: References | None) -> None:
+        """Write one batch's references (:meth:`FastPath.references`) into their reserved rows, in
+        place: the reference tensors exist once, never as per-batch pieces and a concatenation
+        (10,000 zsRE edits: 791 MiB)."""
+        if got is None:
+            return
+        top, ids, tail, lbatch = got
+        if self.ref_logp is None:  # unused rows stay zero
+            self.ref_logp = top.new_zeros(self._n_ref, top.shape[1])
+            self.ref_idx = ids.new_zeros(self._n_ref, ids.shape[1])
+            self.ref_tail = tail.new_zeros(self._n_ref)
+        assert self.ref_idx is not None and self.ref_tail is not None
+        at = 0
+        for j in lbatch:
+            r, n = self.ref_row[j], len(seqs[j].loss_pos) - len(seqs[j].loss_tgt)
+            self.ref_logp[r:r + n], self.ref_idx[r:r + n], self.ref_tail[r:r + n] = (
+                top[at:at + n], ids[at:at + n], tail[at:at + n])
+            at += n
 
 
 class FastPath:
@@ -173,7 +204,7 @@ class FastPath:
         cache = Cache(torch.zeros(total, self.d, dtype=fit_dtype(self.model, cfg.precision) or torch.float32), offsets, first)
         loc = {j for j, s in enumerate(seqs) if len(s.loss_pos) > len(s.loss_tgt)}
         cache.prefix = PrefixKV.plan([s.ids for s in seqs], [s.subj_pos for s in seqs]) if prefix_cache else None
-        refs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]] = []  # per batch: see _references
+        cache.plan_references(seqs, loc)
         todo = [j for j, s in enumerate(seqs) if s.to_continue]
         done = [j for j, s in enumerate(seqs) if not s.to_continue]
         # the upper pass in the precision of the training steps: KL 0 for an unchanged block
@@ -188,21 +219,13 @@ class FastPath:
                     batch = [idx[r] for r in rows]
                     lower = states if len(rows) == len(idx) else states[rows]  # (all of it with the prefix cache)
                     hidden = self.upper_hidden(cache, seqs, batch, None, kv_out=cache.prefix, lower=lower)
-                    if (got := self._references(hidden, seqs, batch, loc, cfg.loc_topk)) is not None:
-                        refs.append(got)
+                    cache.put_references(seqs, self.references(hidden, seqs, batch, loc, cfg.loc_topk))
             if todo:
-                refs += continue_and_cache(self, cache, seqs, todo, batch_size, cfg.loc_topk)
-        n_ref = 0
-        for *_, lbatch in refs:  # KL rows of sequence j: ref_row[j] onwards, one per KL position
-            for j in lbatch:
-                cache.ref_row[j] = n_ref
-                n_ref += len(seqs[j].loss_pos) - len(seqs[j].loss_tgt)
-        if refs:
-            cache.ref_logp, cache.ref_idx, cache.ref_tail = (torch.cat([r[k] for r in refs]) for k in range(3))
+                continue_and_cache(self, cache, seqs, todo, batch_size, cfg.loc_topk)
         return cache
 
-    def _references(self, hidden: torch.Tensor, seqs: list[Seq], batch: list[int], loc: set[int], topk: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]] | None:
+    def references(self, hidden: torch.Tensor, seqs: list[Seq], batch: list[int], loc: set[int], topk: int
+                   ) -> References | None:
         """The unedited top-k log-probs, their token ids and the tail of the KL rows of ``batch``'s
         sequences in ``loc`` (``hidden``: the upper pass's rows), and those sequences in order;
         None when none of them has a KL row."""
@@ -296,20 +319,20 @@ class FastPath:
 
 @torch.no_grad()
 def continue_and_cache(fast: FastPath, cache: Cache, seqs: list[Seq], todo: list[int], batch_size: int,
-                       topk: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]]:
+                       topk: int) -> None:
     """The unedited model's continuation after the target, generated inside the layer-L cache's pass.
 
     Extends the sequences ``todo`` (each ``to_continue`` > 0) by the unedited model's greedy
     continuation (cut after an end-of-sequence token; KL rows past the end dropped) and fills their
     part of ``cache``: layer-L states from ``cache.first[j]`` on (the caller allocates room for the
-    whole continuation), prefix keys/values, references. Returns the references per batch as
-    :meth:`FastPath._references` gives them. Call inside the precompute's precision passes.
+    whole continuation), prefix keys/values, references (into the rows :meth:`Cache.plan_references`
+    reserved). Call inside the precompute's precision passes.
 
     Why in the cache's pass: the cache needs the layer-L states, references and prefix keys/values
     of the very tokens the continuation's generation runs the model over, so one pass
     (:func:`greedy_pass`) gives both; before, the continuation was a pass of its own and the cache
     ran a second one over the extended sequences."""
-    tok, dev, refs = fast.tokenizer, model_device(fast.model), []
+    tok, dev = fast.tokenizer, model_device(fast.model)
     for idx in length_batches([len(seqs[j].ids) for j in todo], batch_size):
         batch = [todo[i] for i in idx]
         put = (lambda kv, batch=batch: cache.prefix.put(batch, kv)) if cache.prefix is not None else None
@@ -329,9 +352,7 @@ def continue_and_cache(fast: FastPath, cache: Cache, seqs: list[Seq], todo: list
             o, f = cache.offsets[j], cache.first[j]
             cache.states[o:o + len(q.ids) - f] = states[r, col[f:]].cpu()
             hidden.append(finals[r, col[torch.tensor(q.loss_pos, device=dev)]])
-        if (got := fast._references(torch.cat(hidden), seqs, batch, set(todo), topk)) is not None:
-            refs.append(got)
-    return refs
+        cache.put_references(seqs, fast.references(torch.cat(hidden), seqs, batch, set(todo), topk))
 
 
 def greedy_pass(fast: FastPath, ids: list[list[int]], n: int, put_kv: Callable | None = None
@@ -348,15 +369,14 @@ def greedy_pass(fast: FastPath, ids: list[list[int]], n: int, put_kv: Callable |
     from transformers import DynamicCache
 
     model, L = fast.model, fast.layer
-    dev, emb = model_device(model), model.get_input_embeddings()
-    dtype = next(get_layers(model)[0].parameters()).dtype  # bfloat16 inside lower_pass; the embeddings keep theirs
+    dev = model_device(model)
     head = model.get_output_embeddings()  # in the model's dtype: the tokens of float32 logits
     x, mask = pad_ids(ids, fast.tokenizer.pad_token_id, dev)
     lens = mask.sum(1)
     states, finals, new, past = [], [], [], DynamicCache()
     with LayerHooks(model, capture=[L]) as hooks:
         # positions 0..T-1 on every row (right padding), as in the cache's other passes
-        out = model.base_model(inputs_embeds=emb(x).to(dtype), attention_mask=mask, cache=past, use_cache=True)
+        out = model.base_model(inputs_embeds=input_embeds(model, x), attention_mask=mask, cache=past, use_cache=True)
         fast.as_tuple = bool(hooks.output_is_tuple)
         if put_kv is not None:
             put_kv(upper_keys_values(past, model, L))
@@ -368,7 +388,7 @@ def greedy_pass(fast: FastPath, ids: list[list[int]], n: int, put_kv: Callable |
                 break
             new.append(head(last.to(head.weight.dtype)).argmax(-1, keepdim=True))
             mask = torch.cat([mask, mask.new_ones(len(ids), 1)], 1)
-            out = model.base_model(inputs_embeds=emb(new[-1]).to(dtype), attention_mask=mask, position_ids=pos,
+            out = model.base_model(inputs_embeds=input_embeds(model, new[-1]), attention_mask=mask, position_ids=pos,
                                    cache=past, use_cache=True)
             last, pos = out.last_hidden_state[:, -1], pos + 1
     tokens = torch.cat(new, 1).tolist() if new else [[] for _ in ids]
