@@ -45,6 +45,10 @@ from lks.utils import length_batches, pad_ids, release_memory, starts
 # one batch's references: top-k log-probs, their token ids (int32), log tail mass, and the sequences
 # whose KL rows they are, in order (FastPath.references)
 References = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]
+# KL rows whose logits a reference pass holds at once: 2,048 rows (a batch of 256 sequences with
+# 8 KL rows each) made two [rows, 49,152] float32 tensors of 403 MB, the precompute's highest
+# transient; 256 rows make them 50 MB
+REF_CHUNK = 256
 LENGTH_BUCKETS = 2  # blocks per training step (see step_blocks): fewer, longer op chains; 2 was fastest of 1-4 (benchmarks/README)
 
 
@@ -238,9 +242,14 @@ class FastPath:
             at += n
         if not rows:
             return None
-        lp = torch.log_softmax(self.logits(hidden[torch.tensor(rows, device=hidden.device)]), -1)
-        top, ti = lp.topk(min(topk, lp.shape[-1]), dim=-1)
-        return top.cpu(), ti.to(torch.int32).cpu(), log_tail(top, lp.shape[-1]).cpu(), lbatch
+        tops, ids, tails = [], [], []
+        for a in range(0, len(rows), REF_CHUNK):  # vocabulary-sized rows only REF_CHUNK at a time
+            lp = torch.log_softmax(self.logits(hidden[torch.tensor(rows[a:a + REF_CHUNK], device=hidden.device)]), -1)
+            top, ti = lp.topk(min(topk, lp.shape[-1]), dim=-1)
+            tops.append(top.cpu())
+            ids.append(ti.to(token_id_dtype(lp.shape[-1])).cpu())
+            tails.append(log_tail(top, lp.shape[-1]).cpu())
+        return torch.cat(tops), torch.cat(ids), torch.cat(tails), lbatch
 
     # ---- layers L+1..N -----------------------------------------------------------------------
     def upper_hidden(self, cache: Cache, seqs: list[Seq], batch: list[int], table: Any, combine: Callable | None = None,
@@ -393,6 +402,12 @@ def greedy_pass(fast: FastPath, ids: list[list[int]], n: int, put_kv: Callable |
             last, pos = out.last_hidden_state[:, -1], pos + 1
     tokens = torch.cat(new, 1).tolist() if new else [[] for _ in ids]
     return tokens, torch.cat(states, 1), torch.cat(finals, 1), lens.tolist()
+
+
+def token_id_dtype(vocab: int) -> torch.dtype:
+    """The narrowest dtype that holds every token id of a ``vocab``-way output: uint16 up to 65,536
+    (SmolLM2's 49,152, Llama-2's 32,000: the references' ids take half the bytes of int32), else int32."""
+    return torch.uint16 if vocab <= 2**16 else torch.int32
 
 
 def log_tail(top: torch.Tensor, vocab: int) -> torch.Tensor:
