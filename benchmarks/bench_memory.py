@@ -137,9 +137,9 @@ def child(n: int, args: argparse.Namespace) -> dict:
 
     lines: list[str] = []  # the fit's own log (a line per prepared part and per epoch), e.g. of a --baseline's code
 
-    class Keep(logging.Handler):
+    class Keep(logging.Handler):  # each line with the RSS then and the peak so far: where the peak arose
         def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.getMessage())
+            lines.append(f"{record.getMessage()} [RSS {rss_now()[0] / MIB:.0f} MiB, peak so far {peak_rss() / MIB:.0f} MiB]")
 
     logging.getLogger("lks").addHandler(Keep())
     logging.getLogger("lks").setLevel(logging.INFO)
@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
         print("    its log: " + "; ".join(r["log"]))
         extra = {"phases": r["phases"], "epochs": r["epoch_s"], "rss_model_mib": round(r["rss_model"] / MIB, 1),
                  "peak_after_precompute_mib": round(r["peak_after_precompute"] / MIB, 1),
-                 "precision": r["precision_used"], "epochs_requested": args.epochs, "load_average_at_start": load_start}
+                 "precision": r["precision_used"], "epochs_requested": args.epochs, "load_average_at_start": load_start,
+                 "log": r["log"]}
         if args.baseline:
             print(f"    against the baseline: fit {base['fit_s'] / r['fit_s']:.2f}x, precompute "
                   f"{base['precompute_s'] / r['precompute_s']:.2f}x, epochs {sum(base['epoch_s']) / sum(r['epoch_s']):.2f}x faster; "
