@@ -99,7 +99,9 @@ def test_ray_grid_equals_the_sequential_one_and_survives_a_killed_worker(tmp_pat
     text = log.read_text()
     assert text.count("edit tinyfacts/lks-4: started") == 2 and f"started (pid {killed}" in text
     resumed = int(re.search(r"resumed from the checkpoint after epoch (\d+)", text).group(1))
-    assert 10 <= resumed < 150 and text.count("edit tinyfacts/lks-4: finished") == 1
+    # the fit logs an epoch before it writes that epoch's checkpoint, so a kill right after the
+    # "epoch 10/150" line can find epoch 9's checkpoint the last one written (seen under load)
+    assert 9 <= resumed < 150 and text.count("edit tinyfacts/lks-4: finished") == 1
     # every file written, none half-written (each parses), no temporary file left; the same numbers
     ray = summaries(tmp_path / "ray")
     assert not [p for p in (tmp_path / "ray").rglob("*") if p.is_file() and p.suffix != ".json"]
