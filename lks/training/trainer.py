@@ -153,10 +153,6 @@ class Trainer:
             self.gate = _stored(store, stored.load_gate, stored.save_gate,
                                 lambda: gate_examples(self.fast, ed.scope, edits, self.seqs, cfg, prompts),
                                 lambda got: f"{len(got.label)} gate examples", self.phases, "gate")
-        # the gate examples' passes leave glibc's heap full of holes the cache's large tensors never
-        # reuse: returned now, they are not carried through the rest of the fit (1,000 zsRE edits:
-        # 1,618 -> 1,012 MiB RSS for 28 MiB of examples; docs/experiments.md, 2026-12-06)
-        release_memory()
         # the cache's pass appends the continuations to the sequences (Seq.to_continue): they are
         # written again, before the cache, so a stored cache always finds its extended sequences
         self.cache = _stored(store, stored.load_cache,
