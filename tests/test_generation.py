@@ -200,3 +200,20 @@ def test_a_store_left_before_the_continuation_resumes_to_the_same_training_set(t
     assert_same_cache(got.cache, want.cache, want.seqs)
     again = stored.load_sequences(store)
     assert again is not None and [q.ids for q in again[1]] == [q.ids for q in want.seqs]
+
+
+def test_references_taken_in_row_chunks_equal_one_pass(tiny_pair, monkeypatch):
+    """The reference pass takes its vocabulary-sized logits ``REF_CHUNK`` rows at a time; with
+    chunks of one row the cache holds what one chunk per batch gives (the oracle: the tiny tests'
+    batches never reach the default 256 rows, so the default is one chunk), ids in uint16."""
+    import lks.training.fastpath as fp
+
+    cfg = after_cfg(after_tokens=3)
+    editor, seqs = after_sequences(tiny_pair, cfg)
+    whole = editor.fast.precompute(seqs, cfg, progress=False)
+    assert max(len(q.loss_pos) for q in seqs) * len(seqs) < fp.REF_CHUNK  # one chunk per batch
+    editor, seqs = after_sequences(tiny_pair, cfg)
+    monkeypatch.setattr(fp, "REF_CHUNK", 1)
+    rows = editor.fast.precompute(seqs, cfg, progress=False)
+    assert whole.ref_idx.dtype == torch.uint16
+    assert_same_cache(rows, whole, seqs)

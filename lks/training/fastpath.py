@@ -42,7 +42,7 @@ from lks.training.precision import TRIM_EVERY, fit_dtype, pads_shapes, quantized
 from lks.training.sequences import Seq
 from lks.utils import length_batches, pad_ids, release_memory, starts
 
-# one batch's references: top-k log-probs, their token ids (int32), log tail mass, and the sequences
+# one batch's references: top-k log-probs, their token ids (token_id_dtype), log tail mass, and the sequences
 # whose KL rows they are, in order (FastPath.references)
 References = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]
 # KL rows whose logits a reference pass holds at once: 2,048 rows (a batch of 256 sequences with
