@@ -244,11 +244,13 @@ def make_opt(gen: torch.nn.Module, cfg: TrainConfig, steps_total: int):
 
 
 def step(loss_fn: Callable[[], dict[str, torch.Tensor]], opt, sched) -> tuple[float, float, float]:
-    """One optimisation step; returns (wall s, CPU s, loss)."""
+    """One optimisation step; returns (wall s, CPU s, loss). ``loss_fn`` either returns the losses
+    with their graph or has taken the backward itself (``batch_loss(..., backward=True)``, as fit does)."""
     t0, c0 = time.perf_counter(), time.process_time()
-    losses = loss_fn()
     opt.zero_grad(set_to_none=True)
-    losses["total"].backward()
+    losses = loss_fn()
+    if losses["total"].requires_grad:
+        losses["total"].backward()
     opt.step()
     sched.step()
     loss = float(losses["total"].detach())
@@ -453,9 +455,9 @@ def run(args, spec, model, tok, edits, cfg: TrainConfig, stack: ExitStack, t_sta
     # --- timed steps, interleaved -------------------------------------------------------------
     steps_total = len(batches) * cfg.epochs
     paths: dict[str, tuple[Callable, tuple]] = {
-        "fast": (lambda b, recs: trainer.batch_loss(b), make_opt(editor.generator, cfg, steps_total))}
+        "fast": (lambda b, recs: trainer.batch_loss(b, backward=True), make_opt(editor.generator, cfg, steps_total))}
     for name, tv in variants.items():
-        paths[name] = (lambda b, recs, tv=tv: tv.batch_loss(b), make_opt(tv.editor.generator, cfg, steps_total))
+        paths[name] = (lambda b, recs, tv=tv: tv.batch_loss(b, backward=True), make_opt(tv.editor.generator, cfg, steps_total))
     for name, (loop, gen) in naives.items():
         paths[name] = (lambda b, recs, loop=loop, gen=gen: loop.loss(gen, recs), make_opt(gen, cfg, steps_total))
     editor.generator.train()

@@ -240,6 +240,13 @@ def get_final_norm(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def upper_modules(model: nn.Module, layer: int) -> list[nn.Module]:
+    """Every module that runs above decoder ``layer``: those of layers ``layer+1..N``, then the final norm."""
+    mods = [m for block in list(get_layers(model))[layer + 1:] for m in block.modules()]
+    norm = get_final_norm(model)
+    return mods + ([norm] if norm is not None else [])
+
+
 @contextmanager
 def layers_dtype(model: nn.Module, layers: range, dtype: torch.dtype, *, final_norm: bool = False,
                  attn_implementation: str | None = None) -> Iterator[None]:

@@ -225,6 +225,38 @@ def release_memory(collect: bool = True) -> None:
         pass
 
 
+MADV_PAGEOUT = 21  # Linux >= 5.4 (<sys/mman.h>)
+
+
+def page_out(tensors: Iterable[torch.Tensor]) -> int:
+    """Ask the kernel to reclaim the memory pages of ``tensors`` now (Linux ``madvise(MADV_PAGEOUT)``;
+    a no-op elsewhere); returns the bytes asked for. For tensors that a phase will not read.
+
+    Their contents never change: a clean page of a file mapping (the model's weights, mmapped from
+    a safetensors file) is read back from the file on the next access, a written one is only
+    swapped out (or, without swap, kept). A page that another process maps too stays; so does the
+    partial page at each end of a tensor."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return 0
+    page, asked = os.sysconf("SC_PAGE_SIZE"), 0
+    for t in tensors:
+        if t.device.type != "cpu" or t.numel() == 0:
+            continue
+        start = -(-t.data_ptr() // page) * page  # whole pages inside the tensor only
+        end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+        if end > start and libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT) == 0:
+            asked += end - start
+    return asked
+
+
 def _git(root: Path, *args: str) -> str | None:
     try:
         out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)

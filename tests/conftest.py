@@ -159,11 +159,11 @@ def interrupted_at_step(step: int):
 
     real, calls = Trainer.batch_loss, []
 
-    def crashing(self, batch):
+    def crashing(self, batch, **kw):
         calls.append(1)
         if len(calls) == step:
             raise KeyboardInterrupt
-        return real(self, batch)
+        return real(self, batch, **kw)
 
     Trainer.batch_loss = crashing
     try:

@@ -595,6 +595,33 @@ def test_batch_loss_with_fused_head_equals_the_autograd_losses(tiny_pair, quanti
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("generator", ["linear", "gated"])
+def test_backward_block_by_block_equals_the_whole_batch_graph(tiny_pair, generator):
+    """batch_loss(backward=True), which backpropagates each block of the step on its own, gives the
+    losses and generator gradients of one backward through the whole batch's graph (the losses
+    KL after the target and, gated, the gate loss included)."""
+    from lks.training.fastpath import step_blocks
+
+    model, tok = tiny_pair
+    cfg = TrainConfig(**{**TRAIN.__dict__, "prefix_cache": True, "w_after": 0.5, "after_tokens": 2, "w_gate": 0.7})
+    editor, tr = prepared_editor(model, tok, tiny_edits(), cfg, EditorConfig(layer=1, generator=generator), 0.3)
+    batch = list(range(len(tr.seqs)))
+    assert len(step_blocks(tr.seqs, batch, True)) >= 2  # the blocks really run apart
+    out = []
+    for by_block in (False, True):
+        editor.generator.zero_grad(set_to_none=True)
+        losses = tr.batch_loss(batch, backward=by_block)
+        if not by_block:
+            losses["total"].backward()
+        out.append(({k: float(v.detach()) for k, v in losses.items()}, [p.grad.clone() for p in editor.generator.parameters()]))
+    assert out[0][0]["loc"] > 1e-4 and out[0][0]["after"] > 1e-6 and (generator != "gated" or out[0][0]["gate"] > 1e-3)
+    for k, v in out[0][0].items():
+        assert out[1][0][k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    assert all(bool(g.abs().sum() > 0) for g in out[0][1])
+    for a, b in zip(out[0][1], out[1][1], strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_para_per_edit_adds_bank_paraphrases_to_the_equivalence_loss(tiny_pair):
     from lks.training.prompts import training_paraphrase_prompts
     from lks.training.sequences import KIND_EQUIV, build_sequences

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -202,3 +203,85 @@ def test_registry_configs_are_typed_and_strict():
         ModelSpec.from_json_dict({"name": "x", "hf_id": "y", "editor": {"layr": 3}})
     with pytest.raises(KeyError, match="no registered model 'gpt-9'"):
         model_spec("gpt-9")
+
+
+@pytest.mark.parametrize("cls", ["llama", "mistral"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_rms_norm_equals_the_module_and_its_autograd(cls, dtype):
+    """lks.rmsnorm: the norm's own forward to the bit, and the gradients of the input and the weight
+    that autograd takes through the module's own forward (float32 sums: bfloat16 grads are rounded
+    from them, so they agree with autograd's to bfloat16's resolution)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+
+    from lks.rmsnorm import lean_norms
+
+    g = torch.Generator().manual_seed(0)
+    norm = (LlamaRMSNorm if cls == "llama" else MistralRMSNorm)(48, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(48, generator=g))
+    norm.to(dtype)
+    x0 = (3 * torch.randn(4, 5, 48, generator=g)).to(dtype)
+    upstream = torch.randn(4, 5, 48, generator=g).to(dtype)
+    out = {}
+    for lean in (False, True):
+        x = x0.clone().requires_grad_()
+        norm.weight.grad = None
+        with lean_norms([norm]) if lean else contextlib.nullcontext():
+            assert ("forward" in vars(norm)) == lean  # the lean path really runs
+            y = norm(x)
+        (y.float() * upstream.float()).sum().backward()
+        out[lean] = (y.detach(), x.grad, norm.weight.grad)
+    assert "forward" not in vars(norm)  # put back
+    assert torch.equal(out[True][0], out[False][0])
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for a, b in zip(out[True][1:], out[False][1:], strict=True):
+        assert a.dtype == b.dtype and torch.allclose(a.float(), b.float(), **tol)
+
+
+def test_lean_norms_leave_other_modules_alone(tiny_model):
+    from lks.models import upper_modules
+    from lks.rmsnorm import lean_norms
+
+    mods = upper_modules(tiny_model, 0)
+    norms = [m for m in mods if type(m).__name__ == "LlamaRMSNorm"]
+    assert len(norms) == 2 * (len(get_layers(tiny_model)) - 1) + 1  # two per upper layer and the final one
+    with lean_norms(mods):
+        assert all("forward" in vars(m) for m in norms)
+        assert not any("forward" in vars(m) for m in mods if m not in norms)
+    assert not any("forward" in vars(m) for m in mods)
+
+
+def _linux_at_least(major: int, minor: int) -> bool:
+    import platform
+    import re
+
+    m = re.match(r"(\d+)\.(\d+)", platform.release())
+    return sys.platform.startswith("linux") and m is not None and (int(m[1]), int(m[2])) >= (major, minor)
+
+
+@pytest.mark.skipif(not _linux_at_least(5, 4), reason="madvise(MADV_PAGEOUT) is Linux >= 5.4's")
+def test_page_out_gives_back_a_file_mapping_and_keeps_its_values(tmp_path):
+    """lks.utils.page_out on a tensor mmapped from a file (as the model's weights are): the resident
+    pages go (read from /proc/self/statm), the values stay (a written page's too), and reading brings
+    the pages back."""
+    import os
+
+    from lks.utils import page_out
+
+    def resident() -> int:
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    n = 8 * 2**20  # 32 MiB of float32
+    path = tmp_path / "weights.bin"
+    torch.randn(n, generator=torch.Generator().manual_seed(0)).numpy().tofile(path)
+    t = torch.from_file(str(path), shared=False, size=n, dtype=torch.float32)
+    t[12345] = 42.0  # a written page (a weight edited in place) must keep its value: never dropped
+    ref = t.clone()
+    float(t.sum())  # every page resident
+    before = resident()
+    asked = page_out([t])
+    after = resident()
+    assert asked >= 31 * 2**20 and after < before - 16 * 2**20
+    assert torch.equal(t, ref)
+    assert resident() > after + 16 * 2**20  # read again: resident again

@@ -35,12 +35,14 @@ from lks.models import (
     model_device,
     skip_lower_layers,
     upper_layers_dtype,
+    upper_modules,
 )
+from lks.rmsnorm import lean_norms
 from lks.suffix import PrefixKV, suffix_forward, suffix_positions, upper_keys_values
 from lks.training import precision
 from lks.training.precision import TRIM_EVERY, fit_dtype, pads_shapes, quantized_shape
 from lks.training.sequences import Seq
-from lks.utils import length_batches, pad_ids, release_memory, starts
+from lks.utils import length_batches, pad_ids, page_out, release_memory, starts
 
 # one batch's references: top-k log-probs, their token ids (token_id_dtype), log tail mass, and the sequences
 # whose KL rows they are, in order (FastPath.references)
@@ -138,20 +140,33 @@ class FastPath:
             yield
 
     @contextmanager
-    def upper_pass(self, precision: str) -> Iterator[None]:
+    def upper_pass(self, precision: str, page_out_idle: bool = False) -> Iterator[None]:
         """Precision of the upper pass for one fit.
 
         bfloat16 on a float32 model: layers L+1..N and the final norm hold bfloat16 weights inside the
         block (:func:`lks.models.upper_layers_dtype`, originals restored on exit), eager attention, and
         a bfloat16 copy of the output embedding for the logits (it may be tied to the input embedding,
         which the block must not change). Losses stay in float32.
+
+        ``page_out_idle`` (the epochs): the weights the steps never read leave memory until something
+        reads them again (:func:`lks.utils.page_out`): layers 0..L, whose output the cache holds, and
+        in bfloat16 every float32 original (the steps read the copies); 0.5 GiB for the embedded model.
         """
-        if fit_dtype(self.model, precision) is None:
+        bf16 = fit_dtype(self.model, precision) is not None
+        idle = ([p.data for p in self.model.parameters() if p.dtype == torch.float32] if bf16 else
+                [p.data for layer in list(get_layers(self.model))[:self.layer + 1] for p in layer.parameters()])
+        if not page_out_idle:
+            idle = []
+        if not bf16:
+            page_out(idle)
+            del idle
             yield
             return
         self.lm_weight = self.model.get_output_embeddings().weight.detach().to(torch.bfloat16)
         try:
             with upper_layers_dtype(self.model, self.layer, torch.bfloat16, attn_implementation="eager"):
+                page_out(idle)
+                del idle
                 yield
         finally:
             self.lm_weight = None
@@ -290,14 +305,17 @@ class FastPath:
         # the upper layers' own dtype: bfloat16 inside upper_pass when TrainConfig.precision asks
         dtype = next(layers[L + 1].parameters()).dtype if L + 1 < len(layers) else next(self.model.parameters()).dtype
         h = h.to(dtype)
-        if use_prefix:
-            assert cache.prefix is not None
-            kv = cache.prefix.gather(batch, P, B, dtype, dev)
-            last = suffix_forward(self.model, L, h, mask, suffix_positions(first, T, dev), kv, self.as_tuple)
-        else:
-            with skip_lower_layers(self.model, L, h, self.as_tuple):
-                out = self.model.base_model(inputs_embeds=torch.zeros_like(h), attention_mask=mask, use_cache=kv_out is not None)
-            last = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        # the norms keep one input copy for the backward, not a float32 one too (lks.rmsnorm)
+        with lean_norms(upper_modules(self.model, L)):
+            if use_prefix:
+                assert cache.prefix is not None
+                kv = cache.prefix.gather(batch, P, B, dtype, dev)
+                last = suffix_forward(self.model, L, h, mask, suffix_positions(first, T, dev), kv, self.as_tuple)
+            else:
+                with skip_lower_layers(self.model, L, h, self.as_tuple):
+                    out = self.model.base_model(inputs_embeds=torch.zeros_like(h), attention_mask=mask,
+                                                use_cache=kv_out is not None)
+                last = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         if kv_out is not None:
             kv_out.put(batch, upper_keys_values(out.cache, self.model, L))
         g_rows = torch.tensor([r for r, j in enumerate(batch) for _ in seqs[j].loss_pos], device=dev)

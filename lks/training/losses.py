@@ -22,6 +22,7 @@ class RowsOf:
 
     def __init__(self, rows: torch.Tensor, subjects: list[int]) -> None:
         self.rows = rows
+        self.subjects = subjects
         self.where = {s: i for i, s in enumerate(subjects)}
 
     def __getitem__(self, subj: torch.Tensor) -> torch.Tensor:
@@ -56,29 +57,32 @@ def loss_rows(seqs: list[Seq], batch: list[int], cache: Cache) -> tuple[list[int
     return nll_rows, nll_tgt, nll_seq, seq_kind, kl_rows, kl_ref, kl_loc
 
 
-def batch_loss(fast: FastPath, generator: KBGenerator, features: torch.Tensor, cache: Cache, seqs: list[Seq],
-               batch: list[int], cfg: TrainConfig, gate: GateExamples | None = None) -> dict[str, torch.Tensor]:
-    """Losses of one step on the sequences ``batch``: ``edit``, ``equiv`` (mean NLL of the target
-    per sequence), ``loc`` (KL unedited || edited on locality prompts), ``after`` (the same KL after
-    the target), ``gate`` and their weighted ``total``."""
-    # generated blocks of this batch's subjects only: the whole table would cost a d x d
-    # product per subject per step (at 10,000 subjects more than the rest of the step)
-    table = subject_table(generator, features, seqs, batch)
-    # the batch's sequences (edit, rephrase, locality prompts of different lengths) run through
-    # the upper layers in up to LENGTH_BUCKETS blocks, each padded only to its own longest
-    # sequence; the losses are means, so the order of the rows does not matter
-    blocks = step_blocks(seqs, batch, cache.prefix is not None)
-    batch = [j for block in blocks for j in block]  # the row order of hidden
-    hidden = torch.cat([fast.upper_hidden(cache, seqs, block, table, generator.combine) for block in blocks])
-    losses: dict[str, torch.Tensor] = {}
-    zero = hidden.sum() * 0.0
-    nll_rows, nll_tgt, nll_seq, seq_kind, kl_rows, kl_ref, kl_loc = loss_rows(seqs, batch, cache)
+def loss_counts(seqs: list[Seq], batch: list[int]) -> dict[str, int]:
+    """What each loss of ``batch`` averages over: ``edit`` and ``equiv`` are means over their
+    sequences (each of the NLL over its target tokens), ``loc`` and ``after`` over their KL rows.
+    Known before any pass, so that a step can run its blocks one at a time and still take the
+    batch's means."""
+    counts = dict.fromkeys(("edit", "equiv", "loc", "after"), 0)
+    for j in batch:
+        s = seqs[j]
+        n_nll = len(s.loss_tgt)
+        if n_nll and s.kind in (KIND_EDIT, KIND_EQUIV):
+            counts["edit" if s.kind == KIND_EDIT else "equiv"] += 1
+        counts["loc" if s.kind == KIND_LOC else "after"] += len(s.loss_pos) - n_nll
+    return counts
+
+
+def block_losses(fast: FastPath, hidden: torch.Tensor, cache: Cache, seqs: list[Seq], block: list[int],
+                 counts: dict[str, int]) -> dict[str, torch.Tensor]:
+    """The share of the block ``block`` (upper-pass rows ``hidden``) in each of the batch's mean
+    losses (``counts``: :func:`loss_counts`); a loss none of its rows feed is left out."""
+    nll_rows, nll_tgt, nll_seq, seq_kind, kl_rows, kl_ref, kl_loc = loss_rows(seqs, block, cache)
     dev = hidden.device
     # output layer + loss fused (lks.headloss): vocabulary-sized logits only HEAD_CHUNK rows at
     # a time, their gradient taken in closed form; only [rows, d] is kept for the backward
     weight, bias = fast.head()
     head_kw: dict[str, Any] = {"chunk": HEAD_CHUNK, "pad": fast.logit_quantum()}
-    losses["edit"] = losses["equiv"] = zero
+    part: dict[str, torch.Tensor] = {}
     if nll_rows:
         tok_nll = head_nll(hidden[torch.tensor(nll_rows, device=dev)], weight, bias,
                            torch.tensor(nll_tgt, device=dev), **head_kw)
@@ -89,8 +93,7 @@ def batch_loss(fast: FastPath, generator: KBGenerator, features: torch.Tensor, c
         for name, kind in (("edit", KIND_EDIT), ("equiv", KIND_EQUIV)):
             sel = kinds == kind
             if bool(sel.any()):
-                losses[name] = per_seq[sel].mean()
-    losses["loc"] = losses["after"] = zero
+                part[name] = per_seq[sel].sum() / counts[name]
     if kl_rows:
         ref = torch.tensor(kl_ref)
         kl = head_topk_kl(hidden[torch.tensor(kl_rows, device=dev)], weight, bias, cache.ref_logp[ref].to(dev),
@@ -98,10 +101,61 @@ def batch_loss(fast: FastPath, generator: KBGenerator, features: torch.Tensor, c
         is_loc = torch.tensor(kl_loc, device=dev)
         for name, sel in (("loc", is_loc), ("after", ~is_loc)):
             if bool(sel.any()):
-                losses[name] = kl[sel].mean()
+                part[name] = kl[sel].sum() / counts[name]
+    return part
+
+
+def weighted_total(losses: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.Tensor:
+    """``total``: the losses present in ``losses``, each times its weight in ``cfg``."""
+    w = {"edit": cfg.w_edit, "equiv": cfg.w_equiv, "loc": cfg.w_loc, "after": cfg.w_after, "gate": cfg.w_gate}
+    zero = torch.zeros((), device=next(iter(losses.values())).device) if losses else torch.zeros(())
+    return sum((w[k] * v for k, v in losses.items() if k in w), zero)
+
+
+def batch_loss(fast: FastPath, generator: KBGenerator, features: torch.Tensor, cache: Cache, seqs: list[Seq],
+               batch: list[int], cfg: TrainConfig, gate: GateExamples | None = None,
+               backward: bool = False) -> dict[str, torch.Tensor]:
+    """Losses of one step on the sequences ``batch``: ``edit``, ``equiv`` (mean NLL of the target
+    per sequence), ``loc`` (KL unedited || edited on locality prompts), ``after`` (the same KL after
+    the target), ``gate`` and their weighted ``total``.
+
+    With ``backward`` the gradient of ``total`` is added to the generator's parameters' ``.grad``
+    one block at a time (only one block's activations alive at once: a step's peak memory is its
+    largest block's, not the sum of its blocks') and the losses come back detached; the gradient is
+    the one ``batch_loss(...)["total"].backward()`` gives, up to the order of float additions."""
+    # generated blocks of this batch's subjects only: the whole table would cost a d x d
+    # product per subject per step (at 10,000 subjects more than the rest of the step)
+    table = subject_table(generator, features, seqs, batch)
+    # blocks read a leaf copy of the table when they backpropagate on their own: each block's
+    # backward stops there, and the table's own graph runs once at the end with their sum
+    read = RowsOf(table.rows.detach().requires_grad_(), table.subjects) if backward else table
+    # the batch's sequences (edit, rephrase, locality prompts of different lengths) run through
+    # the upper layers in up to LENGTH_BUCKETS blocks, each padded only to its own longest
+    # sequence; the losses are means, so the order of the rows does not matter
+    counts = loss_counts(seqs, batch)
+    losses: dict[str, torch.Tensor] = {}
+    for block in step_blocks(seqs, batch, cache.prefix is not None):
+        hidden = fast.upper_hidden(cache, seqs, block, read, generator.combine)
+        part = block_losses(fast, hidden, cache, seqs, block, counts)
+        if backward:
+            share = weighted_total(part, cfg)
+            if share.requires_grad:
+                share.backward()
+            part = {k: v.detach() for k, v in part.items()}
+        for k, v in part.items():
+            losses[k] = losses[k] + v if k in losses else v
+    zero = torch.zeros((), device=features.device)
+    for k in ("edit", "equiv", "loc", "after"):
+        losses.setdefault(k, zero)
     losses["gate"] = gate_loss(generator, cache, seqs, batch, table, gate, fast.d) if gate is not None else zero
-    losses["total"] = (cfg.w_edit * losses["edit"] + cfg.w_equiv * losses["equiv"] + cfg.w_loc * losses["loc"]
-                       + cfg.w_after * losses["after"] + cfg.w_gate * losses["gate"])
+    losses["total"] = weighted_total(losses, cfg)
+    if backward:
+        rest = cfg.w_gate * losses["gate"]
+        if read.rows.grad is not None:  # the blocks' gradient at the table, through the generator
+            rest = rest + (table.rows * read.rows.grad).sum()
+        if rest.requires_grad:
+            rest.backward()
+        losses = {k: v.detach() for k, v in losses.items()}
     return losses
 
 

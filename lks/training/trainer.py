@@ -168,11 +168,13 @@ class Trainer:
         self.precompute_seconds = time.perf_counter() - t0
         return self
 
-    def batch_loss(self, batch: list[int]) -> dict[str, torch.Tensor]:
-        """Losses of one step on the sequence ids ``batch`` (see :func:`lks.training.losses.batch_loss`)."""
+    def batch_loss(self, batch: list[int], backward: bool = False) -> dict[str, torch.Tensor]:
+        """Losses of one step on the sequence ids ``batch``; with ``backward``, their gradient added
+        to the generator's, block by block (see :func:`lks.training.losses.batch_loss`)."""
         assert self.cache is not None, "call prepare(edits) first"
         ed = self.editor
-        return batch_loss(self.fast, ed.generator, ed.features, self.cache, self.seqs, batch, self.cfg, self.gate)
+        return batch_loss(self.fast, ed.generator, ed.features, self.cache, self.seqs, batch, self.cfg, self.gate,
+                          backward=backward)
 
     def train(self, checkpoint_dir: str | os.PathLike | None = None, resume: bool = True,
               progress: bool = True) -> list[dict[str, float]]:
@@ -199,7 +201,7 @@ class Trainer:
         rng = random.Random(cfg.seed)
         for _ in range(start_epoch):  # replay the shuffles of finished epochs: same order as uninterrupted
             rng.shuffle(batches)
-        with self.fast.upper_pass(cfg.precision):
+        with self.fast.upper_pass(cfg.precision, page_out_idle=True):
             for epoch in range(start_epoch, n_epochs):
                 if stop.done(cfg):
                     break
@@ -240,9 +242,8 @@ class Trainer:
         ed.generator.train()
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{n_epochs}", disable=not progress, leave=False)
         for batch in bar:
-            losses = self.batch_loss(batch)
             opt.zero_grad(set_to_none=True)
-            losses["total"].backward()
+            losses = self.batch_loss(batch, backward=True)
             opt.step()
             sched.step()
             for k in sums:
