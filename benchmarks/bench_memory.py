@@ -80,6 +80,21 @@ def first_without_conflicts(edits, n: int, name: str = "counterfact"):
     return EditSet(list(kept)[:n], name=f"{name}-{n}"), d
 
 
+def end_with_parent(every_s: float = 5.0) -> None:
+    """A child measurement ends when its parent does (a killed benchmark left 10,000-edit children
+    running for an hour): a daemon thread checks the parent's pid every ``every_s`` seconds."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def run_child(cmd: list[str], what: str) -> dict:
     """Run a benchmark subprocess and return the JSON of its ``RESULT`` line (exit with its output if it fails)."""
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -187,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child is not None:
+        end_with_parent()
         print("RESULT " + json.dumps(child(args.child, args)), flush=True)
         return
 

@@ -157,3 +157,42 @@ def test_the_gpu_cost_benchmark_runs_on_the_tiny_shape_and_projects_every_cell(t
     (record,) = tmp_path.glob("*-gpu_cost-builtin-8.json")
     assert json.loads(record.read_text())["projected_hours"] == pytest.approx(total)
     assert "projected cpu-small-smollm2" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_memory_benchmark_child_ends_with_its_parent(tmp_path):
+    """bench_memory's child measurement (end_with_parent) exits once its parent is killed, instead
+    of fitting on for an hour; checked on a real process pair."""
+    import os
+    import subprocess
+    import time
+
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    flag = tmp_path / "up"
+    child_code = (f"import sys, time; sys.path.insert(0, {bench!r}); import bench_memory; "
+                  f"bench_memory.end_with_parent(0.1); open({str(flag)!r}, 'w').close(); time.sleep(120)")
+    parent_code = (f"import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', {child_code!r}]); "
+                   f"print(c.pid, flush=True); time.sleep(120)")
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True)
+    pid = int(parent.stdout.readline())
+
+    def running() -> bool:
+        try:
+            state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
+        except (FileNotFoundError, IndexError):
+            return False
+        return state not in ("Z", "X")  # a zombie has ended; its reaper is not ours
+
+    deadline = time.monotonic() + 60
+    while not flag.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert flag.exists() and running()
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ended = not running()
+    if not ended:
+        os.kill(pid, 9)
+    assert ended
