@@ -257,8 +257,8 @@ def layers_dtype(model: nn.Module, layers: range, dtype: torch.dtype, *, final_n
     which re-casts frozen weights on every call (it caches casts only of weights that require
     grad). The original tensors are kept and put back on exit, so the model leaves the block
     bit-identical; meanwhile their pages are given back (:func:`lks.utils.page_out`: the embedded
-    model's weights are a file mapping, read back when next read). ``attn_implementation`` (e.g. ``"eager"``: CPU SDPA is slow in bfloat16) is
-    switched for the block too. Embeddings are never touched (they may be tied to the output
+    model's weights are a file mapping, read back when next read). ``attn_implementation`` (e.g.
+    ``"eager"``: CPU SDPA is slow in bfloat16) is switched for the block too. Embeddings are never touched (they may be tied to the output
     layer): callers cast the input embeddings and use their own copy of the output embedding.
     """
     all_layers = get_layers(model)
