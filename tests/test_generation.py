@@ -217,3 +217,15 @@ def test_references_taken_in_row_chunks_equal_one_pass(tiny_pair, monkeypatch):
     rows = editor.fast.precompute(seqs, cfg, progress=False)
     assert whole.ref_idx.dtype == torch.uint16
     assert_same_cache(rows, whole, seqs)
+
+
+def test_token_ids_take_the_narrowest_dtype_that_holds_every_id():
+    """uint16 holds ids 0..65,535 (a vocabulary of up to 2**16), int32 beyond; each holds the
+    vocabulary's largest id exactly (oracle: the dtype's own range)."""
+    from lks.training.fastpath import token_id_dtype
+
+    for vocab in (32_000, 49_152, 2**16, 2**16 + 1, 128_256):
+        dtype = token_id_dtype(vocab)
+        assert dtype == (torch.uint16 if vocab <= 2**16 else torch.int32), vocab
+        assert torch.iinfo(dtype).max >= vocab - 1
+        assert int(torch.tensor([vocab - 1], dtype=torch.int64).to(dtype).long()) == vocab - 1
