@@ -57,19 +57,15 @@ def loss_rows(seqs: list[Seq], batch: list[int], cache: Cache) -> tuple[list[int
     return nll_rows, nll_tgt, nll_seq, seq_kind, kl_rows, kl_ref, kl_loc
 
 
-def loss_counts(seqs: list[Seq], batch: list[int]) -> dict[str, int]:
+def loss_counts(seqs: list[Seq], batch: list[int], cache: Cache) -> dict[str, int]:
     """What each loss of ``batch`` averages over: ``edit`` and ``equiv`` are means over their
-    sequences (each of the NLL over its target tokens), ``loc`` and ``after`` over their KL rows.
-    Known before any pass, so that a step can run its blocks one at a time and still take the
-    batch's means."""
-    counts = dict.fromkeys(("edit", "equiv", "loc", "after"), 0)
-    for j in batch:
-        s = seqs[j]
-        n_nll = len(s.loss_tgt)
-        if n_nll and s.kind in (KIND_EDIT, KIND_EQUIV):
-            counts["edit" if s.kind == KIND_EDIT else "equiv"] += 1
-        counts["loc" if s.kind == KIND_LOC else "after"] += len(s.loss_pos) - n_nll
-    return counts
+    sequences (each of the NLL over its target tokens), ``loc`` and ``after`` over their KL rows
+    (read from :func:`loss_rows`, which :func:`block_losses` reads too). Known before any pass, so
+    that a step can run its blocks one at a time and still take the batch's means."""
+    _, _, _, seq_kind, _, _, kl_loc = loss_rows(seqs, batch, cache)
+    n_loc = sum(kl_loc)
+    return {"edit": seq_kind.count(KIND_EDIT), "equiv": seq_kind.count(KIND_EQUIV),
+            "loc": n_loc, "after": len(kl_loc) - n_loc}
 
 
 def block_losses(fast: FastPath, hidden: torch.Tensor, cache: Cache, seqs: list[Seq], block: list[int],
@@ -132,7 +128,7 @@ def batch_loss(fast: FastPath, generator: KBGenerator, features: torch.Tensor, c
     # the batch's sequences (edit, rephrase, locality prompts of different lengths) run through
     # the upper layers in up to LENGTH_BUCKETS blocks, each padded only to its own longest
     # sequence; the losses are means, so the order of the rows does not matter
-    counts = loss_counts(seqs, batch)
+    counts = loss_counts(seqs, batch, cache)
     losses: dict[str, torch.Tensor] = {}
     for block in step_blocks(seqs, batch, cache.prefix is not None):
         hidden = fast.upper_hidden(cache, seqs, block, read, generator.combine)
