@@ -285,3 +285,45 @@ def test_page_out_gives_back_a_file_mapping_and_keeps_its_values(tmp_path):
     assert asked >= 31 * 2**20 and after < before - 16 * 2**20
     assert torch.equal(t, ref)
     assert resident() > after + 16 * 2**20  # read again: resident again
+
+
+def test_the_page_outs_name_the_weights_the_block_does_not_read(tiny_pair, monkeypatch):
+    """Which tensors each call site hands to page_out (recorded instead of paged out): layers_dtype,
+    its float32 originals of exactly the layers it casts (never a tensor the block computes with);
+    the epochs' upper_pass in bfloat16, layers 0..L's weights and the output embedding, whose
+    bfloat16 copy the steps read. The oracle is the model's own parameter list."""
+    import lks.models
+    import lks.training.fastpath
+    from lks.config import EditorConfig
+    from lks.editor import LKSEditor
+    from lks.models import layers_dtype
+
+    model, tok = tiny_pair
+    asked: list[list[int]] = []
+
+    def record(tensors):
+        asked.append([t.data_ptr() for t in tensors])
+        return 0
+
+    monkeypatch.setattr(lks.models, "page_out", record)
+    monkeypatch.setattr(lks.training.fastpath, "page_out", record)
+    layers = get_layers(model)
+    originals = {p.data_ptr() for i in (1, 2) for p in layers[i].parameters()}
+    with layers_dtype(model, range(1, 3), torch.bfloat16):
+        live = {p.data_ptr() for p in model.parameters()}
+        assert set(asked[0]) == originals and not originals & live
+    assert {p.data_ptr() for i in (1, 2) for p in layers[i].parameters()} == originals  # put back
+
+    asked.clear()
+    fast = LKSEditor(model, tok, EditorConfig(layer=1)).fast
+    lower = {p.data_ptr() for i in (0, 1) for p in layers[i].parameters()}
+    head = model.get_output_embeddings().weight.data_ptr()
+    with fast.upper_pass("bfloat16", page_out_idle=True):
+        assert fast.lm_weight is not None and fast.lm_weight.data_ptr() != head
+        idle, upper = set(asked[0]), set(asked[1])
+    assert idle == lower | {head}
+    assert upper == {p.data_ptr() for i in range(2, len(layers)) for p in layers[i].parameters()} | \
+        {p.data_ptr() for p in lks.models.get_final_norm(model).parameters()}
+    asked.clear()
+    with fast.upper_pass("bfloat16"):  # the preparation's passes: only the cast originals
+        assert len(asked) == 1 and set(asked[0]) == upper
