@@ -22,7 +22,6 @@ import argparse
 import ctypes
 import dataclasses
 import os
-import resource
 import sys
 from pathlib import Path
 
@@ -41,7 +40,7 @@ a = p.parse_args()
 sys.path[:0] = [a.lks or str(REPO), str(REPO / "benchmarks")]
 
 import torch  # noqa: E402
-from bench_memory import first_without_conflicts  # noqa: E402
+from bench_memory import MIB, first_without_conflicts, peak_rss  # noqa: E402
 
 import lks  # noqa: E402
 from lks.config import model_spec  # noqa: E402
@@ -49,8 +48,6 @@ from lks.editor import LKSEditor  # noqa: E402
 from lks.training import Trainer  # noqa: E402
 from lks.training.sequences import edit_batches  # noqa: E402
 from lks.utils import release_memory, set_seed  # noqa: E402
-
-MIB = 1024**2
 
 
 class Mallinfo2(ctypes.Structure):  # glibc's struct mallinfo2 (all size_t)
@@ -71,7 +68,7 @@ def status(field: str) -> int:
 def show(stage: str) -> None:
     m = libc.mallinfo2()
     print(f"{stage}: RSS {status('VmRSS') / MIB:,.0f} MiB, heap arena {m.arena / MIB:,.0f} (in use {m.uordblks / MIB:,.0f}), "
-          f"mmapped {m.hblkhd / MIB:,.0f}, peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB",
+          f"mmapped {m.hblkhd / MIB:,.0f}, peak {peak_rss() / MIB:,.0f} MiB",
           flush=True)
 
 
