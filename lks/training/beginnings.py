@@ -39,7 +39,7 @@ def shared_lengths(seqs: Sequence[Sequence[int]]) -> list[int]:
 
 @torch.no_grad()
 def last_token_states(model, pad_id: int, layer: int, ids: Sequence[Sequence[int]], dtype: torch.dtype,
-                      batch_size: int = 128, chunk: int = CHUNK) -> torch.Tensor:
+                      batch_size: int = 256, chunk: int = CHUNK) -> torch.Tensor:
     """Output of decoder ``layer`` at the last token of each of ``ids`` (non-empty lists): ``[n, d]``
     in ``dtype``, as a plain pass of each list alone gives it up to float rounding."""
     out = torch.empty(len(ids), int(model.config.hidden_size), dtype=dtype)
@@ -59,8 +59,8 @@ def last_token_states(model, pad_id: int, layer: int, ids: Sequence[Sequence[int
             past = make_past([])
             layer_output(model, x, mask, layer, cache=past)
             store.put(batch, [past_key_value(past, i) for i in range(layer + 1)])
-        # each list's remaining tokens against its beginning, shortest rests first (padding costs a row per token)
-        rest = sorted(range(len(seqs)), key=lambda j: (len(seqs[j]) - k[j], k[j]))
+        # each list's remaining tokens against its beginning, shortest beginnings first
+        rest = sorted(range(len(seqs)), key=lambda j: (k[j], len(seqs[j]) - k[j]))
         for b in range(0, len(rest), batch_size):
             batch = rest[b:b + batch_size]
             x, mask = pad_ids([seqs[j][k[j]:] for j in batch], pad_id, model_device(model))

@@ -38,7 +38,7 @@ class GateExamples:
 
 @torch.no_grad()
 def gate_examples(fast: FastPath, scope: ScopeIndicator, edits: EditSet, seqs: list[Seq], cfg: TrainConfig,
-                  prompts: list[EditPrompts] | None = None, batch_size: int = 128) -> GateExamples:
+                  prompts: list[EditPrompts] | None = None, batch_size: int = 256) -> GateExamples:
     """Examples of the gate loss beyond the training sequences:
 
     * ``cfg.gate_negatives`` more locality prompts per edit (0), after the KL prompts in the list
