@@ -233,18 +233,13 @@ def input_embeds(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def layer_output(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 layer: int, cache: Any = None, position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+                 layer: int) -> tuple[torch.Tensor, bool]:
     """Output ``[batch, seq, d]`` of decoder ``layer`` (the layers above it never run), and whether
     the decoder layers return tuples (what :func:`lks.models.skip_lower_layers` must mimic).
-    The embeddings come from :func:`input_embeds` (the layers' dtype).
-
-    With ``cache`` (a transformers ``Cache``) the tokens attend to the keys/values it holds
-    (``attention_mask`` then covers its slots and the tokens, ``position_ids`` the tokens' true
-    positions), and layers ``0..layer`` append theirs to it."""
+    The embeddings come from :func:`input_embeds` (the layers' dtype)."""
     with LayerHooks(model, capture=[layer], stop_after_capture=True) as hooks:
         try:
-            model(inputs_embeds=input_embeds(model, input_ids), attention_mask=attention_mask, cache=cache,
-                  use_cache=cache is not None, position_ids=position_ids)
+            model(inputs_embeds=input_embeds(model, input_ids), attention_mask=attention_mask, use_cache=False)
         except StopForward:
             pass
     return hooks.captured[layer], bool(hooks.output_is_tuple)

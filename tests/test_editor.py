@@ -732,30 +732,3 @@ def test_gate_prefixes_put_another_edits_statement_before_the_gate_examples(tiny
         plain = hooks.captured[1][torch.arange(2), pos]
         for kb in gate.kb[(subj == i) & (label == 1)]:  # the prefix changes the block
             assert not any(torch.allclose(kb, p, atol=1e-4) for p in plain)
-
-
-@pytest.mark.parametrize("chunk", [3, 4096])
-def test_last_token_states_with_shared_beginnings_equal_a_plain_pass_of_each_list(tiny_pair, chunk):
-    """The oracle: each token list alone through layers 0..L (no padding, no shared keys/values).
-    The lists repeat beginnings of several lengths, one is another's beginning, one is a single
-    token and two are equal; ``chunk`` 3 splits lists with a common beginning across stores."""
-    from lks.hooks import layer_output
-    from lks.training.beginnings import last_token_states, shared_lengths
-    model, tok = tiny_pair
-    texts = ["The native language of Danielle Darrieux", "The native language of Toko Yasuda",
-             "The native language of", "The mother tongue of Danielle Darrieux is French. Toko Yasuda",
-             "The mother tongue of Danielle Darrieux is French. The religion of Toko Yasuda",
-             "Toko Yasuda", "The", "Danielle Darrieux plays the", "The native language of Toko Yasuda"]
-    ids = tok(texts)["input_ids"]
-    assert sorted(shared_lengths(sorted(ids))) != [0] * len(ids)  # beginnings are shared
-    got = last_token_states(model, tok.pad_token_id, 1, ids, torch.float32, batch_size=4, chunk=chunk)
-    for x, state in zip(ids, got):
-        alone, _ = layer_output(model, torch.tensor([x]), torch.ones(1, len(x), dtype=torch.long), 1)
-        assert torch.allclose(state, alone[0, -1], atol=1e-5), tok.decode(x)
-
-
-def test_shared_lengths_are_the_longest_beginning_shared_with_another_list():
-    from lks.training.beginnings import shared_lengths
-    seqs = sorted([[1, 2, 3], [1, 2, 4, 5], [1, 2], [7], [7, 8, 9], [1, 2, 4, 5]])
-    # [1,2] shares all of itself but its last token runs; the equal lists share all but the last
-    assert dict(zip(map(tuple, seqs), shared_lengths(seqs))) == {(1, 2): 1, (1, 2, 3): 2, (1, 2, 4, 5): 3, (7,): 0, (7, 8, 9): 1}

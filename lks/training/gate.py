@@ -18,7 +18,6 @@ from lks.data import EditSet, subject_token_index
 from lks.hypernet import KBGenerator
 from lks.models import model_device
 from lks.scope import ScopeIndicator
-from lks.training.beginnings import last_token_states
 from lks.training.fastpath import Cache, FastPath
 from lks.training.precision import fit_dtype
 from lks.training.prompts import EditPrompts, edit_prompts
@@ -77,14 +76,16 @@ def gate_examples(fast: FastPath, scope: ScopeIndicator, edits: EditSet, seqs: l
     skip = {j for j, q in enumerate(seqs) if q.kind == KIND_LOC and (q.subject, tuple(q.ids[:q.subj_pos + 1])) in opened}
     keep = [j for j, (b, (_, _, y)) in enumerate(zip(block, items)) if y == 1.0 or b not in opened]
     # a block depends only on the tokens up to the subject's last one (causal attention): each
-    # example runs only that far, examples that agree up to there run once, and the beginnings
-    # they share ("The native language of", another edit's statement) run once (lks.training.beginnings)
-    blocks = {}  # token ids up to the subject's last token -> row of ``found``
+    # example runs only that far, and examples that agree up to there run once
+    blocks = {}  # token ids up to the subject's last token -> row of ``unique``
     owner = [blocks.setdefault(tuple(enc["input_ids"][j][:pos[j] + 1]), len(blocks)) for j in keep]
+    unique = [list(b) for b in blocks]
     # in the cache's dtype (bfloat16 when the fit runs in it: 10,000 edits x 16 negatives ~ 180 MB)
+    found = torch.empty(len(unique), fast.d, dtype=fit_dtype(fast.model, cfg.precision) or torch.float32)
     with fast.lower_pass(cfg.precision):
-        found = last_token_states(fast.model, fast.tokenizer.pad_token_id, fast.layer, list(blocks),
-                                  fit_dtype(fast.model, cfg.precision) or torch.float32, batch_size)
+        for idx, states, mask in fast.lower_batches(unique, batch_size):
+            last = mask.sum(1) - 1  # right-padded: each row's last real token is its subject's last
+            found[torch.tensor(idx)] = states[torch.arange(len(idx), device=states.device), last].to(found.dtype).cpu()
     kb = found[torch.tensor(owner, dtype=torch.long)] if owner else found[:0]
     return GateExamples(kb, torch.tensor([items[j][1] for j in keep], dtype=torch.long),
                         torch.tensor([items[j][2] for j in keep]), skip)
