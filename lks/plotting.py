@@ -252,24 +252,31 @@ def plot_update_mechanism(*, layers: pd.DataFrame, path: str | Path | None = Non
     (``layers``: columns ``method``, ``n``, ``layer``, ``delta_rel`` = ``||Delta|| / ||W||`` per band
     layer, and ``target_realised``, the share of the planned change of the band's last output the
     updates deliver, with ``edits_per_dim``, edits per key dimension; from a fit's history entries,
-    :func:`lks.report.update_diagnostics`). Left: ``||Delta|| / ||W||`` by layer (log y). Right:
-    target realised against edits per key dimension (log x)."""
+    :func:`lks.report.update_diagnostics`), one row of axes per data set (column ``data``, if
+    present). Left: ``||Delta|| / ||W||`` by layer (log y). Right: target realised against edits per
+    key dimension (log x). ``axes`` has shape (data sets, 2)."""
     if layers.empty:
         raise ValueError("plot_update_mechanism: no update diagnostics to draw")
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for i, ((method, n), grp) in enumerate(layers.sort_values(["method", "n", "layer"]).groupby(["method", "n"])):
-        colour, marker, label = _method_style(method, i)
-        alpha = 0.35 + 0.65 * np.log10(n) / max(1.0, np.log10(layers.n.max()))  # darker: more edits
-        axes[0].plot(grp.layer, grp.delta_rel, color=colour, marker=marker, ms=4, alpha=alpha, label=f"{label}, N={n:,}")
-        end = grp.dropna(subset=["target_realised"])
-        if not end.empty:
-            axes[1].scatter(end.edits_per_dim.iloc[0], end.target_realised.iloc[0], color=colour, marker=marker,
-                            alpha=alpha, label=f"{label}, N={n:,}")
-    axes[0].set(yscale="log", xlabel="band layer", ylabel="‖Δ‖ / ‖W‖")
-    axes[1].set(xscale="log", xlabel="edits per key dimension", ylabel="target change realised", ylim=(0, 1.05))
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.22), ncol=3, frameon=False)
+    layers = layers if "data" in layers else layers.assign(data="")
+    datasets = sorted(layers.data.unique())
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(9, 0.4 + 3.0 * len(datasets)), squeeze=False)
+    darkest = max(1.0, np.log10(layers.n.max()))
+    for row, data in zip(axes, datasets):
+        part = layers[layers.data == data].sort_values(["method", "n", "layer"])
+        for i, ((method, n), grp) in enumerate(part.groupby(["method", "n"])):
+            colour, marker, label = _method_style(method, i)
+            alpha = 0.35 + 0.65 * np.log10(n) / darkest  # darker: more edits
+            row[0].plot(grp.layer, grp.delta_rel, color=colour, marker=marker, ms=4, alpha=alpha, label=f"{label}, N={n:,}")
+            end = grp.dropna(subset=["target_realised"])
+            if not end.empty:
+                row[1].scatter(end.edits_per_dim.iloc[0], end.target_realised.iloc[0], color=colour, marker=marker,
+                               alpha=alpha, label=f"{label}, N={n:,}")
+        row[0].set(yscale="log", xlabel="band layer", ylabel="‖Δ‖ / ‖W‖", title=data)
+        row[1].set(xscale="log", xlabel="edits per key dimension", ylabel="target change realised", ylim=(0, 1.05),
+                   title=data)
+        for ax in row:
+            ax.grid(alpha=0.3)
+    axes[-1, 0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.22), ncol=3, frameon=False)
     fig.suptitle(title or "Weight editors: update size by layer and the target change they realise")
     fig.tight_layout()
     save_figure(fig, path)

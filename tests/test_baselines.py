@@ -578,7 +578,13 @@ def test_update_mechanism_figure_from_a_grid_table():
     long = update_diagnostics(table)
     assert len(long) == 4 and set(long.method) == {"memit"} and list(long.layer) == [4, 5, 4, 5]
     fig, axes = plot_update_mechanism(layers=long)
-    assert len(axes[0].get_lines()) == 2 and len(axes[1].collections) == 2
+    assert axes.shape == (1, 2) and len(axes[0, 0].get_lines()) == 2 and len(axes[0, 1].collections) == 2
+    # two data sets: a row each, their lines kept apart (one line per cell, its own layers)
+    both = update_diagnostics(pd.concat([table, table.assign(data="counterfact", delta_rel_L4=[0.02, 0.9, None])]))
+    fig, axes = plot_update_mechanism(layers=both)
+    assert axes.shape == (2, 2) and [ax.get_title() for ax in axes[:, 0]] == ["counterfact", "zsre"]
+    assert [list(line.get_ydata()) for line in axes[0, 0].get_lines()] == [[0.02, 0.02], [0.9, 0.6]]
+    assert [list(line.get_xdata()) for line in axes[1, 0].get_lines()] == [[4, 5], [4, 5]]
     with pytest.raises(ValueError, match="no update diagnostics"):
         plot_update_mechanism(layers=update_diagnostics(table[table.method == "lks"].dropna(axis=1)))
 
