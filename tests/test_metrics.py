@@ -51,3 +51,31 @@ def test_length_batches_are_short_first_stable_and_cover_every_index_once(n, siz
     for a, b in zip(flat, flat[1:]):
         assert lengths[a] < lengths[b] or (lengths[a] == lengths[b] and a < b)
     assert all(len(b) == size for b in batches[:-1]) and all(0 < len(b) <= size for b in batches)
+
+
+def test_teacher_forced_matches_each_pair_scored_alone_on_full_logits(tiny_pair):
+    """Batched scoring (the head applied only where a target token is predicted, rows of several lengths
+    padded together) against an oracle: each pair alone, the full logits, log-softmax, the target
+    tokens read by hand from the tokenizer's offsets."""
+    import torch
+
+    from lks.metrics import teacher_forced
+
+    model, tok = tiny_pair
+    prompts = ["The capital of France is", "Berlin is in", "Apple is headquartered in", "Toko Yasuda plays the",
+               "The mother tongue of Danielle Darrieux is", "works in the field of", "x"]
+    targets = ["Paris", "Germany", "Cupertino and Paris", "guitar", "French", "English Islam Swedish", ""]
+    got = teacher_forced(model, tok, prompts, targets, batch_size=3)
+    for p, t, g in zip(prompts, targets, got):
+        enc = tok(f"{p} {t}", return_offsets_mapping=True)
+        tgt = [j for j, (s, e) in enumerate(enc["offset_mapping"]) if s >= len(p) and e > s and j > 0]
+        if not tgt:
+            assert g["n"] == 0 and math.isnan(g["logprob"]) and math.isnan(g["acc"])
+            continue
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([enc["input_ids"]])).logits[0].float(), -1)
+        want = [int(enc["input_ids"][j]) for j in tgt]
+        rows = logp[[j - 1 for j in tgt]]
+        assert g["n"] == len(tgt) and g["pred"] == rows.argmax(-1).tolist()
+        assert g["logprob"] == pytest.approx(float(sum(rows[k, w] for k, w in enumerate(want))), abs=1e-4)
+        assert g["acc"] == pytest.approx(sum(int(rows[k].argmax()) == w for k, w in enumerate(want)) / len(tgt))
