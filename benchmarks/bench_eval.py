@@ -67,10 +67,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     import torch
+    from records import code_state, write_record
 
     import lks
     from lks.metrics import _prompt_pairs, teacher_forced
-    from records import code_state, write_record
 
     code_state()
     torch.set_num_threads(args.threads)
