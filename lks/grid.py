@@ -168,6 +168,12 @@ def dataset_label(dataset: str) -> str:
     return Path(dataset).stem if dataset.endswith(".json") else dataset
 
 
+def scoring(profile: GridProfile) -> dict[str, Any]:
+    """A profile's evaluation settings, as each cell's file records them (``"scoring"``)."""
+    return {"eval_n": profile.eval_n, "fluency_n": profile.fluency_n, "fluency_tokens": profile.fluency_tokens,
+            "seed": profile.seed}
+
+
 @dataclass
 class Grid:
     """One profile's grid on a loaded model: where its files go and how a cell runs."""
@@ -297,8 +303,7 @@ class Grid:
     # -- one cell -------------------------------------------------------------------------------
     def scoring(self) -> dict[str, Any]:
         """The profile's evaluation settings, recorded in each cell's file: a file scored otherwise is redone."""
-        p = self.profile
-        return {"eval_n": p.eval_n, "fluency_n": p.fluency_n, "fluency_tokens": p.fluency_tokens, "seed": p.seed}
+        return scoring(self.profile)
 
     def edits(self, cell: Cell) -> tuple[Any, list[int]]:
         return load_edits(cell.dataset, data_dir=self.data_dir, n=cell.n).drop_conflicts()

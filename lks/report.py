@@ -14,14 +14,14 @@ from typing import Any
 import pandas as pd
 
 from lks.capability import HEADLINE, PERPLEXITY, p_label
-from lks.grid import FORMAT, GridProfile, dataset_label
+from lks.grid import FORMAT, GridProfile, dataset_label, scoring
 from lks.methods import method_label
 
 
 def read_grid(results_dir: str | os.PathLike, model: str = "smollm2-135m") -> pd.DataFrame:
     """Every finished cell under ``results_dir/<model>`` as one row: data, method, n, n_edits (the
-    edits fitted), n_evaluated, fit_seconds, peak_rss_mb and the summary's metrics (sorted by data,
-    method, n)."""
+    edits fitted), n_evaluated, fit_seconds, peak_rss_mb, date, scoring (the evaluation settings it
+    was scored with) and the summary's metrics (sorted by data, method, n)."""
     rows = []
     for path in sorted((Path(results_dir) / model).glob("*/*-*.json")):
         rec = json.loads(path.read_text())
@@ -29,7 +29,8 @@ def read_grid(results_dir: str | os.PathLike, model: str = "smollm2-135m") -> pd
             continue
         # the cell's own counts win: the summary's "n_edits" counts the edits it evaluated
         rows.append(rec["summary"] | {k: rec.get(k) for k in ("data", "method", "n", "n_edits", "n_evaluated",
-                                                              "fit_seconds", "targets_cached", "eval_seconds", "peak_rss_mb")})
+                                                              "fit_seconds", "targets_cached", "eval_seconds", "peak_rss_mb",
+                                                              "date", "scoring")})
     df = pd.DataFrame(rows)
     return df.sort_values(["data", "method", "n"], ignore_index=True) if len(df) else df
 
@@ -94,7 +95,7 @@ def markdown_table(table: pd.DataFrame, profile: GridProfile, dataset: str) -> s
     label = dataset_label(dataset)
     have = table[table.data == label].set_index(["method", "n"]) if len(table) else pd.DataFrame()
     metrics = [m for m in TABLE_METRICS if m != "specificity" or (len(have) and have["specificity"].notna().any())]
-    heads = [f"{m} [{GRID_METRICS[m][1]}]" for m in metrics] + ["fit s"]
+    heads = [f"{m} [{GRID_METRICS[m][1]}]" for m in metrics] + ["evaluated / fitted", "run", "fit s"]
     lines = ["| method | edits | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(heads)]
     for method in profile.methods:
         for n in sorted(profile.sizes):
@@ -107,7 +108,9 @@ def markdown_table(table: pd.DataFrame, profile: GridProfile, dataset: str) -> s
                 cells[metrics.index("fluency")] += f" ({_fmt(row.get('fluency_base'), 2)})"
             cached = row.get("targets_cached")
             fit = _fmt(row.get("fit_seconds"), 0) + ("*" if cached is not None and not pd.isna(cached) and cached > 0 else "")
-            lines.append(f"| {method} | {n:,} | " + " | ".join(cells + [fit]) + " |")
+            run = str(row.get("date") or "")[:10] + (" †" if scored_otherwise(row, profile) else "")
+            lines.append(f"| {method} | {n:,} | " + " | ".join(cells + [f"{_fmt(row.get('n_evaluated'), 0)} / "
+                                                                     f"{_fmt(row.get('n_edits'), 0)}", run, fit]) + " |")
     return "\n".join(lines)
 
 
@@ -115,15 +118,25 @@ def markdown_legend() -> str:
     """The definitions of :func:`markdown_table`'s columns, one bullet each."""
     return "\n".join([f"- **{m}** [{GRID_METRICS[m][1]}]: {GRID_METRICS[m][0]}" for m in TABLE_METRICS]
                      + ["- **fit s**: seconds to fit the editor; * = some or all of the MEMIT/AlphaEdit target vectors "
-                        "came from an earlier fit's cache (AlphaEdit shares MEMIT's), whose optimisation these seconds leave out"])
+                        "came from an earlier fit's cache (AlphaEdit shares MEMIT's), whose optimisation these seconds leave out",
+                        "- **evaluated / fitted**: the edits scored teacher-forced, of the edits fitted (conflicts dropped)",
+                        "- **run**: the date of the cell's run; † = scored otherwise than the profile scores now (an earlier "
+                        "run; `python -m lks reproduce` runs it again)"])
 
 
 DATASET_LABELS = {"zsre": "zsRE", "counterfact": "CounterFact"}
 
 
+def scored_otherwise(row: pd.Series, profile: GridProfile) -> bool:
+    """Whether a cell of :func:`read_grid` was scored with other evaluation settings than ``profile``'s
+    (an earlier run, which the grid runs again)."""
+    return row.get("scoring") != scoring(profile)
+
+
 def summary_table(table: pd.DataFrame, profile: GridProfile) -> str:
     """One markdown table of every data set x N (rows) and method (columns), each cell "same-subject
-    locality [held-out] / reliability [seen]" (README's summary); "not run yet" where not computed."""
+    locality [held-out] / reliability [seen]" (README's summary), marked † where scored otherwise
+    than ``profile`` scores now (:func:`scored_otherwise`); "not run yet" where not computed."""
     have = table.set_index(["data", "method", "n"]) if len(table) else pd.DataFrame()
     lines = ["| data | edits | " + " | ".join(method_label(m) for m in profile.methods) + " |",
              "|---|---|" + "---|" * len(profile.methods)]
@@ -131,6 +144,7 @@ def summary_table(table: pd.DataFrame, profile: GridProfile) -> str:
         label = dataset_label(dataset)
         for n in sorted(profile.sizes):
             cells = [f"{have.loc[(label, m, n), 'locality']:.2f} / {have.loc[(label, m, n), 'reliability']:.2f}"
+                     + (" †" if scored_otherwise(have.loc[(label, m, n)], profile) else "")
                      if (label, m, n) in have.index else "not run yet" for m in profile.methods]
             lines.append(f"| {DATASET_LABELS.get(label, label)} | {n:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -89,7 +89,7 @@ def test_grid_writes_every_cell_once(tiny_pair, tmp_path, cache, caplog):
     assert len(md) == 2 + 6 and md[4].startswith("| lks | 8 | not run yet")
     lks4 = table[(table.method == "lks") & (table.n == 4)].iloc[0]
     assert md[3].startswith(f"| lks | 4 | {lks4.reliability:.3f} | {lks4.generality:.3f} |")
-    assert md[3].endswith(f"| {lks4.fit_seconds:.0f} |")  # no target cache: no star
+    assert md[3].endswith(f"| 2 / 3 | {rec['date'][:10]} | {lks4.fit_seconds:.0f} |")  # evaluated / fitted, run; no star
     # the summary table and the generated blocks of a markdown file, from the cells' files themselves
     lks2, memit2 = (json.loads(grid.result_path(G.Cell(prof.datasets[0], m, 2)).read_text())["summary"]
                     for m in ("lks", "memit"))
@@ -106,6 +106,12 @@ def test_grid_writes_every_cell_once(tiny_pair, tmp_path, cache, caplog):
     doc.write_text("no blocks\n")
     with pytest.raises(ValueError, match="no <!-- grid-table -->"):
         R.write_tables(doc, table, prof, pd.DataFrame())
+    # a cell scored otherwise than the profile scores now (an earlier run) is marked in both tables
+    earlier = dataclasses.replace(prof, fluency_n=prof.fluency_n + 1)
+    assert R.summary_table(table, dataclasses.replace(prof, sizes=(2,))).splitlines()[2].count("†") == 0
+    assert R.summary_table(table, dataclasses.replace(earlier, sizes=(2,))).splitlines()[2].count("†") == 2
+    assert R.markdown_table(table, earlier, prof.datasets[0]).splitlines()[3].endswith(
+        f"| 2 / 3 | {rec['date'][:10]} † | {lks4.fit_seconds:.0f} |")
 
 
 def test_fluency_sample_is_all_or_a_seeded_uniform_draw():
