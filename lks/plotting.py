@@ -259,7 +259,8 @@ def plot_update_mechanism(*, layers: pd.DataFrame, path: str | Path | None = Non
         raise ValueError("plot_update_mechanism: no update diagnostics to draw")
     layers = layers if "data" in layers else layers.assign(data="")
     datasets = sorted(layers.data.unique())
-    fig, axes = plt.subplots(len(datasets), 2, figsize=(9, 0.4 + 3.0 * len(datasets)), squeeze=False)
+    # one x range per column, so the data sets' rows read against each other
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(9, 0.4 + 3.0 * len(datasets)), squeeze=False, sharex="col")
     darkest = max(1.0, np.log10(layers.n.max()))
     for row, data in zip(axes, datasets):
         part = layers[layers.data == data].sort_values(["method", "n", "layer"])
@@ -276,7 +277,9 @@ def plot_update_mechanism(*, layers: pd.DataFrame, path: str | Path | None = Non
                    title=data)
         for ax in row:
             ax.grid(alpha=0.3)
-    axes[-1, 0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.22), ncol=3, frameon=False)
+    labelled = dict(kv for ax in axes[:, 0] for kv in zip(*reversed(ax.get_legend_handles_labels())))  # every row's
+    axes[-1, 0].legend(labelled.values(), labelled.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.22),
+                       ncol=3, frameon=False)
     fig.suptitle(title or "Weight editors: update size by layer and the target change they realise")
     fig.tight_layout()
     save_figure(fig, path)
