@@ -169,7 +169,8 @@ def dataset_label(dataset: str) -> str:
 
 
 def scoring(profile: GridProfile) -> dict[str, Any]:
-    """A profile's evaluation settings, as each cell's file records them (``"scoring"``)."""
+    """A profile's evaluation settings, as each cell's file records them (``"scoring"``): a file scored
+    otherwise is redone."""
     return {"eval_n": profile.eval_n, "fluency_n": profile.fluency_n, "fluency_tokens": profile.fluency_tokens,
             "seed": profile.seed}
 
@@ -209,7 +210,7 @@ class Grid:
         """``"done"``; ``"rescore"``: its file was scored otherwise (an older run; running the cell
         again re-scores its saved editor); or ``"missing"``."""
         rec = finished(self.result_path(cell))
-        return "missing" if rec is None else "done" if rec.get("scoring") == self.scoring() else "rescore"
+        return "missing" if rec is None else "done" if rec.get("scoring") == scoring(self.profile) else "rescore"
 
     def pending(self, only: Sequence[str] = ()) -> list[tuple[str, Cell]]:
         """What is left: ``("edit", cell)`` and ``("capability", cell)`` steps, in run order; with
@@ -301,10 +302,6 @@ class Grid:
         return f"for {', '.join(methods)}"
 
     # -- one cell -------------------------------------------------------------------------------
-    def scoring(self) -> dict[str, Any]:
-        """The profile's evaluation settings, recorded in each cell's file: a file scored otherwise is redone."""
-        return scoring(self.profile)
-
     def edits(self, cell: Cell) -> tuple[Any, list[int]]:
         return load_edits(cell.dataset, data_dir=self.data_dir, n=cell.n).drop_conflicts()
 
@@ -345,7 +342,7 @@ class Grid:
         record = {"format": FORMAT, "model": self.profile.model, "data": dataset_label(cell.dataset), "method": cell.method,
                   "n": cell.n, "n_edits": len(edits), "dropped_conflicts": dropped, "n_evaluated": len(shown),
                   "evaluated": f"the first {len(shown)} of the {len(edits)} edits",
-                  "scoring": self.scoring(),
+                  "scoring": scoring(self.profile),
                   "scored": {"teacher_forced": f"edits 0-{len(shown) - 1}", "generation": sample},
                   "fit_seconds": editor.fit_seconds, "editor_reused": reused,
                   # MEMIT / AlphaEdit: targets found in the cache (computed by an earlier fit) are not in fit_seconds

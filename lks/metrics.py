@@ -93,12 +93,10 @@ def teacher_forced(model, tokenizer, prompts: Sequence[str], targets: Sequence[s
         items.append((ids, tgt))
     out: list[dict[str, Any]] = [{"acc": float("nan"), "logprob": float("nan"), "pred": [], "n": 0} for _ in items]
     for idx in length_batches([len(ids) for ids, _ in items], batch_size):
-        idx = [i for i in idx if items[i][1]]  # a pair without target tokens keeps its nan row
-        if not idx:
+        if not (idx := [i for i in idx if items[i][1]]):  # a pair without target tokens keeps its nan row
             continue
         ids, mask = pad_ids([items[i][0] for i in idx], tokenizer.pad_token_id, dev)
-        # the vocabulary head and its softmax only where a target token is predicted (the positions before
-        # the batch's target tokens): about a fifth of the forward's work and most of its memory traffic
+        # the vocabulary head and its softmax only where a target token is predicted (benchmarks/bench_eval.py)
         first = min(items[i][1][0] for i in idx) - 1
         keep = torch.arange(first, max(items[i][1][-1] for i in idx), device=dev)
         with (context() if context else nullcontext()):
