@@ -25,7 +25,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lks.grid import Grid, GridProfile, Pace, Step
+from lks.grid import Grid, GridProfile, Step
+from lks.progress import Pace
 
 _WORKER: dict[str, Any] = {}  # in a Ray worker process: the model it loaded, reused by its later steps
 

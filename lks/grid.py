@@ -19,6 +19,8 @@ the capability runs reuse them. An interrupted fit resumes: LKS from its last fi
 its stored training set (:mod:`lks.training.stored`), FT-L from its last step, MEMIT and AlphaEdit
 from their last cached chunk of target vectors; a capability run from its first unfinished task
 (a finished task counts only with the same saved editor: a refitted one runs every task again).
+A capability file counts only with the fit its cell's file records (``"editor"``) and the
+profile's capability settings; a cell fitted again runs its capability step again.
 
 **Capability** at ``capability_n`` edits: after that cell, the editor runs the general-capability
 tasks (:func:`lks.capability.evaluate_capability`) on the same items as the unedited model, which
@@ -41,13 +43,11 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import logging
 import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ from lks.config import from_dict
 from lks.formats import load_edits
 from lks.methods import editor_class, load_editor, method_names
 from lks.metrics import UneditedMemo, evaluate_edits
+from lks.progress import Pace, step_log
 from lks.utils import code_version, peak_rss, provenance, sha256_file, sha256_text, write_json
 
 FORMAT = "lks-grid-1"  # a results file without it (an older run) is recomputed
@@ -212,6 +213,17 @@ class Grid:
         rec = finished(self.result_path(cell))
         return "missing" if rec is None else "done" if rec.get("scoring") == scoring(self.profile) else "rescore"
 
+    def capability_status(self, cell: Cell) -> str:
+        """``"done"``: the cell is done and its capability comparison ran with the editor its file
+        records (``"editor"``, :func:`editor_digest`) and these capability settings; ``"stale"``: a
+        comparison of another fit or settings (an older run, or the cell is pending again); ``"missing"``."""
+        rec = finished(self.capability_path(cell))
+        if rec is None:
+            return "missing"
+        fit = finished(self.result_path(cell)) if self.status(cell) == "done" else None
+        same = fit is not None and rec.get("editor") is not None and rec.get("editor") == fit.get("editor")
+        return "done" if same and rec.get("settings") == self.capability_settings() else "stale"
+
     def pending(self, only: Sequence[str] = ()) -> list[tuple[str, Cell]]:
         """What is left: ``("edit", cell)`` and ``("capability", cell)`` steps, in run order; with
         ``only``, the cells whose name (``zsre/memit-1000``) matches one of these shell patterns."""
@@ -221,7 +233,7 @@ class Grid:
                 continue
             if self.status(cell) != "done":
                 todo.append(("edit", cell))
-            if cell.n == self.profile.capability_n and not self.done(self.capability_path(cell)):
+            if cell.n == self.profile.capability_n and self.capability_status(cell) != "done":
                 todo.append(("capability", cell))
         return todo
 
@@ -279,7 +291,7 @@ class Grid:
         """Run one step, its progress (the lks loggers at INFO) appended to :meth:`log_path`;
         returns ``{"step", "seconds", "brief"}`` (a one-line result)."""
         t0 = time.perf_counter()
-        with step_log(self.log_path(step)) as log:
+        with step_log(self.log_path(step), __name__) as log:
             log.info("%s: started (pid %d on %s)", step.name, os.getpid(), os.uname().nodename)
             if step.kind == "edit":
                 summary = self.run_cell(step.cell)["summary"]
@@ -345,6 +357,7 @@ class Grid:
                   "scoring": scoring(self.profile),
                   "scored": {"teacher_forced": f"edits 0-{len(shown) - 1}", "generation": sample},
                   "fit_seconds": editor.fit_seconds, "editor_reused": reused,
+                  "editor": editor_digest(self.editor_path(cell)),  # the fit its capability comparison must run with
                   # MEMIT / AlphaEdit: targets found in the cache (computed by an earlier fit) are not in fit_seconds
                   "targets_cached": sum(h.get("targets") == "cached" for h in editor.history),
                   "eval_seconds": eval_seconds, **peak, **configs,
@@ -362,27 +375,6 @@ class Grid:
         kw = self.capability_kwargs()
         return json.loads(json.dumps({k: v for k, v in kw.items() if k not in ("data_dir", "progress")}))
 
-    def capability_table(self, editor: Any, partial: Path, editor_id: str | None = None) -> tuple[pd.DataFrame, float]:
-        """``(table with attrs["items"], seconds)``: the capability tasks run one at a time, each
-        task's result kept in the folder ``partial`` until all are done, so that an interrupted run
-        resumes at its first unfinished task (a task's run does not depend on the others'). A kept
-        result counts only with the same settings and ``editor_id`` (:func:`editor_digest`)."""
-        kw, settings, parts, seconds = self.capability_kwargs(), self.capability_settings(), [], 0.0
-        for task in kw["tasks"]:
-            path = partial / f"{task}.json"
-            saved = json.loads(path.read_text()) if path.is_file() else {}
-            if saved.get("settings") != settings or saved.get("editor") != editor_id:
-                t0 = time.perf_counter()
-                df = evaluate_capability(self.model, self.tokenizer, editor=editor, **{**kw, "tasks": [task]})
-                saved = {"settings": settings, "editor": editor_id, "seconds": time.perf_counter() - t0,
-                         "table": _records(df), "items": _records(df.attrs["items"])}
-                write_json(path, saved)
-            parts.append(saved)
-            seconds += saved["seconds"]
-        df = pd.DataFrame([row for part in parts for row in part["table"]])
-        df.attrs["items"] = pd.DataFrame([row for part in parts for row in part["items"]])
-        return df, seconds
-
     def saved_unedited(self) -> pd.DataFrame | None:
         """The stored unedited capability table (per-item ``attrs["items"]``) of these settings, if any."""
         saved = finished(self.capability_path(None))
@@ -399,7 +391,8 @@ class Grid:
         if df is not None:
             return df
         partial = Path(self.editors_dir) / model_label(self.profile.model) / "capability-unedited.partial"
-        df, seconds = self.capability_table(None, partial)
+        df, seconds = capability_by_task(self.model, self.tokenizer, None, self.capability_kwargs(),
+                                         self.capability_settings(), partial)
         write_json(self.capability_path(None), {
             "format": FORMAT, "model": self.profile.model, "settings": self.capability_settings(),
             "seconds": seconds, **provenance(self.code), "table": _records(df), "items": _records(df.attrs["items"])})
@@ -407,19 +400,52 @@ class Grid:
         return df
 
     def run_capability(self, cell: Cell) -> dict[str, Any]:
-        """The capability tasks with the cell's editor, paired with the unedited run on the same items."""
+        """The capability tasks with the cell's editor, paired with the unedited run on the same items
+        (kept if it ran with this fit and settings). An editor fitted again here (its saved one was
+        on another machine) is scored again first, so that the cell's file and this one describe one fit."""
         edits, _ = self.edits(cell)
         editor, _ = self.editor(cell, edits)
+        digest = editor_digest(self.editor_path(cell))
+        if (finished(self.result_path(cell)) or {}).get("editor") != digest:
+            self.log(f"{cell.name}: its file records another fit than the saved editor; scoring this one first")
+            self.run_cell(cell)
+        if self.capability_status(cell) == "done":
+            return finished(self.capability_path(cell))
         partial = self.editor_path(cell).with_name(f"{cell.method}-{cell.n}.capability.partial")
-        after, seconds = self.capability_table(editor, partial, editor_digest(self.editor_path(cell)))
+        after, seconds = capability_by_task(self.model, self.tokenizer, editor, self.capability_kwargs(),
+                                            self.capability_settings(), partial, digest)
         before = self.unedited_capability()
         comp = compare_capability(before, after, seed=self.profile.seed)
         record = {"format": FORMAT, "model": self.profile.model, "data": dataset_label(cell.dataset),
-                  "method": cell.method, "n": cell.n, "n_edits": len(edits), "seconds": seconds, **provenance(self.code),
+                  "method": cell.method, "n": cell.n, "n_edits": len(edits), "seconds": seconds, "editor": digest,
+                  "settings": self.capability_settings(), **provenance(self.code),
                   "before": _records(before), "after": _records(after), "comparison": _records(comp)}
         write_json(self.capability_path(cell), record)
         shutil.rmtree(partial, ignore_errors=True)
         return record
+
+
+def capability_by_task(model: Any, tokenizer: Any, editor: Any, kw: dict[str, Any], settings: dict[str, Any],
+                       partial: Path, editor_id: str | None = None) -> tuple[pd.DataFrame, float]:
+    """``(table with attrs["items"], seconds)``: the capability tasks of ``kw`` (:meth:`Grid.capability_kwargs`)
+    run one at a time, each task's result kept in the folder ``partial`` until all are done, so that an
+    interrupted run resumes at its first unfinished task (a task's run does not depend on the others').
+    A kept result counts only with the same ``settings`` and ``editor_id`` (:func:`editor_digest`)."""
+    parts, seconds = [], 0.0
+    for task in kw["tasks"]:
+        path = partial / f"{task}.json"
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        if saved.get("settings") != settings or saved.get("editor") != editor_id:
+            t0 = time.perf_counter()
+            df = evaluate_capability(model, tokenizer, editor=editor, **{**kw, "tasks": [task]})
+            saved = {"settings": settings, "editor": editor_id, "seconds": time.perf_counter() - t0,
+                     "table": _records(df), "items": _records(df.attrs["items"])}
+            write_json(path, saved)
+        parts.append(saved)
+        seconds += saved["seconds"]
+    df = pd.DataFrame([row for part in parts for row in part["table"]])
+    df.attrs["items"] = pd.DataFrame([row for part in parts for row in part["items"]])
+    return df, seconds
 
 
 def finished(path: Path) -> dict[str, Any] | None:
@@ -443,56 +469,6 @@ def editor_digest(path: Path) -> str:
     """sha256 over a saved editor's files, names and contents: which fit a kept capability result
     belongs to (an editor fitted again on another machine, e.g. FT-L's, is another fit)."""
     return sha256_text(json.dumps({p.name: sha256_file(p) for p in sorted(path.iterdir()) if p.is_file()}))
-
-
-class Pace:
-    """The ETA of the steps left, from the finished ones: an edit step at the seconds per edit of
-    the finished edit steps (sizes differ by 1,000x), a capability step at their mean seconds."""
-
-    def __init__(self) -> None:
-        self.edit_seconds, self.edit_n, self.other = 0.0, 0, []
-
-    def add(self, step: Step, seconds: float) -> None:
-        if step.kind == "edit":
-            self.edit_seconds, self.edit_n = self.edit_seconds + seconds, self.edit_n + step.cell.n
-        else:
-            self.other.append(seconds)
-
-    def eta(self, left: Sequence[Step], workers: int = 1) -> str:
-        """``"; ETA 14:05 UTC (about 2.1 h, for 5 of 7 steps left)"``, or "" with no step left."""
-        if not left:
-            return ""
-        known, total = 0, 0.0
-        for step in left:
-            if step.kind == "edit" and self.edit_n:
-                known, total = known + 1, total + self.edit_seconds / self.edit_n * step.cell.n
-            elif step.kind != "edit" and self.other:
-                known, total = known + 1, total + sum(self.other) / len(self.other)
-        if not known:
-            return f"; {len(left)} step(s) left"
-        total /= max(1, min(workers, len(left)))
-        when = time.strftime("%H:%M UTC", time.gmtime(time.time() + total))
-        span = f"{total / 3600:.1f} h" if total >= 5400 else f"{total / 60:.0f} min"
-        return f"; ETA {when} (about {span}" + (f", for {known} of {len(left)} steps left)" if known < len(left) else ")")
-
-
-@contextmanager
-def step_log(path: Path) -> Iterator[logging.Logger]:
-    """Append the lks loggers' INFO lines (fit progress) to ``path`` for the block; yields the grid's logger."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    root, handler = logging.getLogger("lks"), logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    handler.setLevel(logging.INFO)
-    level = root.level
-    root.addHandler(handler)
-    if root.getEffectiveLevel() > logging.INFO:
-        root.setLevel(logging.INFO)
-    try:
-        yield logging.getLogger(__name__)
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
-        handler.close()
 
 
 def _records(df: pd.DataFrame) -> list[dict[str, Any]]:

@@ -37,13 +37,18 @@ def read_grid(results_dir: str | os.PathLike, model: str = "smollm2-135m") -> pd
 
 def read_capability(results_dir: str | os.PathLike, model: str = "smollm2-135m") -> pd.DataFrame:
     """Every capability comparison under ``results_dir/<model>``: one row per data set, method, task
-    and metric with before, after, diff, its CI, the paired p-value and the routed prompts."""
+    and metric with before, after, diff, its CI, the paired p-value and the routed prompts;
+    ``earlier_fit``: the comparison ran with another fit than the one its cell's file scores (the
+    saved editors' digests differ: the cell was fitted again and its capability step is to run)."""
     frames = []
     for path in sorted((Path(results_dir) / model).glob("*/capability-*.json")):
         rec = json.loads(path.read_text())
         if rec.get("format") != FORMAT:
             continue
-        comp = pd.DataFrame(rec["comparison"]).assign(data=rec["data"], method=rec["method"], n=rec["n"])
+        cell = path.with_name(f"{rec['method']}-{rec['n']}.json")
+        fit = json.loads(cell.read_text()) if cell.is_file() else {}
+        comp = pd.DataFrame(rec["comparison"]).assign(data=rec["data"], method=rec["method"], n=rec["n"],
+                                                      earlier_fit=fit.get("editor") != rec.get("editor"))
         after = pd.DataFrame(rec["after"])[["task", "metric", "routed", "rows_seen"]]
         frames.append(comp.merge(after, on=["task", "metric"], how="left"))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -158,10 +163,11 @@ def capability_markdown(comparison: pd.DataFrame, profile: GridProfile) -> str:
     markdown table: a row for the unedited model (the one run every comparison pairs with), then a
     row per data set x method (the profile's order) with each task's headline metric
     (:data:`lks.capability.HEADLINE`) as "after (difference, paired p)" and the rows routed to an
-    edit out of the rows the editor saw, all tasks; "not run yet" where no file exists."""
+    edit out of the rows the editor saw, all tasks; "not run yet" where no file exists, "(earlier fit)"
+    beside the method where the comparison is of another fit than its cell's file scores."""
     tasks = [t for t in profile.capability_tasks if t in HEADLINE]
     c = comparison.reindex(columns=["data", "method", "n", "task", "metric", "before", "after", "diff", "p_value",
-                                    "n_pairs", "routed", "rows_seen"])  # (no columns when no file exists)
+                                    "n_pairs", "routed", "rows_seen", "earlier_fit"])  # (no columns when no file exists)
     have = c[(c.n == profile.capability_n) & (c.metric == c.task.map(HEADLINE))]
     digits = {t: 2 if HEADLINE[t] in PERPLEXITY else 3 for t in tasks}
     items = {t: have[have.task == t].n_pairs.max() for t in tasks}
@@ -177,7 +183,8 @@ def capability_markdown(comparison: pd.DataFrame, profile: GridProfile) -> str:
         label = dataset_label(dataset)
         for method in profile.methods:
             mine = have[(have.data == label) & (have.method == method)].set_index("task")
-            name = f"| {DATASET_LABELS.get(label, label)} | {method_label(method)} | "
+            earlier = " (earlier fit)" if mine.earlier_fit.fillna(False).astype(bool).any() else ""
+            name = f"| {DATASET_LABELS.get(label, label)} | {method_label(method)}{earlier} | "
             if mine.empty:
                 lines.append(name + " | ".join(["not run yet"] + [""] * len(tasks)) + " |")
                 continue
@@ -195,7 +202,8 @@ def capability_legend(profile: GridProfile) -> str:
             "(difference to unedited, paired p-value: exact McNemar for accuracies, paired bootstrap over "
             "articles for perplexity, lower is better; 2,000 resamples, so its smallest p is 0.001). **routed / seen rows**: sequences the scope "
             "indicator sent to an edit, out of those the editor saw, all tasks (a weight editor's change "
-            "acts on every row, so it counts them all).")
+            "acts on every row, so it counts them all). **(earlier fit)**: a comparison run with another fit "
+            "than the one its cell now scores (the cell was fitted again; its capability step is still to run).")
 
 
 def tables_markdown(table: pd.DataFrame, profile: GridProfile) -> str:

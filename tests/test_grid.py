@@ -20,6 +20,7 @@ from lks.data import EditSet
 from lks.formats import load_edits
 from lks.methods import load_editor, method_label
 from lks.metrics import evaluate_edits, neighborhood_score
+from lks.progress import Pace
 
 RECORDS = [
     {"case_id": 0, "subject": "Danielle Darrieux", "prompt": "The mother tongue of Danielle Darrieux is", "target": "English",
@@ -297,6 +298,68 @@ def test_kept_capability_tasks_count_only_with_the_editor_that_ran_them(tiny_pai
     assert after[["task", "metric", "value"]].to_numpy().tolist() == once[["task", "metric", "value"]].to_numpy().tolist()
 
 
+def test_a_capability_file_counts_only_with_its_cells_fit(tiny_pair, tmp_path, cache, capability_dir, monkeypatch):
+    """A capability comparison belongs to one fit: the digest of the saved editor's files (the
+    oracle: hashlib over them here) is in the cell's file and in the capability file. A file of an
+    older run (no digest) or a cell fitted again (other settings) plans the capability step again;
+    a cell re-scored with the same saved editor keeps its comparison without running a task."""
+    import hashlib
+
+    import lks.capability as cap
+
+    model, tok = tiny_pair
+    prof = profile(tmp_path, methods=["memit"], sizes=[2], capability_n=2, capability_tasks=["sst2"],
+                   capability_limit={"sst2": 4}, batch_size=4)
+    grid = G.Grid(prof, model, tok, data_dir=str(capability_dir), results_dir=tmp_path / "results",
+                  editors_dir=tmp_path / "editors", log=lambda m: None)
+    real, calls = cap.evaluate_capability, []
+    monkeypatch.setattr(G, "evaluate_capability", lambda *a, **kw: calls.append(kw["editor"]) or real(*a, **kw))
+    cell = G.cells(prof)[0]
+    grid.run()
+    assert grid.plan() == [] and len(calls) == 2  # the unedited run and the editor's
+
+    def files():
+        return json.loads(grid.result_path(cell).read_text()), json.loads(grid.capability_path(cell).read_text())
+
+    def digest():
+        files = sorted(p for p in grid.editor_path(cell).iterdir() if p.is_file())
+        return hashlib.sha256(json.dumps({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}).encode()).hexdigest()
+
+    fit, comparison = files()
+    assert fit["editor"] == comparison["editor"] == digest()
+    # both files as an older run wrote them: the capability step runs again, after scoring the cell's saved editor
+    grid.result_path(cell).write_text(json.dumps({k: v for k, v in fit.items() if k != "editor"}))
+    grid.capability_path(cell).write_text(json.dumps({k: v for k, v in comparison.items() if k not in ("editor", "settings")}))
+    assert [s.name for s in grid.plan()] == ["capability tinyfacts/memit-2"]
+    grid.run()
+    assert len(calls) == 3 and files()[0]["editor"] == files()[1]["editor"] == digest() and grid.plan() == []
+
+    other = dataclasses.replace(prof, overrides={**prof.overrides, "memit": {**prof.overrides["memit"], "z_steps": 7}})
+    grid2 = G.Grid(other, model, tok, data_dir=str(capability_dir), results_dir=tmp_path / "results",
+                   editors_dir=tmp_path / "editors", log=lambda m: None)
+    grid.result_path(cell).unlink()  # the cell runs again, and its saved editor has other settings: fitted again
+    assert [s.name for s in grid2.plan()] == ["key statistics", "edit tinyfacts/memit-2", "capability tinyfacts/memit-2"]
+
+    def earlier_fit():  # what the capability table says of the comparison
+        frame = R.read_capability(tmp_path / "results", "tiny")
+        return set(frame.earlier_fit), R.capability_markdown(frame, prof).splitlines()[3].startswith("| tinyfacts | MEMIT (earlier fit) |")
+
+    assert earlier_fit() == ({True}, True)  # no cell file: the comparison is of no fit the grid scores
+    grid2.run_cell(cell)
+    assert earlier_fit() == ({True}, True) and [s.name for s in grid2.plan()] == ["capability tinyfacts/memit-2"]
+    grid2.run()  # ... and its capability step runs again
+    assert earlier_fit() == ({False}, False)
+    fit2, comparison2 = files()
+    assert len(calls) == 4 and calls[-1].config.z_steps == 7
+    assert fit2["editor"] == comparison2["editor"] == digest() != fit["editor"] and grid2.plan() == []
+
+    rescore = {**fit2, "scoring": {**fit2["scoring"], "seed": 1}}  # scored otherwise: pending, its editor reused
+    grid.result_path(cell).write_text(json.dumps(rescore))
+    assert [s.name for s in grid2.plan()] == ["key statistics", "edit tinyfacts/memit-2", "capability tinyfacts/memit-2"]
+    grid2.run()
+    assert len(calls) == 4 and files()[0]["editor_reused"] and files()[1] == comparison2 and grid2.plan() == []
+
+
 def test_the_plan_orders_every_step_after_what_it_reads(tiny_pair, tmp_path, cache, capability_dir):
     """AlphaEdit's cell waits for MEMIT's (its target vectors), a capability step for its cell's fit
     and for the unedited run, which comes once, just before the first capability step; a done
@@ -341,7 +404,7 @@ def test_each_step_logs_its_progress_to_its_own_file(tiny_pair, tmp_path, cache)
 def test_the_eta_scales_edit_steps_by_their_edits():
     """Oracle: the arithmetic by hand. 10 edits took 20 s, so 1,000 take 2,000 s; a capability
     step takes the mean of the finished ones; two workers halve the sum."""
-    pace, cell = G.Pace(), lambda n: G.Cell("zsre", "lks", n)
+    pace, cell = Pace(), lambda n: G.Cell("zsre", "lks", n)
     assert pace.eta([G.Step("edit", cell(10))]) == "; 1 step(s) left"
     pace.add(G.Step("edit", cell(10)), 20.0)
     left = [G.Step("edit", cell(1000)), G.Step("capability", cell(1000))]

@@ -484,6 +484,7 @@ def test_04_every_grid_capability_file_is_computed_or_listed_as_pending():
     prof = grid_profile(p["grid_profile"])
     computed, pending = set(res["grid_capability_computed"]), set(res["grid_capability_pending"])
     assert not computed & pending and len(pending) == len(res["grid_capability_pending"])
+    assert set(res["grid_capability_to_rerun"]) <= computed  # computed, to run again after their cell
     expected = {f"{p['model_name']}/{dataset_label(d)}/capability-{m}-{prof.capability_n}.json"
                 for d in prof.datasets for m in prof.methods}
     assert expected <= computed | pending

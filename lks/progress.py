@@ -1,0 +1,63 @@
+"""What a long run tells its user while it runs: each step's progress appended to its own log file
+(:func:`step_log`) and the ETA of the steps left (:class:`Pace`). Used by :mod:`lks.grid` and
+:mod:`lks.cluster`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+class Pace:
+    """The ETA of the steps left, from the finished ones: an edit step at the seconds per edit of
+    the finished edit steps (sizes differ by 1,000x), a capability step at their mean seconds."""
+
+    def __init__(self) -> None:
+        self.edit_seconds, self.edit_n, self.other = 0.0, 0, []
+
+    def add(self, step: Any, seconds: float) -> None:  # a :class:`lks.grid.Step`
+        if step.kind == "edit":
+            self.edit_seconds, self.edit_n = self.edit_seconds + seconds, self.edit_n + step.cell.n
+        else:
+            self.other.append(seconds)
+
+    def eta(self, left: Sequence[Any], workers: int = 1) -> str:
+        """``"; ETA 14:05 UTC (about 2.1 h, for 5 of 7 steps left)"``, or "" with no step left."""
+        if not left:
+            return ""
+        known, total = 0, 0.0
+        for step in left:
+            if step.kind == "edit" and self.edit_n:
+                known, total = known + 1, total + self.edit_seconds / self.edit_n * step.cell.n
+            elif step.kind != "edit" and self.other:
+                known, total = known + 1, total + sum(self.other) / len(self.other)
+        if not known:
+            return f"; {len(left)} step(s) left"
+        total /= max(1, min(workers, len(left)))
+        when = time.strftime("%H:%M UTC", time.gmtime(time.time() + total))
+        span = f"{total / 3600:.1f} h" if total >= 5400 else f"{total / 60:.0f} min"
+        return f"; ETA {when} (about {span}" + (f", for {known} of {len(left)} steps left)" if known < len(left) else ")")
+
+
+@contextmanager
+def step_log(path: Path, logger: str) -> Iterator[logging.Logger]:
+    """Append the lks loggers' INFO lines (fit progress) to ``path`` for the block; yields the logger
+    named ``logger`` (the caller's)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root, handler = logging.getLogger("lks"), logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler.setLevel(logging.INFO)
+    level = root.level
+    root.addHandler(handler)
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    try:
+        yield logging.getLogger(logger)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
