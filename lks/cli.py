@@ -461,7 +461,9 @@ def _reproduce(args: argparse.Namespace) -> int:
     if args.list:
         for step in grid.plan(only):
             rescore = step.kind == "edit" and grid.status(step.cell) == "rescore"
-            print(f"{step.name}" + (" (re-score)" if rescore else "") + (f"  after: {', '.join(step.after)}" if step.after else ""))
+            again = step.kind == "capability" and grid.capability_status(step.cell) == "stale"  # its file: an earlier fit
+            print(f"{step.name}" + (" (re-score)" if rescore else " (again)" if again else "")
+                  + (f"  after: {', '.join(step.after)}" if step.after else ""))
         return 0
     if args.executor == "ray":
         import importlib.util

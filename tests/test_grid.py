@@ -526,6 +526,17 @@ def test_cli_lists_the_pending_steps_and_prints_tables(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines() == [
         "key statistics", "edit zsre/memit-10  after: key statistics", "edit zsre/memit-100  after: key statistics",
         "capability unedited", "capability zsre/memit-100  after: edit zsre/memit-100, capability unedited"]
+    # a cell scored otherwise is re-scored; a capability file whose cell is to run again runs again after it
+    cell_dir = tmp_path / "r" / "smollm2-135m" / "zsre"
+    cell_dir.mkdir(parents=True)
+    (cell_dir / "memit-10.json").write_text(json.dumps({"format": G.FORMAT, "scoring": {"eval_n": 1}}))
+    (cell_dir / "capability-memit-100.json").write_text(json.dumps({"format": G.FORMAT}))
+    assert main(["reproduce", "--profile", str(path), "--results", str(tmp_path / "r"), "--list", "--only", "*/memit-*"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:5:3] == [
+        "edit zsre/memit-10 (re-score)  after: key statistics",
+        "capability zsre/memit-100 (again)  after: edit zsre/memit-100, capability unedited"]
+    for name in ("memit-10.json", "capability-memit-100.json"):
+        (cell_dir / name).unlink()
     assert main(["reproduce", "--profile", str(path), "--results", str(tmp_path / "r"), "--table"]) == 0
     cells, capability = capsys.readouterr().out.split("**General capability**")
     # 2 methods x 2 sizes; the unedited row's 5 tasks and one row per method
