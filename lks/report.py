@@ -183,7 +183,7 @@ def capability_markdown(comparison: pd.DataFrame, profile: GridProfile) -> str:
         label = dataset_label(dataset)
         for method in profile.methods:
             mine = have[(have.data == label) & (have.method == method)].set_index("task")
-            earlier = " (earlier fit)" if mine.earlier_fit.fillna(False).astype(bool).any() else ""
+            earlier = " (earlier fit)" if mine.earlier_fit.eq(True).any() else ""  # NaN: no capability file
             name = f"| {DATASET_LABELS.get(label, label)} | {method_label(method)}{earlier} | "
             if mine.empty:
                 lines.append(name + " | ".join(["not run yet"] + [""] * len(tasks)) + " |")
