@@ -5,6 +5,11 @@ generator is loaded. Prints one JSON line (and appends it to ``--out``).
 
     python experiments/eval_train_state.py runs/s36/editors-cf3/cf-10000 --n 10000 --eval-first 1000 --fluency-n 100
 
+A saved editor's folder (``config.json``, e.g. a grid cell's ``runs/editors/smollm2-135m/counterfact/lks-10000``)
+is scored the same way, loaded as saved:
+
+    python experiments/eval_train_state.py runs/editors/smollm2-135m/counterfact/lks-10000 --n 10000 --eval-first 1000 --fluency-n 100
+
 ``--eval-first K`` scores the first K edits (the grid's 10,000-edit cells before issue 37 scored
 the first 1,000, generation on the first 100), with all N edits in the editor. Reliability and
 efficacy are on the edit prompts (seen in training); generality, locality and specificity on
@@ -24,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("state", help="folder holding train_state.json / train_state.safetensors")
+p.add_argument("state", help="folder holding train_state.json / train_state.safetensors, or a saved editor")
 p.add_argument("--data", default="counterfact", choices=("counterfact", "zsre"))
 p.add_argument("--data-dir", default=os.environ.get("LKS_DATA_DIR", str(REPO.parent / "shared" / "data")))
 p.add_argument("--n", type=int, default=10000, help="edits the fit saw: the first N accepted records")
@@ -50,20 +55,26 @@ from lks.hypernet import make_generator  # noqa: E402
 from lks.metrics import evaluate_edits  # noqa: E402
 
 torch.set_num_threads(a.threads)
-state = json.loads((Path(a.state) / "train_state.json").read_text())
 model, tok = lks.load_model("smollm2-135m", device="cpu")
 edits, _ = first_without_conflicts(lks.load_edits(a.data, data_dir=a.data_dir), a.n, a.data)
-if state["data_checksum"] != edits.checksum():
-    sys.exit(f"{a.state}: the checkpoint was fitted on other edits than the first {a.n} accepted {a.data} records")
-spec = model_spec("smollm2-135m")
-cfg = from_dict(TrainConfig, state["train"], f"{a.state}/train_state.json:train")
-ed = LKSEditor(model, tok, spec.editor)
-ed.train_config = cfg  # the fit's recipe: which paraphrase is held out, the precision of the features
-ed.set_edits(edits, cfg)
-ed.generator = make_generator(spec.editor.generator, ed.d, spec.editor.mlp_ratio)
-tensors = load_file(str(Path(a.state) / "train_state.safetensors"))
-ed.generator.load_state_dict({k[len("generator."):]: v for k, v in tensors.items() if k.startswith("generator.")})
-ed.generator.eval()
+if (Path(a.state) / "train_state.json").is_file():
+    state = json.loads((Path(a.state) / "train_state.json").read_text())
+    if state["data_checksum"] != edits.checksum():
+        sys.exit(f"{a.state}: the checkpoint was fitted on other edits than the first {a.n} accepted {a.data} records")
+    spec = model_spec("smollm2-135m")
+    cfg = from_dict(TrainConfig, state["train"], f"{a.state}/train_state.json:train")
+    ed = LKSEditor(model, tok, spec.editor)
+    ed.train_config = cfg  # the fit's recipe: which paraphrase is held out, the precision of the features
+    ed.set_edits(edits, cfg)
+    ed.generator = make_generator(spec.editor.generator, ed.d, spec.editor.mlp_ratio)
+    tensors = load_file(str(Path(a.state) / "train_state.safetensors"))
+    ed.generator.load_state_dict({k[len("generator."):]: v for k, v in tensors.items() if k.startswith("generator.")})
+    ed.generator.eval()
+else:  # a saved editor: its own subjects and recipe
+    ed = LKSEditor.load(a.state, model, tok)
+    state = {"epoch": len(ed.history), "history": ed.history}
+    if ed.data_checksum != edits.checksum():
+        sys.exit(f"{a.state}: the editor holds other edits than the first {a.n} accepted {a.data} records")
 t0 = time.perf_counter()
 _, s = evaluate_edits(ed, EditSet(edits.records[:a.eval_first]), fluency_n=a.fluency_n)
 keys = ("reliability", "efficacy", "generality", "generality_n", "locality", "specificity", "repeat_rate", "repeat_rate_n",
