@@ -438,6 +438,42 @@ def test_targets_are_cached_per_chunk_and_equal_the_whole_batch(tiny_pair, corpu
     assert [h["targets"] for h in again.history] == ["cached"] * len(EDITS)
 
 
+def test_target_time_to_go_counts_only_chunks_optimised_in_this_run(tiny_pair, corpus, monkeypatch, caplog):
+    """After a resume the time to go follows the pace of the chunks optimised in this process:
+    cached chunks take no time and must not dilute it (the bug: 141 s "to go" for eight chunks
+    of ~290 s). Oracle: a fake clock where each optimised chunk takes 100 s."""
+    import logging
+
+    import lks.baselines.memit as memit
+
+    model, tok = tiny_pair
+    ed = MEMITEditor(model, tok, configs(corpus)["memit"][1])
+    edits = EditSet([EditRecord(f"Subject {k}", f"The city of Subject {k}", "Paris", "Rome") for k in range(5)])
+    clock = [0.0]
+    cached = {0, 1}  # a resume: the first two of five one-edit chunks are in the cache
+
+    def fake_chunk(self, chunk, layer, prefixes, progress, after):
+        i = next(k for k, r in enumerate(edits.records) if r == chunk.records[0])
+        if i in cached:
+            self.history.append({"targets": "cached"})
+        else:
+            clock[0] += 100.0
+            self.history.append({"steps": 1})
+        return torch.zeros(len(chunk), 4)
+
+    monkeypatch.setattr(memit, "TARGET_CHUNK", 1)
+    monkeypatch.setattr(memit.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(MEMITEditor, "_chunk_targets", fake_chunk)
+    with caplog.at_level(logging.INFO, logger=memit.__name__):
+        ed._targets(edits, 1, [], progress=False)
+    lines = [r.getMessage() for r in caplog.records if "target vectors" in r.getMessage()]
+    n = len(edits)
+    assert len(lines) == n
+    assert all("none optimised yet" in line for line in lines[:2])
+    for k in range(2, n):  # after chunk k, n - 1 - k chunks of 100 s remain
+        assert f"about {100 * (n - 1 - k)} s to go" in lines[k], lines[k]
+
+
 def test_targets_cache_key_names_rows_per_pass_and_threads(tiny_pair, corpus, tmp_path):
     """Targets optimised with other rows per pass or on another thread count round differently in
     bfloat16, so neither may read the other's cached chunks: each writes chunks of its own, while

@@ -375,13 +375,17 @@ class MEMITEditor(WeightEditor):
         first chunk not yet cached. Each edit's target is optimised on its own rows only (the chunks
         change nothing but the batching: see :func:`target_vectors`). ``after``: the checksum of the
         edits already in the model's weights (a sequential fit), part of the cache key."""
-        out, t0 = [], time.perf_counter()
+        out, spent, fresh = [], 0.0, 0  # the pace counts only chunks optimised here, not cached ones
         for i in range(0, len(edits), TARGET_CHUNK):
             t = time.perf_counter()
             out.append(self._chunk_targets(EditSet(edits.records[i:i + TARGET_CHUNK]), layer, prefixes, progress, after))
-            log.info("target vectors of edits %d-%d of %d (%s, %.0f s; all chunks so far %s)", i + 1, i + len(out[-1]),
-                     len(edits), self.history[-1].get("targets", "optimised") if self.history else "optimised",
-                     time.perf_counter() - t, to_go(time.perf_counter() - t0, i + len(out[-1]), len(edits)))
+            took, done = time.perf_counter() - t, i + len(out[-1])
+            how = self.history[-1].get("targets", "optimised") if self.history else "optimised"
+            if how != "cached":
+                spent, fresh = spent + took, fresh + len(out[-1])
+            pace = to_go(spent, fresh, fresh + len(edits) - done) if fresh else "none optimised yet"
+            log.info("target vectors of edits %d-%d of %d (%s, %.0f s; optimised in this run %s)", i + 1, done,
+                     len(edits), how, took, pace)
         return torch.cat(out)
 
     def _chunk_targets(self, edits: EditSet, layer: int, prefixes: Sequence[str], progress: bool,
