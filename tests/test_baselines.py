@@ -469,7 +469,7 @@ def test_target_time_to_go_counts_only_chunks_optimised_in_this_run(tiny_pair, c
     lines = [r.getMessage() for r in caplog.records if "target vectors" in r.getMessage()]
     n = len(edits)
     assert len(lines) == n
-    assert all("none optimised yet" in line for line in lines[:2])
+    assert all("none optimised in this run yet" in line for line in lines[:2])
     for k in range(2, n):  # after chunk k, n - 1 - k chunks of 100 s remain
         assert f"about {100 * (n - 1 - k)} s to go" in lines[k], lines[k]
 

@@ -383,8 +383,10 @@ class MEMITEditor(WeightEditor):
             how = self.history[-1].get("targets", "optimised") if self.history else "optimised"
             if how != "cached":
                 spent, fresh = spent + took, fresh + len(out[-1])
-            pace = to_go(spent, fresh, fresh + len(edits) - done) if fresh else "none optimised yet"
-            log.info("target vectors of edits %d-%d of %d (%s, %.0f s; optimised in this run %s)", i + 1, done,
+            pace = "none optimised in this run yet"
+            if fresh:
+                pace = f"optimised in this run {to_go(spent, fresh, fresh + len(edits) - done)}"
+            log.info("target vectors of edits %d-%d of %d (%s, %.0f s; %s)", i + 1, done,
                      len(edits), how, took, pace)
         return torch.cat(out)
 
