@@ -1,6 +1,6 @@
 """What a long run tells its user while it runs: each step's progress appended to its own log file
-(:func:`step_log`) and the ETA of the steps left (:class:`Pace`). Used by :mod:`lks.grid` and
-:mod:`lks.cluster`."""
+(:func:`step_log`), the ETA of the steps left (:class:`Pace`, for :mod:`lks.grid` and
+:mod:`lks.cluster`) and a fit's time to go (:func:`to_go`, :class:`ToGo`, for the baselines' logs)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,28 @@ class Pace:
         when = time.strftime("%H:%M UTC", time.gmtime(time.time() + total))
         span = f"{total / 3600:.1f} h" if total >= 5400 else f"{total / 60:.0f} min"
         return f"; ETA {when} (about {span}" + (f", for {known} of {len(left)} steps left)" if known < len(left) else ")")
+
+
+def to_go(seconds: float, done: int, total: int) -> str:
+    """``"12 s; about 130 s to go"``: a progress line's time so far and the rest at the same pace."""
+    return f"{seconds:.0f} s; about {seconds / max(done, 1) * (total - done):.0f} s to go"
+
+
+class ToGo:
+    """A fit's time to go, paced on the work done in this process only: work read back from a
+    cache (a resumed fit) takes no time and must not dilute the pace of what is left."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.fresh, self.spent = total, 0, 0, 0.0
+
+    def step(self, items: int, seconds: float, cached: bool = False) -> str:
+        """Count ``items`` more done in ``seconds``; ``cached``: read back, not computed here."""
+        self.done += items
+        if not cached:
+            self.fresh, self.spent = self.fresh + items, self.spent + seconds
+        if not self.fresh:
+            return "none computed in this run yet"
+        return f"computed in this run {to_go(self.spent, self.fresh, self.fresh + self.total - self.done)}"
 
 
 @contextmanager

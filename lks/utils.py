@@ -338,7 +338,3 @@ def provenance(code: str | None) -> dict[str, Any]:
     """The code's version, the machine (CPU, cores, torch threads, GPU, versions) and the date."""
     return {"git_commit": code, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
-
-def to_go(seconds: float, done: int, total: int) -> str:
-    """``"12 s; about 130 s to go"``: a progress line's time so far and the rest at the same pace."""
-    return f"{seconds:.0f} s; about {seconds / max(done, 1) * (total - done):.0f} s to go"

@@ -469,8 +469,47 @@ def test_target_time_to_go_counts_only_chunks_optimised_in_this_run(tiny_pair, c
     lines = [r.getMessage() for r in caplog.records if "target vectors" in r.getMessage()]
     n = len(edits)
     assert len(lines) == n
-    assert all("none optimised in this run yet" in line for line in lines[:2])
+    assert all("none computed in this run yet" in line for line in lines[:2])
     for k in range(2, n):  # after chunk k, n - 1 - k chunks of 100 s remain
+        assert f"about {100 * (n - 1 - k)} s to go" in lines[k], lines[k]
+
+
+def test_sequential_alphaedit_time_to_go_counts_only_batches_optimised_in_this_run(tiny_pair, corpus, monkeypatch,
+                                                                                 caplog):
+    """The same after a resume of sequential AlphaEdit (the bug: "about 3,127 s to go" for 93
+    batches of ~65 s): batches whose targets were cached must not dilute the pace. Oracle: a fake
+    clock where each optimised batch's targets take 100 s and the solves take none."""
+    import logging
+
+    import lks.baselines.alphaedit as alphaedit
+    import lks.baselines.memit as memit
+
+    model, tok = tiny_pair
+    cfg = AlphaEditSeqConfig(**{**dataclasses.asdict(configs(corpus)["alphaedit"][1]), "batch_edits": 1})
+    ed = AlphaEditSeqEditor(model, tok, cfg)
+    edits = EditSet([EditRecord(f"Subject {k}", f"The city of Subject {k}", "Paris", "Rome") for k in range(5)])
+    clock, cached = [0.0], {0, 1}  # a resume: the first two of five one-edit batches' targets are cached
+    d = model.config.hidden_size
+
+    def fake_chunk(self, chunk, layer, prefixes, progress, after):
+        i = next(k for k, r in enumerate(edits.records) if r == chunk.records[0])
+        if i in cached:
+            self.history.append({"targets": "cached"})
+        else:
+            clock[0] += 100.0
+            self.history.append({"step": 0})
+        return torch.zeros(len(chunk), d)
+
+    monkeypatch.setattr(memit.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(alphaedit.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(MEMITEditor, "_chunk_targets", fake_chunk)
+    with caplog.at_level(logging.INFO, logger=alphaedit.__name__):
+        ed._fit(edits, progress=False)
+    lines = [r.getMessage() for r in caplog.records if "AlphaEdit batch" in r.getMessage()]
+    n = len(edits)
+    assert len(lines) == n
+    assert all("none computed in this run yet" in line for line in lines[:2])
+    for k in range(2, n):  # after batch k, n - 1 - k batches of 100 s remain
         assert f"about {100 * (n - 1 - k)} s to go" in lines[k], lines[k]
 
 

@@ -415,9 +415,22 @@ def test_the_eta_scales_edit_steps_by_their_edits():
     assert pace.eta(left, workers=2).endswith("(about 19 min)")
     assert pace.eta(left * 3, workers=1).endswith("(about 1.9 h)")  # 6,900 s
     assert pace.eta([]) == ""
-    from lks.utils import to_go
+    from lks.progress import to_go
 
     assert to_go(10.0, 2, 6) == "10 s; about 20 s to go" and to_go(5.0, 0, 4).endswith("about 20 s to go")
+
+
+def test_time_to_go_skips_work_read_from_a_cache():
+    """A resumed fit: two cached items (no time), then items of 30 s each, 6 in all. The pace is
+    30 s an item from the first fresh one on, whatever the cached ones took (worked by hand)."""
+    from lks.progress import ToGo
+
+    pace = ToGo(6)
+    assert pace.step(1, 0.5, cached=True) == "none computed in this run yet"
+    assert pace.step(1, 0.5, cached=True) == "none computed in this run yet"
+    assert pace.step(1, 30.0) == "computed in this run 30 s; about 90 s to go"
+    assert pace.step(2, 60.0) == "computed in this run 90 s; about 30 s to go"
+    assert pace.step(1, 30.0).endswith("about 0 s to go")
 
 
 def test_bad_profiles_are_refused(tmp_path):

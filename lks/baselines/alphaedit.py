@@ -32,7 +32,7 @@ from lks.baselines.common import added_weights, down_proj
 from lks.baselines.memit import MEMITConfig, MEMITEditor, context_prefixes
 from lks.baselines.stats import key_second_moment
 from lks.data import EditSet
-from lks.utils import to_go
+from lks.progress import ToGo
 
 log = logging.getLogger(__name__)
 
@@ -118,17 +118,21 @@ class AlphaEditSeqEditor(AlphaEditEditor):
         prefixes = context_prefixes(model, tok, cfg)  # the unedited model's, once
         deltas = {layer: torch.zeros_like(down_proj(model, layer).weight) for layer in cfg.layers}
         prior: dict[int, torch.Tensor] = {}
-        t0 = time.perf_counter()
+        pace = ToGo(len(edits))  # paced on batches whose targets this process optimised, not cached ones
         for start in range(0, len(edits), cfg.batch_edits):
+            t0, seen = time.perf_counter(), len(self.history)
             batch = EditSet(edits.records[start:start + cfg.batch_edits])
             after = EditSet(edits.records[:start]).checksum() if start else None
             with added_weights(model, deltas):  # the model as the earlier batches left it
                 z = self._targets(batch, cfg.layers[-1], prefixes, progress, after)
+                new = self.history[seen:]  # a cached batch's targets leave one "cached" entry per chunk
+                cached = bool(new) and all(h.get("targets") == "cached" for h in new)
                 step, keys = self._spread(batch, z, prefixes, stats, prior or None)
             for layer in cfg.layers:
                 deltas[layer] += step[layer]
                 prior[layer] = prior.get(layer, 0) + keys[layer].double().T @ keys[layer].double()
             self.history.append({"batch": start // cfg.batch_edits, "edits": start + len(batch)})
-            log.info("AlphaEdit batch %d: edits %d-%d of %d (%s)", start // cfg.batch_edits, start + 1, start + len(batch),
-                     len(edits), to_go(time.perf_counter() - t0, start + len(batch), len(edits)))
+            took = time.perf_counter() - t0
+            log.info("AlphaEdit batch %d: edits %d-%d of %d (%.0f s; %s)", start // cfg.batch_edits, start + 1,
+                     start + len(batch), len(edits), took, pace.step(len(batch), took, cached))
         return deltas

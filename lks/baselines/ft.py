@@ -41,7 +41,8 @@ from lks.baselines.common import (
 from lks.data import EditSet
 from lks.hooks import layer_output
 from lks.models import model_device
-from lks.utils import length_batches, pad_ids, save_tensors, to_go
+from lks.progress import to_go
+from lks.utils import length_batches, pad_ids, save_tensors
 
 log = logging.getLogger(__name__)
 

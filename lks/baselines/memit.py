@@ -52,6 +52,7 @@ from lks.baselines.stats import CORPUS, key_second_moment
 from lks.data import EditSet
 from lks.hooks import LayerHooks, StopForward
 from lks.models import model_device, upper_layers_dtype
+from lks.progress import ToGo
 from lks.suffix import PrefixKV
 from lks.utils import (
     length_batches,
@@ -60,7 +61,6 @@ from lks.utils import (
     resolve_precision,
     save_tensors,
     take_rows,
-    to_go,
 )
 
 log = logging.getLogger(__name__)
@@ -375,19 +375,14 @@ class MEMITEditor(WeightEditor):
         first chunk not yet cached. Each edit's target is optimised on its own rows only (the chunks
         change nothing but the batching: see :func:`target_vectors`). ``after``: the checksum of the
         edits already in the model's weights (a sequential fit), part of the cache key."""
-        out, spent, fresh = [], 0.0, 0  # the pace counts only chunks optimised here, not cached ones
+        out, pace = [], ToGo(len(edits))
         for i in range(0, len(edits), TARGET_CHUNK):
             t = time.perf_counter()
             out.append(self._chunk_targets(EditSet(edits.records[i:i + TARGET_CHUNK]), layer, prefixes, progress, after))
-            took, done = time.perf_counter() - t, i + len(out[-1])
+            took = time.perf_counter() - t
             how = self.history[-1].get("targets", "optimised") if self.history else "optimised"
-            if how != "cached":
-                spent, fresh = spent + took, fresh + len(out[-1])
-            pace = "none optimised in this run yet"
-            if fresh:
-                pace = f"optimised in this run {to_go(spent, fresh, fresh + len(edits) - done)}"
-            log.info("target vectors of edits %d-%d of %d (%s, %.0f s; %s)", i + 1, done,
-                     len(edits), how, took, pace)
+            log.info("target vectors of edits %d-%d of %d (%s, %.0f s; %s)", i + 1, i + len(out[-1]),
+                     len(edits), how, took, pace.step(len(out[-1]), took, cached=how == "cached"))
         return torch.cat(out)
 
     def _chunk_targets(self, edits: EditSet, layer: int, prefixes: Sequence[str], progress: bool,
