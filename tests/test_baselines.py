@@ -438,58 +438,17 @@ def test_targets_are_cached_per_chunk_and_equal_the_whole_batch(tiny_pair, corpu
     assert [h["targets"] for h in again.history] == ["cached"] * len(EDITS)
 
 
-def test_target_time_to_go_counts_only_chunks_optimised_in_this_run(tiny_pair, corpus, monkeypatch, caplog):
-    """After a resume the time to go follows the pace of the chunks optimised in this process:
-    cached chunks take no time and must not dilute it (the bug: 141 s "to go" for eight chunks
-    of ~290 s). Oracle: a fake clock where each optimised chunk takes 100 s."""
+def _check_resumed_time_to_go(monkeypatch, caplog, ed, run, logger: str, marker: str) -> None:
+    """A resume of five one-edit units (chunks or batches) whose first two have cached targets;
+    every other unit's targets take 100 s on a fake clock, everything else none. Oracle: after
+    unit k the line marked ``marker`` says n - 1 - k units of 100 s are left."""
     import logging
+    import time
 
     import lks.baselines.memit as memit
 
-    model, tok = tiny_pair
-    ed = MEMITEditor(model, tok, configs(corpus)["memit"][1])
     edits = EditSet([EditRecord(f"Subject {k}", f"The city of Subject {k}", "Paris", "Rome") for k in range(5)])
-    clock = [0.0]
-    cached = {0, 1}  # a resume: the first two of five one-edit chunks are in the cache
-
-    def fake_chunk(self, chunk, layer, prefixes, progress, after):
-        i = next(k for k, r in enumerate(edits.records) if r == chunk.records[0])
-        if i in cached:
-            self.history.append({"targets": "cached"})
-        else:
-            clock[0] += 100.0
-            self.history.append({"steps": 1})
-        return torch.zeros(len(chunk), 4)
-
-    monkeypatch.setattr(memit, "TARGET_CHUNK", 1)
-    monkeypatch.setattr(memit.time, "perf_counter", lambda: clock[0])
-    monkeypatch.setattr(MEMITEditor, "_chunk_targets", fake_chunk)
-    with caplog.at_level(logging.INFO, logger=memit.__name__):
-        ed._targets(edits, 1, [], progress=False)
-    lines = [r.getMessage() for r in caplog.records if "target vectors" in r.getMessage()]
-    n = len(edits)
-    assert len(lines) == n
-    assert all("none computed in this run yet" in line for line in lines[:2])
-    for k in range(2, n):  # after chunk k, n - 1 - k chunks of 100 s remain
-        assert f"about {100 * (n - 1 - k)} s to go" in lines[k], lines[k]
-
-
-def test_sequential_alphaedit_time_to_go_counts_only_batches_optimised_in_this_run(tiny_pair, corpus, monkeypatch,
-                                                                                 caplog):
-    """The same after a resume of sequential AlphaEdit (the bug: "about 3,127 s to go" for 93
-    batches of ~65 s): batches whose targets were cached must not dilute the pace. Oracle: a fake
-    clock where each optimised batch's targets take 100 s and the solves take none."""
-    import logging
-
-    import lks.baselines.alphaedit as alphaedit
-    import lks.baselines.memit as memit
-
-    model, tok = tiny_pair
-    cfg = AlphaEditSeqConfig(**{**dataclasses.asdict(configs(corpus)["alphaedit"][1]), "batch_edits": 1})
-    ed = AlphaEditSeqEditor(model, tok, cfg)
-    edits = EditSet([EditRecord(f"Subject {k}", f"The city of Subject {k}", "Paris", "Rome") for k in range(5)])
-    clock, cached = [0.0], {0, 1}  # a resume: the first two of five one-edit batches' targets are cached
-    d = model.config.hidden_size
+    clock, cached = [0.0], {0, 1}
 
     def fake_chunk(self, chunk, layer, prefixes, progress, after):
         i = next(k for k, r in enumerate(edits.records) if r == chunk.records[0])
@@ -498,19 +457,40 @@ def test_sequential_alphaedit_time_to_go_counts_only_batches_optimised_in_this_r
         else:
             clock[0] += 100.0
             self.history.append({"step": 0})
-        return torch.zeros(len(chunk), d)
+        return torch.zeros(len(chunk), ed.model.config.hidden_size)
 
-    monkeypatch.setattr(memit.time, "perf_counter", lambda: clock[0])
-    monkeypatch.setattr(alphaedit.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(memit, "TARGET_CHUNK", 1)
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(MEMITEditor, "_chunk_targets", fake_chunk)
-    with caplog.at_level(logging.INFO, logger=alphaedit.__name__):
-        ed._fit(edits, progress=False)
-    lines = [r.getMessage() for r in caplog.records if "AlphaEdit batch" in r.getMessage()]
+    with caplog.at_level(logging.INFO, logger=logger):
+        run(edits)
+    lines = [r.getMessage() for r in caplog.records if marker in r.getMessage()]
     n = len(edits)
     assert len(lines) == n
     assert all("none computed in this run yet" in line for line in lines[:2])
-    for k in range(2, n):  # after batch k, n - 1 - k batches of 100 s remain
+    for k in range(2, n):
         assert f"about {100 * (n - 1 - k)} s to go" in lines[k], lines[k]
+
+
+def test_target_time_to_go_counts_only_chunks_optimised_in_this_run(tiny_pair, corpus, monkeypatch, caplog):
+    """After a resume MEMIT's target time to go follows the pace of the chunks optimised in this
+    process: cached chunks take no time and must not dilute it (the bug: 141 s "to go" for eight
+    chunks of ~290 s)."""
+    model, tok = tiny_pair
+    ed = MEMITEditor(model, tok, configs(corpus)["memit"][1])
+    _check_resumed_time_to_go(monkeypatch, caplog, ed, lambda e: ed._targets(e, 1, [], progress=False),
+                              "lks.baselines.memit", "target vectors")
+
+
+def test_sequential_alphaedit_time_to_go_counts_only_batches_optimised_in_this_run(tiny_pair, corpus, monkeypatch,
+                                                                                 caplog):
+    """The same for sequential AlphaEdit's batches (the bug: "about 3,127 s to go" for 93 batches
+    of ~65 s); the solves take no time on the fake clock."""
+    model, tok = tiny_pair
+    cfg = AlphaEditSeqConfig(**{**dataclasses.asdict(configs(corpus)["alphaedit"][1]), "batch_edits": 1})
+    ed = AlphaEditSeqEditor(model, tok, cfg)
+    _check_resumed_time_to_go(monkeypatch, caplog, ed, lambda e: ed._fit(e, progress=False),
+                              "lks.baselines.alphaedit", "AlphaEdit batch")
 
 
 def test_targets_cache_key_names_rows_per_pass_and_threads(tiny_pair, corpus, tmp_path):
