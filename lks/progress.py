@@ -14,16 +14,22 @@ from typing import Any
 
 class Pace:
     """The ETA of the steps left, from the finished ones: an edit step at the seconds per edit of
-    the finished edit steps (sizes differ by 1,000x), a capability step at their mean seconds."""
+    the finished edit steps (sizes differ by 1,000x), a capability step (or the unedited run) at
+    their mean seconds, a shared step (key statistics) at the shared steps' own mean: one read
+    from a cache takes 0 s and must not pace a capability step."""
 
     def __init__(self) -> None:
-        self.edit_seconds, self.edit_n, self.other = 0.0, 0, []
+        self.edit_seconds, self.edit_n, self.other = 0.0, 0, {}
+
+    @staticmethod
+    def _group(step: Any) -> str:
+        return "shared" if step.kind == "shared" else "capability"
 
     def add(self, step: Any, seconds: float) -> None:  # a :class:`lks.grid.Step`
         if step.kind == "edit":
             self.edit_seconds, self.edit_n = self.edit_seconds + seconds, self.edit_n + step.cell.n
         else:
-            self.other.append(seconds)
+            self.other.setdefault(self._group(step), []).append(seconds)
 
     def eta(self, left: Sequence[Any], workers: int = 1) -> str:
         """``"; ETA 14:05 UTC (about 2.1 h, for 5 of 7 steps left)"``, or "" with no step left."""
@@ -31,10 +37,11 @@ class Pace:
             return ""
         known, total = 0, 0.0
         for step in left:
+            done = self.other.get(self._group(step), [])
             if step.kind == "edit" and self.edit_n:
                 known, total = known + 1, total + self.edit_seconds / self.edit_n * step.cell.n
-            elif step.kind != "edit" and self.other:
-                known, total = known + 1, total + sum(self.other) / len(self.other)
+            elif step.kind != "edit" and done:
+                known, total = known + 1, total + sum(done) / len(done)
         if not known:
             return f"; {len(left)} step(s) left"
         total /= max(1, min(workers, len(left)))

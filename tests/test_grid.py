@@ -403,12 +403,16 @@ def test_each_step_logs_its_progress_to_its_own_file(tiny_pair, tmp_path, cache)
 
 def test_the_eta_scales_edit_steps_by_their_edits():
     """Oracle: the arithmetic by hand. 10 edits took 20 s, so 1,000 take 2,000 s; a capability
-    step takes the mean of the finished ones; two workers halve the sum."""
+    step takes the mean of the finished capability and unedited steps (not of a cached key
+    statistics step's 0 s: the bug, "about 0 min" before a capability step); two workers halve
+    the sum."""
     pace, cell = Pace(), lambda n: G.Cell("zsre", "lks", n)
     assert pace.eta([G.Step("edit", cell(10))]) == "; 1 step(s) left"
     pace.add(G.Step("edit", cell(10)), 20.0)
     left = [G.Step("edit", cell(1000)), G.Step("capability", cell(1000))]
     assert re.fullmatch(r"; ETA \d\d:\d\d UTC \(about 33 min, for 1 of 2 steps left\)", pace.eta(left))
+    pace.add(G.Step("shared", shared="key-stats"), 0.0)   # read from a cache: paces no capability step
+    assert pace.eta(left).endswith("for 1 of 2 steps left)")
     pace.add(G.Step("unedited"), 400.0)
     pace.add(G.Step("capability", cell(10)), 200.0)
     assert pace.eta(left).endswith("(about 38 min)")          # 2,000 + 300 s

@@ -124,7 +124,8 @@ class AlphaEditSeqEditor(AlphaEditEditor):
             batch = EditSet(edits.records[start:start + cfg.batch_edits])
             after = EditSet(edits.records[:start]).checksum() if start else None
             with added_weights(model, deltas):  # the model as the earlier batches left it
-                z = self._targets(batch, cfg.layers[-1], prefixes, progress, after)
+                z = self._targets(batch, cfg.layers[-1], prefixes, progress, after, chunk_lines=False)
+                t_targets = time.perf_counter() - t0
                 new = self.history[seen:]  # a cached batch's targets leave one "cached" entry per chunk
                 cached = bool(new) and all(h.get("targets") == "cached" for h in new)
                 step, keys = self._spread(batch, z, prefixes, stats, prior or None)
@@ -133,6 +134,7 @@ class AlphaEditSeqEditor(AlphaEditEditor):
                 prior[layer] = prior.get(layer, 0) + keys[layer].double().T @ keys[layer].double()
             self.history.append({"batch": start // cfg.batch_edits, "edits": start + len(batch)})
             took = time.perf_counter() - t0
-            log.info("AlphaEdit batch %d: edits %d-%d of %d (%.0f s; %s)", start // cfg.batch_edits, start + 1,
-                     start + len(batch), len(edits), took, pace.step(len(batch), took, cached))
+            log.info("AlphaEdit batch %d: edits %d-%d of %d (%.0f s, targets %s %.0f s; %s)", start // cfg.batch_edits,
+                     start + 1, start + len(batch), len(edits), took, "cached" if cached else "optimised", t_targets,
+                     pace.step(len(batch), took, cached))
         return deltas

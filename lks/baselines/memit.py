@@ -368,21 +368,24 @@ class MEMITEditor(WeightEditor):
         return memit_update(K, R, C, self.config.lam), {"leverage": float(lev.mean())}
 
     def _targets(self, edits: EditSet, layer: int, prefixes: Sequence[str], progress: bool,
-                 after: str | None = None) -> torch.Tensor:
+                 after: str | None = None, chunk_lines: bool = True) -> torch.Tensor:
         """:func:`target_vectors`, :data:`TARGET_CHUNK` edits at a time, each chunk cached per (model,
         its edits, layer, target settings) under the lks cache directory: MEMIT and AlphaEdit with the
         same band share them, memory stays bounded, and an interrupted 10,000-edit fit resumes at the
         first chunk not yet cached. Each edit's target is optimised on its own rows only (the chunks
         change nothing but the batching: see :func:`target_vectors`). ``after``: the checksum of the
-        edits already in the model's weights (a sequential fit), part of the cache key."""
+        edits already in the model's weights (a sequential fit), part of the cache key. ``chunk_lines``:
+        log a line per chunk (a sequential fit's batch is one chunk and logs its own line)."""
         out, pace = [], ToGo(len(edits))
         for i in range(0, len(edits), TARGET_CHUNK):
             t = time.perf_counter()
             out.append(self._chunk_targets(EditSet(edits.records[i:i + TARGET_CHUNK]), layer, prefixes, progress, after))
             took = time.perf_counter() - t
             how = self.history[-1].get("targets", "optimised") if self.history else "optimised"
-            log.info("target vectors of edits %d-%d of %d (%s, %.0f s; %s)", i + 1, i + len(out[-1]),
-                     len(edits), how, took, pace.step(len(out[-1]), took, cached=how == "cached"))
+            line = pace.step(len(out[-1]), took, cached=how == "cached")
+            if chunk_lines:
+                log.info("target vectors of edits %d-%d of %d (%s, %.0f s; %s)", i + 1, i + len(out[-1]),
+                         len(edits), how, took, line)
         return torch.cat(out)
 
     def _chunk_targets(self, edits: EditSet, layer: int, prefixes: Sequence[str], progress: bool,
