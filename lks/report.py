@@ -188,7 +188,7 @@ def capability_markdown(comparison: pd.DataFrame, profile: GridProfile) -> str:
             if mine.empty:
                 lines.append(name + " | ".join(["not run yet"] + [""] * len(tasks)) + " |")
                 continue
-            cells = [f"{_fmt(mine.loc[t, 'after'], digits[t])} ({mine.loc[t, 'diff']:+.{digits[t]}f}, "
+            cells = [f"{_fmt(mine.loc[t, 'after'], digits[t])} ({mine.loc[t, 'diff']:+,.{digits[t]}f}, "
                      f"{p_label(mine.loc[t, 'p_value'])})" if t in mine.index else "not run yet" for t in tasks]
             routed = f"{mine.routed.sum():,.0f} / {mine.rows_seen.sum():,.0f}"
             lines.append(name + " | ".join(cells + [routed]) + " |")

@@ -212,10 +212,11 @@ def test_capability_pairs_with_one_unedited_run(tiny_pair, tmp_path, cache, capa
 
 def test_capability_table_reads_perplexity_in_articles_and_a_bootstrap_p_of_zero_as_below_its_resolution():
     """Hand-made comparison rows: WikiText-2's items are articles; a paired-bootstrap p of 0 (no
-    resample of 2,000 crossed zero) is written "p < 0.001", a small McNemar p with three decimals."""
+    resample of 2,000 crossed zero) is written "p < 0.001", a small McNemar p with three decimals;
+    a value and its difference above 1,000 carry thousands separators (a broken model's perplexity)."""
     prof = G.GridProfile(datasets=["zsre"], methods=["lks"], capability_tasks=["wikitext2", "rte"])
     rows = [dict(data="zsre", method="lks", n=10000, task="wikitext2", metric="word_perplexity", before=39.6,
-                 after=39.66, diff=0.06, p_value=0.0, n_pairs=20, routed=90, rows_seen=101),
+                 after=2490.55, diff=2450.95, p_value=0.0, n_pairs=20, routed=90, rows_seen=101),
             dict(data="zsre", method="lks", n=10000, task="wikitext2", metric="bits_per_byte", before=1.0,
                  after=1.1, diff=0.1, p_value=0.5, n_pairs=20, routed=90, rows_seen=101),  # not a headline metric
             dict(data="zsre", method="lks", n=10000, task="rte", metric="acc", before=0.5, after=0.4, diff=-0.1,
@@ -223,7 +224,7 @@ def test_capability_table_reads_perplexity_in_articles_and_a_bootstrap_p_of_zero
     md = R.capability_markdown(pd.DataFrame(rows), prof).splitlines()
     assert md[0] == "| data | method | WikiText-2 word perplexity (20 articles) | RTE acc (277 items) | routed / seen rows |"
     assert md[2] == "| - | unedited | 39.60 | 0.500 | - |"
-    assert md[3] == "| zsRE | LKS | 39.66 (+0.06, p < 0.001) | 0.400 (-0.100, p 0.004) | 97 / 378 |"
+    assert md[3] == "| zsRE | LKS | 2,490.55 (+2,450.95, p < 0.001) | 0.400 (-0.100, p 0.004) | 97 / 378 |"
 
 
 def test_an_interrupted_capability_run_resumes_at_its_unfinished_task(tiny_pair, tmp_path, cache, capability_dir,
