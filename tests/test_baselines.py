@@ -438,10 +438,10 @@ def test_targets_are_cached_per_chunk_and_equal_the_whole_batch(tiny_pair, corpu
     assert [h["targets"] for h in again.history] == ["cached"] * len(EDITS)
 
 
-def _check_resumed_time_to_go(monkeypatch, caplog, ed, run, marker: str) -> None:
+def _check_resumed_time_to_go(monkeypatch, caplog, ed, run, marker: str) -> list[str]:
     """A resume of five one-edit units (chunks or batches) whose first two have cached targets;
     every other unit's targets take 100 s on a fake clock, everything else none. Oracle: after
-    unit k the line marked ``marker`` says n - 1 - k units of 100 s are left."""
+    unit k the line marked ``marker`` says n - 1 - k units of 100 s are left. Returns those lines."""
     import logging
     import time
 
@@ -470,6 +470,7 @@ def _check_resumed_time_to_go(monkeypatch, caplog, ed, run, marker: str) -> None
     assert all("none computed in this run yet" in line for line in lines[:2])
     for k in range(2, n):
         assert f"about {100 * (n - 1 - k)} s to go" in lines[k], lines[k]
+    return lines
 
 
 def test_target_time_to_go_counts_only_chunks_optimised_in_this_run(tiny_pair, corpus, monkeypatch, caplog):
@@ -488,9 +489,9 @@ def test_sequential_alphaedit_time_to_go_counts_only_batches_optimised_in_this_r
     model, tok = tiny_pair
     cfg = AlphaEditSeqConfig(**{**dataclasses.asdict(configs(corpus)["alphaedit"][1]), "batch_edits": 1})
     ed = AlphaEditSeqEditor(model, tok, cfg)
-    _check_resumed_time_to_go(monkeypatch, caplog, ed, lambda e: ed._fit(e, progress=False), "AlphaEdit batch")
+    batches = _check_resumed_time_to_go(monkeypatch, caplog, ed, lambda e: ed._fit(e, progress=False),
+                                        "AlphaEdit batch")
     # a batch is one target chunk: its line says how the targets came, with no chunk line of its own
-    batches = [r.getMessage() for r in caplog.records if "AlphaEdit batch" in r.getMessage()]
     assert "targets cached 0 s" in batches[0] and "targets optimised 100 s" in batches[2], batches
     assert not [r for r in caplog.records if "target vectors" in r.getMessage()]
 
