@@ -456,7 +456,7 @@ def _check_resumed_time_to_go(monkeypatch, caplog, ed, run, marker: str) -> list
             self.history.append({"targets": "cached"})
         else:
             clock[0] += 100.0
-            self.history.append({"step": 0})
+            self.history.append({"step": 0, "edits": len(chunk), "done": len(chunk)})
         return torch.zeros(len(chunk), ed.model.config.hidden_size)
 
     monkeypatch.setattr(memit, "TARGET_CHUNK", 1)
@@ -680,27 +680,66 @@ def test_leverage_is_one_for_free_keys_and_falls_with_the_ridge(tiny_pair):
         assert torch.equal(delta, memit_update(K, R, C, lam))
 
 
+def _early_stopping_targets(model, tok):
+    """A float32 target config whose stop threshold lies between the edits' NLLs after four steps
+    alone (so some edits finish before others), and its context prefixes."""
+    import dataclasses
+
+    from lks.baselines.memit import context_prefixes, target_vectors
+
+    cfg = dataclasses.replace(configs("unused")["memit"][1], z_steps=8, precision="float32", z_lr=2.0,
+                              kl_weight=0.1, weight_decay=0.01, clamp=4.0, batch_rows=64)
+    prefixes = context_prefixes(model, tok, cfg)
+    nll_at_end = []
+    for i in range(len(EDITS)):
+        hist: list = []
+        target_vectors(model, tok, EDITS[i:i + 1], dataclasses.replace(cfg, stop_nll=0.0), 1, prefixes, False, hist)
+        nll_at_end.append(hist[3]["nll_mean"])
+    assert max(nll_at_end) > min(nll_at_end) * 1.1
+    return dataclasses.replace(cfg, stop_nll=(min(nll_at_end) + max(nll_at_end)) / 2), prefixes
+
+
+def test_target_chunk_lines_count_the_edit_steps_that_ran(tiny_pair, monkeypatch, caplog):
+    """A chunk's line says how many steps its optimisation took and how many edit-steps (edits
+    still running, summed over steps) it did; here some edits stop early, so the edit-steps are
+    fewer than steps x edits. Oracle: the KL rows (one per running edit) that went through the
+    upper layers with a delta, counted by wrapping the suffix pass."""
+    import logging
+    import re
+
+    import lks.baselines.memit as memit
+
+    model, tok = tiny_pair
+    cfg, prefixes = _early_stopping_targets(model, tok)
+    assert cfg.batch_rows // (len(prefixes) + 1) >= len(EDITS)  # one pass per step
+    passes, real = [], memit.suffix_hidden
+
+    def counting(model_, part, delta, dtype):
+        if delta is not None:
+            passes.append(len(part.rows) // (len(prefixes) + 1))
+        return real(model_, part, delta, dtype)
+
+    monkeypatch.setattr(memit, "suffix_hidden", counting)
+    monkeypatch.delenv("LKS_CACHE_DIR", raising=False)
+    monkeypatch.setattr(MEMITEditor, "_cache_path", lambda self, kind, spec: None)
+    with caplog.at_level(logging.INFO, logger="lks"):
+        MEMITEditor(model, tok, cfg)._targets(EDITS, 1, prefixes, progress=False)
+    line = next(r.getMessage() for r in caplog.records if "target vectors" in r.getMessage())
+    steps, work = map(int, re.search(r"optimised in (\d+) steps, ([\d,]+) edit-steps", line).groups())
+    assert (steps, work) == (len(passes), sum(passes)), line
+    assert len(EDITS) <= work < steps * len(EDITS), line
+
+
 def test_targets_whose_edits_finish_early_equal_one_at_a_time(tiny_pair):
     """With a stop threshold some edits finish steps before others: their rows leave and the rest run
     in repacked chunks (both edits start in one chunk; once one is done the other runs on, its rows
     taken out of that chunk). Each target must still be the one its edit reaches alone (float32),
     and the finished edit must have stopped early."""
-    import dataclasses
-
-    from lks.baselines.memit import context_prefixes, target_vectors
+    from lks.baselines.memit import target_vectors
 
     model, tok = tiny_pair
-    cfg = dataclasses.replace(configs("unused")["memit"][1], z_steps=8, precision="float32", z_lr=2.0,
-                              kl_weight=0.1, weight_decay=0.01, clamp=4.0, batch_rows=64)
-    prefixes = context_prefixes(model, tok, cfg)
-    nll_at_end = []
-    for i in range(len(EDITS)):  # the stop threshold: between the edits' NLLs after a few steps alone
-        hist: list = []
-        target_vectors(model, tok, EDITS[i:i + 1], dataclasses.replace(cfg, stop_nll=0.0), 1, prefixes, False, hist)
-        nll_at_end.append(hist[3]["nll_mean"])
-    assert max(nll_at_end) > min(nll_at_end) * 1.1
-    cfg = dataclasses.replace(cfg, stop_nll=(min(nll_at_end) + max(nll_at_end)) / 2)
-    hist = []
+    cfg, prefixes = _early_stopping_targets(model, tok)
+    hist: list = []
     both, _ = target_vectors(model, tok, EDITS, cfg, 1, prefixes, False, hist)
     done = [h["done"] for h in hist]
     assert 0 < done[3] < len(EDITS), done  # some edits finished at step 3, others ran on

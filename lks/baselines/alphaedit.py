@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lks.baselines.common import added_weights, down_proj
-from lks.baselines.memit import MEMITConfig, MEMITEditor, context_prefixes
+from lks.baselines.memit import MEMITConfig, MEMITEditor, context_prefixes, target_work
 from lks.baselines.stats import key_second_moment
 from lks.data import EditSet
 from lks.progress import ToGo
@@ -134,7 +134,8 @@ class AlphaEditSeqEditor(AlphaEditEditor):
                 prior[layer] = prior.get(layer, 0) + keys[layer].double().T @ keys[layer].double()
             self.history.append({"batch": start // cfg.batch_edits, "edits": start + len(batch)})
             took = time.perf_counter() - t0
-            log.info("AlphaEdit batch %d: edits %d-%d of %d (%.0f s, targets %s %.0f s; %s)", start // cfg.batch_edits,
+            work = target_work(new)
+            log.info("AlphaEdit batch %d: edits %d-%d of %d (%.0f s, targets %s %.0f s%s; %s)", start // cfg.batch_edits,
                      start + 1, start + len(batch), len(edits), took, "cached" if cached else "optimised", t_targets,
-                     pace.step(len(batch), took, cached))
+                     f" in {work}" if work else "", pace.step(len(batch), took, cached))
         return deltas

@@ -201,6 +201,19 @@ def target_vectors(model: nn.Module, tok, edits: EditSet, cfg: MEMITConfig, laye
     return (h0 + delta).detach(), h0
 
 
+def target_work(history: Sequence[dict]) -> str:
+    """What a target optimisation's step entries (its ``history``) say it did: ``"20 steps, 7,214
+    edit-steps"``, an edit-step being one edit's rows through one forward and backward pass (the
+    edits not done yet, summed over the steps; a step's cost follows it). "" with no step entry
+    (targets read from the cache)."""
+    steps = [h for h in history if "step" in h]
+    if not steps:
+        return ""
+    n = steps[0]["edits"]
+    running = [n] + [n - h["done"] for h in steps[:-1]]  # an edit done at step s still ran step s
+    return f"{len(steps)} steps, {sum(running):,} edit-steps"
+
+
 @contextmanager
 def _precision(model: nn.Module, layer: int, precision: str) -> Iterator[torch.dtype]:
     """Layers above ``layer`` (and the final norm) held in the resolved precision for the block."""
@@ -254,7 +267,7 @@ def _optimise(model, rows_of, ref, h0, delta, dtype, cfg: MEMITConfig, n_ctx: in
             nll_e[g], kl_e[g], loss_e[g] = nll_g.detach(), kl.detach(), loss.detach()
         done |= (nll_e if cfg.stop_on == "nll" else loss_e) < cfg.stop_nll
         if history is not None:
-            history.append({"step": step, "nll_mean": float(nll_e.mean()), "nll_max": float(nll_e.max()),
+            history.append({"step": step, "edits": n, "nll_mean": float(nll_e.mean()), "nll_max": float(nll_e.max()),
                             "kl_mean": float(kl_e.mean()), "loss_mean": float(loss_e.mean()),
                             "done": int(done.sum())})
         bar.set_postfix(nll=f"{float(nll_e.mean()):.3f}", done=int(done.sum()))
@@ -378,14 +391,15 @@ class MEMITEditor(WeightEditor):
         log a line per chunk (a sequential fit's batch is one chunk and logs its own line)."""
         out, pace = [], ToGo(len(edits))
         for i in range(0, len(edits), TARGET_CHUNK):
-            t = time.perf_counter()
+            t, seen = time.perf_counter(), len(self.history)
             out.append(self._chunk_targets(EditSet(edits.records[i:i + TARGET_CHUNK]), layer, prefixes, progress, after))
             took = time.perf_counter() - t
             how = self.history[-1].get("targets", "optimised") if self.history else "optimised"
             line = pace.step(len(out[-1]), took, cached=how == "cached")
+            work = target_work(self.history[seen:])
             if chunk_lines:
-                log.info("target vectors of edits %d-%d of %d (%s, %.0f s; %s)", i + 1, i + len(out[-1]),
-                         len(edits), how, took, line)
+                log.info("target vectors of edits %d-%d of %d (%s%s, %.0f s; %s)", i + 1, i + len(out[-1]),
+                         len(edits), how, f" in {work}" if work else "", took, line)
         return torch.cat(out)
 
     def _chunk_targets(self, edits: EditSet, layer: int, prefixes: Sequence[str], progress: bool,
