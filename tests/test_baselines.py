@@ -556,6 +556,40 @@ def test_an_interrupted_ft_fit_resumes_where_it_stopped(tiny_pair, corpus, monke
     assert not list(states.glob("*.safetensors"))
 
 
+def test_an_interrupted_sequential_alphaedit_fit_resumes_after_its_last_batch(tiny_pair, corpus, monkeypatch):
+    """Sequential AlphaEdit keeps its state (updates, earlier keys' term, history) after every batch
+    until the fit ends: a fit of three one-edit batches interrupted in its third batch and run again
+    solves only that batch and ends, to the bit, where an uninterrupted fit ends (the oracle)."""
+    edits = EditSet([*EDITS.records, EditRecord("Apple A5", "Apple A5 was created by", "Apple", "Google")])
+    model, tok = tiny_pair
+    cfg = AlphaEditSeqConfig(**{**dataclasses.asdict(configs(corpus)["alphaedit"][1]), "batch_edits": 1})
+    states = Path(corpus).parent / "cache" / "alphaedit-seq"  # the corpus fixture's LKS_CACHE_DIR
+    full = AlphaEditSeqEditor(model, tok, cfg)
+    full.fit(edits, progress=False)
+    assert not list(states.glob("*.safetensors"))  # a finished fit keeps no state
+
+    real, batches = AlphaEditSeqEditor._spread, []
+
+    def spread(self, batch, *a, **k):
+        batches.append(batch.records[0].subject)
+        if batches == ["Danielle Darrieux", "Toko Yasuda", "Apple A5"]:
+            raise RuntimeError("interrupted in the third batch")
+        return real(self, batch, *a, **k)
+
+    monkeypatch.setattr(AlphaEditSeqEditor, "_spread", spread)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        AlphaEditSeqEditor(model, tok, cfg).fit(edits, progress=False)
+    assert len(list(states.glob("*.safetensors"))) == 1
+    batches.clear()
+    resumed = AlphaEditSeqEditor(model, tok, cfg)
+    resumed.fit(edits, progress=False)
+    assert batches == ["Apple A5"]  # only the interrupted batch was solved again
+    assert {"resumed_at_edit": 2} in resumed.history
+    assert [h["edits"] for h in resumed.history if "batch" in h] == [1, 2, 3]
+    assert all(torch.equal(resumed.deltas[k], full.deltas[k]) for k in full.deltas)
+    assert not list(states.glob("*.safetensors"))
+
+
 def test_keys_and_outputs_match_one_row_at_a_time(tiny_pair):
     """MEMIT's key pass (rows batched shortest first) against each row run alone through plain
     torch hooks: keys are the down_proj inputs at the subject averaged over an edit's rows, outputs

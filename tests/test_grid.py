@@ -489,10 +489,11 @@ def test_a_grids_carried_state_is_committable_and_leaves_the_code_clean(tmp_path
                "runs/carried/editors/m/zsre/memit-10000.capability.partial/sst2.json",
                "runs/carried/editors/m/zsre/lks-10000.capability.partial/sst2.json",
                "runs/carried/editors/m/capability-unedited.partial/rte.json"]
-    # rebuilt elsewhere, or weights (FT-L's step state, any method's editor folder, an LKS fit's epoch
+    # rebuilt elsewhere, or weights (FT-L's and sequential AlphaEdit's step state, any method's editor folder, an LKS fit's epoch
     # checkpoint included), which the project never commits
     rebuilt = ["runs/carried/cache/models/m/model.safetensors", "runs/carried/cache/stats/m/L4.safetensors",
-               "runs/carried/cache/ft/s.safetensors", "runs/carried/editors/m/zsre/ft-10000/deltas.safetensors",
+               "runs/carried/cache/ft/s.safetensors", "runs/carried/cache/alphaedit-seq/s.safetensors",
+               "runs/carried/editors/m/zsre/ft-10000/deltas.safetensors",
                "runs/carried/editors/m/zsre/lks-10000/train_state.safetensors",
                "runs/carried/editors/m/counterfact/lks-10/generator.safetensors",
                "runs/carried/editors/m/counterfact/alphaedit-seq-10000/deltas.safetensors",

@@ -22,17 +22,22 @@ per-layer update is projected onto the null space of the preserved knowledge's k
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from lks.baselines.common import added_weights, down_proj
 from lks.baselines.memit import MEMITConfig, MEMITEditor, context_prefixes, target_work
 from lks.baselines.stats import key_second_moment
 from lks.data import EditSet
 from lks.progress import ToGo
+from lks.utils import save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +123,19 @@ class AlphaEditSeqEditor(AlphaEditEditor):
         prefixes = context_prefixes(model, tok, cfg)  # the unedited model's, once
         deltas = {layer: torch.zeros_like(down_proj(model, layer).weight) for layer in cfg.layers}
         prior: dict[int, torch.Tensor] = {}
+        # the fit's state after each batch (the updates so far, the earlier keys' term), kept in the
+        # lks cache until the fit ends: a resume goes on after the last finished batch instead of
+        # solving every earlier batch again (~10 s each on two CPU threads)
+        state = self._cache_path("alphaedit-seq", {"edits": edits.checksum(), "threads": torch.get_num_threads(),
+                                                   **dataclasses.asdict(cfg)})
+        first = self._resume(state, deltas, prior)
         pace = ToGo(len(edits))  # paced on batches whose targets this process optimised, not cached ones
-        for start in range(0, len(edits), cfg.batch_edits):
+        if first:
+            pace.step(first, 0.0, cached=True)
+            log.info("sequential AlphaEdit resumes after edit %d of %d (the state its last finished batch left)",
+                     first, len(edits))
+        t_fit = time.perf_counter()
+        for start in range(first, len(edits), cfg.batch_edits):
             t0, seen = time.perf_counter(), len(self.history)
             batch = EditSet(edits.records[start:start + cfg.batch_edits])
             after = EditSet(edits.records[:start]).checksum() if start else None
@@ -138,4 +154,30 @@ class AlphaEditSeqEditor(AlphaEditEditor):
             log.info("AlphaEdit batch %d: edits %d-%d of %d (%.0f s, targets %s %.0f s%s; %s)", start // cfg.batch_edits,
                      start + 1, start + len(batch), len(edits), took, "cached" if cached else "optimised", t_targets,
                      f" in {work}" if work else "", pace.step(len(batch), took, cached))
+            if state is not None and start + len(batch) < len(edits):
+                save_tensors(state, {**{f"delta.{k}": v for k, v in deltas.items()},
+                                     **{f"prior.{k}": v for k, v in prior.items()}},
+                             metadata={"next": str(start + len(batch)), "history": json.dumps(self.history),
+                                       "seconds": str(self.prior_seconds + time.perf_counter() - t_fit)})
+        if state is not None:
+            state.unlink(missing_ok=True)  # the fit is done: nothing to resume
         return deltas
+
+    def _resume(self, state: Path | None, deltas: dict[int, torch.Tensor], prior: dict[int, torch.Tensor]) -> int:
+        """Load an interrupted fit's updates, earlier keys' term and history from ``state`` (into
+        ``deltas`` and ``prior``); the first edit still to fit (0 when there is nothing to resume)."""
+        if state is None or not state.is_file():
+            return 0
+        with safe_open(str(state), "pt") as f:
+            meta = f.metadata()
+            for key in f.keys():
+                kind, layer = key.split(".")
+                t = f.get_tensor(key).to(deltas[int(layer)].device)
+                if kind == "delta":
+                    deltas[int(layer)].copy_(t)
+                else:
+                    prior[int(layer)] = t
+        first = int(meta["next"])
+        self.history = [*json.loads(meta["history"]), {"resumed_at_edit": first}]
+        self.prior_seconds = float(meta["seconds"])  # the interrupted runs' fit time, counted in fit_seconds
+        return first
