@@ -196,3 +196,24 @@ def test_a_memory_benchmark_child_ends_with_its_parent(tmp_path):
     if not ended:
         os.kill(pid, 9)
     assert ended
+
+
+def test_the_target_benchmark_measures_each_data_set_and_records_it(smol, data_root, tmp_path, monkeypatch, capsys):
+    """MEMIT's target benchmark, shrunk to two edits per data set: a line per data set, the second's
+    ratios against the first, and a record per data set whose edit-steps lie between the steps taken
+    (the last edit to stop ran every one) and two edits running every step."""
+    import json
+
+    import bench_targets
+
+    for name in ("lks/cf_eval_data.json", "lks/zsre_eval_data.json"):
+        data_file(data_root, name)
+    monkeypatch.setenv("LKS_BENCH_RESULTS", str(tmp_path))
+    bench_targets.main(["--data-dir", str(data_root), "--n", "2", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "counterfact, 2 edits" in out and "zsre, 2 edits" in out and "against counterfact:" in out
+    records = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*-bench_targets-*.json"))]
+    assert sorted(r["data"] for r in records) == ["counterfact", "zsre"]
+    for r in records:
+        assert 1 <= r["steps"] <= r["z_steps"] and r["steps"] <= r["edit_steps"] <= 2 * r["steps"], r
+        assert r["seconds"] >= r["steps_s"] > 0 and r["edits"] == 2
