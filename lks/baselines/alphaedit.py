@@ -23,21 +23,18 @@ per-layer update is projected onto the null space of the preserved knowledge's k
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from lks.baselines.common import added_weights, down_proj
 from lks.baselines.memit import MEMITConfig, MEMITEditor, context_prefixes, target_work
 from lks.baselines.stats import key_second_moment
 from lks.data import EditSet
 from lks.progress import ToGo
-from lks.utils import save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +152,8 @@ class AlphaEditSeqEditor(AlphaEditEditor):
                      start + 1, start + len(batch), len(edits), took, "cached" if cached else "optimised", t_targets,
                      f" in {work}" if work else "", pace.step(len(batch), took, cached))
             if state is not None and start + len(batch) < len(edits):
-                save_tensors(state, {**{f"delta.{k}": v for k, v in deltas.items()},
-                                     **{f"prior.{k}": v for k, v in prior.items()}},
-                             metadata={"next": str(start + len(batch)), "history": json.dumps(self.history),
-                                       "seconds": str(self.prior_seconds + time.perf_counter() - t_fit)})
+                self._save_state(state, {**{f"delta.{k}": v for k, v in deltas.items()},
+                                         **{f"prior.{k}": v for k, v in prior.items()}}, t_fit, next=str(start + len(batch)))
         if state is not None:
             state.unlink(missing_ok=True)  # the fit is done: nothing to resume
         return deltas
@@ -166,18 +161,16 @@ class AlphaEditSeqEditor(AlphaEditEditor):
     def _resume(self, state: Path | None, deltas: dict[int, torch.Tensor], prior: dict[int, torch.Tensor]) -> int:
         """Load an interrupted fit's updates, earlier keys' term and history from ``state`` (into
         ``deltas`` and ``prior``); the first edit still to fit (0 when there is nothing to resume)."""
-        if state is None or not state.is_file():
+        loaded = self._load_state(state)
+        if loaded is None:
             return 0
-        with safe_open(str(state), "pt") as f:
-            meta = f.metadata()
-            for key in f.keys():
-                kind, layer = key.split(".")
-                t = f.get_tensor(key).to(deltas[int(layer)].device)
-                if kind == "delta":
-                    deltas[int(layer)].copy_(t)
-                else:
-                    prior[int(layer)] = t
+        saved, meta = loaded
+        for key, t in saved.items():
+            kind, layer = key.split(".")
+            if kind == "delta":
+                deltas[int(layer)].copy_(t)
+            else:
+                prior[int(layer)] = t.to(deltas[int(layer)].device)
         first = int(meta["next"])
-        self.history = [*json.loads(meta["history"]), {"resumed_at_edit": first}]
-        self.prior_seconds = float(meta["seconds"])  # the interrupted runs' fit time, counted in fit_seconds
+        self.history.append({"resumed_at_edit": first})
         return first

@@ -34,7 +34,7 @@ from lks.hooks import LayerHooks, layer_output
 from lks.methods import ApplyStats, Editor, accepted_edits, method_names, replace_settings
 from lks.models import cache_dir, get_layer, get_layers, model_device, skip_lower_layers
 from lks.suffix import PrefixKV, suffix_forward, suffix_positions, upper_keys_values
-from lks.utils import atomic_dir, pad_ids, sha256_text, write_json
+from lks.utils import atomic_dir, pad_ids, save_tensors, sha256_text, write_json
 
 FORMAT_VERSION = 1
 PROJ = "mlp.down_proj"  # the MLP output projection inside a Llama/Mistral/Qwen2 decoder layer
@@ -225,6 +225,24 @@ class WeightEditor(Editor):
             return None
         blob = json.dumps({"model": name, **spec}, sort_keys=True)
         return cache_dir() / kind / f"{sha256_text(blob)[:24]}.safetensors"
+
+    def _save_state(self, path: Path, tensors: dict[str, torch.Tensor], started: float, **meta: str) -> None:
+        """Write an unfinished fit's resumable state (atomically): ``tensors``, ``meta``, the history
+        so far and the fit's seconds (the earlier processes' plus this one's since ``started``)."""
+        save_tensors(path, tensors, metadata={**meta, "history": json.dumps(self.history),
+                                              "seconds": str(self.prior_seconds + time.perf_counter() - started)})
+
+    def _load_state(self, path: Path | None) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """An interrupted fit's state written by :meth:`_save_state` (tensors, metadata), or None;
+        restores its history and counts its seconds in ``fit_seconds``."""
+        if path is None or not path.is_file():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        self.history, self.prior_seconds = json.loads(meta["history"]), float(meta["seconds"])
+        return tensors, meta
 
     # -- apply ----------------------------------------------------------------------------------
     @contextmanager

@@ -17,7 +17,6 @@ the fit ends, so that an interrupted fit resumes after its last finished epoch.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -42,7 +40,7 @@ from lks.data import EditSet
 from lks.hooks import layer_output
 from lks.models import model_device
 from lks.progress import to_go
-from lks.utils import length_batches, pad_ids, save_tensors
+from lks.utils import length_batches, pad_ids
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +148,8 @@ class FTEditor(WeightEditor):
                 break
             if state is not None:
                 adam = opt.state[delta]
-                save_tensors(state, {"delta": delta.detach(), "exp_avg": adam["exp_avg"], "exp_avg_sq": adam["exp_avg_sq"]},
-                             metadata={"step": str(step + 1), "adam_step": str(int(adam["step"])),
-                                       "history": json.dumps(self.history),
-                                       "seconds": str(self.prior_seconds + time.perf_counter() - t0)})
+                self._save_state(state, {"delta": delta.detach(), "exp_avg": adam["exp_avg"], "exp_avg_sq": adam["exp_avg_sq"]},
+                                 t0, step=str(step + 1), adam_step=str(int(adam["step"])))
         if state is not None:
             state.unlink(missing_ok=True)  # the fit is done: nothing to resume
         return {cfg.layer: delta.detach()}
@@ -177,16 +173,14 @@ class FTEditor(WeightEditor):
     def _resume(self, state: Path | None, delta: torch.Tensor, opt: torch.optim.Adam) -> int:
         """Load an interrupted fit's ``delta``, Adam moments and history from ``state``; the step to
         continue from (0 when there is nothing to resume)."""
-        if state is None or not state.is_file():
+        loaded = self._load_state(state)
+        if loaded is None:
             return 0
-        with safe_open(str(state), "pt") as f:
-            meta = f.metadata()
-            saved = {k: f.get_tensor(k) for k in f.keys()}
+        saved, meta = loaded
         step = int(meta["step"])
         with torch.no_grad():
             delta.copy_(saved["delta"])
         opt.state[delta] = {"step": torch.tensor(float(meta.get("adam_step", step))), "exp_avg": saved["exp_avg"].to(delta.device),
                             "exp_avg_sq": saved["exp_avg_sq"].to(delta.device)}
-        self.history = [*json.loads(meta["history"]), {"resumed_at_step": step}]
-        self.prior_seconds = float(meta["seconds"])  # the interrupted runs' fit time, counted in fit_seconds
+        self.history.append({"resumed_at_step": step})
         return step
