@@ -59,7 +59,9 @@ def child(data: str, args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - t0
     steps = [h for h in history if "step" in h]
     n = len(edits)
-    edit_steps = n + sum(n - h["done"] for h in steps[:-1])
+    # lks.baselines.memit.edit_steps; a --baseline checkout from before it (edits not in its history) counts here
+    edit_steps = memit.edit_steps(history)[1] if hasattr(memit, "edit_steps") else \
+        n + sum(n - h["done"] for h in steps[:-1])
     rows = memit._edit_rows(tok, edits, prefixes, with_target=True)  # the rows the steps run
     return {"data": data, "n": n, "threads": torch.get_num_threads(), "lks_file": lks.__file__,
             "seconds": seconds, "steps_s": steps_s[0], "precompute_s": seconds - steps_s[0],

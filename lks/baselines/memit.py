@@ -201,17 +201,22 @@ def target_vectors(model: nn.Module, tok, edits: EditSet, cfg: MEMITConfig, laye
     return (h0 + delta).detach(), h0
 
 
-def target_work(history: Sequence[dict]) -> str:
-    """What a target optimisation's step entries (its ``history``) say it did: ``"20 steps, 7,214
-    edit-steps"``, an edit-step being one edit's rows through one forward and backward pass (the
-    edits not done yet, summed over the steps; a step's cost follows it). "" with no step entry
-    (targets read from the cache)."""
+def edit_steps(history: Sequence[dict]) -> tuple[int, int]:
+    """The steps a target optimisation's step entries (its ``history``) record and its edit-steps:
+    an edit-step is one edit's rows through one forward and backward pass (the edits not done yet,
+    summed over the steps; a step's cost follows it). ``(0, 0)`` with no step entry (cached targets)."""
     steps = [h for h in history if "step" in h]
     if not steps:
-        return ""
+        return 0, 0
     n = steps[0]["edits"]
     running = [n] + [n - h["done"] for h in steps[:-1]]  # an edit done at step s still ran step s
-    return f"{len(steps)} steps, {sum(running):,} edit-steps"
+    return len(steps), sum(running)
+
+
+def target_work(history: Sequence[dict]) -> str:
+    """``"20 steps, 7,214 edit-steps"`` (:func:`edit_steps`), "" for cached targets."""
+    steps, work = edit_steps(history)
+    return f"{steps} steps, {work:,} edit-steps" if steps else ""
 
 
 @contextmanager
